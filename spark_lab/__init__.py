@@ -1,0 +1,5 @@
+"""spark_lab: a Jupyter-first lab kit for local AI, on its own kernels (NumPy or CuPy)."""
+__version__ = "0.1.0"
+
+from .device import get_device, get_xp, to_device, to_host, synchronize, device_info  # noqa: F401
+from .memory import get_allocator  # noqa: F401

@@ -1,0 +1,205 @@
+"""`spark-lab`: the command line (a stable contract: see DESIGN.md).
+
+Argument parsing for every subcommand lives here, so the contract reads in one place; the
+work is done by the capability modules, imported lazily so `spark-lab info` stays fast.
+Errors exit non-zero with one clear line on stderr (SPARK_LAB_DEBUG=1 shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+# subcommand -> "module:function"; each function takes the parsed args and returns an exit code
+HANDLERS = {
+    "info": "spark_lab.cli:cmd_info",
+    "models": "spark_lab.cli:cmd_models",
+    "plan": "spark_lab.cli:cmd_plan",
+    "generate": "spark_lab.llm.cli:cmd_generate",
+    "chat": "spark_lab.llm.cli:cmd_chat",
+    "summarize": "spark_lab.summarize:cmd_summarize",
+    "imagine": "spark_lab.diffusion.cli:cmd_imagine",
+    "bench": "spark_lab.bench:cmd_bench",
+    "serve": "spark_lab.serve:cmd_serve",
+}
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spark-lab", description="A local AI lab: chat, images and summaries on spark_lab's own kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="device, memory, BLAS/threads, models present")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("models", help="the model catalogue")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("plan", help="will MODEL fit? weights + KV cache + activations")
+    s.add_argument("model", help="catalogue name, .gguf path, or 'custom' with --params/--layers/...")
+    s.add_argument("--context", type=_positive_int, default=None)
+    s.add_argument("--batch", type=_positive_int, default=1)
+    s.add_argument("--kv-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    s.add_argument("--params", type=float, help="parameters (e.g. 200e9) for a model given by its shape")
+    s.add_argument("--bits", type=float, default=4.5, help="weight bits per parameter (with --params)")
+    s.add_argument("--layers", type=int)
+    s.add_argument("--kv-heads", type=int)
+    s.add_argument("--head-dim", type=int)
+    s.add_argument("--hidden", type=int)
+    s.add_argument("--vocab", type=int, default=32000)
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("generate", help="generate text from a prompt")
+    s.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    s.add_argument("--model", default=None)
+    s.add_argument("--raw", action="store_true", help="tokenize PROMPT as given (no chat template)")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--min-p", type=float, default=0.05)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--context", type=int, default=None, help="context length (default: the model's, capped at 4096)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("chat", help="streaming terminal chat")
+    s.add_argument("--model", default=None)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--seed", type=int, default=None)
+
+    s = sub.add_parser("summarize", help="summarize a document (.txt, .md, .html) or stdin")
+    s.add_argument("file", help="FILE or - for stdin")
+    s.add_argument("--model", default=None)
+    s.add_argument("--method", default="extractive", choices=["abstractive", "extractive", "hybrid"])
+    s.add_argument("--max-words", type=_positive_int, default=150)
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("imagine", help="text to image")
+    s.add_argument("prompt")
+    s.add_argument("--model", default=None)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scheduler", default=None, help="ddpm, ddim, euler, flow-euler (default: the model's)")
+    s.add_argument("--num-images", type=_positive_int, default=1)
+    s.add_argument("--out", default="image.png")
+
+    s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
+    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize"])
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--model", default=None)
+    s.add_argument("--repeats", type=_positive_int, default=3)
+    s.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (CI)")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--model", default=None)
+    return p
+
+
+# ------------------------------------------------------------------------------ handlers
+
+def cmd_info(args) -> int:
+    from . import device, memory, models
+    device.set_threads()
+    info = device.device_info()
+    st = memory.get_allocator().stats()
+    info["budget"] = st.budget
+    info["models"] = {r["name"]: r["present"] for r in models.list_models()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    fb = memory.fmt_bytes
+    print(f"device     {info['device']} ({info['name']})")
+    print(f"memory     {fb(info['memory_available'])} available of {fb(info['memory_total'])}"
+          f"{' (unified)' if info.get('unified_memory') else ''}; budget {fb(st.budget)}")
+    if info["device"] == "cuda":
+        print(f"gpu        compute {info['compute_capability']}, CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}")
+    print(f"cpu        {info['cpu_cores']} cores, {info['threads']} threads for the kit")
+    for b in info["blas"]:
+        print(f"blas       {b['library']} {b['version']} ({b['threads']} threads)")
+    for name, present in info["models"].items():
+        print(f"model      {name:24s} {'present' if present else 'missing'}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':24s} {'kind':10s} {'arch':18s} {'size':6s} present  source")
+    for r in rows:
+        print(f"{r['name']:24s} {r['kind']:10s} {r['arch']:18s} {r['params']:6s} {'yes' if r['present'] else 'no ':7s}  {r['source']}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import planner
+    if args.params is not None:
+        shape = planner.ModelShape(
+            name=args.model, params=args.params, bits_per_weight=args.bits,
+            layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+            hidden=args.hidden, vocab=args.vocab)
+    else:
+        shape = planner.shape_from_model(args.model)
+    p = planner.plan(shape, context=args.context, batch=args.batch, kv_dtype=args.kv_dtype)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        print(p.report())
+    return 0
+
+
+# ------------------------------------------------------------------------------ entry
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mod_name, fn_name = HANDLERS[args.command].split(":")
+    try:
+        from .device import set_threads
+        set_threads(getattr(args, "threads", None))
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+        return int(fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:
+        if os.environ.get("SPARK_LAB_DEBUG"):
+            raise
+        print(f"spark-lab {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Which array module runs the work: CuPy when a usable GPU is present, else NumPy.
+
+`SPARK_LAB_DEVICE=auto|cpu|cuda` (default auto) picks the backend once per process.
+A machine with CuPy installed but no driver is a CPU machine: importing CuPy works there,
+`cupy.cuda.is_available()` is False and the first allocation would raise, so auto falls back.
+Moves between host and device are always explicit: `to_device`, `to_host`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (one clear line, no traceback in the CLI)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str                      # "cpu" or "cuda"
+    xp: object = field(repr=False)  # the array module: numpy or cupy
+    name: str = ""                 # e.g. "NVIDIA GB10" or the CPU model
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+
+def _requested() -> str:
+    want = os.environ.get("SPARK_LAB_DEVICE", "auto").strip().lower() or "auto"
+    if want not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"SPARK_LAB_DEVICE={want!r} is not one of auto, cpu, cuda")
+    return want
+
+
+def _probe_cuda():
+    """Return (cupy, None) when a GPU really works, else (None, reason)."""
+    try:
+        import cupy
+    except Exception as e:  # not installed, or a broken install
+        return None, f"CuPy is not importable ({type(e).__name__}: {e})".splitlines()[0]
+    try:
+        if not cupy.cuda.is_available():
+            return None, "CuPy is installed but no CUDA device or driver is available"
+        cupy.cuda.runtime.getDeviceCount()
+        cupy.empty(1, dtype=cupy.float32)  # the first allocation is where a missing driver bites
+    except Exception as e:
+        return None, f"CUDA is not usable ({type(e).__name__}: {e})".splitlines()[0]
+    return cupy, None
+
+
+@functools.lru_cache(maxsize=None)
+def get_device() -> Device:
+    """Detect the device once; cached for the life of the process."""
+    want = _requested()
+    if want == "cpu":
+        return Device("cpu", np, _cpu_name())
+    cupy, why = _probe_cuda()
+    if cupy is None:
+        if want == "cuda":
+            raise DeviceError(f"SPARK_LAB_DEVICE=cuda but {why}; unset it or use SPARK_LAB_DEVICE=cpu")
+        return Device("cpu", np, _cpu_name())
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return Device("cuda", cupy, name)
+
+
+def reset_device_cache() -> None:
+    """Forget the detected device (tests change SPARK_LAB_DEVICE between cases)."""
+    get_device.cache_clear()
+
+
+def get_xp():
+    """The array module of the current device (numpy or cupy)."""
+    return get_device().xp
+
+
+def array_module(*arrays):
+    """numpy or cupy, whichever the given arrays live in (numpy for host arrays and scalars)."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            import cupy
+            return cupy
+    return np
+
+
+def to_device(a, dtype=None):
+    """Host -> current device (a no-op on the CPU, apart from an optional dtype cast)."""
+    xp = get_xp()
+    if xp is np:
+        return np.asarray(a, dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def to_host(a) -> np.ndarray:
+    """Device -> host NumPy array (a no-op for NumPy arrays)."""
+    if array_module(a) is np:
+        return np.asarray(a)
+    return a.get()
+
+
+def synchronize() -> None:
+    """Wait for the GPU to finish queued work (timings need it); nothing to do on the CPU."""
+    dev = get_device()
+    if dev.is_gpu:
+        dev.xp.cuda.get_current_stream().synchronize()
+
+
+# ---------------------------------------------------------------------------- threads
+
+def set_threads(n: int | None = None) -> int | None:
+    """Pin BLAS (and numba) threads; `SPARK_LAB_THREADS` is read when n is None.
+
+    On a busy 2-core machine two BLAS threads can be 10-100x slower than one, so the
+    thread count is something a user must be able to choose.
+    """
+    if n is None:
+        env = os.environ.get("SPARK_LAB_THREADS", "").strip()
+        if not env:
+            return None
+        try:
+            n = int(env)
+        except ValueError:
+            raise DeviceError(f"SPARK_LAB_THREADS={env!r} is not an integer") from None
+    if n < 1:
+        raise DeviceError(f"thread count must be >= 1, got {n}")
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=n)
+    try:
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except Exception:
+        pass
+    return n
+
+
+def num_threads() -> int:
+    """Threads the kit's own parallel kernels should use."""
+    env = os.environ.get("SPARK_LAB_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- info
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def meminfo() -> dict:
+    """/proc/meminfo in bytes (MemTotal, MemAvailable, ...); psutil where there is no /proc."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, rest = line.split(":", 1)
+                parts = rest.split()
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    except OSError:
+        import psutil
+        vm = psutil.virtual_memory()
+        out = {"MemTotal": vm.total, "MemAvailable": vm.available}
+    return out
+
+
+def _blas_info() -> list[dict]:
+    from threadpoolctl import threadpool_info
+    np.ones((2, 2)) @ np.ones((2, 2))  # make sure the BLAS library is loaded
+    return [
+        {"library": i.get("internal_api"), "version": i.get("version"), "threads": i.get("num_threads"),
+         "user_api": i.get("user_api")}
+        for i in threadpool_info()
+    ]
+
+
+def device_info() -> dict:
+    """Everything `spark-lab info` reports about the device, as plain JSON-able values."""
+    dev = get_device()
+    mem = meminfo()
+    info = {
+        "device": dev.kind,
+        "name": dev.name,
+        "numpy": np.__version__,
+        "host_memory_total": mem.get("MemTotal"),
+        "host_memory_available": mem.get("MemAvailable"),
+        "cpu_cores": os.cpu_count(),
+        "threads": num_threads(),
+        "blas": _blas_info(),
+    }
+    if dev.is_gpu:
+        cp = dev.xp
+        d = cp.cuda.Device()
+        props = cp.cuda.runtime.getDeviceProperties(d.id)
+        free, total = cp.cuda.runtime.memGetInfo()
+        unified = bool(props.get("integrated", 0)) or bool(props.get("pageableMemoryAccess", 0) and props.get("integrated", 0))
+        info.update({
+            "compute_capability": f"{props['major']}.{props['minor']}",
+            "memory_total": total,
+            "memory_available": mem.get("MemAvailable") if unified else free,
+            "unified_memory": unified,
+            "managed_memory": bool(props.get("managedMemory", 0)),
+            "cupy": cp.__version__,
+            "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cp.cuda.runtime.driverGetVersion(),
+        })
+    else:
+        info.update({
+            "memory_total": mem.get("MemTotal"),
+            "memory_available": mem.get("MemAvailable"),
+            "unified_memory": True,  # host arrays: CPU and "device" are the same memory
+        })
+    return info
