@@ -1,0 +1,295 @@
+"""GGUF file -> metadata dict, config dataclass, and zero-copy tensor views.
+
+The `gguf` package defines the format's constants (value types, quant types, block sizes)
+and is the reference our reader is tested against. We parse the header ourselves because
+`gguf.GGUFReader` builds one NumPy array per vocabulary entry: 25-60 s for SmolLM2's 49k or
+Gemma's 262k tokens on a small CPU, against well under a second here. Tensor data is a
+`np.memmap` view: nothing is read until a kernel touches it.
+
+    f = GGUFFile(path)                 # header only; raises GGUFError on a bad/truncated file
+    f.metadata["llama.block_count"]    # plain Python values; token lists as Python lists
+    t = f.tensors["blk.0.attn_q.weight"]   # TensorInfo(name, shape (out, in), qtype, offset, nbytes)
+    raw = f.raw(t)                     # uint8 memmap [rows, row_bytes] (or typed for F32/F16)
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+
+class GGUFError(ValueError):
+    """A file that is not GGUF, is truncated, or holds something we cannot run (one line)."""
+
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY = {k: np.dtype(v) for k, v in _SCALAR.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple        # torch order: (rows, cols) = (out, in) for matrices; GGUF stores it reversed
+    qtype: GGMLQuantizationType
+    offset: int         # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Little-endian reads over a bytes-like buffer, with truncation reported as GGUFError."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def need(self, n: int, what: str):
+        if self.pos + n > len(self.buf):
+            raise GGUFError(f"truncated GGUF {self.path}: {what} runs past the end of the file "
+                            f"({len(self.buf)} bytes)")
+
+    def scalar(self, fmt: str, what: str = "header"):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what: str = "string") -> str:
+        n = self.scalar("<Q", what)
+        self.need(n, what)
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int, key: str):
+        if vtype == GGUFValueType.STRING:
+            return self.string(key)
+        if vtype == GGUFValueType.ARRAY:
+            itype = self.scalar("<I", key)
+            count = self.scalar("<Q", key)
+            if itype == GGUFValueType.STRING:
+                out, buf, pos, end = [], self.buf, self.pos, len(self.buf)
+                for _ in range(count):  # the one hot loop of header parsing: keep it tight
+                    if pos + 8 > end:
+                        self.pos = pos
+                        self.need(8, key)
+                    n = int.from_bytes(buf[pos:pos + 8], "little")
+                    pos += 8
+                    if pos + n > end:
+                        self.pos = pos
+                        self.need(n, key)
+                    out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+                    pos += n
+                self.pos = pos
+                return out
+            if itype in _NUMPY:
+                dt = _NUMPY[itype]
+                self.need(dt.itemsize * count, key)
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos += dt.itemsize * count
+                return arr
+            return [self.value(itype, key) for _ in range(count)]
+        if vtype in _SCALAR:
+            return self.scalar(_SCALAR[vtype], key)
+        raise GGUFError(f"bad GGUF {self.path}: unknown value type {vtype} for key {key!r}")
+
+
+class GGUFFile:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no such GGUF file: {self.path}")
+        if self.path.is_dir():
+            raise GGUFError(f"{self.path} is a folder, not a GGUF file")
+        size = self.path.stat().st_size
+        if size < 24:
+            raise GGUFError(f"{self.path} is not a GGUF file ({size} bytes, too short for a header)")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        with open(self.path, "rb") as fh:  # header parsing: mmap slices are plain bytes (fast)
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if bytes(buf[:4]) != GGUF_MAGIC:
+            raise GGUFError(f"{self.path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
+        c = _Cursor(buf, str(self.path))
+        c.pos = 4
+        self.version = c.scalar("<I")
+        if self.version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3)")
+        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise GGUFError(f"bad GGUF {self.path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
+        self.metadata: dict = {}
+        for _ in range(n_kv):
+            key = c.string("metadata key")
+            vtype = c.scalar("<I", key)
+            self.metadata[key] = c.value(vtype, key)
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string("tensor name")
+            n_dims = c.scalar("<I", name)
+            dims = [c.scalar("<Q", name) for _ in range(n_dims)]
+            qtype = c.scalar("<I", name)
+            offset = c.scalar("<Q", name)
+            infos.append((name, dims, qtype, offset))
+        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = (c.pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, qtype, offset in infos:
+            try:
+                qt = GGMLQuantizationType(qtype)
+            except ValueError:
+                raise GGUFError(f"{self.path}: tensor {name!r} has unknown quant type {qtype}") from None
+            block, type_size = GGML_QUANT_SIZES[qt]
+            shape = tuple(int(d) for d in reversed(dims))
+            n = int(np.prod(dims, dtype=np.int64))
+            if dims and dims[0] % block:
+                raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of the {qt.name} block ({block})")
+            nbytes = n // block * type_size
+            start = data_start + offset
+            if start + nbytes > size:
+                raise GGUFError(f"truncated GGUF {self.path}: tensor {name!r} needs bytes up to {start + nbytes}, "
+                                f"the file has {size}")
+            self.tensors[name] = TensorInfo(name, shape, qt, start, nbytes)
+        # metadata arrays were views into the header map: copy the numeric ones out, then close it
+        for k, v in self.metadata.items():
+            if isinstance(v, np.ndarray):
+                self.metadata[k] = v.copy()
+        buf.close()
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def get(self, key: str, default=None):
+        """`key` with the architecture prefix filled in: get("{arch}.block_count")."""
+        return self.metadata.get(key.format(arch=self.arch), default)
+
+    def raw(self, t: TensorInfo | str) -> np.ndarray:
+        """Zero-copy view of a tensor's bytes: typed [shape] for F32/F16, uint8 [rows, row_bytes] otherwise."""
+        if isinstance(t, str):
+            t = self.tensors[t]
+        data = self._mm[t.offset:t.offset + t.nbytes]
+        if t.qtype == GGMLQuantizationType.F32:
+            return data.view(np.float32).reshape(t.shape)
+        if t.qtype == GGMLQuantizationType.F16:
+            return data.view(np.float16).reshape(t.shape)
+        rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
+        return data.reshape(rows, -1)
+
+
+# ------------------------------------------------------------------------- config
+
+@dataclass
+class LLMConfig:
+    arch: str                      # llama | qwen2 | qwen3 | gemma3
+    n_vocab: int                   # vocabulary size
+    n_embd: int                    # hidden width
+    n_layer: int                   # transformer blocks
+    n_head: int                    # query heads
+    n_head_kv: int                 # key/value heads (GQA groups = n_head // n_head_kv)
+    head_dim: int                  # size of one head (q/k); v uses the same here
+    n_ff: int                      # feed-forward width
+    n_ctx_train: int               # trained context length
+    rms_eps: float                 # RMSNorm epsilon
+    rope_theta: float              # RoPE base (global layers)
+    rope_dim: int                  # rotated dims per head (partial rotary when < head_dim)
+    rope_neox: bool                # half-split layout (qwen, gemma) vs adjacent pairs (llama)
+    rope_theta_local: float = 0.0  # gemma3 sliding-window layers use their own base
+    rope_freq_scale: float = 1.0   # linear RoPE scaling (positions / factor)
+    sliding_window: int = 0        # 0 = none
+    swa_pattern: int = 0           # gemma3: every swa_pattern-th layer is global, the rest slide
+    qk_norm: bool = False          # qwen3, gemma3: RMSNorm on q and k per head
+    post_norms: bool = False       # gemma3: norms after attention and after the FFN
+    embed_scale: float = 1.0       # gemma: embeddings * sqrt(n_embd)
+    attn_scale: float = 0.0        # 0 = 1/sqrt(head_dim)
+    act: str = "silu"              # silu (SwiGLU) | gelu_tanh (GeGLU)
+    qkv_bias: bool = False         # qwen2
+    tied_embeddings: bool = False  # no output.weight: logits use token_embd
+
+    def __post_init__(self):
+        if self.attn_scale == 0.0:
+            self.attn_scale = self.head_dim ** -0.5
+        if self.n_head % self.n_head_kv:
+            raise GGUFError(f"{self.n_head} query heads are not a multiple of {self.n_head_kv} KV heads")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window) and bool(self.swa_pattern) and (layer + 1) % self.swa_pattern != 0
+
+    @property
+    def n_params(self) -> int:
+        attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)
+        ffn = 3 * self.n_embd * self.n_ff
+        emb = self.n_vocab * self.n_embd * (1 if self.tied_embeddings else 2)
+        return self.n_layer * (attn + ffn) + emb
+
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def config_from_gguf(f: GGUFFile) -> LLMConfig:
+    arch = f.arch
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(f"{f.path.name}: unknown architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def need(key):
+        v = f.get(key)
+        if v is None:
+            raise GGUFError(f"{f.path.name}: missing metadata {key.format(arch=arch)!r}")
+        return v
+
+    n_embd, n_head = int(need("{arch}.embedding_length")), int(need("{arch}.attention.head_count"))
+    head_dim = int(f.get("{arch}.attention.key_length", n_embd // n_head))
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    n_vocab = int(f.get("{arch}.vocab_size", len(tokens) if tokens is not None else f.tensors["token_embd.weight"].shape[0]))
+    scaling = f.get("{arch}.rope.scaling.type", "none")
+    factor = float(f.get("{arch}.rope.scaling.factor", 1.0) or 1.0)
+    cfg = dict(
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(need("{arch}.block_count")),
+        n_head=n_head, n_head_kv=int(f.get("{arch}.attention.head_count_kv", n_head)), head_dim=head_dim,
+        n_ff=int(need("{arch}.feed_forward_length")), n_ctx_train=int(f.get("{arch}.context_length", 2048)),
+        rms_eps=float(f.get("{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(f.get("{arch}.rope.freq_base", 10000.0)),
+        rope_dim=int(f.get("{arch}.rope.dimension_count", head_dim)),
+        rope_neox=arch in ("qwen2", "qwen3", "gemma3"),
+        rope_freq_scale=1.0 / factor if scaling == "linear" else 1.0,
+        tied_embeddings="output.weight" not in f.tensors,
+    )
+    if arch == "qwen2":
+        cfg["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
+    if arch == "qwen3":
+        cfg["qk_norm"] = True
+    if arch == "gemma3":
+        cfg.update(qk_norm=True, post_norms=True, embed_scale=float(np.sqrt(np.float32(n_embd))), act="gelu_tanh",
+                   sliding_window=int(f.get("{arch}.attention.sliding_window", 0)), swa_pattern=6,
+                   rope_theta_local=10000.0, attn_scale=head_dim ** -0.5)
+    if scaling not in ("none", "linear", None):
+        raise GGUFError(f"{f.path.name}: RoPE scaling {scaling!r} is not supported")
+    return LLMConfig(**cfg)
+
+
+def read_shape(name_or_path):
+    """A planner ModelShape from GGUF metadata alone (no weights read)."""
+    from .models import resolve
+    from .planner import ModelShape
+    f = GGUFFile(resolve(name_or_path, "llm"))
+    c = config_from_gguf(f)
+    w = sum(t.nbytes for t in f.tensors.values())
+    return ModelShape(name=str(name_or_path), params=float(sum(t.n_elements for t in f.tensors.values())),
+                      bits_per_weight=8.0 * w / max(1, sum(t.n_elements for t in f.tensors.values())),
+                      layers=c.n_layer, kv_heads=c.n_head_kv, head_dim=c.head_dim, hidden=c.n_embd,
+                      vocab=c.n_vocab, n_heads=c.n_head, context_max=c.n_ctx_train, weight_bytes=w)
