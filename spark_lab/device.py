@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +73,7 @@ def get_device() -> Device:
 def reset_device_cache() -> None:
     """Forget the detected device (tests change SPARK_LAB_DEVICE between cases)."""
     get_device.cache_clear()
+    gpu_properties.cache_clear()
 
 
 def get_xp():
@@ -93,7 +95,7 @@ def to_device(a, dtype=None):
     """Host -> current device (a no-op on the CPU, apart from an optional dtype cast)."""
     xp = get_xp()
     if xp is np:
-        return np.asarray(a, dtype=dtype)
+        return np.asarray(to_host(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
 
 
@@ -117,8 +119,10 @@ def set_threads(n: int | None = None) -> int | None:
     """Pin BLAS (and numba) threads; `SPARK_LAB_THREADS` is read when n is None.
 
     On a busy 2-core machine two BLAS threads can be 10-100x slower than one, so the
-    thread count is something a user must be able to choose.
+    thread count is something a user must be able to choose. Returns the count pinned
+    (None when neither n nor the variable is given: the libraries keep their defaults).
     """
+    global _threads
     if n is None:
         env = os.environ.get("SPARK_LAB_THREADS", "").strip()
         if not env:
@@ -130,17 +134,23 @@ def set_threads(n: int | None = None) -> int | None:
     if n < 1:
         raise DeviceError(f"thread count must be >= 1, got {n}")
     from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=n)
-    try:
-        import numba
+    threadpool_limits(limits=n)  # every BLAS/OpenMP pool loaded so far
+    numba = sys.modules.get("numba")  # importing numba here would cost a second at every start
+    if numba is not None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except Exception:
-        pass
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)  # read by numba when it is imported later
+    _threads = n
     return n
+
+
+_threads: int | None = None  # what set_threads pinned last
 
 
 def num_threads() -> int:
     """Threads the kit's own parallel kernels should use."""
+    if _threads is not None:
+        return _threads
     env = os.environ.get("SPARK_LAB_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -186,6 +196,27 @@ def _blas_info() -> list[dict]:
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_properties() -> dict:
+    """cudaGetDeviceProperties of the current GPU (cached: it does not change)."""
+    cp = get_device().xp
+    return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+
+
+def gpu_memory() -> dict:
+    """The GPU's memory now: total, available, and whether it is the host's memory.
+
+    On unified/integrated GPUs (GB10, Jetson) CPU and GPU share one pool of DRAM and
+    cudaMemGetInfo does not count what the page cache could give back, so "available" is
+    MemAvailable from /proc/meminfo; on a discrete card it is cudaMemGetInfo's free.
+    """
+    cp = get_device().xp
+    free, total = cp.cuda.runtime.memGetInfo()
+    unified = bool(gpu_properties().get("integrated", 0))
+    available = meminfo().get("MemAvailable", free) if unified else free
+    return {"total": int(total), "available": int(available), "unified": unified}
+
+
 def device_info() -> dict:
     """Everything `spark-lab info` reports about the device, as plain JSON-able values."""
     dev = get_device()
@@ -202,16 +233,15 @@ def device_info() -> dict:
     }
     if dev.is_gpu:
         cp = dev.xp
-        d = cp.cuda.Device()
-        props = cp.cuda.runtime.getDeviceProperties(d.id)
-        free, total = cp.cuda.runtime.memGetInfo()
-        unified = bool(props.get("integrated", 0)) or bool(props.get("pageableMemoryAccess", 0) and props.get("integrated", 0))
+        props = gpu_properties()
+        gm = gpu_memory()
         info.update({
             "compute_capability": f"{props['major']}.{props['minor']}",
-            "memory_total": total,
-            "memory_available": mem.get("MemAvailable") if unified else free,
-            "unified_memory": unified,
+            "memory_total": gm["total"],
+            "memory_available": gm["available"],
+            "unified_memory": gm["unified"],
             "managed_memory": bool(props.get("managedMemory", 0)),
+            "concurrent_managed_access": bool(props.get("concurrentManagedAccess", 0)),
             "cupy": cp.__version__,
             "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
             "cuda_driver": cp.cuda.runtime.driverGetVersion(),

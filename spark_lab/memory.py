@@ -1,10 +1,13 @@
 """The unified-memory allocator: one budget, tagged allocations, stats and a time series.
 
 On a GPU every array the kit makes (weights, KV cache, activations) comes from one CuPy
-memory pool whose raw allocations are *managed* memory (`cudaMallocManaged`), so a model
-larger than the card's free memory is refused up front instead of oversubscribing (which can
-hang a GPU; on a GB10 an OOM can freeze the whole machine). The budget is checked *before*
-CUDA is asked. On the CPU the same API hands out NumPy arrays and does the same accounting.
+memory pool whose raw blocks are *managed* memory (`cudaMallocManaged`). Oversubscribing
+managed memory can hang a GPU (on a GB10 an OOM can freeze the whole machine), so requests
+are refused up front, in three places, none of which asks CUDA for anything:
+  1. `Allocator.check`: in use + asked > budget -> MemoryError naming the three numbers;
+  2. the pool's limit (`MemoryPool.set_limit(budget)`) covers every CuPy temporary too;
+  3. the raw allocator will not ask for more than the device has free right now.
+On the CPU the same API hands out NumPy arrays and does the same accounting.
 
     alloc = get_allocator()
     w = alloc.place(host_weights, tag="weights")     # host -> device, accounted
@@ -12,6 +15,9 @@ CUDA is asked. On the CPU the same API hands out NumPy arrays and does the same 
     with alloc.track() as t:
         ...                                           # t.peak, t.series for plots
     alloc.stats()                                     # in use, peak, by tag, capacity, budget
+
+An array stops being counted when `free(arr)` is called or when the array object handed out
+is garbage collected (a view taken from it does not keep it counted).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .device import get_device, meminfo
+from .device import get_device, gpu_memory, gpu_properties, meminfo
 
 TAGS = ("weights", "kv_cache", "activations", "scratch", "other")
 
@@ -31,8 +37,8 @@ TAGS = ("weights", "kv_cache", "activations", "scratch", "other")
 def fmt_bytes(n: float) -> str:
     """1536 -> '1.5 KiB' (binary units, as memory is sized)."""
     n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -43,10 +49,10 @@ class MemoryStats:
     in_use: int                 # bytes handed out and not yet freed
     peak: int                   # highest in_use since creation (or reset_peak)
     by_tag: dict                # tag -> bytes in use
-    capacity: int               # bytes this machine can give the kit right now (plus what it holds)
+    capacity: int               # bytes the machine could give the kit now, plus what it holds
     budget: int                 # the most the allocator will ever hand out
     device: str                 # "cpu" or "cuda"
-    pool_reserved: int = 0      # GPU: bytes the pool holds from CUDA (>= in_use)
+    pool_reserved: int = 0      # GPU: bytes the pool holds from CUDA (in use + cached + temporaries)
 
     def summary(self) -> str:
         tags = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.by_tag.items() if v)
@@ -56,7 +62,7 @@ class MemoryStats:
 
 @dataclass
 class Tracker:
-    """What `Allocator.track()` records: the peak inside the block and (t, in_use, by_tag) samples."""
+    """What `Allocator.track()` records: the peak inside the block and one sample per change."""
     start_in_use: int
     peak: int
     series: list = field(default_factory=list)   # [(seconds since start, in_use, {tag: bytes})]
@@ -71,33 +77,33 @@ class Allocator:
     def __init__(self, budget: int | None = None, fraction: float = 0.9):
         self.device = get_device()
         self._lock = threading.RLock()
-        self._live: dict[int, tuple[int, str, object, int]] = {}  # key -> (nbytes, tag, finalizer, id(array))
-        self._keys: dict[int, int] = {}                              # id(array) -> key, for free()
-        self._next_key = 0
+        self._live: dict[int, tuple[int, str, weakref.finalize]] = {}  # id(array) -> (nbytes, tag, finalizer)
         self.in_use = 0
         self.peak = 0
-        self.by_tag: dict[str, int] = {t: 0 for t in TAGS}
+        self.by_tag: dict[str, int] = dict.fromkeys(TAGS, 0)
         self._trackers: list[Tracker] = []
-        cap = self.capacity()
-        self.budget = int(budget) if budget is not None else int(cap * fraction)
-        self._pool = None
-        if self.device.is_gpu:
-            self._pool = _managed_pool(self)
+        self._pool = _managed_pool() if self.device.is_gpu else None
+        self.budget = int(budget) if budget is not None else int(self.capacity() * fraction)
 
-    # ---------------------------------------------------------------- capacity
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @budget.setter
+    def budget(self, nbytes: int) -> None:
+        self._budget = int(nbytes)
+        if self._pool is not None:
+            self._pool.set_limit(size=self._budget)  # CuPy refuses beyond this before calling malloc
+
     def capacity(self) -> int:
         """Bytes the machine could give us now plus what we already hold.
 
-        Unified machines (CPU, GB10) read MemAvailable from /proc/meminfo: cudaMemGetInfo
-        there does not see memory the page cache could give back. Discrete GPUs use cudaMemGetInfo.
+        Unified machines (CPU, GB10) count MemAvailable from /proc/meminfo: cudaMemGetInfo
+        there misses memory the page cache could give back. Discrete GPUs use cudaMemGetInfo.
         """
-        held = getattr(self, "in_use", 0)
-        if self.device.is_gpu:
-            from .device import device_info
-            info = device_info()
-            free = info["memory_available"]
-            return int(free) + held
-        return int(meminfo().get("MemAvailable", 0)) + held
+        if self._pool is not None:
+            return gpu_memory()["available"] + int(self._pool.total_bytes())
+        return int(meminfo().get("MemAvailable", 0)) + self.in_use
 
     # ---------------------------------------------------------------- accounting
     def check(self, nbytes: int, tag: str = "other", what: str = "") -> None:
@@ -109,32 +115,18 @@ class Allocator:
                 f"{fmt_bytes(self.in_use)} in use, budget {fmt_bytes(self.budget)}")
 
     def _account(self, arr, nbytes: int, tag: str):
-        if tag not in self.by_tag:
-            self.by_tag[tag] = 0
-        with self._lock:
-            key = self._next_key
-            self._next_key += 1
-            self.in_use += nbytes
-            self.by_tag[tag] += nbytes
-            self.peak = max(self.peak, self.in_use)
-            try:
-                ref = weakref.finalize(arr, self._release, key)
-                ref.atexit = False
-            except TypeError:  # not weak-referenceable: held until free() is called
-                ref = None
-            self._live[key] = (nbytes, tag, ref, id(arr))
-            self._keys[id(arr)] = key
-            self._record()
+        fin = weakref.finalize(arr, self._release, id(arr))  # counted until the object dies
+        fin.atexit = False
+        self._live[id(arr)] = (nbytes, tag, fin)
+        self.in_use += nbytes
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + nbytes
+        self.peak = max(self.peak, self.in_use)
+        self._record()
         return arr
 
     def _release(self, key: int) -> None:
         with self._lock:
-            entry = self._live.pop(key, None)
-            if entry is None:
-                return
-            nbytes, tag, _, arr_id = entry
-            if self._keys.get(arr_id) == key:
-                del self._keys[arr_id]
+            nbytes, tag, _ = self._live.pop(key)
             self.in_use -= nbytes
             self.by_tag[tag] -= nbytes
             self._record()
@@ -148,11 +140,13 @@ class Allocator:
     def empty(self, shape, dtype=np.float32, tag: str = "activations", what: str = ""):
         """An uninitialised array on the device, counted under `tag`."""
         dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        self.check(nbytes, tag, what)
-        arr = self.device.xp.empty(shape, dtype=dtype)
-        return self._account(arr, nbytes, tag)
+        with self._lock:
+            self.check(nbytes, tag, what)
+            return self._account(self.device.xp.empty(shape, dtype=dtype), nbytes, tag)
 
     def zeros(self, shape, dtype=np.float32, tag: str = "activations", what: str = ""):
         arr = self.empty(shape, dtype, tag, what)
@@ -160,41 +154,40 @@ class Allocator:
         return arr
 
     def place(self, host_array, tag: str = "weights", what: str = "", dtype=None):
-        """Put a host array (often a zero-copy memmap view) on the device, counted under `tag`.
+        """Put an array (often a zero-copy memmap view) on the device, counted under `tag`.
 
-        On the CPU this keeps the array as it is (no copy: a memmapped GGUF stays on disk
-        until touched); on a GPU it copies into pool memory and prefetches it to the device.
+        CPU: no copy (a memmapped GGUF stays on disk until touched); the caller gets a new
+        view object, so the caller's own array is never tagged. GPU: a copy into pool memory,
+        prefetched to the device. An optional dtype cast happens on the host, before the copy.
         """
-        a = np.asarray(host_array) if not hasattr(host_array, "__cuda_array_interface__") else host_array
+        on_gpu = hasattr(host_array, "__cuda_array_interface__")
+        a = host_array if on_gpu else np.asarray(host_array)  # a memmap becomes a plain ndarray view
         if dtype is not None and a.dtype != np.dtype(dtype):
             a = a.astype(dtype)
         nbytes = int(a.nbytes)
-        self.check(nbytes, tag, what)
-        if not self.device.is_gpu:
-            if not isinstance(a, np.ndarray) or type(a) is not np.ndarray:
-                a = a.view(np.ndarray)  # a fresh view object we can tag without touching the caller's
-            else:
-                a = a.view()
-            return self._account(a, nbytes, tag)
-        out = self.device.xp.asarray(a)
-        _prefetch(out)
-        return self._account(out, nbytes, tag)
+        with self._lock:
+            self.check(nbytes, tag, what)
+            if on_gpu or not self.device.is_gpu:  # already where it belongs: count a new view, no copy
+                return self._account(a.view(), nbytes, tag)
+            out = self.device.xp.empty(a.shape, dtype=a.dtype)
+            _prefetch(out)  # pages land on the GPU first, then the copy writes them there
+            out.set(np.ascontiguousarray(a))
+            return self._account(out, nbytes, tag)
 
     def free(self, arr) -> None:
         """Stop counting `arr` now (its memory returns when the last reference goes)."""
-        key = self._keys.get(id(arr))
-        if key is None:
-            raise ValueError("free(): this array was not handed out by the allocator (or was already freed)")
-        entry = self._live.get(key)
-        if entry and entry[2] is not None:
+        with self._lock:
+            entry = self._live.get(id(arr))
+            if entry is None or not entry[2].alive:
+                raise ValueError("free(): this array was not handed out by the allocator, or was already freed")
             entry[2].detach()
-        self._release(key)
+            self._release(id(arr))
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> MemoryStats:
         reserved = int(self._pool.total_bytes()) if self._pool is not None else self.in_use
-        return MemoryStats(self.in_use, self.peak, {k: v for k, v in self.by_tag.items()},
-                           self.capacity(), self.budget, self.device.kind, reserved)
+        return MemoryStats(self.in_use, self.peak, dict(self.by_tag), self.capacity(), self.budget,
+                           self.device.kind, reserved)
 
     def reset_peak(self) -> None:
         self.peak = self.in_use
@@ -214,33 +207,29 @@ class Allocator:
 
 # -------------------------------------------------------------------- GPU pool
 
-def _managed_pool(alloc: Allocator):
-    """A CuPy MemoryPool whose raw blocks are managed memory, with the budget checked first."""
+def _managed_pool():
+    """A CuPy MemoryPool over managed memory that never asks for more than the GPU has free."""
     import cupy as cp
 
-    def malloc(size: int):
-        reserved = pool.total_bytes()
-        if reserved + size > alloc.budget:
-            pool.free_all_blocks()  # give cached blocks back, then try once more
-            if pool.total_bytes() + size > alloc.budget:
-                raise MemoryError(
-                    f"out of memory budget: CUDA pool asked for {fmt_bytes(size)}, "
-                    f"{fmt_bytes(pool.total_bytes())} reserved, budget {fmt_bytes(alloc.budget)}")
+    def malloc_managed(size: int):
+        if size > gpu_memory()["available"]:
+            # look like a failed cudaMalloc: the pool frees its cached blocks and retries,
+            # then raises cupy's OutOfMemoryError (a MemoryError)
+            raise cp.cuda.runtime.CUDARuntimeError(cp.cuda.runtime.errorMemoryAllocation)
         return cp.cuda.malloc_managed(size)
 
-    pool = cp.cuda.MemoryPool(malloc)
+    pool = cp.cuda.MemoryPool(malloc_managed)
     cp.cuda.set_allocator(pool.malloc)
     return pool
 
 
 def _prefetch(arr) -> None:
     """Hint the driver to migrate managed pages to the GPU now rather than on first touch."""
-    try:
-        import cupy as cp
-        dev = cp.cuda.Device().id
-        cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, arr.nbytes, dev, cp.cuda.get_current_stream().ptr)
-    except Exception:
-        pass  # a hint only: some platforms/CUDA versions lack it
+    if arr.nbytes == 0 or not gpu_properties().get("concurrentManagedAccess", 0):
+        return  # prefetch needs concurrent managed access (absent on Jetson-class parts)
+    import cupy as cp
+    # CuPy keeps (ptr, count, device, stream) across CUDA 12 and 13 (where the C call takes a cudaMemLocation)
+    cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, arr.nbytes, arr.device.id, cp.cuda.get_current_stream().ptr)
 
 
 _ALLOCATOR: Allocator | None = None

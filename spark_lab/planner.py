@@ -11,7 +11,8 @@ from .memory import fmt_bytes
 
 SPARK_MEMORY = 128 * 10**9          # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU
 SPARK_RESERVED = 8 * 10**9          # what the OS, desktop and CUDA context keep for themselves
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per value (GGML blocks)
+MAX_CONTEXT = 131072                # search limit for "longest context" when the model's is unknown
 UBATCH = 512                        # prompt tokens processed at once (sizes the activations)
 
 
@@ -30,6 +31,9 @@ class ModelShape:
     weight_bytes: int | None = None # exact bytes of the weights, when read from a file
 
     def __post_init__(self):
+        if not self.params > 0 or not self.bits_per_weight > 0:
+            raise ValueError(f"{self.name}: params and bits_per_weight must be > 0, "
+                             f"got {self.params} and {self.bits_per_weight}")
         # Unknown shapes are filled like a modern GQA decoder of that size (Llama-3-like ratios).
         if self.layers is None and self.hidden is None:
             # params ~ 12 * layers * hidden^2 with hidden ~ 110 * layers (Llama-like aspect ratio)
@@ -122,7 +126,7 @@ def plan(shape: ModelShape, context: int | None = None, batch: int = 1, kv_dtype
     w, kv, act = weight_bytes(shape), kv_bytes(shape, context, batch, kv_dtype), activation_bytes(shape, context, batch)
     total = w + kv + act
     spark = SPARK_MEMORY - SPARK_RESERVED
-    limit = max(shape.context_max or 0, context, 131072)
+    limit = shape.context_max or max(context, MAX_CONTEXT)  # never beyond what the model was trained for
     return Plan(shape.name, context, batch, kv_dtype, w, kv, act, total, available,
                 total <= available, total <= spark,
                 _max_context(shape, batch, kv_dtype, available, limit),

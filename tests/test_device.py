@@ -1,0 +1,169 @@
+"""Device selection: SPARK_LAB_DEVICE, caching, CPU-only machines with CuPy installed, threads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from spark_lab import device, memory
+from spark_lab.device import DeviceError
+
+
+class FakeCUDARuntimeError(RuntimeError):
+    """Stands in for cupy.cuda.runtime.CUDARuntimeError."""
+
+
+def fake_cupy(available: bool, alloc_error: bool) -> types.ModuleType:
+    """A `cupy` module as seen on a machine without a usable driver.
+
+    available=False: `cupy.cuda.is_available()` is False (the usual CPU-only install).
+    alloc_error=True: CuPy claims a device, but the first allocation raises, as when the
+    driver is missing or too old.
+    """
+    cp = types.ModuleType("cupy")
+    cp.calls = []
+    runtime = types.SimpleNamespace(CUDARuntimeError=FakeCUDARuntimeError, getDeviceCount=lambda: 1)
+    cp.cuda = types.SimpleNamespace(is_available=lambda: available, runtime=runtime)
+
+    def empty(*args, **kwargs):
+        cp.calls.append(("empty", args))
+        if alloc_error:
+            raise FakeCUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        raise AssertionError("the fake cannot allocate")
+
+    cp.empty = empty
+    cp.float32 = np.float32
+    return cp
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Caches reset before and after; each test sets SPARK_LAB_DEVICE itself."""
+    monkeypatch.delenv("SPARK_LAB_DEVICE", raising=False)
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
+    yield monkeypatch
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
+
+
+def test_cpu_forced(cpu_device):
+    assert cpu_device.kind == "cpu" and cpu_device.xp is np and not cpu_device.is_gpu
+    assert device.get_xp() is np
+    assert cpu_device.name  # the CPU model or the machine type
+
+
+def test_detection_is_cached(fresh):
+    fresh.setenv("SPARK_LAB_DEVICE", "cpu")
+    d = device.get_device()
+    fresh.setenv("SPARK_LAB_DEVICE", "cuda")  # ignored until the cache is reset
+    assert device.get_device() is d
+    device.reset_device_cache()
+    fresh.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(DeviceError):
+        device.get_device()
+
+
+def test_bad_device_name(fresh):
+    fresh.setenv("SPARK_LAB_DEVICE", "tpu")
+    with pytest.raises(DeviceError, match="SPARK_LAB_DEVICE='tpu' is not one of auto, cpu, cuda"):
+        device.get_device()
+
+
+@pytest.mark.parametrize("available, alloc_error", [(False, False), (True, True)],
+                         ids=["is_available-false", "first-allocation-raises"])
+def test_cupy_without_driver_is_a_cpu_machine(fresh, available, alloc_error):
+    cp = fake_cupy(available, alloc_error)
+    fresh.setitem(sys.modules, "cupy", cp)
+    fresh.setenv("SPARK_LAB_DEVICE", "auto")
+    dev = device.get_device()
+    assert dev.kind == "cpu" and dev.xp is np
+    assert cp.calls == ([("empty", (1,))] if alloc_error else [])  # probed once, then cached
+    device.get_device()
+    assert len(cp.calls) == (1 if alloc_error else 0)
+    # the rest of the kit runs on NumPy there
+    a = memory.get_allocator().empty((4, 3), tag="activations")
+    assert isinstance(a, np.ndarray) and device.array_module(a) is np
+    assert memory.get_allocator().stats().device == "cpu"
+
+
+@pytest.mark.parametrize("available, alloc_error, why", [
+    (False, False, "no CUDA device or driver"),
+    (True, True, "FakeCUDARuntimeError: cudaErrorInsufficientDriver"),
+])
+def test_cuda_asked_but_unusable_is_one_clear_error(fresh, available, alloc_error, why):
+    fresh.setitem(sys.modules, "cupy", fake_cupy(available, alloc_error))
+    fresh.setenv("SPARK_LAB_DEVICE", "cuda")
+    with pytest.raises(DeviceError) as e:
+        device.get_device()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("SPARK_LAB_DEVICE=cuda but") and why in msg
+    assert "SPARK_LAB_DEVICE=cpu" in msg  # says what to do
+
+
+def test_cuda_asked_cupy_missing(fresh):
+    fresh.setitem(sys.modules, "cupy", None)
+    fresh.setenv("SPARK_LAB_DEVICE", "cuda")
+    with pytest.raises(DeviceError, match="CuPy is not importable"):
+        device.get_device()
+
+
+def test_moves_are_explicit_and_exact(cpu_device):
+    h = np.arange(12, dtype=np.float32).reshape(3, 4)
+    d = device.to_device(h)
+    assert device.array_module(d) is np and d.dtype == np.float32
+    np.testing.assert_array_equal(device.to_host(d), h)
+    assert device.to_device([1, 2, 3], dtype=np.float32).dtype == np.float32
+    assert device.to_host(h) is h  # a no-op for host arrays
+    assert device.array_module(h, 1.0, None) is np
+    device.synchronize()  # nothing to wait for on the CPU, must not fail
+
+
+def test_device_info_cpu(cpu_device):
+    info = device.device_info()
+    assert info["device"] == "cpu" and info["unified_memory"] is True
+    assert 0 < info["memory_available"] <= info["memory_total"]
+    assert info["cpu_cores"] >= 1 and info["threads"] >= 1
+    assert any(b["user_api"] == "blas" for b in info["blas"])
+    json.dumps(info)  # plain values only
+
+
+def test_meminfo_in_bytes():
+    m = device.meminfo()
+    assert m["MemTotal"] > 2**20 and 0 < m["MemAvailable"] <= m["MemTotal"]
+
+
+def test_bad_thread_counts(monkeypatch):
+    with pytest.raises(DeviceError, match="thread count must be >= 1"):
+        device.set_threads(0)
+    monkeypatch.setenv("SPARK_LAB_THREADS", "many")
+    with pytest.raises(DeviceError, match="SPARK_LAB_THREADS='many' is not an integer"):
+        device.set_threads()
+
+
+_THREADS_PROBE = """
+import json
+from spark_lab import device
+from threadpoolctl import threadpool_info
+import numpy as np
+np.ones((2, 2)) @ np.ones((2, 2))
+before = {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+pinned = device.set_threads()
+after = {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+print(json.dumps({"before": before, "after": after, "pinned": pinned, "num_threads": device.num_threads()}))
+"""
+
+
+def test_spark_lab_threads_pins_blas():
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env.update(OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2", SPARK_LAB_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    r = json.loads(out.stdout)
+    assert r["pinned"] == 1 and r["num_threads"] == 1
+    assert r["after"] and all(n == 1 for n in r["after"].values()), r
