@@ -1,0 +1,69 @@
+"""Scaled dot-product attention with causal masks, grouped-query heads and sliding windows.
+
+Query i sits at absolute position q_offset + i and key j at position j, so the same call serves
+prefill (q_offset = 0, Tq = Tk), decode against a KV-cache view (Tq = 1, q_offset = Tk - 1) and
+chunked prefill. GQA: query head h reads key/value head h // (Hq // Hkv), like transformers'
+repeat_kv and llama.cpp. Long prefills run in query chunks so the score matrix stays small.
+"""
+from __future__ import annotations
+
+import math
+
+from ..device import array_module
+from .activations import softmax
+
+_MAX_SCORES = 1 << 24          # score elements per chunk (64 MB of float32)
+
+
+def _keep_mask(xp, q_pos, Tk, causal, window):
+    """bool [Tq, Tk]: True where query at q_pos may see key j (None when everything is kept)."""
+    if not causal and window is None:
+        return None
+    k_pos = xp.arange(Tk)[None, :]                     # [1, Tk]
+    q_pos = q_pos[:, None]                             # [Tq, 1]
+    keep = k_pos <= q_pos if causal else xp.ones((q_pos.shape[0], Tk), dtype=bool)
+    if window is not None:
+        keep &= (q_pos - k_pos) < int(window)
+    return keep
+
+
+def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=None):
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D(v)] -> [Tq, Hq, Dv]; mask broadcastable to [Hq, Tq, Tk]."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be [T, H, D]")
+    Tq, Hq, D = q.shape
+    Tk, Hkv, _ = k.shape
+    if k.shape[2] != D or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit together")
+    if Hq % Hkv:
+        raise ValueError(f"attention: {Hq} query heads in q {tuple(q.shape)} are not a multiple of {Hkv} kv heads in k {tuple(k.shape)}")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"attention: window must be >= 1, got {window}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    xp = array_module(q)
+    if xp.__name__ == "cupy" and Tq == 1 and mask is None:
+        from . import cuda_kernels
+        out = cuda_kernels.attention_decode(q, k, v, bool(causal), int(q_offset), window, scale)
+        if out is not None:
+            return out
+    G = Hq // Hkv
+    kt = k.transpose(1, 2, 0)                          # [Hkv, D, Tk]
+    vh = v.transpose(1, 0, 2)                          # [Hkv, Tk, Dv]
+    out = xp.empty((Tq, Hq, v.shape[2]), dtype=q.dtype)
+    step = max(1, _MAX_SCORES // max(1, Hq * Tk))
+    for s in range(0, Tq, step):
+        qc = q[s:s + step]                             # [tq, Hq, D]
+        tq = qc.shape[0]
+        qh = qc.transpose(1, 0, 2).reshape(Hkv, G * tq, D)            # [Hkv, G*tq, D]
+        scores = (qh @ kt).reshape(Hq, tq, Tk)         # [Hkv, G*tq, Tk] -> [Hq, tq, Tk]
+        scores *= scale
+        keep = _keep_mask(xp, xp.arange(s, s + tq) + int(q_offset), Tk, causal, window)   # [tq, Tk]
+        m = mask
+        if m is not None and m.ndim >= 2 and m.shape[-2] == Tq and Tq > 1:
+            m = m[..., s:s + tq, :]                    # this chunk's query rows
+        if keep is not None:
+            m = keep if m is None else (keep & m if m.dtype == bool else m + xp.where(keep, 0.0, -math.inf).astype(q.dtype))
+        p = softmax(scores, axis=-1, mask=m)           # [Hq, tq, Tk]
+        o = p.reshape(Hkv, G * tq, Tk) @ vh            # [Hkv, G*tq, Dv]
+        out[s:s + tq] = o.reshape(Hq, tq, -1).transpose(1, 0, 2)     # [tq, Hq, Dv]
+    return out
