@@ -39,7 +39,7 @@ class ModelShape:
             # params ~ 12 * layers * hidden^2 with hidden ~ 110 * layers (Llama-like aspect ratio)
             self.layers = max(1, round((self.params / (12 * 110**2)) ** (1 / 3)))
         if self.hidden is None:
-            self.hidden = max(64, round((self.params / (12 * self.layers)) ** 0.5 / 64) * 64)
+            self.hidden = max(128, round((self.params / (12 * self.layers)) ** 0.5 / 128) * 128)  # whole heads
         if self.layers is None:
             self.layers = max(1, round(self.params / (12 * self.hidden**2)))
         if self.head_dim is None:
@@ -71,12 +71,15 @@ class Plan:
 
     def report(self) -> str:
         yes = {True: "yes", False: "no"}
+
+        def fb(n):  # binary as memory is sized, decimal GB as machines are sold
+            return f"{fmt_bytes(n):>10s} ({n / 1e9:.1f} GB)"
         return "\n".join([
             f"{self.model}: context {self.context}, batch {self.batch}, KV {self.kv_dtype}",
-            f"  weights      {fmt_bytes(self.weights)}",
-            f"  KV cache     {fmt_bytes(self.kv_cache)}",
-            f"  activations  {fmt_bytes(self.activations)}",
-            f"  total        {fmt_bytes(self.total)}",
+            f"  weights      {fb(self.weights)}",
+            f"  KV cache     {fb(self.kv_cache)}",
+            f"  activations  {fb(self.activations)}",
+            f"  total        {fb(self.total)}",
             f"  fits here    {yes[self.fits_here]} ({fmt_bytes(self.available_here)} available; longest context {self.max_context_here})",
             f"  fits Spark   {yes[self.fits_spark]} (128 GB unified; longest context {self.max_context_spark})",
         ])
