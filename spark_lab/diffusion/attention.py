@@ -1,0 +1,102 @@
+"""Attention inside a UNet: diffusers' `Attention`, `BasicTransformerBlock`, `Transformer2DModel`.
+
+Two flavours appear in checkpoints:
+  SpatialAttention   GroupNorm -> one multi-head self-attention over the H*W pixels -> + x
+                     (AttnDownBlock2D, UNetMidBlock2D, the VAE's mid block)
+  Transformer2D      GroupNorm -> proj_in -> N x [self-attn, cross-attn on the text, GEGLU MLP]
+                     -> proj_out -> + x (the cross-attention blocks of UNet2DConditionModel)
+The batch is folded into the heads for the attention kernel, which takes [T, heads, D].
+"""
+from __future__ import annotations
+
+from ._k import attention, geglu, group_norm, layernorm, linear
+from .loading import Params
+
+
+def multi_head_attention(p: Params, x, context, heads: int):
+    """diffusers `Attention` (to_q/to_k/to_v/to_out.0): x [B, Tq, Cq], context [B, Tk, Ck] -> [B, Tq, Cout]."""
+    q = linear(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
+    k = linear(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
+    v = linear(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
+    B, Tq, HD = q.shape
+    Tk, D = k.shape[1], HD // heads
+    q = q.reshape(B, Tq, heads, D).transpose(1, 0, 2, 3).reshape(Tq, B * heads, D)
+    k = k.reshape(B, Tk, heads, D).transpose(1, 0, 2, 3).reshape(Tk, B * heads, D)
+    v = v.reshape(B, Tk, heads, D).transpose(1, 0, 2, 3).reshape(Tk, B * heads, D)
+    o = attention(q, k, v, causal=False)                               # [Tq, B*H, D]
+    o = o.reshape(Tq, B, HD).transpose(1, 0, 2)                        # [B, Tq, H*D]
+    return linear(o, p["to_out.0.weight"], p.get("to_out.0.bias"))     # [B, Tq, Cout]
+
+
+class SpatialAttention:
+    """Self-attention over pixels with a GroupNorm in front and the residual added back."""
+
+    def __init__(self, p: Params, heads: int, groups: int | None, eps: float, rescale_output_factor: float = 1.0):
+        self.p, self.heads, self.groups, self.eps = p, heads, groups, eps
+        self.rescale = float(rescale_output_factor)
+
+    def __call__(self, x, context=None):
+        B, C, H, W = x.shape
+        h = x
+        if self.groups and "group_norm.weight" in self.p:
+            h = group_norm(x, self.groups, self.p["group_norm.weight"], self.p["group_norm.bias"], self.eps)
+        h = h.reshape(B, C, H * W).transpose(0, 2, 1)                  # [B, HW, C]
+        h = multi_head_attention(self.p, h, h, self.heads)             # [B, HW, C]
+        h = h.transpose(0, 2, 1).reshape(B, C, H, W)
+        out = h + x
+        return out if self.rescale == 1.0 else out * (1.0 / self.rescale)
+
+
+class BasicTransformerBlock:
+    """LayerNorm + self-attention, LayerNorm + cross-attention, LayerNorm + GEGLU feed-forward."""
+
+    def __init__(self, p: Params, heads: int, only_cross_attention: bool = False):
+        self.p, self.heads, self.only_cross = p, heads, only_cross_attention
+        self.has_attn2 = p.has_prefix("attn2")
+        if "ff.net.0.proj.weight" not in p:
+            raise ValueError(f"BasicTransformerBlock {p.prefix!r}: only the GEGLU feed-forward (ff.net.0.proj) is supported")
+
+    def _ln(self, name, x):
+        return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], 1e-5)
+
+    def __call__(self, x, context=None):
+        p = self.p
+        h = self._ln("norm1", x)                                                         # [B, T, C]
+        ctx1 = context if (self.only_cross and context is not None) else h
+        x = x + multi_head_attention(p.sub("attn1"), h, ctx1, self.heads)
+        if self.has_attn2:
+            h = self._ln("norm2", x)
+            x = x + multi_head_attention(p.sub("attn2"), h, h if context is None else context, self.heads)
+        h = self._ln("norm3", x)
+        h = geglu(linear(h, p["ff.net.0.proj.weight"], p["ff.net.0.proj.bias"]))        # [B, T, 4C]
+        return x + linear(h, p["ff.net.2.weight"], p["ff.net.2.bias"])                  # [B, T, C]
+
+
+def _pointwise(p: Params, x):
+    """A 1x1 conv or a linear (use_linear_projection) on channels-last x [B, T, Cin] -> [B, T, Cout]."""
+    w = p["weight"]
+    return linear(x, w.reshape(w.shape[0], -1), p.get("bias"))
+
+
+class Transformer2D:
+    """diffusers Transformer2DModel for continuous inputs: [B, C, H, W] + text [B, L, Ctx] -> [B, C, H, W]."""
+
+    def __init__(self, p: Params, heads: int, groups: int, only_cross_attention: bool = False):
+        self.p, self.groups = p, groups
+        n = 0
+        while p.has_prefix(f"transformer_blocks.{n}"):
+            n += 1
+        if n == 0:
+            raise ValueError(f"Transformer2DModel {p.prefix!r} has no transformer_blocks in {p.source}")
+        self.blocks = [BasicTransformerBlock(p.sub(f"transformer_blocks.{i}"), heads, only_cross_attention)
+                       for i in range(n)]
+
+    def __call__(self, x, context=None):
+        B, C, H, W = x.shape
+        h = group_norm(x, self.groups, self.p["norm.weight"], self.p["norm.bias"], 1e-6)
+        h = h.transpose(0, 2, 3, 1).reshape(B, H * W, C)                  # [B, HW, C]
+        h = _pointwise(self.p.sub("proj_in"), h)                          # [B, HW, inner]
+        for blk in self.blocks:
+            h = blk(h, context)
+        h = _pointwise(self.p.sub("proj_out"), h)                         # [B, HW, C]
+        return h.reshape(B, H, W, C).transpose(0, 3, 1, 2) + x

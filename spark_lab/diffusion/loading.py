@@ -1,0 +1,113 @@
+"""Reading diffusers / transformers folders: config.json + safetensors -> float32 arrays.
+
+A model folder holds `config.json` and one of
+    diffusion_pytorch_model.safetensors        (diffusers, float32 or whatever it was saved in)
+    diffusion_pytorch_model.fp16.safetensors   (diffusers' "fp16 variant")
+    model.safetensors / model.fp16.safetensors (transformers, e.g. CLIPTextModel)
+Every tensor is cast to float32 and placed through the allocator (tag "weights").
+`Params` is a flat name -> array dict with `sub(prefix)` views, so model code reads
+`p["conv1.weight"]` inside `down_blocks.0.resnets.1` without spelling the whole key.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..memory import get_allocator
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+def read_json(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"missing config file: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+
+
+def find_weights(folder: str | Path, variant: str | None = None) -> Path:
+    """The safetensors file of a model folder; the fp16 variant when asked or when it is the only one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing model folder: {folder}")
+    order = []
+    for stem in WEIGHT_NAMES:
+        plain, fp16 = folder / f"{stem}.safetensors", folder / f"{stem}.fp16.safetensors"
+        order += [fp16, plain] if variant == "fp16" else [plain, fp16]
+    for p in order:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHT_NAMES[0]}[.fp16].safetensors "
+                            f"or {WEIGHT_NAMES[1]}[.fp16].safetensors")
+
+
+def load_safetensors(path: str | Path, prefix_strip: str = "") -> dict:
+    """A safetensors file -> {name: float32 array on the device} (fp16/bf16 upcast)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weight file: {path}")
+    alloc = get_allocator()
+    out = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            try:
+                a = f.get_tensor(name)
+            except TypeError:  # bfloat16 has no NumPy dtype: read the raw bits
+                a = _read_bf16(f, name)
+            key = name[len(prefix_strip):] if prefix_strip and name.startswith(prefix_strip) else name
+            out[key] = alloc.place(np.ascontiguousarray(a, dtype=np.float32), tag="weights", what=key)
+    return out
+
+
+def _read_bf16(f, name):
+    raise ValueError(f"tensor {name!r} is bfloat16; save the model as float32 or float16")
+
+
+class Params:
+    """Flat weights with a key prefix: `p.sub("mid_block")["resnets.0.conv1.weight"]`."""
+
+    def __init__(self, tensors: dict, prefix: str = "", source: str = ""):
+        self.tensors = tensors
+        self.prefix = prefix
+        self.source = source
+
+    def sub(self, name) -> "Params":
+        return Params(self.tensors, f"{self.prefix}{name}.", self.source)
+
+    def __getitem__(self, key: str):
+        full = self.prefix + key
+        try:
+            return self.tensors[full]
+        except KeyError:
+            raise ValueError(f"weight {full!r} is missing from {self.source or 'the weights'}") from None
+
+    def get(self, key: str, default=None):
+        return self.tensors.get(self.prefix + key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return (self.prefix + key) in self.tensors
+
+    def has_prefix(self, name: str) -> bool:
+        full = f"{self.prefix}{name}."
+        return any(k.startswith(full) for k in self.tensors)
+
+
+def load_model_folder(folder: str | Path, variant: str | None = None, config_name: str = "config.json"):
+    """folder -> (config dict, Params)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing model folder: {folder}")
+    config = read_json(folder / config_name)
+    wpath = find_weights(folder, variant)
+    return config, Params(load_safetensors(wpath), source=str(wpath))
+
+
+def nbytes(params: Params) -> int:
+    return int(sum(int(a.nbytes) for a in params.tensors.values()))

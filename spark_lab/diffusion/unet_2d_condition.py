@@ -1,0 +1,225 @@
+"""UNet2DConditionModel: the text-conditioned denoiser of Stable Diffusion-style models.
+
+    sample [N, Cin, H, W], timestep t, encoder_hidden_states [N, L, Ctx] -> noise/velocity [N, Cout, H, W]
+
+time embedding: sinusoid(t) -> linear -> SiLU -> linear  (+ class embedding when configured)
+conv_in -> down blocks (keep every output as a skip) -> mid block -> up blocks (eat skips)
+-> GroupNorm -> SiLU -> conv_out. Reads a diffusers `config.json` + safetensors folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..device import array_module, to_device, to_host
+from ._k import linear, silu, timestep_embedding
+from .attention import Transformer2D
+from .blocks import DOWN_TYPES, MID_TYPES, UP_TYPES, DownBlock, MidBlock, UpBlock, check_block_type
+from .loading import Params, load_model_folder, nbytes
+from .resnet import conv, norm
+
+
+def _per_block(v, n: int, name: str) -> list:
+    """diffusers lets many settings be one value or one per down block."""
+    if isinstance(v, (list, tuple)):
+        if len(v) != n:
+            raise ValueError(f"config {name} has {len(v)} entries for {n} down blocks")
+        return list(v)
+    return [v] * n
+
+
+@dataclass
+class UNet2DConditionConfig:
+    sample_size: int | None = None           # latent (or pixel) height = width the model was trained at
+    in_channels: int = 4                     # channels of the sample it denoises
+    out_channels: int = 4
+    center_input_sample: bool = False        # map [0, 1] input to [-1, 1] first
+    flip_sin_to_cos: bool = True             # timestep sinusoid order: cos first
+    freq_shift: int = 0                      # downscale_freq_shift of the sinusoid
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | list = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)   # channels per resolution level
+    layers_per_block: int | list = 2         # resnets per down block (up blocks have one more)
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | list = 1280   # width of the text embeddings
+    transformer_layers_per_block: int | list = 1
+    attention_head_dim: int | list = 8       # diffusers' historic name: really the number of heads
+    num_attention_heads: int | list | None = None
+    use_linear_projection: bool = False      # proj_in/out as linear (SD2) instead of 1x1 conv
+    class_embed_type: str | None = None      # None (+ num_class_embeds), "timestep", "identity", "projection"
+    num_class_embeds: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    class_embeddings_concat: bool = False
+    resnet_time_scale_shift: str = "default"
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    addition_embed_type: str | None = None
+    encoder_hid_dim: int | None = None
+    dual_cross_attention: bool = False
+    time_cond_proj_dim: int | None = None
+    extra: dict = field(default_factory=dict)  # config keys this loader does not use
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNet2DConditionConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k != "extra"}
+        c = cls(**kw)
+        c.extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        for kind in self.down_block_types:
+            check_block_type(kind, DOWN_TYPES[:3], "down")
+        for kind in self.up_block_types:
+            check_block_type(kind, UP_TYPES[:3], "up")
+        if self.mid_block_type is not None:
+            check_block_type(self.mid_block_type, MID_TYPES, "mid")
+        if len(self.down_block_types) != len(self.up_block_types) or len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError("config: down_block_types, up_block_types and block_out_channels differ in length")
+        unsupported = {"addition_embed_type": self.addition_embed_type, "encoder_hid_dim": self.encoder_hid_dim,
+                       "time_cond_proj_dim": self.time_cond_proj_dim}
+        for k, v in unsupported.items():
+            if v is not None:
+                raise ValueError(f"config {k}={v!r} is not supported by spark_lab's UNet2DConditionModel")
+        if self.dual_cross_attention:
+            raise ValueError("config dual_cross_attention=True is not supported")
+        if self.time_embedding_type != "positional":
+            raise ValueError(f"config time_embedding_type={self.time_embedding_type!r} is not supported (want 'positional')")
+        if self.act_fn != "silu":
+            raise ValueError(f"config act_fn={self.act_fn!r} is not supported (want 'silu')")
+        if self.class_embed_type not in (None, "timestep", "identity", "projection"):
+            raise ValueError(f"config class_embed_type={self.class_embed_type!r} is not supported")
+
+
+def embed_time(t, dim: int, flip: bool, shift: float, n: int):
+    """Timesteps (scalar or [N]) -> sinusoidal features [N, dim], broadcast to the batch n."""
+    t = to_host(t) if hasattr(t, "__cuda_array_interface__") else t
+    t = np.asarray(t, dtype=np.float32).reshape(-1)
+    if t.shape[0] == 1 and n > 1:
+        t = np.repeat(t, n)
+    e = timestep_embedding(to_device(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=float(shift))
+    return e.astype(np.float32, copy=False)                                # [N, dim]
+
+
+def mlp_embed(p: Params, e):
+    """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2."""
+    h = silu(linear(e, p["linear_1.weight"], p["linear_1.bias"]))
+    return linear(h, p["linear_2.weight"], p["linear_2.bias"])
+
+
+class UNet2DConditionModel:
+    def __init__(self, config: UNet2DConditionConfig, params: Params):
+        self.config, self.params = config, params
+        c, p = config, params
+        n = len(c.down_block_types)
+        heads = _per_block(c.num_attention_heads or c.attention_head_dim, n, "num_attention_heads")
+        layers = _per_block(c.layers_per_block, n, "layers_per_block")
+        xattn_layers = _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        only_cross = _per_block(c.only_cross_attention, n, "only_cross_attention")
+        _per_block(c.cross_attention_dim, n, "cross_attention_dim")
+        del xattn_layers  # the number of transformer layers is read from the weights
+        groups, eps = c.norm_num_groups, c.norm_eps
+        rkw = dict(groups=groups, eps=eps, time_embedding_norm=c.resnet_time_scale_shift)
+
+        def xattn(h, oc):
+            return lambda q: Transformer2D(q, h, groups, oc)
+
+        self.down = []
+        for i, kind in enumerate(c.down_block_types):
+            attn = xattn(heads[i], only_cross[i]) if kind == "CrossAttnDownBlock2D" else None
+            self.down.append(DownBlock(p.sub(f"down_blocks.{i}"), layers[i], rkw, i < n - 1,
+                                       c.downsample_padding, attn))
+        mid_kw = dict(rkw, output_scale_factor=c.mid_block_scale_factor)
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid = MidBlock(p.sub("mid_block"), 1, mid_kw, xattn(heads[-1], False))
+        elif c.mid_block_type == "UNetMidBlock2D":
+            self.mid = MidBlock(p.sub("mid_block"), 0, mid_kw)
+        else:
+            self.mid = None
+        rheads, rlayers, ronly = heads[::-1], layers[::-1], only_cross[::-1]
+        self.up = []
+        for i, kind in enumerate(c.up_block_types):
+            attn = xattn(rheads[i], ronly[i]) if kind == "CrossAttnUpBlock2D" else None
+            self.up.append(UpBlock(p.sub(f"up_blocks.{i}"), rlayers[i] + 1, rkw, i < n - 1, attn))
+        self.num_upsamplers = n - 1
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, variant: str | None = None):
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        config, params = load_model_folder(folder, variant)
+        return cls(UNet2DConditionConfig.from_dict(config), params)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.params)
+
+    def time_embedding(self, timestep, n: int, class_labels=None):
+        c, p = self.config, self.params
+        emb = mlp_embed(p.sub("time_embedding"),
+                        embed_time(timestep, c.block_out_channels[0], c.flip_sin_to_cos,
+                                   c.freq_shift, n))                                    # [N, 4 * C0]
+        has_class = c.num_class_embeds is not None or c.class_embed_type is not None
+        if has_class:
+            if class_labels is None:
+                raise ValueError("class_labels should be provided when the model is class-conditional")
+            if c.class_embed_type is None:
+                labels = np.asarray(class_labels).reshape(-1).astype(np.int64)
+                if labels.min() < 0 or labels.max() >= c.num_class_embeds:
+                    raise ValueError(f"class label out of range [0, {c.num_class_embeds})")
+                cemb = p["class_embedding.weight"][to_device(labels)]               # [N, D]
+            elif c.class_embed_type == "timestep":
+                cemb = mlp_embed(p.sub("class_embedding"),
+                                 embed_time(class_labels, c.block_out_channels[0],
+                                            c.flip_sin_to_cos, c.freq_shift, n))
+            elif c.class_embed_type == "identity":
+                cemb = to_device(class_labels, np.float32)
+            else:  # projection
+                cemb = mlp_embed(p.sub("class_embedding"), to_device(class_labels, np.float32))
+            if cemb.shape[0] == 1 and n > 1:
+                cemb = array_module(cemb).repeat(cemb, n, axis=0)
+            emb = array_module(emb).concatenate([emb, cemb], axis=-1) if c.class_embeddings_concat else emb + cemb
+        return emb
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        """sample [N, Cin, H, W], timestep scalar or [N], encoder_hidden_states [N, L, Ctx] -> [N, Cout, H, W]."""
+        c, p = self.config, self.params
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(f"UNet2DConditionModel: sample {tuple(sample.shape)} should be [N, {c.in_channels}, H, W]")
+        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+            shape = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+            raise ValueError(f"UNet2DConditionModel: encoder_hidden_states {shape} should be [{sample.shape[0]}, L, ctx]")
+        sample = sample.astype(np.float32, copy=False)
+        context = encoder_hidden_states.astype(np.float32, copy=False)
+        N = sample.shape[0]
+        # upsample to the skip's size when H or W is not a multiple of 2**num_upsamplers
+        factor = 2 ** self.num_upsamplers
+        odd = any(s % factor for s in sample.shape[-2:])
+        if c.center_input_sample:
+            sample = 2.0 * sample - 1.0
+        emb = self.time_embedding(timestep, N, class_labels)                        # [N, 4 * C0]
+        x = conv(p.sub("conv_in"), sample)                                          # [N, C0, H, W]
+        skips = [x]
+        for blk in self.down:
+            x, s = blk(x, emb, context)
+            skips += s
+        if self.mid is not None:
+            x = self.mid(x, emb, context)
+        for i, blk in enumerate(self.up):
+            size = None
+            if odd and blk.up is not None:
+                size = skips[-len(blk.resnets) - 1].shape[-2:]                      # the next level's skip
+            x = blk(x, skips, emb, context, size)
+        if c.norm_num_groups is not None:
+            x = silu(norm(p.sub("conv_norm_out"), x, c.norm_num_groups, c.norm_eps))
+        return conv(p.sub("conv_out"), x)                                           # [N, Cout, H, W]
