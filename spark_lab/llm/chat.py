@@ -1,0 +1,55 @@
+"""A chat session: history, system prompt, the model's template, oldest turns dropped to fit."""
+from __future__ import annotations
+
+from .engine import LLM, ContextOverflow
+
+
+class ChatSession:
+    def __init__(self, llm: LLM, system_prompt: str | None = None, reserve: int = 256):
+        self.llm = llm
+        self.system_prompt = system_prompt
+        self.history: list[dict] = []      # user/assistant turns, oldest first
+        self.reserve = reserve             # tokens kept free for the answer
+        self.last = None                   # the last Generation (timings, token ids)
+
+    def messages(self, user: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs += self.history
+        if user is not None:
+            msgs.append({"role": "user", "content": user})
+        return msgs
+
+    def _fit(self, user: str, max_new_tokens: int) -> list[int]:
+        """Token ids of the conversation, dropping the oldest turns until it fits the context."""
+        room = self.llm.n_ctx - min(max_new_tokens, self.reserve)
+        while True:
+            ids = self.llm.encode_chat(self.messages(user))
+            if len(ids) <= room:
+                return ids
+            if not self.history:
+                alone = len(ids)
+                raise ContextOverflow(
+                    f"this message is {alone} tokens with the system prompt; the context of "
+                    f"{self.llm.n_ctx} leaves room for {room} (shorten it or load with a larger n_ctx)")
+            # drop the oldest user/assistant pair
+            self.history = self.history[2:] if len(self.history) >= 2 else []
+
+    def stream(self, user: str, max_new_tokens: int = 256, **sampling):
+        ids = self._fit(user, max_new_tokens)
+        it = self.llm.stream_tokens(ids, max_new_tokens, **sampling)
+        while True:
+            try:
+                _, piece = next(it)
+            except StopIteration as done:
+                self.last = done.value
+                break
+            if piece:
+                yield piece
+        self.history += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": self.last.text.strip()}]
+
+    def send(self, user: str, **gen) -> str:
+        return "".join(self.stream(user, **gen))
+
+    def reset(self) -> None:
+        self.history = []

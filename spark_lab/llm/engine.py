@@ -1,0 +1,215 @@
+"""The LLM engine: load a GGUF, prefill, decode, sample, stream text.
+
+    llm = LLM.load("smollm2-135m-instruct")
+    for piece in llm.stream("Why is the sky blue?", max_new_tokens=64):   # chat template applied
+        print(piece, end="")
+    g = llm.generate(ids, temperature=0)           # token ids in, Generation out
+"""
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..device import to_host
+from ..gguf import GGUFFile, config_from_gguf
+from ..models import resolve
+from .cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, sample
+from .template import render_chat
+
+DEFAULT_CTX = 4096
+PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds activation memory
+
+
+class ContextOverflow(ValueError):
+    """The prompt (or a single chat message) does not fit the context."""
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list                  # generated tokens only
+    prompt_token_ids: list
+    finish_reason: str               # "stop" (EOS or stop string) or "length"
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    reused_prompt_tokens: int = 0    # prompt tokens served from the KV cache of the previous call
+    timeline: list = field(default_factory=list)  # [(seconds since start, tokens so far)]
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        n = len(self.prompt_token_ids) - self.reused_prompt_tokens
+        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = max(0, len(self.token_ids) - 1)  # the first token comes from the prefill's logits
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class _Detokenizer:
+    """Token ids -> text pieces, holding back bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.dec.decode(self.tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.dec.decode(b"", final=True)
+
+
+class LLM:
+    def __init__(self, path: Path, n_ctx: int | None = None, name: str | None = None, kv_dtype=np.float32):
+        from ..tokenizer import Tokenizer
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.file = GGUFFile(self.path)
+        self.config = config_from_gguf(self.file)
+        self.tokenizer = Tokenizer.from_gguf(self.path)
+        self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
+        if self.n_ctx < 8:
+            raise ValueError(f"context must be at least 8 tokens, got {self.n_ctx}")
+        self.model = Transformer(self.file, self.config)
+        c = self.config
+        self.cache = KVCache(c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim, kv_dtype)
+        self._cached: list[int] = []       # the tokens whose K/V sit in the cache, in order
+        self.lock = threading.Lock()       # one generation at a time per engine
+
+    @classmethod
+    def load(cls, name_or_path=None, n_ctx: int | None = None, **kw) -> "LLM":
+        path = resolve(name_or_path, "llm")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; an LLM is one .gguf file")
+        return cls(path, n_ctx=n_ctx, name=str(name_or_path) if name_or_path else None, **kw)
+
+    # ------------------------------------------------------------------ text helpers
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_bos=False))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_bos=None, parse_special=True)
+
+    # ------------------------------------------------------------------ core loop
+    def _logits(self, tokens: list[int], pos: int) -> np.ndarray:
+        out = self.model.forward(np.asarray(tokens, dtype=np.int64), pos, self.cache)
+        return to_host(out[-1]).astype(np.float32, copy=False)
+
+    def prefill(self, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """Run the prompt through the model, reusing the cached prefix; -> (last logits, reused)."""
+        reuse = 0
+        for a, b in zip(self._cached, prompt[:-1]):  # keep at least one token to produce logits
+            if a != b:
+                break
+            reuse += 1
+        self._cached = self._cached[:reuse]
+        logits = None
+        for s in range(reuse, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[s:s + PREFILL_CHUNK]
+            logits = self._logits(chunk, s)
+            self._cached.extend(chunk)
+        return logits, reuse
+
+    def stream_tokens(self, prompt_ids: list[int], max_new_tokens: int = 128, stop=None,
+                      stop_at_eos: bool = True, **sampling):
+        """Yield (token_id, text_piece) as tokens are produced; the return value is a Generation."""
+        if max_new_tokens is None or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        params = SamplingParams(**sampling)
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx} tokens")
+        bad = [t for t in prompt if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        budget = min(max_new_tokens, self.n_ctx - len(prompt))
+        stops = [s for s in (stop or []) if s]
+        stop_ids = set(self.tokenizer.eot_ids or [self.tokenizer.eos_id]) if stop_at_eos else set()
+        rng = np.random.default_rng(params.seed)
+        gen = Generation("", [], prompt, "length")
+        detok, text, emitted = _Detokenizer(self.tokenizer), "", 0
+        t0 = time.perf_counter()
+        with self.lock:
+            logits, gen.reused_prompt_tokens = self.prefill(prompt)
+            gen.prompt_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            recent = list(prompt)
+            for step in range(budget):
+                tok = sample(logits, params, rng, recent)
+                if tok in stop_ids:
+                    gen.finish_reason = "stop"
+                    break
+                gen.token_ids.append(tok)
+                recent.append(tok)
+                text += detok.push(tok)
+                gen.timeline.append((time.perf_counter() - t0, len(gen.token_ids)))
+                hit = next((s for s in stops if s in text), None) if stops else None
+                if hit:
+                    text = text[:text.index(hit)]
+                    gen.finish_reason = "stop"
+                    if len(text) > emitted:
+                        yield tok, text[emitted:]
+                        emitted = len(text)
+                    break
+                # hold back a tail that could still become a stop string
+                hold = max((len(s) - 1 for s in stops), default=0)
+                safe = len(text) - hold if hold else len(text)
+                if safe > emitted:
+                    yield tok, text[emitted:safe]
+                    emitted = safe
+                if step + 1 < budget:
+                    logits = self._logits([tok], len(self._cached))
+                    self._cached.append(tok)
+            gen.decode_seconds = time.perf_counter() - t1
+        if gen.finish_reason != "stop" or not stops or not any(s in text for s in stops):
+            text += detok.flush()
+        if len(text) > emitted:
+            yield None, text[emitted:]
+        gen.text = text
+        return gen
+
+    # ------------------------------------------------------------------ public API
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            return self.encode_chat(list(prompt))
+        return [int(t) for t in prompt]
+
+    def generate(self, prompt, max_new_tokens: int = 128, stop=None, **sampling) -> Generation:
+        """prompt: token ids, a user message (str, chat template applied) or a list of messages."""
+        it = self.stream_tokens(self._prompt_ids(prompt), max_new_tokens, stop, **sampling)
+        while True:
+            try:
+                next(it)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt, max_new_tokens: int = 128, stop=None, **sampling):
+        """Yield text pieces as they form (same prompt forms as generate)."""
+        for _, piece in self.stream_tokens(self._prompt_ids(prompt), max_new_tokens, stop, **sampling):
+            if piece:
+                yield piece
+
+    def chat(self, messages: list[dict], **gen) -> Generation:
+        return self.generate(list(messages), **gen)
+
+    def chat_stream(self, messages: list[dict], **gen):
+        return self.stream(list(messages), **gen)
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next prompt is processed from scratch)."""
+        self._cached = []

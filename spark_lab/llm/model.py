@@ -1,0 +1,127 @@
+"""Decoder-only transformers (llama, qwen2, qwen3, gemma3) as plain functions over kernels.
+
+One `Transformer` holds the weights (placed through the allocator, quantized ones kept as
+`QuantTensor`s) and a `forward(tokens, pos, cache)` that runs T tokens starting at absolute
+position `pos`, writes their keys/values into the cache, and returns logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from .. import kernels as K
+from ..gguf import GGUFError, GGUFFile, LLMConfig
+from ..memory import get_allocator
+from ..quants import QuantTensor, BLOCK_SIZES
+from .cache import KVCache
+
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray            # [d]
+    wq: object                       # [n_head*hd, d]  float or QuantTensor
+    wk: object                       # [n_kv*hd, d]
+    wv: object                       # [n_kv*hd, d]
+    wo: object                       # [d, n_head*hd]
+    ffn_norm: np.ndarray             # [d]
+    w_gate: object                   # [ff, d]
+    w_up: object                     # [ff, d]
+    w_down: object                   # [d, ff]
+    bq: np.ndarray | None = None     # qwen2 biases [n_head*hd], [n_kv*hd]
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None # qwen3/gemma3 per-head norms [hd]
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # gemma3 [d]
+    post_ffn_norm: np.ndarray | None = None
+
+
+class Transformer:
+    def __init__(self, f: GGUFFile, config: LLMConfig):
+        self.config = c = config
+        self.file = f
+        alloc = get_allocator()
+
+        def tensor(name: str, required: bool = True):
+            t = f.tensors.get(name)
+            if t is None:
+                if required:
+                    raise GGUFError(f"{f.path.name}: missing tensor {name!r} for a {c.arch} model")
+                return None
+            raw = f.raw(t)
+            if t.qtype in FLOAT_TYPES:
+                if t.qtype == Q.BF16:
+                    raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+                return alloc.place(raw, tag="weights", what=name, dtype=np.float32)
+            if t.qtype not in BLOCK_SIZES:
+                raise GGUFError(f"{f.path.name}: tensor {name!r} uses quant type {t.qtype.name}, which spark_lab does not support")
+            return QuantTensor(alloc.place(raw, tag="weights", what=name), t.qtype, t.shape)
+
+        self.tok_embd = tensor("token_embd.weight")
+        self.output_norm = tensor("output_norm.weight")
+        self.output = tensor("output.weight", required=False) or self.tok_embd
+        gemma = c.arch == "gemma3"
+        self.layers = []
+        for i in range(c.n_layer):
+            p = f"blk.{i}."
+            self.layers.append(Layer(
+                attn_norm=tensor(p + "attn_norm.weight"),
+                wq=tensor(p + "attn_q.weight"), wk=tensor(p + "attn_k.weight"), wv=tensor(p + "attn_v.weight"),
+                wo=tensor(p + "attn_output.weight"), ffn_norm=tensor(p + "ffn_norm.weight"),
+                w_gate=tensor(p + "ffn_gate.weight"), w_up=tensor(p + "ffn_up.weight"),
+                w_down=tensor(p + "ffn_down.weight"),
+                bq=tensor(p + "attn_q.bias", False), bk=tensor(p + "attn_k.bias", False),
+                bv=tensor(p + "attn_v.bias", False),
+                q_norm=tensor(p + "attn_q_norm.weight", c.qk_norm), k_norm=tensor(p + "attn_k_norm.weight", c.qk_norm),
+                post_attn_norm=tensor(p + "post_attention_norm.weight", gemma),
+                post_ffn_norm=tensor(p + "post_ffw_norm.weight", gemma),
+            ))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: np.ndarray, pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """tokens [T] at positions pos..pos+T-1 -> logits [T, vocab] (or [1, vocab], the last)."""
+        c = self.config
+        T, hd = len(tokens), c.head_dim
+        if pos + T > cache.n_ctx:
+            raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
+        positions = np.arange(pos, pos + T, dtype=np.int64)
+        x = K.embedding(self.tok_embd, tokens)                      # [T, d]
+        if c.embed_scale != 1.0:
+            x *= c.embed_scale
+        for i, L in enumerate(self.layers):
+            # --- attention
+            h = K.rmsnorm(x, L.attn_norm, c.rms_eps)                # [T, d]
+            q = K.linear(h, L.wq, L.bq).reshape(T, c.n_head, hd)    # [T, H, hd]
+            k = K.linear(h, L.wk, L.bk).reshape(T, c.n_head_kv, hd) # [T, Hkv, hd]
+            v = K.linear(h, L.wv, L.bv).reshape(T, c.n_head_kv, hd)
+            if c.qk_norm:
+                q = K.rmsnorm(q, L.q_norm, c.rms_eps)
+                k = K.rmsnorm(k, L.k_norm, c.rms_eps)
+            sliding = c.is_sliding(i)
+            theta = c.rope_theta_local if sliding else c.rope_theta
+            q = K.rope(q, positions, theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale)
+            k = K.rope(k, positions, theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale)
+            cache.write(i, pos, k, v)
+            ks, vs = cache.view(i, pos + T)                         # [pos+T, Hkv, hd]
+            o = K.attention(q, ks, vs, causal=True, q_offset=pos,
+                            window=c.sliding_window if sliding else None, scale=c.attn_scale)  # [T, H, hd]
+            o = K.linear(o.reshape(T, c.n_head * hd), L.wo)         # [T, d]
+            if c.post_norms:
+                o = K.rmsnorm(o, L.post_attn_norm, c.rms_eps)
+            x = x + o
+            # --- feed-forward
+            h = K.rmsnorm(x, L.ffn_norm, c.rms_eps)
+            g, u = K.linear(h, L.w_gate), K.linear(h, L.w_up)       # [T, ff]
+            a = K.swiglu(g, u) if c.act == "silu" else K.gelu(g, approximate="tanh") * u
+            f = K.linear(a, L.w_down)                               # [T, d]
+            if c.post_norms:
+                f = K.rmsnorm(f, L.post_ffn_norm, c.rms_eps)
+            x = x + f
+        if not all_logits:
+            x = x[-1:]
+        x = K.rmsnorm(x, self.output_norm, c.rms_eps)
+        return K.linear(x, self.output)                             # [T|1, vocab]
