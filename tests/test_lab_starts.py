@@ -66,3 +66,28 @@ def test_jupyter_lab_serves_lab(tmp_path):
         log.close()
     assert proc.returncode == 0, f"JupyterLab exited with {proc.returncode} on SIGTERM"
     assert get_status(f"http://127.0.0.1:{port}/lab") is None  # nothing left listening
+
+
+def test_conda_and_binder_files():
+    """environment.yml (conda-forge, CPU) and binder/ (runtime only, installs the kit and the default models)."""
+    yaml = pytest.importorskip("yaml")
+    root_env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    binder_env = yaml.safe_load((ROOT / "binder" / "environment.yml").read_text())
+    for env in (root_env, binder_env):
+        assert env["channels"] == ["conda-forge"]
+        deps = [d for d in env["dependencies"] if isinstance(d, str)]
+        assert any(d.startswith("python") for d in deps) and "pip" in deps
+        assert not any(("cupy" in d or "torch" in d) for d in deps)  # CPU by default; Binder has ~2 GB
+    assert "python>=3.10" in root_env["dependencies"]
+    pip_root = next(d["pip"] for d in root_env["dependencies"] if isinstance(d, dict))
+    assert pip_root == ['-e ".[dev]"']
+    assert "# - -e \".[dev,cuda13]\"" in (ROOT / "environment.yml").read_text()
+
+    post = ROOT / "binder" / "postBuild"
+    assert os.access(post, os.X_OK)
+    text = post.read_text()
+    assert "pip install --no-cache-dir .\n" in text and "-e " not in text and "torch" not in text
+    makefile_models = (ROOT / "Makefile").read_text().split("MODELS :=")[1].split("\nPORT")[0]
+    for pkg in makefile_models.replace("\\", " ").split():   # the same default models as `make setup`
+        assert pkg in text
+    assert "--no-deps" in text and text.rstrip().splitlines()[-1].startswith("python -m spark_lab.models")
