@@ -167,3 +167,23 @@ def test_spark_lab_threads_pins_blas():
     r = json.loads(out.stdout)
     assert r["pinned"] == 1 and r["num_threads"] == 1
     assert r["after"] and all(n == 1 for n in r["after"].values()), r
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_device(gpu_device):
+    import cupy as cp
+    assert gpu_device.kind == "cuda" and gpu_device.xp is cp and gpu_device.is_gpu and gpu_device.name
+    h = np.arange(6, dtype=np.float32).reshape(2, 3)
+    d = device.to_device(h)
+    assert isinstance(d, cp.ndarray) and device.array_module(d) is cp and device.array_module(h, d) is cp
+    np.testing.assert_array_equal(device.to_host(d), h)
+    assert device.to_device(h, dtype=np.float16).dtype == np.float16
+    device.synchronize()
+    info = device.device_info()
+    json.dumps(info)
+    assert info["device"] == "cuda" and info["compute_capability"].count(".") == 1
+    assert 0 < info["memory_available"] and 0 < info["memory_total"]
+    assert info["cuda_runtime"] > 0 and info["cuda_driver"] > 0 and info["cupy"] == cp.__version__
+    assert isinstance(info["unified_memory"], bool) and info["managed_memory"] is True
