@@ -163,6 +163,15 @@ def main() -> None:
         ref["u2_in"] = x.numpy(); ref["u2_labels"] = np.array([1, 4])
         ref["u2_out"] = u2(x, torch.tensor([3, 700]), class_labels=torch.tensor([1, 4])).sample.numpy()
 
+    # ---- scheduler loops (the same cases tests/diffusion/test_schedulers.py runs live)
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from diffusion.scheduler_cases import CASES
+    from diffusion.test_schedulers import diffusers_reference
+    for case in CASES:
+        ts, sigma, final = diffusers_reference(*case)
+        ref[f"sched_{case[0]}_ts"], ref[f"sched_{case[0]}_sigma"], ref[f"sched_{case[0]}_out"] = ts, sigma, final
+
     np.savez_compressed(out / "reference.npz", **{k: np.asarray(v) for k, v in ref.items()})
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1e6:.2f} MB)")
