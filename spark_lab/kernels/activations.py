@@ -25,20 +25,21 @@ def softmax(x, axis=-1, mask=None):
     Rows where every entry is masked come out as zeros, not NaN.
     """
     xp = array_module(x)
+    neg_inf, zero = x.dtype.type(-math.inf), x.dtype.type(0.0)   # typed: no float64 from where()
     if mask is not None:
         if mask.dtype == bool:
-            x = xp.where(mask, x, -math.inf)              # broadcast to x's shape
+            x = xp.where(mask, x, neg_inf)                # broadcast to x's shape
         else:
             x = x + mask
     elif xp.__name__ == "cupy" and axis in (-1, x.ndim - 1) and x.dtype == np.float32:
         from . import cuda_kernels
         return cuda_kernels.softmax(x)
     m = xp.max(x, axis=axis, keepdims=True)
-    m = xp.where(m == -math.inf, 0.0, m)                  # fully masked rows: exp(-inf) = 0
+    m = xp.where(m == neg_inf, zero, m)                   # fully masked rows: exp(-inf) = 0
     e = x - m
     xp.exp(e, out=e)
     s = e.sum(axis=axis, keepdims=True)
-    e /= xp.where(s > 0.0, s, 1.0)
+    e /= xp.where(s > zero, s, x.dtype.type(1.0))
     return e
 
 
