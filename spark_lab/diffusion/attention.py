@@ -9,7 +9,7 @@ The batch is folded into the heads for the attention kernel, which takes [T, hea
 """
 from __future__ import annotations
 
-from ._k import attention, geglu, group_norm, layernorm, linear
+from ..kernels import attention, geglu, group_norm, layernorm, linear
 from .loading import Params
 
 

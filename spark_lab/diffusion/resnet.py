@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..device import array_module
-from ._k import conv2d, group_norm, linear, silu, upsample_nearest2d
+from ..kernels import conv2d, group_norm, linear, silu, upsample_nearest2d
 from .loading import Params
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module, to_device, to_host
-from ._k import linear, silu, timestep_embedding
+from ..kernels import linear, silu, timestep_embedding
 from .attention import Transformer2D
 from .blocks import DOWN_TYPES, MID_TYPES, UP_TYPES, DownBlock, MidBlock, UpBlock, check_block_type
 from .loading import Params, load_model_folder, nbytes

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module
-from ._k import silu
+from ..kernels import silu
 from .attention import SpatialAttention
 from .blocks import DownBlock, MidBlock, UpBlock, check_block_type
 from .loading import Params, load_model_folder, nbytes

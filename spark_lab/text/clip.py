@@ -17,14 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device import to_device, to_host
-from ..kernels.activations import gelu, quick_gelu
-from ..kernels.linalg import embedding, linear
-from ..kernels.norms import layernorm
-
-try:
-    from ..kernels import attention
-except ImportError:  # TEMPORARY until spark_lab.kernels exports attention
-    from ..diffusion._k import attention
+from ..kernels import attention, embedding, gelu, layernorm, linear, quick_gelu
 
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 

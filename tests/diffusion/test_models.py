@@ -1,0 +1,112 @@
+"""UNets, VAE and the CLIP text encoder vs diffusers/transformers outputs on tiny random models.
+
+The references in reference.npz were written by tools/make_diffusion_fixtures.py (float32
+torch); spark_lab must match them within 1e-4. The models' weights are the committed fixtures.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spark_lab.diffusion import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from spark_lab.text.clip import CLIPTextModel, CLIPTokenizer
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "diffusion"
+REF = np.load(FIX / "reference.npz")
+
+
+def close(a, b, atol=1e-4):
+    assert a.dtype == np.float32, a.dtype
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return UNet2DConditionModel.from_pretrained(FIX / "tiny-sd" / "unet")
+
+
+def test_unet_condition_matches_diffusers(unet):
+    close(unet(REF["unet_cond_in"], REF["unet_cond_t"], REF["unet_cond_ehs"]), REF["unet_cond_out"])
+
+
+def test_unet_condition_odd_size_upsamples_to_skip(unet):
+    close(unet(REF["unet_cond_odd_in"], 500, REF["unet_cond_ehs"][:1]), REF["unet_cond_odd_out"])
+
+
+def test_unet_pixel_fp16_variant_linear_projection():
+    m = UNet2DConditionModel.from_pretrained(FIX / "tiny-pixel" / "unet")      # only .fp16.safetensors there
+    assert all(a.dtype == np.float32 for a in m.params.tensors.values())
+    close(m(REF["pix_in"], 250, REF["pix_ehs"]), REF["pix_out"])
+
+
+def test_unet2d_class_labels():
+    m = UNet2DModel.from_pretrained(FIX / "tiny-unet2d")
+    close(m(REF["u2_in"], np.array([3, 700]), class_labels=REF["u2_labels"]), REF["u2_out"])
+    with pytest.raises(ValueError, match="class_labels"):
+        m(REF["u2_in"], 3)
+    with pytest.raises(ValueError, match="out of range"):
+        m(REF["u2_in"], 3, class_labels=np.array([0, 5]))
+
+
+def test_vae_encode_decode():
+    vae = AutoencoderKL.from_pretrained(FIX / "tiny-sd" / "vae")
+    dist = vae.encode(REF["vae_in"])
+    close(dist.mean, REF["vae_mean"])
+    close(dist.std, REF["vae_std"])
+    close(vae.decode(REF["vae_z"]), REF["vae_decoded"])
+    assert vae.config.downscale == 2
+
+
+def test_clip_text_encoder_and_tokenizer(tmp_path):
+    tok = CLIPTokenizer.from_pretrained(FIX / "tiny-sd" / "tokenizer")            # vocab.json + merges.txt
+    prompts = ["a photo of a cat", "Happy  DOG, smiling face!", ""]
+    np.testing.assert_array_equal(tok(prompts), REF["clip_ids"])
+    np.testing.assert_array_equal(tok(["a photo of the red cat " * 4]), REF["clip_long_ids"])   # truncated, EOS kept
+    for name in ("tokenizer.json", "tokenizer_config.json"):                       # tokenizer.json only
+        shutil.copy(FIX / "tiny-sd" / "tokenizer" / name, tmp_path / name)
+    np.testing.assert_array_equal(CLIPTokenizer.from_pretrained(tmp_path)(prompts), REF["clip_ids"])
+    enc = CLIPTextModel.from_pretrained(FIX / "tiny-sd" / "text_encoder")
+    out = enc(REF["clip_ids"])
+    close(out.last_hidden_state, REF["clip_hidden"])
+    close(out.pooler_output, REF["clip_pooled"])
+
+
+def test_unet_live_against_diffusers(unet):
+    """Random inputs this time, diffusers run in the test itself."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.UNet2DConditionModel.from_pretrained(FIX / "tiny-sd" / "unet").eval()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 8, 8), dtype=np.float32)
+    ctx = rng.standard_normal((3, 5, 16), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), 123, encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
+    close(unet(x, 123, ctx), want)
+
+
+def _copy_unet(tmp_path, **changes):
+    d = tmp_path / "unet"
+    shutil.copytree(FIX / "tiny-sd" / "unet", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_bad_inputs(tmp_path, unet):
+    with pytest.raises(ValueError, match="unsupported down block type 'SimpleCrossAttnDownBlock2D'"):
+        UNet2DConditionModel.from_pretrained(_copy_unet(tmp_path, down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]))
+    with pytest.raises(FileNotFoundError, match="missing model folder"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        UNet2DConditionModel.from_pretrained(empty)
+    with pytest.raises(ValueError, match=r"should be \[N, 4, H, W\]"):
+        unet(np.zeros((1, 3, 8, 8), np.float32), 1, np.zeros((1, 2, 16), np.float32))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        unet(np.zeros((1, 4, 8, 8), np.float32), 1, None)
