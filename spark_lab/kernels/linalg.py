@@ -2,7 +2,9 @@
 
 Weights follow torch's layout: a linear weight is [out, in], so `linear(x, w) = x @ w.T`.
 A weight may also be a `spark_lab.quants.QuantTensor` (raw GGML blocks); then the product
-goes through the quantized path and the float32 weight is never materialised whole.
+goes through the quantized path and the float32 weight is never materialised whole: a fused
+mat-vec for a few rows (CUDA kernel on CuPy, `kernels.qmatvec` on NumPy), else
+`quants.quant_matmul` (chunked dequantize + GEMM).
 """
 from __future__ import annotations
 
@@ -39,10 +41,18 @@ def _quant_linear(x, w, b):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)                      # [n, in]
     y = None
-    if array_module(x2) is not np and x2.shape[0] <= _QMATVEC_MAX_ROWS:
-        from . import cuda_kernels
-        if cuda_kernels.supports_qtype(w.qtype):
-            y = cuda_kernels.qmatvec(x2, w.data, int(w.qtype), rows, cols)   # [n, out]
+    if x2.shape[0] <= _QMATVEC_MAX_ROWS:             # decode: a fused dequantize + dot, no f32 weight
+        if array_module(x2) is not np:
+            from . import cuda_kernels
+            if cuda_kernels.supports_qtype(w.qtype):
+                y = cuda_kernels.qmatvec(x2, w.data, int(w.qtype), rows, cols)   # [n, out]
+        else:
+            try:
+                from .qmatvec import qmatvec      # numba CPU kernels (falls back to quant_matmul itself)
+            except ImportError:
+                qmatvec = None
+            if qmatvec is not None:
+                y = qmatvec(x2, w, exact=True)    # float32 dots: the same numbers as quant_matmul
     if y is None:
         from ..quants import quant_matmul     # lazy: quants imports kernels' neighbours
         y = quant_matmul(x2, w)                   # [n, in] -> [n, out]
