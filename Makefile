@@ -29,7 +29,7 @@ models: setup
 	$(PY) -m spark_lab.models
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup test-unit test-notebooks test-browser
 

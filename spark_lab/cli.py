@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="catalogue name, .gguf path, or 'custom' with --params/--layers/...")
     s.add_argument("--context", type=_positive_int, default=None)
     s.add_argument("--batch", type=_positive_int, default=1)
-    s.add_argument("--kv-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    s.add_argument("--kv-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
     s.add_argument("--params", type=float, help="parameters (e.g. 200e9) for a model given by its shape")
     s.add_argument("--bits", type=float, default=4.5, help="weight bits per parameter (with --params)")
     s.add_argument("--layers", type=int)
@@ -133,10 +133,10 @@ def cmd_info(args) -> int:
     fb = memory.fmt_bytes
     print(f"device     {info['device']} ({info['name']})")
     print(f"memory     {fb(info['memory_available'])} available of {fb(info['memory_total'])}"
-          f"{' (unified)' if info.get('unified_memory') else ''}; budget {fb(st.budget)}")
+          f"{' (unified with the GPU)' if info['device'] == 'cuda' and info.get('unified_memory') else ''}; budget {fb(st.budget)}")
     if info["device"] == "cuda":
         print(f"gpu        compute {info['compute_capability']}, CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}")
-    print(f"cpu        {info['cpu_cores']} cores, {info['threads']} threads for the kit")
+    print(f"cpu        {info['cpu_cores']} cores, {info['threads']} thread{'s' if info['threads'] != 1 else ''} for the kit")
     for b in info["blas"]:
         print(f"blas       {b['library']} {b['version']} ({b['threads']} threads)")
     for name, present in info["models"].items():

@@ -89,7 +89,8 @@ class LLM:
         path = resolve(name_or_path, "llm")
         if path.is_dir():
             raise ValueError(f"{path} is a folder; an LLM is one .gguf file")
-        return cls(path, n_ctx=n_ctx, name=str(name_or_path) if name_or_path else None, **kw)
+        from ..models import DEFAULT_LLM
+        return cls(path, n_ctx=n_ctx, name=str(name_or_path or DEFAULT_LLM), **kw)
 
     # ------------------------------------------------------------------ text helpers
     def count_tokens(self, text: str) -> int:

@@ -63,7 +63,8 @@ class Transformer:
 
         self.tok_embd = tensor("token_embd.weight")
         self.output_norm = tensor("output_norm.weight")
-        self.output = tensor("output.weight", required=False) or self.tok_embd
+        out = tensor("output.weight", required=False)
+        self.output = self.tok_embd if out is None else out  # tied embeddings
         gemma = c.arch == "gemma3"
         self.layers = []
         for i in range(c.n_layer):

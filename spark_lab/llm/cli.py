@@ -1,0 +1,84 @@
+"""`spark-lab generate` and `spark-lab chat` (argument parsing lives in spark_lab/cli.py)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .engine import LLM
+
+
+def _read_prompt(p: str) -> str:
+    text = sys.stdin.read() if p == "-" else p
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
+def _sampling(args) -> dict:
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    return dict(temperature=args.temperature, top_k=getattr(args, "top_k", 40), top_p=getattr(args, "top_p", 0.95),
+                min_p=getattr(args, "min_p", 0.05), repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+                seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = _sampling(args)
+    prompt = _read_prompt(args.prompt)
+    llm = LLM.load(args.model, n_ctx=args.context)
+    if args.raw:
+        ids = llm.tokenizer.encode(prompt, add_bos=None, parse_special=True)
+    else:
+        ids = llm.encode_chat([{"role": "user", "content": prompt}])
+    it = llm.stream_tokens(ids, args.max_new_tokens, **sampling)
+    while True:
+        try:
+            _, piece = next(it)
+        except StopIteration as done:
+            g = done.value
+            break
+        if not args.json and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps({
+            "model": llm.name, "prompt_token_ids": g.prompt_token_ids, "token_ids": g.token_ids,
+            "text": g.text, "finish_reason": g.finish_reason,
+            "prompt_tokens": len(g.prompt_token_ids), "completion_tokens": len(g.token_ids),
+            "prompt_tokens_per_second": round(g.prompt_tokens_per_second, 2),
+            "tokens_per_second": round(g.tokens_per_second, 2),
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(g.prompt_token_ids)} prompt tokens at {g.prompt_tokens_per_second:.1f} tok/s, "
+              f"{len(g.token_ids)} generated at {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+    sampling = _sampling(args)
+    llm = LLM.load(args.model)
+    session = ChatSession(llm, system_prompt=args.system)
+    print(f"spark-lab chat with {llm.name} ({llm.config.arch}, context {llm.n_ctx}). "
+          "Empty line or Ctrl-D to quit, /reset to forget the conversation.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not user.strip():
+            return 0
+        if user.strip() == "/reset":
+            session.reset()
+            continue
+        sys.stdout.write("bot> ")
+        for piece in session.stream(user, max_new_tokens=args.max_new_tokens, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        g = session.last
+        sys.stdout.write("\n")
+        print(f"[{g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
