@@ -3,7 +3,8 @@
 Query i sits at absolute position q_offset + i and key j at position j, so the same call serves
 prefill (q_offset = 0, Tq = Tk), decode against a KV-cache view (Tq = 1, q_offset = Tk - 1) and
 chunked prefill. GQA: query head h reads key/value head h // (Hq // Hkv), like transformers'
-repeat_kv and llama.cpp. Long prefills run in query chunks so the score matrix stays small.
+repeat_kv and llama.cpp. Long prefills run in query chunks so the score matrix stays small, and
+each chunk multiplies only the keys it can see (the causal cut and a sliding window skip the rest).
 """
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ from .activations import softmax
 _MAX_SCORES = 1 << 24          # score elements per chunk (64 MB of float32)
 
 
-def _keep_mask(xp, q_pos, Tk, causal, window):
-    """bool [Tq, Tk]: True where query at q_pos may see key j (None when everything is kept)."""
+def _keep_mask(xp, q_pos, k_pos, causal, window):
+    """bool [tq, tk]: True where the query at q_pos may see the key at k_pos (None: all kept)."""
     if not causal and window is None:
         return None
-    k_pos = xp.arange(Tk)[None, :]                     # [1, Tk]
-    q_pos = q_pos[:, None]                             # [Tq, 1]
-    keep = k_pos <= q_pos if causal else xp.ones((q_pos.shape[0], Tk), dtype=bool)
+    q_pos, k_pos = q_pos[:, None], k_pos[None, :]      # [tq, 1], [1, tk]
+    keep = k_pos <= q_pos if causal else xp.ones((q_pos.shape[0], k_pos.shape[1]), dtype=bool)
     if window is not None:
         keep &= (q_pos - k_pos) < int(window)
     return keep
+
+
+def _key_range(s, tq, Tk, q_offset, causal, window):
+    """Keys [lo, hi) that some query of the chunk s..s+tq-1 can see."""
+    lo = max(0, q_offset + s - int(window) + 1) if window is not None else 0
+    hi = min(Tk, q_offset + s + tq) if causal else Tk
+    return lo, max(lo, hi)
 
 
 def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=None):
@@ -40,30 +47,37 @@ def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=No
     if window is not None and int(window) < 1:
         raise ValueError(f"attention: window must be >= 1, got {window}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q_offset = int(q_offset)
     xp = array_module(q)
     if xp.__name__ == "cupy" and Tq == 1 and mask is None:
         from . import cuda_kernels
-        out = cuda_kernels.attention_decode(q, k, v, bool(causal), int(q_offset), window, scale)
+        out = cuda_kernels.attention_decode(q, k, v, bool(causal), q_offset, window, scale)
         if out is not None:
             return out
     G = Hq // Hkv
-    kt = k.transpose(1, 2, 0)                          # [Hkv, D, Tk]
-    vh = v.transpose(1, 0, 2)                          # [Hkv, Tk, Dv]
     out = xp.empty((Tq, Hq, v.shape[2]), dtype=q.dtype)
     step = max(1, _MAX_SCORES // max(1, Hq * Tk))
     for s in range(0, Tq, step):
         qc = q[s:s + step]                             # [tq, Hq, D]
         tq = qc.shape[0]
-        qh = qc.transpose(1, 0, 2).reshape(Hkv, G * tq, D)            # [Hkv, G*tq, D]
-        scores = (qh @ kt).reshape(Hq, tq, Tk)         # [Hkv, G*tq, Tk] -> [Hq, tq, Tk]
+        lo, hi = _key_range(s, tq, Tk, q_offset, causal, window)
+        tk = hi - lo
+        if tk == 0:                                    # no visible key (queries past a windowed cache)
+            out[s:s + tq] = 0.0
+            continue
+        qh = qc.transpose(1, 0, 2).reshape(Hkv, G * tq, D)                # [Hkv, G*tq, D]
+        scores = (qh @ k[lo:hi].transpose(1, 2, 0)).reshape(Hq, tq, tk)   # [Hkv, G*tq, tk] -> [Hq, tq, tk]
         scores *= scale
-        keep = _keep_mask(xp, xp.arange(s, s + tq) + int(q_offset), Tk, causal, window)   # [tq, Tk]
+        keep = _keep_mask(xp, xp.arange(s, s + tq) + q_offset, xp.arange(lo, hi), causal, window)  # [tq, tk]
         m = mask
-        if m is not None and m.ndim >= 2 and m.shape[-2] == Tq and Tq > 1:
-            m = m[..., s:s + tq, :]                    # this chunk's query rows
+        if m is not None:
+            if m.ndim >= 2 and m.shape[-2] == Tq and Tq > 1:
+                m = m[..., s:s + tq, :]                # this chunk's query rows
+            if m.shape[-1] == Tk and tk != Tk:
+                m = m[..., lo:hi]                      # the keys in range
         if keep is not None:
             m = keep if m is None else (keep & m if m.dtype == bool else m + xp.where(keep, 0.0, -math.inf).astype(q.dtype))
-        p = softmax(scores, axis=-1, mask=m)           # [Hq, tq, Tk]
-        o = p.reshape(Hkv, G * tq, Tk) @ vh            # [Hkv, G*tq, Dv]
-        out[s:s + tq] = o.reshape(Hq, tq, -1).transpose(1, 0, 2)     # [tq, Hq, Dv]
+        p = softmax(scores, axis=-1, mask=m)           # [Hq, tq, tk]
+        o = p.reshape(Hkv, G * tq, tk) @ v[lo:hi].transpose(1, 0, 2)      # [Hkv, G*tq, tk] @ [Hkv, tk, Dv]
+        out[s:s + tq] = o.reshape(Hq, tq, -1).transpose(1, 0, 2)         # [tq, Hq, Dv]
     return out

@@ -109,3 +109,14 @@ def test_attention_shape_errors():
         attention(q, k, k)
     with pytest.raises(ValueError, match=r"\(4, 6, 8\).*\(4, 2, 7\)"):
         attention(q, _x((4, 2, 7), 2), _x((4, 2, 7), 3))
+
+
+def test_key_range_cut_matches_full_masking():
+    # early prefill chunks see few keys, late ones only the window: the cut must not change numbers
+    T = 30
+    q, k, v = _x((T, 4, 16), 20), _x((T, 2, 16), 21), _x((T, 2, 16), 22)
+    np.testing.assert_allclose(attention(q[20:], k, v, q_offset=20, window=6),
+                               _ref(q[20:], k, v, q_offset=20, window=6), rtol=1e-5, atol=1e-5)
+    # a query whose window holds no key at all gets zeros, not NaN
+    far = attention(q[:1], k[:5], v[:5], q_offset=40, window=3)
+    assert np.all(far == 0.0)
