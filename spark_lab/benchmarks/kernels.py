@@ -71,6 +71,7 @@ def best_time(fn, repeats: int = 3, min_seconds: float = 0.002) -> float:
 def measure_limits(xp, quick: bool, repeats: int) -> dict:
     """Streaming bandwidth (GB/s) and float32 GEMM rate (GFLOP/s) of the current device."""
     gpu = xp is not np
+    repeats = max(repeats, 5)                      # the limits are the yardstick: a shared CPU needs more tries
     n = (256 if gpu else 64) << 20 if quick else (1024 if gpu else 512) << 20   # bytes
     a = xp.ones(n // 4, dtype=np.float32)
     b = xp.empty_like(a)
