@@ -64,8 +64,9 @@ def _decode_mismatches(tok: Tokenizer, cases: list[dict]) -> list[str]:
     bad = []
     for c in cases:
         plain, special = c["ids"], c.get("ids_special", c["ids"])
-        pairs = [(tok.decode_bytes(plain), c.get("decoded", c["text"])),
-                 (tok.decode_bytes(special), c.get("decoded_special", c["text"]))]
+        decoded = c.get("decoded", c["text"])  # absent: llama.cpp gave the text back
+        decoded_special = c.get("decoded_special", decoded if "ids_special" not in c else c["text"])
+        pairs = [(tok.decode_bytes(plain), decoded), (tok.decode_bytes(special), decoded_special)]
         if "decoded_special_skip" in c:
             pairs.append((tok.decode_bytes(special, skip_special=True), c["decoded_special_skip"]))
         for got, expected in pairs:
