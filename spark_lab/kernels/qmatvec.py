@@ -21,11 +21,10 @@ Byte j of a 32-value block holds value j in its low nibble and value j + 16 in i
 (the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales become float32 next to
 the codes, so the repacked weight is 1.0-1.33x the raw blocks (see `Packed.nbytes`).
 
-Two kernels per nibble type:
-  exact=True   float32 codes times float32 x (matches quant_matmul to ~1e-6 relative)
-  exact=False  x quantized once per call to int8 per 32 values (llama.cpp's Q8_1 idea) and
-               int16 dot products; ~5e-3 of max|y| off the float result, and faster.
-Q5_0, Q6_K and Q8_0 always take the float kernel.
+The sums are float32 products of the exact weights and x in a fixed order (4 interleaved
+fused multiply-add chains per block), within ~1e-6 relative of `quant_matmul`. An int8
+activation variant (llama.cpp's Q8_1 idea) was measured too: with numba's own vectorizer it
+was no faster than float (and ~5e-3 off), and the explicit-SIMD float kernel beat both.
 
 numba is optional and imported on first use; without it (or for CuPy arrays, other quant
 types or large batches) qmatvec falls back to `quants.quant_matmul`. Kernels are compiled
@@ -48,137 +47,217 @@ prange = range        # replaced by numba.prange when the kernels are compiled
 _JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
 
 
-# ---------------------------------------------------------------------------- kernels (numba source)
-# Shapes: ng groups of G rows, nb 32-value blocks per row, n rows of x; out f32 [n, ng * G].
+# ---------------------------------------------------------------------------- SIMD block dots (LLVM IR)
+# numba's auto-vectorizer leaves these loops 2x short of what the CPU can do (it will not
+# widen them past 8 lanes, and with fastmath=False it may not split a sum into several
+# chains). So each 32-value block is written once as explicit 16-lane LLVM vector code,
+# a numba intrinsic: lanes are 16 output rows, the 16 (or 32) byte rows of the block are
+# unrolled, and the products go to 4 independent fused multiply-add chains, summed at the
+# end in a fixed order. LLVM lowers <16 x float> to AVX-512, AVX2 or NEON as the CPU allows.
 
-def _k_nib_f(qs, d, m, x, xs, out):
-    """Nibble types, float: qs u8 [ng, nb, 16, G]; d, m [ng, nb, G]; x [n, nb*32]; xs [n, nb] block sums."""
+LANES = 16
+_CHAINS = 4
+
+
+def _intrinsics():
+    """Build the numba intrinsics (needs numba and llvmlite; called once by _jit)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    L = LANES
+    fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
+
+    def const(v):
+        return ir.Constant(iv, [v] * L)
+
+    class Block:
+        """Codegen helpers over the arrays handed to one intrinsic call."""
+
+        def __init__(self, context, builder, sig, args):
+            self.b, self.ctx = builder, context
+            self.ptr = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
+                        for t, a in zip(sig.args, args)]
+            self.fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
+
+        def at(self, ptr, off):
+            return self.b.gep(ptr, [off])
+
+        def bytes16(self, ptr, off, signed=False):  # 16 bytes -> <16 x i32>
+            v = self.b.load(self.b.bitcast(self.at(ptr, off), bv.as_pointer()), align=1)
+            return self.b.sext(v, iv) if signed else self.b.zext(v, iv)
+
+        def floats16(self, ptr, off):
+            return self.b.load(self.b.bitcast(self.at(ptr, off), fv.as_pointer()), align=1)
+
+        def splat(self, s):
+            v = self.b.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+            return self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L))
+
+        def x(self, xoff, k):  # splat of x[xoff + k]
+            return self.splat(self.b.load(self.at(self.ptr[4], self.b.add(xoff, ir.Constant(xoff.type, k)))))
+
+        def row(self, G, l0, j):  # offset of byte row j, lane l0, in a [rows, G] block
+            return self.b.add(l0, self.b.mul(G, ir.Constant(G.type, j)))
+
+        def dot(self, chains, k, codes, xv):
+            c = self.b.uitofp(codes, fv) if codes.type == iv else codes
+            chains[k] = self.b.call(self.fma, [c, xv, chains[k]])
+
+        def total(self, chains):
+            while len(chains) > 1:
+                chains = [self.b.fadd(chains[i], chains[i + 1]) for i in range(0, len(chains), 2)]
+            return chains[0]
+
+        def update(self, acc_ptr, l0, value):  # acc[l0:l0+16] += value
+            p = self.at(acc_ptr, l0)
+            self.b.store(self.b.fadd(self.floats16(acc_ptr, l0), value), self.b.bitcast(p, fv.as_pointer()), align=1)
+
+    def zeros(n):
+        return [ir.Constant(fv, [0.0] * L) for _ in range(n)]
+
+    # args: q [16 or 32, G] codes, G, l0, (extra arrays...), x [cols], xoff, ..., acc [G]
+    @intrinsic
+    def vdot_nib(typingctx, q, G, l0, m, x, xoff, d, xs, acc):
+        """acc[l0:+16] += d * sum_j (lo_j x[j] + hi_j x[16+j]) + m * xs   (Q4_0, Q4_1, Q4_K)."""
+        sig = types.void(q, G, l0, m, x, xoff, d, xs, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xs_ = args[1], args[2], args[5], args[7]
+            ch = zeros(_CHAINS)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                k.dot(ch, (2 * j) % _CHAINS, builder.and_(v, const(15)), k.x(xoff_, j))
+                k.dot(ch, (2 * j + 1) % _CHAINS, builder.lshr(v, const(4)), k.x(xoff_, 16 + j))
+            d_, m_ = k.floats16(k.ptr[6], l0_), k.floats16(k.ptr[3], l0_)
+            val = builder.call(k.fma, [m_, k.splat(xs_), builder.fmul(d_, k.total(ch))])
+            k.update(k.ptr[8], l0_, val)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot_q5_0(typingctx, q, G, l0, qh, x, xoff, d, xs, acc):
+        """acc[l0:+16] += d * (sum_j q_j x_j - 16 xs), q_j = nibble | bit j of qh << 4."""
+        sig = types.void(q, G, l0, qh, x, xoff, d, xs, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xs_ = args[1], args[2], args[5], args[7]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(4)]   # 4 bytes = 32 high bits per lane
+            ch = zeros(_CHAINS)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    bit = builder.and_(builder.lshr(h[2 * half + (j >> 3)], const(j & 7)), const(1))
+                    code = builder.or_(code, builder.shl(bit, const(4)))
+                    k.dot(ch, (2 * j + half) % _CHAINS, code, k.x(xoff_, 16 * half + j))
+            d_ = k.floats16(k.ptr[6], l0_)
+            t = builder.fsub(k.total(ch), k.splat(builder.fmul(xs_, ir.Constant(ir.FloatType(), 16.0))))
+            k.update(k.ptr[8], l0_, builder.fmul(d_, t))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot_q8_0(typingctx, q, G, l0, x, xoff, d, acc):
+        """acc[l0:+16] += d * sum_j q_j x_j, q int8 [32, G]."""
+        sig = types.void(q, G, l0, x, xoff, d, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            k.ptr[4] = k.ptr[3]                                              # x is argument 3 here
+            G_, l0_, xoff_ = args[1], args[2], args[4]
+            ch = zeros(_CHAINS)
+            for j in range(32):
+                v = builder.sitofp(k.bytes16(k.ptr[0], k.row(G_, l0_, j), signed=True), fv)
+                k.dot(ch, j % _CHAINS, v, k.x(xoff_, j))
+            k.update(k.ptr[6], l0_, builder.fmul(k.floats16(k.ptr[5], l0_), k.total(ch)))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot_q6_k(typingctx, q, G, l0, qh, x, xoff, s, xs0, xs1, acc):
+        """acc[l0:+16] += s0 (sum_{j<16} q_j x_j - 32 xs0) + s1 (sum_{j>=16} q_j x_j - 32 xs1)."""
+        sig = types.void(q, G, l0, qh, x, xoff, s, xs0, xs1, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xs0_, xs1_ = args[1], args[2], args[5], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]   # 2-bit highs, 4 per byte
+            lo, hi = zeros(_CHAINS // 2), zeros(_CHAINS // 2)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                for half, code, ch in ((0, builder.and_(v, const(15)), lo), (1, builder.lshr(v, const(4)), hi)):
+                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
+                    k.dot(ch, j % len(ch), builder.or_(code, builder.shl(top, const(4))), k.x(xoff_, 16 * half + j))
+            c32 = ir.Constant(ir.FloatType(), 32.0)
+            t0 = builder.fsub(k.total(lo), k.splat(builder.fmul(xs0_, c32)))
+            t1 = builder.fsub(k.total(hi), k.splat(builder.fmul(xs1_, c32)))
+            s0, s1 = k.floats16(k.ptr[6], l0_), k.floats16(k.ptr[6], builder.add(l0_, G_))
+            k.update(k.ptr[9], l0_, builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)]))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    return {"vdot_nib": vdot_nib, "vdot_q5_0": vdot_q5_0, "vdot_q8_0": vdot_q8_0, "vdot_q6_k": vdot_q6_k}
+
+
+# ---------------------------------------------------------------------------- kernels (numba source)
+# Shapes: ng groups of G rows (G a multiple of 16), nb 32-value blocks per row, n rows of x;
+# out f32 [n, ng * G]. Threads split the groups; each group keeps its G sums in `acc`.
+
+def _k_nib(qs, d, m, x, xs, out):
+    """qs u8 [ng, nb, 16, G]; d, m f32 [ng, nb, G]; x [n, nb*32]; xs [n, nb] block sums of x."""
     ng, nb, _, G = qs.shape
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
-                q, xb, db, mb, sb = qs[g, b], x[i, b * 32:b * 32 + 32], d[g, b], m[g, b], xs[i, b]
-                for l in range(G):
-                    t = np.float32(0.0)
-                    for j in range(16):
-                        v = q[j, l]
-                        t += np.float32(np.uint8(v & 15)) * xb[j] + np.float32(np.uint8(v >> 4)) * xb[16 + j]
-                    acc[l] += db[l] * t + mb[l] * sb
-            out[i, g * G:(g + 1) * G] = acc
-
-
-def _k_nib_i(qs, d, m, xq, xd, xqs, xs, out):
-    """Nibble types, int8 activations: xq i8 [n, nb*32], xd scale [n, nb], xqs sum of xq [n, nb], xs [n, nb].
-
-    sum_j (d q_j + m) x_j ~= d xd sum_j (q_j - 8) xq_j + (m + 8 d) sum_j x_j; each 16-product
-    half-sum of q_j xq_j (<= 16 * 15 * 127 = 30480) fits int16, so the products run 16 to a vector.
-    """
-    ng, nb, _, G = qs.shape
-    for g in prange(ng):
-        acc = np.empty(G, np.float32)
-        for i in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(nb):
-                q, xb, db, mb = qs[g, b], xq[i, b * 32:b * 32 + 32], d[g, b], m[g, b]
-                dx, c8, sb = xd[i, b], np.int32(8 * xqs[i, b]), xs[i, b]
-                for l in range(G):
-                    s0 = np.int16(0)
-                    s1 = np.int16(0)
-                    for j in range(16):
-                        v = q[j, l]
-                        s0 = np.int16(s0 + np.int16(np.uint8(v & 15)) * np.int16(xb[j]))
-                        s1 = np.int16(s1 + np.int16(np.uint8(v >> 4)) * np.int16(xb[16 + j]))
-                    s = np.int32(np.int32(s0) + np.int32(s1) - c8)
-                    acc[l] += (db[l] * dx) * np.float32(s) + (mb[l] + np.float32(8.0) * db[l]) * sb
+                for l0 in range(0, G, LANES):
+                    vdot_nib(qs[g, b], G, l0, m[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
             out[i, g * G:(g + 1) * G] = acc
 
 
 def _k_q5_0(qs, qh, d, x, xs, out):
-    """Q5_0, float: value = d * (q - 16), q = low nibble | high bit << 4."""
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
     ng, nb, _, G = qs.shape
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
-                q, h, xb, db, sb = qs[g, b], qh[g, b], x[i, b * 32:b * 32 + 32], d[g, b], xs[i, b]
-                for l in range(G):
-                    t = np.float32(0.0)
-                    for j in range(16):
-                        v = q[j, l]
-                        lo = np.uint8((v & 15) | (((h[j >> 3, l] >> (j & 7)) & 1) << 4))
-                        hi = np.uint8((v >> 4) | (((h[2 + (j >> 3), l] >> (j & 7)) & 1) << 4))
-                        t += np.float32(lo) * xb[j] + np.float32(hi) * xb[16 + j]
-                    acc[l] += db[l] * (t - np.float32(16.0) * sb)
+                for l0 in range(0, G, LANES):
+                    vdot_q5_0(qs[g, b], G, l0, qh[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
             out[i, g * G:(g + 1) * G] = acc
 
 
 def _k_q8_0(qs, d, x, out):
-    """Q8_0, float: qs i8 [ng, nb, 32, G]."""
+    """qs i8 [ng, nb, 32, G]; d [ng, nb, G]."""
     ng, nb, _, G = qs.shape
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
-                q, xb, db = qs[g, b], x[i, b * 32:b * 32 + 32], d[g, b]
-                for l in range(G):
-                    t = np.float32(0.0)
-                    for j in range(32):
-                        t += np.float32(q[j, l]) * xb[j]
-                    acc[l] += db[l] * t
+                for l0 in range(0, G, LANES):
+                    vdot_q8_0(qs[g, b], G, l0, x[i], b * 32, d[g, b], acc)
             out[i, g * G:(g + 1) * G] = acc
 
 
 def _k_q6_k(qs, qh, s, x, xs16, out):
-    """Q6_K, float: value = s * (q - 32), q = nibble | 2 high bits << 4; xs16 [n, nb, 2] half-block sums."""
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s [ng, nb, 2, G]; xs16 [n, nb, 2] half-block sums."""
     ng, nb, _, G = qs.shape
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
-                q, h, sc, xb = qs[g, b], qh[g, b], s[g, b], x[i, b * 32:b * 32 + 32]
-                s0, s1 = xs16[i, b, 0], xs16[i, b, 1]
-                for l in range(G):
-                    t0 = np.float32(0.0)
-                    t1 = np.float32(0.0)
-                    for j in range(16):
-                        v = q[j, l]
-                        hb = h[j & 7, l]
-                        c0 = np.uint8((v & 15) | (((hb >> (2 * (j >> 3))) & 3) << 4))
-                        c1 = np.uint8((v >> 4) | (((hb >> (4 + 2 * (j >> 3))) & 3) << 4))
-                        t0 += np.float32(c0) * xb[j]
-                        t1 += np.float32(c1) * xb[16 + j]
-                    acc[l] += sc[0, l] * (t0 - np.float32(32.0) * s0) + sc[1, l] * (t1 - np.float32(32.0) * s1)
+                for l0 in range(0, G, LANES):
+                    vdot_q6_k(qs[g, b], G, l0, qh[g, b], x[i], b * 32, s[g, b], xs16[i, b, 0], xs16[i, b, 1], acc)
             out[i, g * G:(g + 1) * G] = acc
 
 
-def _k_quantize_x(x, xq, xd, xqs, xs):
-    """x f32 [n, nb*32] -> int8 per 32 values: xq, scale xd = max|x| / 127, sum of xq, sum of x."""
-    for i in range(x.shape[0]):
-        for b in range(xd.shape[1]):
-            xb = x[i, b * 32:b * 32 + 32]
-            amax = np.float32(0.0)
-            s = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(xb[j]))
-                s += xb[j]
-            dx = amax / np.float32(127.0)
-            inv = np.float32(1.0) / dx if dx > 0 else np.float32(0.0)
-            qsum = 0
-            for j in range(32):
-                v = np.int8(np.rint(xb[j] * inv))
-                xq[i, b * 32 + j] = v
-                qsum += v
-            xd[i, b] = dx
-            xqs[i, b] = qsum
-            xs[i, b] = s
-
-
-_SOURCES = {"nib_f": _k_nib_f, "nib_i": _k_nib_i, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k}
+_SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k}
 
 
 def _jit():
@@ -191,9 +270,9 @@ def _jit():
             _JIT = False
             return None
         prange = numba.prange
+        globals().update(_intrinsics())
         opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
         _JIT = {name: numba.njit(**opts)(f) for name, f in _SOURCES.items()}
-        _JIT["quantize_x"] = numba.njit(fastmath=False, cache=True, nogil=True)(_k_quantize_x)
     return _JIT or None
 
 
@@ -302,12 +381,10 @@ def prepare(qt: QuantTensor, G: int | None = None) -> Packed | None:
 
 # ---------------------------------------------------------------------------- entry point
 
-def qmatvec(x, qt: QuantTensor, out=None, exact: bool = False):
+def qmatvec(x, qt: QuantTensor, out=None):
     """x @ dequant(qt).T for decode: x [in] or [n, in] f32 -> [out] or [n, out] f32.
 
     out: optional preallocated float32 result (C-contiguous, the result's shape).
-    exact: float32 dot products for every type; default False uses int8 activations for the
-           4-bit types (llama.cpp's trade: ~5e-3 of max|y|, faster).
     """
     rows, cols = qt.shape
     x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
@@ -329,7 +406,7 @@ def qmatvec(x, qt: QuantTensor, out=None, exact: bool = False):
     padded = p.arrays[0].shape[0] * p.G                                     # rows rounded up to whole groups
     direct = out is not None and padded == rows                           # the kernel writes straight into out
     full = out.reshape(n, rows) if direct else np.empty((n, padded), np.float32)
-    _run(k, p, x2, full, exact)
+    _run(k, p, x2, full)
     if direct:
         return out
     y = np.ascontiguousarray(full[:, :rows]).reshape(want)
@@ -339,22 +416,12 @@ def qmatvec(x, qt: QuantTensor, out=None, exact: bool = False):
     return out
 
 
-def _run(k, p: Packed, x, full, exact: bool):
+def _run(k, p: Packed, x, full):
     """Call the kernel for p.kind: x f32 [n, cols] -> full f32 [n, ng * G]."""
     n, nb = x.shape[0], p.cols // 32
     if p.kind == "q8_0":
         k["q8_0"](*p.arrays, x, full)
     elif p.kind == "q6_k":
-        xs16 = x.reshape(n, nb, 2, 16).sum(axis=-1, dtype=np.float32)     # [n, nb, 2]
-        k["q6_k"](*p.arrays, x, xs16, full)
-    elif p.kind == "q5_0":
-        xs = x.reshape(n, nb, 32).sum(axis=-1, dtype=np.float32)           # [n, nb]
-        k["q5_0"](*p.arrays, x, xs, full)
-    elif exact:
-        xs = x.reshape(n, nb, 32).sum(axis=-1, dtype=np.float32)
-        k["nib_f"](*p.arrays, x, xs, full)
-    else:
-        xq = np.empty((n, nb * 32), np.int8)
-        xd, xqs, xs = np.empty((n, nb), np.float32), np.empty((n, nb), np.int32), np.empty((n, nb), np.float32)
-        k["quantize_x"](x, xq, xd, xqs, xs)
-        k["nib_i"](*p.arrays, xq, xd, xqs, xs, full)
+        k["q6_k"](*p.arrays, x, x.reshape(n, nb, 2, 16).sum(axis=-1, dtype=np.float32), full)
+    else:                                                                  # nib, q5_0: sums of x per block
+        k[p.kind](*p.arrays, x, x.reshape(n, nb, 32).sum(axis=-1, dtype=np.float32), full)
