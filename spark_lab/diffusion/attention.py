@@ -5,26 +5,58 @@ Two flavours appear in checkpoints:
                      (AttnDownBlock2D, UNetMidBlock2D, the VAE's mid block)
   Transformer2D      GroupNorm -> proj_in -> N x [self-attn, cross-attn on the text, GEGLU MLP]
                      -> proj_out -> + x (the cross-attention blocks of UNet2DConditionModel)
-The batch is folded into the heads for the attention kernel, which takes [T, heads, D].
+Attention runs head-major ([B*H, T, D]) on the matmul and softmax kernels, a few heads at a time.
 """
 from __future__ import annotations
 
-from ..kernels import attention, geglu, group_norm, layernorm, linear
+import numpy as np
+
+from ..device import array_module
+from ..kernels import geglu, group_norm, layernorm, linear, matmul, softmax
 from .loading import Params
+
+
+# Score elements per chunk of heads: 1 MB of float32 stays in L2, so softmax's passes over the
+# scores run from cache instead of memory (2-3x faster than one [B*H, T, T] block at 32x32).
+_SCORES_PER_CHUNK = 1 << 18
+
+
+def attend(q, k, v):
+    """Head-major attention: q [BH, Tq, D], k/v [BH, Tk, D] -> [BH, Tq, D], no mask.
+
+    Heads are processed a few at a time so the score block stays cache-sized. With one key
+    (spark-emoji's single sentence-embedding token) softmax is exactly 1: the output is v.
+    """
+    BH, Tq, D = q.shape
+    Tk = k.shape[1]
+    xp = array_module(q)
+    if Tk == 1:
+        return xp.broadcast_to(v, (BH, Tq, v.shape[2]))
+    q = q * (1.0 / D ** 0.5)
+    kt = k.transpose(0, 2, 1)                                           # [BH, D, Tk]
+    out = xp.empty((BH, Tq, v.shape[2]), dtype=np.float32)
+    step = max(1, _SCORES_PER_CHUNK // (Tq * Tk))
+    for s in range(0, BH, step):
+        p = softmax(matmul(q[s:s + step], kt[s:s + step]), axis=-1)   # [h, Tq, Tk]
+        out[s:s + step] = matmul(p, v[s:s + step])                      # [h, Tq, D]
+    return out
 
 
 def multi_head_attention(p: Params, x, context, heads: int):
     """diffusers `Attention` (to_q/to_k/to_v/to_out.0): x [B, Tq, Cq], context [B, Tk, Ck] -> [B, Tq, Cout]."""
+    B, Tq, _ = x.shape
+    Tk = context.shape[1]
+    v = linear(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
+    HD = v.shape[-1]
+    D = HD // heads
+    if Tk == 1:                                                         # softmax over one key is 1
+        o = array_module(v).broadcast_to(v, (B, Tq, HD))
+        return linear(o, p["to_out.0.weight"], p.get("to_out.0.bias"))
     q = linear(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
     k = linear(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
-    v = linear(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
-    B, Tq, HD = q.shape
-    Tk, D = k.shape[1], HD // heads
-    q = q.reshape(B, Tq, heads, D).transpose(1, 0, 2, 3).reshape(Tq, B * heads, D)
-    k = k.reshape(B, Tk, heads, D).transpose(1, 0, 2, 3).reshape(Tk, B * heads, D)
-    v = v.reshape(B, Tk, heads, D).transpose(1, 0, 2, 3).reshape(Tk, B * heads, D)
-    o = attention(q, k, v, causal=False)                               # [Tq, B*H, D]
-    o = o.reshape(Tq, B, HD).transpose(1, 0, 2)                        # [B, Tq, H*D]
+    heads_first = lambda t, T: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3).reshape(B * heads, T, D)  # noqa: E731
+    o = attend(heads_first(q, Tq), heads_first(k, Tk), heads_first(v, Tk))   # [B*H, Tq, D]
+    o = o.reshape(B, heads, Tq, D).transpose(0, 2, 1, 3).reshape(B, Tq, HD)  # [B, Tq, H*D]
     return linear(o, p["to_out.0.weight"], p.get("to_out.0.bias"))     # [B, Tq, Cout]
 
 

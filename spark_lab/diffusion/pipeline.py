@@ -24,7 +24,8 @@ from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-DEFAULT_GUIDANCE = 7.5   # diffusers' StableDiffusionPipeline default
+DEFAULT_GUIDANCE = 7.5           # diffusers' StableDiffusionPipeline default
+DEFAULT_GUIDANCE_SENTENCE = 4.0  # spark-emoji (sentence-embedding conditioning) is sampled at 4 in training
 
 
 class TextToImagePipeline:
@@ -71,7 +72,8 @@ class TextToImagePipeline:
         if sentence is None:
             text_encoder = CLIPTextModel.from_pretrained(sub("text_encoder"), variant=variant)
             tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
-        guidance = float(index.get("_spark_lab_guidance_scale", DEFAULT_GUIDANCE))
+        guidance = float(index.get("_spark_lab_guidance_scale",
+                                   DEFAULT_GUIDANCE if sentence is None else DEFAULT_GUIDANCE_SENTENCE))
         return cls(unet, sched, vae, text_encoder, tokenizer, sentence, name=str(name_or_path),
                    default_guidance=guidance, folder=folder)
 
@@ -143,14 +145,20 @@ class TextToImagePipeline:
         return [Image.fromarray(im) for im in u8]
 
     # ------------------------------------------------------------------ the loop
-    def __call__(self, prompt, num_inference_steps: int = 25, guidance_scale: float | None = None, seed=0,
+    def __call__(self, prompt=None, num_inference_steps: int = 25, guidance_scale: float | None = None, seed=0,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                  latents=None, negative_prompt=None, callback=None, output_type: str = "pil",
-                 progress: bool = True, eta: float = 0.0):
+                 progress: bool = True, eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None):
+        """prompt(s) -> images. `prompt_embeds` [P, L, ctx] (and `negative_prompt_embeds`) skip the text
+        encoder; `latents` [B, C, h, w] replaces the seeded initial noise; `callback(step, t, latents)`
+        runs after every step (live previews: `pipe.decode(latents)`)."""
         import time
         from tqdm.auto import tqdm
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompt_embeds is not None:
+            prompts = [""] * int(prompt_embeds.shape[0])
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty: give a string or a list of strings")
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
@@ -176,11 +184,13 @@ class TextToImagePipeline:
         t0 = time.perf_counter()
 
         # 1. text embeddings, each prompt repeated num_images_per_prompt times; unconditional first for CFG
-        cond = self.encode_prompt(prompts)                                     # [P, L, ctx]
-        xp = array_module(cond)
+        cond = self.encode_prompt(prompts) if prompt_embeds is None else to_device(prompt_embeds, np.float32)
+        xp = array_module(cond)                                                # cond [P, L, ctx]
         context = xp.repeat(cond, num_images_per_prompt, axis=0)              # [B, L, ctx]
         if cfg:
-            uncond = xp.repeat(self.unconditional(cond, negative_prompt), num_images_per_prompt, axis=0)
+            uncond = (self.unconditional(cond, negative_prompt) if negative_prompt_embeds is None
+                      else to_device(negative_prompt_embeds, np.float32))
+            uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)
             context = xp.concatenate([uncond, context], axis=0)               # [2B, L, ctx]
 
         # 2. timesteps
