@@ -220,8 +220,18 @@ def run(quick: bool = False, repeats: int = 3, threads: int | None = None) -> di
                      "frac_gemm": r.gflops / limits["gemm_gflops"],
                      "frac_roof": r.gflops / roof,
                      "bound": "memory" if limits["bandwidth_gbs"] * r.intensity < limits["gemm_gflops"] else "compute"})
-    machine = {"device": dev.kind, "name": dev.name, "threads": threads or num_threads(), "quick": quick, **limits}
+    machine = {"device": dev.kind, "name": dev.name, "threads": threads or _blas_threads() or num_threads(),
+               "quick": quick, **limits}
     return {"machine": machine, "kernels": rows}
+
+
+def _blas_threads() -> int | None:
+    """Threads the BLAS library will really use (OMP/OPENBLAS env vars or set_threads)."""
+    try:
+        from threadpoolctl import threadpool_info
+        return max((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=None)
+    except Exception:
+        return None
 
 
 def format_table(results: dict) -> str:
