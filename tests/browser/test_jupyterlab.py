@@ -59,6 +59,10 @@ def lab(tmp_path_factory):
                JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                IPYTHONDIR=str(tmp / "ipython"))
     log_path = tmp / "jupyterlab.log"
+    # no "Would you like to get notified about official Jupyter news?" toast over the screenshot
+    note = tmp / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    note.parent.mkdir(parents=True)
+    note.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
            "--ServerApp.port_retries=0", "--LabApp.news_url=None",
@@ -136,7 +140,7 @@ def _shot(page, name="screenshot.png"):
 
 def _tidy(page):
     """Close the "Jupyter news?" toast and the file browser, so the screenshot shows the notebook."""
-    no = page.locator(".jp-Notification-Toast button", has_text="No")
+    no = page.get_by_role("button", name="No", exact=True)
     if no.count():
         no.first.click()
     current = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
