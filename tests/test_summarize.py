@@ -1,0 +1,377 @@
+"""Summaries: sentence splitting, readers, LexRank/MMR, map-reduce orchestration, long documents."""
+import io
+import json
+import random
+import re
+import sys
+from argparse import Namespace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from spark_lab import summarize as S
+from spark_lab.models import ModelNotFound, resolve
+
+DATA = Path(__file__).parent / "data" / "summaries"
+
+
+# ------------------------------------------------------------------------------ helpers
+
+@pytest.fixture(scope="module")
+def encoder():
+    try:
+        resolve("all-minilm-l6-v2", kind="embedding")
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+    from spark_lab.text import SentenceEncoder
+    return SentenceEncoder.load("all-minilm-l6-v2")
+
+
+class EchoLLM:
+    """A test double for the map-reduce *orchestration* only (chunking, budgets, reduce rounds):
+    tokens are whitespace words and a "summary" is the first words of the text it was given.
+    It checks that every prompt plus its output budget fits the context. Real-model runs are
+    the SmolLM2 tests below."""
+
+    def __init__(self, n_ctx=256):
+        self.n_ctx = n_ctx
+        self.config = SimpleNamespace(n_ctx=n_ctx)
+        self.prompts = []
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages) + " <|assistant|>"
+
+    def chat(self, messages, max_new_tokens=128, temperature=0.7):
+        assert temperature == 0.0
+        prompt = self.apply_chat_template(messages)
+        used = self.count_tokens(prompt)
+        assert used + max_new_tokens <= self.n_ctx, f"{used} prompt + {max_new_tokens} new > {self.n_ctx}"
+        self.prompts.append(messages[-1]["content"])
+        body = re.split(r"\n\n(?:Text|Summaries):\n", messages[-1]["content"], maxsplit=1)[1]
+        return SimpleNamespace(text="Summary: " + " ".join(body.split()[:max_new_tokens // 2]))
+
+
+TOPICS = {  # section -> (key terms that must be able to reach the summary, vocabulary)
+    "astronomy": ("telescope", ["telescope", "galaxy", "nebula", "orbit", "comet", "observatory", "planet",
+                                "spectrum", "astronomer", "eclipse"]),
+    "cooking": ("saucepan", ["saucepan", "recipe", "garlic", "simmer", "oven", "flour", "chef", "butter",
+                             "broth", "spice"]),
+    "railways": ("locomotive", ["locomotive", "timetable", "signal", "platform", "carriage", "track",
+                                "station", "freight", "junction", "conductor"]),
+    "volcanoes": ("magma", ["magma", "eruption", "crater", "lava", "ash", "volcanologist", "caldera",
+                            "tremor", "vent", "pumice"]),
+    "chess": ("checkmate", ["checkmate", "bishop", "pawn", "opening", "endgame", "rook", "grandmaster",
+                            "gambit", "knight", "tournament"]),
+    "beekeeping": ("honeycomb", ["honeycomb", "hive", "queen", "nectar", "pollen", "swarm", "beekeeper",
+                                 "colony", "wax", "forager"]),
+}
+_ADJ = ["careful", "old", "bright", "quiet", "famous", "small", "heavy", "early", "patient", "distant", "modern"]
+_VERB = ["describes", "changes", "measures", "follows", "shapes", "explains", "reveals", "supports", "tests"]
+_TEMPLATES = [
+    "The {a} {n1} {v} the {n2} near the {n3}.",
+    "Every {n1} {v} a {a} {n2}, and the {n3} {v2} it over time.",
+    "In this part of the story the {n1} and the {n2} matter more than any {a} {n3}.",
+    "A {a} {n1} rarely {v} the {n2} without a {n3}.",
+    "Experts say the {n1} {v} how the {n2} and the {n3} work together.",
+]
+
+
+def long_document(words=30_000, seed=0):
+    """Deterministic varied prose: one titled section per topic, each built from its own vocabulary."""
+    rng = random.Random(seed)
+    per = words // len(TOPICS) + 1
+    out = []
+    for title, (key, vocab) in TOPICS.items():
+        out.append(f"# {title.capitalize()}")
+        n, para = 0, []
+        while n < per:
+            t = rng.choice(_TEMPLATES)
+            s = t.format(a=rng.choice(_ADJ), v=rng.choice(_VERB), v2=rng.choice(_VERB),
+                         n1=rng.choice(vocab), n2=rng.choice(vocab), n3=rng.choice(vocab))
+            if rng.random() < 0.15:
+                s = s[:-1] + f", said the report about the {key}."
+            para.append(s)
+            n += len(s.split())
+            if len(para) == 6:
+                out.append(" ".join(para))
+                para = []
+        if para:
+            out.append(" ".join(para))
+    return "\n\n".join(out)
+
+
+# ------------------------------------------------------------------------------ splitting
+
+def test_english_abbreviations_and_decimals():
+    text = "Dr. Smith paid $3.50 for the U.S. edition. It was cheap, e.g. for a student! Was it? Yes."
+    assert S.split_sentences(text) == ["Dr. Smith paid $3.50 for the U.S. edition.",
+                                       "It was cheap, e.g. for a student!", "Was it?", "Yes."]
+
+
+def test_hindi_danda_and_other_scripts():
+    hi = "भारत एक विशाल देश है। यहाँ कई भाषाएँ बोली जाती हैं। डॉ. शर्मा ने 3.5 किलो आम खरीदे।"
+    assert S.detect_language(hi) == "hi"
+    assert S.split_sentences(hi) == ["भारत एक विशाल देश है।", "यहाँ कई भाषाएँ बोली जाती हैं।",
+                                     "डॉ. शर्मा ने 3.5 किलो आम खरीदे।"]
+    assert S.detect_language("東京は日本の首都です。大阪は大きい都市です。") == "ja"
+    assert S.detect_language("Это первая фраза. Это вторая фраза.") == "ru"
+    assert S.detect_language("Der Hund ist nicht im Haus, er ist mit der Katze auf dem Dach.") == "de"
+    assert S.detect_language("The dog is not in the house; it is on the roof with the cat.") == "en"
+    assert S.split_sentences("Это первая фраза. Это вторая фраза.") == ["Это первая фраза.", "Это вторая фраза."]
+    assert S.count_words("東京は首都") == 5 and S.count_words("one two  three") == 3
+
+
+def test_paragraphs_headings_and_lists():
+    text = ("# Title here\n\nFirst paragraph, line one\ncontinues here. Second sentence.\n\n"
+            "- item one\n- item two\n\nLast paragraph.")
+    paras = S.split_paragraphs(text)
+    assert [p.heading for p in paras] == [True, False, False, False, False]
+    assert paras[0].sentences == ["Title here"]
+    assert paras[1].sentences == ["First paragraph, line one continues here.", "Second sentence."]
+    assert [p.sentences for p in paras[2:]] == [["item one"], ["item two"], ["Last paragraph."]]
+
+
+def test_long_paragraph_precut_keeps_sentences_whole():
+    sents = [f"Dr. Jones measured {i}.5 litres in sample number {i} of the study." for i in range(300)]
+    text = " ".join(sents)
+    assert S.split_sentences(text) == sents
+
+
+# ------------------------------------------------------------------------------ readers
+
+def test_readers(tmp_path, monkeypatch):
+    doc = S.read_document(DATA / "03_harwick_bike_lane.html")
+    assert "Mill Road" in doc and "ignore me" not in doc and "font-family" not in doc
+    assert "Home | News" not in doc                          # <nav> is not prose
+    assert "“We want our kids" in doc                       # entities decoded
+    assert doc.startswith("# Harwick council approves")      # <h1> becomes a heading, <head> dropped
+    md = S.read_document(DATA / "02_lighthouses.md")
+    assert md.startswith("# How lighthouses") and "## The Fresnel lens" in md
+    p = tmp_path / "x.md"
+    p.write_text("Read [the docs](http://x.y) and **this**.\n\n```\ncode()\n```\n")
+    assert S.read_document(p).strip() == "Read the docs and this."
+    p = tmp_path / "bom.txt"
+    p.write_bytes("\ufeffHello there.".encode("utf-8"))
+    assert S.read_document(p) == "Hello there."
+    p.write_bytes("Hello there.".encode("utf-16"))
+    assert S.read_document(p) == "Hello there."
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(b"From stdin. Two.")))
+    assert S.read_document("-") == "From stdin. Two."
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        S.read_document(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_bytes(b"  \n")
+    with pytest.raises(ValueError, match="empty"):
+        S.read_document(tmp_path / "empty.txt")
+    (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="binary"):
+        S.read_document(tmp_path / "b.txt")
+    (tmp_path / "l1.txt").write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8.*offset 3"):
+        S.read_document(tmp_path / "l1.txt")
+    (tmp_path / "s.html").write_text("<html><script>x()</script></html>")
+    with pytest.raises(ValueError, match="no text"):
+        S.read_document(tmp_path / "s.html")
+    with pytest.raises(ValueError, match="folder"):
+        S.read_document(tmp_path)
+
+
+# ------------------------------------------------------------------------------ ranking
+
+def test_lexrank_is_the_pagerank_stationary_vector():
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((12, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    sim = e @ e.T
+    r = S.lexrank(sim)
+    assert r.dtype == np.float32
+    # by definition: the eigenvector of G = d P + (1 - d)/n for eigenvalue 1 (float64 reference)
+    w = np.clip(sim.astype(np.float64), 0, None)
+    np.fill_diagonal(w, 0)
+    P = w / w.sum(1, keepdims=True)
+    G = S.DAMPING * P + (1 - S.DAMPING) / 12
+    vals, vecs = np.linalg.eig(G.T)
+    ref = np.real(vecs[:, np.argmin(np.abs(vals - 1))])
+    ref /= ref.sum()
+    np.testing.assert_allclose(r, ref, atol=1e-6)
+    assert S.similarity(e).dtype == np.float32
+    np.testing.assert_allclose(S.similarity(e), sim, atol=1e-6)
+
+
+def test_mmr_skips_duplicates_and_keeps_document_order():
+    e = np.eye(4, dtype=np.float32)
+    e = np.vstack([e[0], e[0], e[1], e[2]])       # sentences 0 and 1 say the same thing
+    rel = np.array([1.0, 0.99, 0.5, 0.4], dtype=np.float32)
+    assert S.mmr_select(e, rel, np.array([5, 5, 5, 5]), max_words=10) == [0, 2]
+    assert S.mmr_select(e, rel, np.array([5, 5, 5, 5]), max_words=100) == [0, 2, 3]  # never a repeat
+    assert S.mmr_select(e, rel, np.array([20, 5, 5, 5]), max_words=10) == [1, 2]   # 0 is too long
+
+
+def test_sectioned_ranking_covers_every_section():
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((5, 16))
+    emb = np.vstack([c + 0.3 * rng.standard_normal((120, 16)) for c in centers]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sections = np.repeat(np.arange(5), 120)
+    rel = S.rank_sentences(emb, sections, limit=100)
+    assert rel.shape == (600,) and rel.dtype == np.float32 and 0 <= rel.min() and rel.max() <= 1
+    picks = S.mmr_select(emb, rel, np.full(600, 10), max_words=60)
+    assert len({int(sections[i]) for i in picks}) >= 4
+
+
+# ------------------------------------------------------------------------------ extractive (real MiniLM)
+
+def test_extractive_on_a_document(encoder):
+    text = S.read_document(DATA / "04_coral_bleaching.txt")
+    a = S.summarize(text, "extractive", max_words=100, encoder=encoder, progress=False)
+    b = S.summarize(text, "extractive", max_words=100, encoder=encoder, progress=False)
+    assert a.text == b.text and a.sentences == b.sentences            # deterministic
+    assert 40 <= a.words_out <= 100 and a.words_in == S.count_words(text)
+    positions = [text.index(s) for s in a.sentences]
+    assert positions == sorted(positions)                              # document order
+    assert any("bleach" in s for s in a.sentences)
+    assert a.method == "extractive" and a.seconds > 0
+
+
+def test_extractive_edge_cases(encoder):
+    one = "Only one sentence here, and it is rather long for a summary of five words."
+    s = S.summarize(one, max_words=5, encoder=encoder, progress=False)
+    assert s.text == one                                               # one sentence: as it is
+    short = "First point. Second point is here. Third point."
+    assert S.summarize(short, max_words=50, encoder=encoder).text == short
+    long_sents = "A " + "very " * 60 + "long sentence. Another " + "quite " * 50 + "long sentence."
+    cut = S.summarize(long_sents, max_words=20, encoder=encoder, progress=False)
+    assert cut.words_out <= 21
+    with pytest.raises(ValueError, match="empty"):
+        S.summarize("   \n ")
+    with pytest.raises(ValueError, match="method"):
+        S.summarize("Hi.", method="magic")
+    with pytest.raises(ValueError, match="need an LLM"):
+        S.summarize("One. Two.", method="abstractive")
+
+
+# ------------------------------------------------------------------------------ abstractive orchestration
+
+def test_map_reduce_chunks_fit_and_cover_the_text():
+    text = long_document(3000, seed=1)
+    llm = EchoLLM(n_ctx=256)
+    s = S.summarize(text, "abstractive", max_words=40, llm=llm, progress=False)
+    assert s.chunks > 10 and len(s.partials) == s.chunks
+    assert s.rounds, "partials did not fit token_max: there must be reduce rounds"
+    assert s.llm_calls == len(llm.prompts) == s.chunks + sum(len(r) for r in s.rounds) + 1
+    # every sentence of the document went into exactly one map prompt
+    map_prompts = llm.prompts[:s.chunks]
+    for p in S.split_paragraphs(text):
+        if not p.heading:
+            for sent in p.sentences:
+                assert sum(sent in m for m in map_prompts) == 1
+    assert s.words_out <= 40 and not s.text.startswith("Summary:")
+
+
+def test_token_max_controls_reduce_and_no_progress_is_handled():
+    text = long_document(2000, seed=2)
+    loose = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), progress=False)
+    tight = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), token_max=60, progress=False)
+    assert len(tight.rounds) > len(loose.rounds)
+    # a single over-long "sentence" is cut into pieces that fit
+    s = S.summarize("word " * 2000, "abstractive", max_words=20, llm=EchoLLM(200), progress=False)
+    assert s.chunks >= 12
+    with pytest.raises(ValueError, match="context of 100 tokens"):
+        S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(100), progress=False)
+
+
+def test_hybrid_extracts_what_fits_then_rewrites(encoder):
+    text = S.read_document(DATA / "06_drinking_water.txt")
+    llm = EchoLLM(n_ctx=300)
+    s = S.summarize(text, "hybrid", max_words=60, llm=llm, encoder=encoder, progress=False)
+    assert s.method == "hybrid" and s.chunks == 1 and s.llm_calls == 1
+    assert sum(S.count_words(x) for x in s.sentences) <= S.HYBRID_FACTOR * 60
+    assert all(x in text for x in s.sentences)
+    assert s.words_out <= 60
+
+
+# ------------------------------------------------------------------------------ long documents
+
+def _sections_mentioned(summary_text):
+    t = summary_text.lower()
+    return {name for name, (_, vocab) in TOPICS.items() if any(w in t for w in vocab)}
+
+
+def test_long_document_map_reduce_fits_the_context():
+    text = long_document(30_000)
+    assert S.count_words(text) >= 30_000
+    llm = EchoLLM(n_ctx=2048)
+    s = S.summarize(text, "abstractive", max_words=150, llm=llm, progress=False)
+    assert s.words_in >= 30_000 and s.chunks >= 15 and s.words_out <= 150
+    assert len(_sections_mentioned(" ".join(s.partials))) == len(TOPICS)
+
+
+@pytest.mark.slow
+def test_long_document_extractive(encoder):
+    text = long_document(30_000)
+    s = S.summarize(text, "extractive", max_words=150, encoder=encoder, progress=False)
+    print(f"\nextractive 30k words: {s.seconds:.1f} s, {s.words_per_second:.0f} words/s")
+    assert s.words_out <= 150
+    assert len(_sections_mentioned(s.text)) >= 4
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def test_cmd_summarize(encoder, capsys, monkeypatch):
+    monkeypatch.setattr(S, "_default_encoder", lambda name="all-minilm-l6-v2": encoder)
+    args = Namespace(file=str(DATA / "05_lumenfold_quarter.txt"), model=None, method="extractive",
+                     max_words=60, json=True)
+    assert S.cmd_summarize(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == "extractive" and d["words_out"] <= 60 and d["words_in"] > 300
+    args.json = False
+    assert S.cmd_summarize(args) == 0
+    assert capsys.readouterr().out.strip() == d["text"]
+
+
+# ------------------------------------------------------------------------------ real LLM (SmolLM2)
+
+@pytest.fixture(scope="module")
+def smollm():
+    llm_mod = pytest.importorskip("spark_lab.llm")
+    try:
+        return llm_mod.LLM.load("smollm2-135m-instruct", n_ctx=512)
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+
+
+def test_abstractive_smollm2_short(smollm):
+    text = ("The library will close for two weeks in August so that workers can replace the old roof. "
+            "Books can still be returned through the slot by the front door.")
+    s = S.summarize(text, "abstractive", max_words=20, llm=smollm, max_new_tokens=12, progress=False)
+    assert s.chunks == 1 and s.llm_calls == 1 and 0 < s.words_out <= 20
+    assert len(smollm.tokenizer.encode(s.text, add_bos=False)) <= 12 + 2
+
+
+@pytest.mark.slow
+def test_abstractive_smollm2_map_reduce(smollm):
+    text = long_document(2500, seed=3)
+    s = S.summarize(text, "abstractive", max_words=30, llm=smollm, max_new_tokens=24, progress=False)
+    print(f"\nSmolLM2 map-reduce {s.words_in} words: {s.chunks} chunks, {s.llm_calls} calls, {s.seconds:.0f} s")
+    assert s.chunks >= 4 and s.rounds and 0 < s.words_out <= 30
+
+
+@pytest.mark.slow
+def test_long_document_abstractive_smollm2():
+    """30k words through SmolLM2 at n_ctx 2048 with 32 new tokens per call (hours on a busy 2-core CPU)."""
+    llm_mod = pytest.importorskip("spark_lab.llm")
+    try:
+        llm = llm_mod.LLM.load("smollm2-135m-instruct", n_ctx=2048)
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+    text = long_document(30_000)
+    s = S.summarize(text, "abstractive", max_words=100, llm=llm, max_new_tokens=32, progress=True)
+    print(f"\nSmolLM2 30k words: {s.chunks} chunks, {s.llm_calls} calls, {s.seconds:.0f} s")
+    assert s.words_out <= 100 and s.chunks >= 15
