@@ -10,7 +10,7 @@ bytes, one per row. The inner loop then runs across rows (SIMD lanes) instead of
 row, which needs no horizontal sum and no float reassociation: the kernels compile with
 fastmath=False and every row's sum is taken in a fixed order.
 
-    nibble types (Q4_0, Q4_1, Q4_K): qs u8 [ng, nb, 16, G], d, m f32 [ng, nb, G]
+    nibble types (Q4_0, Q4_1, Q4_K): qs u8 [ng, nb, 16, G], d, m [ng, nb, G]
         value = d * q + m per 32-value block (Q4_0: m = -8 d; Q4_K: one block per sub-block)
     Q5_0: qs u8 [ng, nb, 16, G], qh u8 [ng, nb, 4, G] (bit j = high bit of value j), d [ng, nb, G]
     Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
@@ -18,8 +18,10 @@ fastmath=False and every row's sum is taken in a fixed order.
         (one scale per 16 values: values 0..15 and 16..31 of each 32-block)
 
 Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
-(the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales become float32 next to
-the codes, so the repacked weight is 1.0-1.33x the raw blocks (see `Packed.nbytes`).
+(the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales that GGML stores as
+float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
+so Q4_1, Q5_0 and Q8_0 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
+products d * sc become float32 (Q4_K 1.33x, Q6_K 1.2x). See `Packed.nbytes`.
 
 The sums are float32 products of the exact weights and x in a fixed order (4 interleaved
 fused multiply-add chains per block), within ~1e-6 relative of `quant_matmul`. An int8
@@ -67,6 +69,7 @@ def _intrinsics():
 
     L = LANES
     fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
+    hv = ir.VectorType(ir.IntType(16), L)
 
     def const(v):
         return ir.Constant(iv, [v] * L)
@@ -75,7 +78,7 @@ def _intrinsics():
         """Codegen helpers over the arrays handed to one intrinsic call."""
 
         def __init__(self, context, builder, sig, args):
-            self.b, self.ctx = builder, context
+            self.b, self.ctx, self.types = builder, context, sig.args
             self.ptr = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
                         for t, a in zip(sig.args, args)]
             self.fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
@@ -87,8 +90,11 @@ def _intrinsics():
             v = self.b.load(self.b.bitcast(self.at(ptr, off), bv.as_pointer()), align=1)
             return self.b.sext(v, iv) if signed else self.b.zext(v, iv)
 
-        def floats16(self, ptr, off):
-            return self.b.load(self.b.bitcast(self.at(ptr, off), fv.as_pointer()), align=1)
+        def floats16(self, i, off):  # 16 floats of array argument i: float32, or uint16 holding float16 bits
+            if self.types[i].dtype == types.uint16:
+                h = self.b.load(self.b.bitcast(self.at(self.ptr[i], off), hv.as_pointer()), align=1)
+                return self.b.fpext(self.b.bitcast(h, ir.VectorType(ir.HalfType(), L)), fv)
+            return self.b.load(self.b.bitcast(self.at(self.ptr[i], off), fv.as_pointer()), align=1)
 
         def splat(self, s):
             v = self.b.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
@@ -109,9 +115,9 @@ def _intrinsics():
                 chains = [self.b.fadd(chains[i], chains[i + 1]) for i in range(0, len(chains), 2)]
             return chains[0]
 
-        def update(self, acc_ptr, l0, value):  # acc[l0:l0+16] += value
-            p = self.at(acc_ptr, l0)
-            self.b.store(self.b.fadd(self.floats16(acc_ptr, l0), value), self.b.bitcast(p, fv.as_pointer()), align=1)
+        def update(self, i, l0, value):  # acc[l0:l0+16] += value, acc = float32 array argument i
+            p = self.b.bitcast(self.at(self.ptr[i], l0), fv.as_pointer())
+            self.b.store(self.b.fadd(self.b.load(p, align=1), value), p, align=1)
 
     def zeros(n):
         return [ir.Constant(fv, [0.0] * L) for _ in range(n)]
@@ -130,9 +136,9 @@ def _intrinsics():
                 v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
                 k.dot(ch, (2 * j) % _CHAINS, builder.and_(v, const(15)), k.x(xoff_, j))
                 k.dot(ch, (2 * j + 1) % _CHAINS, builder.lshr(v, const(4)), k.x(xoff_, 16 + j))
-            d_, m_ = k.floats16(k.ptr[6], l0_), k.floats16(k.ptr[3], l0_)
+            d_, m_ = k.floats16(6, l0_), k.floats16(3, l0_)
             val = builder.call(k.fma, [m_, k.splat(xs_), builder.fmul(d_, k.total(ch))])
-            k.update(k.ptr[8], l0_, val)
+            k.update(8, l0_, val)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -152,9 +158,9 @@ def _intrinsics():
                     bit = builder.and_(builder.lshr(h[2 * half + (j >> 3)], const(j & 7)), const(1))
                     code = builder.or_(code, builder.shl(bit, const(4)))
                     k.dot(ch, (2 * j + half) % _CHAINS, code, k.x(xoff_, 16 * half + j))
-            d_ = k.floats16(k.ptr[6], l0_)
+            d_ = k.floats16(6, l0_)
             t = builder.fsub(k.total(ch), k.splat(builder.fmul(xs_, ir.Constant(ir.FloatType(), 16.0))))
-            k.update(k.ptr[8], l0_, builder.fmul(d_, t))
+            k.update(8, l0_, builder.fmul(d_, t))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -171,7 +177,7 @@ def _intrinsics():
             for j in range(32):
                 v = builder.sitofp(k.bytes16(k.ptr[0], k.row(G_, l0_, j), signed=True), fv)
                 k.dot(ch, j % _CHAINS, v, k.x(xoff_, j))
-            k.update(k.ptr[6], l0_, builder.fmul(k.floats16(k.ptr[5], l0_), k.total(ch)))
+            k.update(6, l0_, builder.fmul(k.floats16(5, l0_), k.total(ch)))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -193,8 +199,8 @@ def _intrinsics():
             c32 = ir.Constant(ir.FloatType(), 32.0)
             t0 = builder.fsub(k.total(lo), k.splat(builder.fmul(xs0_, c32)))
             t1 = builder.fsub(k.total(hi), k.splat(builder.fmul(xs1_, c32)))
-            s0, s1 = k.floats16(k.ptr[6], l0_), k.floats16(k.ptr[6], builder.add(l0_, G_))
-            k.update(k.ptr[9], l0_, builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)]))
+            s0, s1 = k.floats16(6, l0_), k.floats16(6, builder.add(l0_, G_))
+            k.update(9, l0_, builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)]))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -302,6 +308,11 @@ def _f16(b):
     return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
 
 
+def _h16(b):
+    """uint8 [..., 2] -> uint16 [...]: float16 bits, kept as they are (numba has no float16 arrays)."""
+    return np.ascontiguousarray(b).view(np.uint16)[..., 0]
+
+
 def _lanes(a, G):
     """[rows_padded, nb, ...] -> [ng, nb, ..., G]: G consecutive rows become the last axis."""
     ng = a.shape[0] // G
@@ -358,18 +369,17 @@ def prepare(qt: QuantTensor, G: int | None = None) -> Packed | None:
     if pad:
         blocks = np.concatenate([blocks, np.zeros((pad, *blocks.shape[1:]), np.uint8)])
     q = qt.qtype
-    if q in (QT.Q4_0, QT.Q4_1):
-        off = 2 if q == QT.Q4_0 else 4
-        d = _f16(blocks[..., 0:2])
-        m = -8.0 * d if q == QT.Q4_0 else _f16(blocks[..., 2:4])
-        arrays, kind = (_lanes(blocks[..., off:], G), _lanes(d, G), _lanes(m.astype(np.float32), G)), "nib"
+    if q in (QT.Q4_0, QT.Q4_1):                                           # scales stay float16 (as uint16 bits)
+        d = _h16(blocks[..., 0:2])
+        m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
+        arrays, kind = (_lanes(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G)), "nib"
     elif q == QT.Q4_K:
         codes, d, m = _unpack_q4_k(blocks)
         arrays, kind = (_lanes(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G)), "nib"
     elif q == QT.Q5_0:
-        arrays, kind = (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_f16(blocks[..., 0:2]), G)), "q5_0"
+        arrays, kind = (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G)), "q5_0"
     elif q == QT.Q8_0:
-        arrays, kind = (_lanes(blocks[..., 2:].view(np.int8), G), _lanes(_f16(blocks[..., 0:2]), G)), "q8_0"
+        arrays, kind = (_lanes(blocks[..., 2:].view(np.int8), G), _lanes(_h16(blocks[..., 0:2]), G)), "q8_0"
     else:  # Q6_K
         codes, s = _unpack_q6_k(blocks)
         hi = codes >> 4                                                    # [rows, nb, 32] in 0..3
