@@ -48,26 +48,44 @@ def find_weights(folder: str | Path, variant: str | None = None) -> Path:
 
 def load_safetensors(path: str | Path, prefix_strip: str = "") -> dict:
     """A safetensors file -> {name: float32 array on the device} (fp16/bf16 upcast)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing weight file: {path}")
     alloc = get_allocator()
     out = {}
-    with safe_open(str(path), framework="numpy") as f:
-        for name in f.keys():
-            try:
-                a = f.get_tensor(name)
-            except TypeError:  # bfloat16 has no NumPy dtype: read the raw bits
-                a = _read_bf16(f, name)
-            key = name[len(prefix_strip):] if prefix_strip and name.startswith(prefix_strip) else name
-            out[key] = alloc.place(np.ascontiguousarray(a, dtype=np.float32), tag="weights", what=key)
+    for name, a in read_safetensors(path).items():
+        key = name[len(prefix_strip):] if prefix_strip and name.startswith(prefix_strip) else name
+        out[key] = alloc.place(np.ascontiguousarray(a, dtype=np.float32), tag="weights", what=key)
     return out
 
 
-def _read_bf16(f, name):
-    raise ValueError(f"tensor {name!r} is bfloat16; save the model as float32 or float16")
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
+
+
+def read_safetensors(path: Path) -> dict:
+    """name -> NumPy view of a memory-mapped safetensors file (the format: u64 header size,
+    a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data).
+    bfloat16 has no NumPy dtype: its 16 bits are the top half of a float32."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (bad header)") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which spark_lab cannot read")
+        start, end = info["data_offsets"]
+        a = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a
+    return out
 
 
 class Params:

@@ -94,6 +94,15 @@ class UNet2DConditionConfig:
                 raise ValueError(f"config {k}={v!r} is not supported by spark_lab's UNet2DConditionModel")
         if self.dual_cross_attention:
             raise ValueError("config dual_cross_attention=True is not supported")
+        # settings this implementation leaves at diffusers' defaults: anything else is refused by name
+        plain = {"time_embedding_act_fn": None, "timestep_post_act": None, "resnet_skip_time_act": False,
+                 "resnet_out_scale_factor": 1.0, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+                 "attention_type": "default", "encoder_hid_dim_type": None,
+                 "reverse_transformer_layers_per_block": None}
+        for k, want in plain.items():
+            v = self.extra.get(k, want)
+            if v != want and not (k == "mid_block_only_cross_attention" and v is False):
+                raise ValueError(f"config {k}={v!r} is not supported by spark_lab's UNet2DConditionModel")
         if self.time_embedding_type != "positional":
             raise ValueError(f"config time_embedding_type={self.time_embedding_type!r} is not supported (want 'positional')")
         if self.act_fn != "silu":

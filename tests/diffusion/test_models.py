@@ -110,3 +110,23 @@ def test_bad_inputs(tmp_path, unet):
         unet(np.zeros((1, 3, 8, 8), np.float32), 1, np.zeros((1, 2, 16), np.float32))
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         unet(np.zeros((1, 4, 8, 8), np.float32), 1, None)
+
+
+def test_unsupported_config_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match="attention_type='gated'"):
+        UNet2DConditionModel.from_pretrained(_copy_unet(tmp_path, attention_type="gated"))
+
+
+def test_safetensors_bf16_and_fp16_read_as_float32(tmp_path):
+    from spark_lab.diffusion.loading import load_safetensors
+    vals = np.array([1.5, -2.0, 0.15625, 3.0], np.float32)           # exact in bfloat16
+    bf16 = (vals.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    f16 = vals.astype(np.float16).tobytes()
+    header = {"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]}}
+    h = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + bf16 + f16)
+    w = load_safetensors(tmp_path / "w.safetensors")
+    assert w["a"].dtype == np.float32 and w["a"].shape == (2, 2)
+    np.testing.assert_array_equal(w["a"].reshape(-1), vals)
+    np.testing.assert_array_equal(w["b"], vals)
