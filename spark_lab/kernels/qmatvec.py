@@ -209,11 +209,33 @@ def _intrinsics():
 
 # ---------------------------------------------------------------------------- kernels (numba source)
 # Shapes: ng groups of G rows (G a multiple of 16), nb 32-value blocks per row, n rows of x;
-# out f32 [n, ng * G]. Threads split the groups; each group keeps its G sums in `acc`.
+# out f32 [n, rows] with rows <= ng * G (padding rows are not written). Threads split the
+# groups; each group keeps its G sums in `acc`. Block sums of x are taken once per call,
+# before the parallel loop.
 
-def _k_nib(qs, d, m, x, xs, out):
-    """qs u8 [ng, nb, 16, G]; d, m f32 [ng, nb, G]; x [n, nb*32]; xs [n, nb] block sums of x."""
+def _block_sums(x, size):
+    """x [n, cols] -> [n, cols // size]: float32 sums of each `size` consecutive values."""
+    n, cols = x.shape
+    xs = np.empty((n, cols // size), np.float32)
+    for i in range(n):
+        for b in range(cols // size):
+            s = np.float32(0.0)
+            for j in range(size):
+                s += x[i, b * size + j]
+            xs[i, b] = s
+    return xs
+
+
+def _store(out, i, r0, acc):
+    """out[i, r0:r0+G] = acc, skipping padding rows."""
+    for l in range(min(acc.shape[0], out.shape[1] - r0)):
+        out[i, r0 + l] = acc[l]
+
+
+def _k_nib(qs, d, m, x, out):
+    """qs u8 [ng, nb, 16, G]; d, m [ng, nb, G]; x [n, nb*32]."""
     ng, nb, _, G = qs.shape
+    xs = _block_sums(x, 32)
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
@@ -221,12 +243,13 @@ def _k_nib(qs, d, m, x, xs, out):
             for b in range(nb):
                 for l0 in range(0, G, LANES):
                     vdot_nib(qs[g, b], G, l0, m[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
-            out[i, g * G:(g + 1) * G] = acc
+            _store(out, i, g * G, acc)
 
 
-def _k_q5_0(qs, qh, d, x, xs, out):
+def _k_q5_0(qs, qh, d, x, out):
     """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
     ng, nb, _, G = qs.shape
+    xs = _block_sums(x, 32)
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
@@ -234,7 +257,7 @@ def _k_q5_0(qs, qh, d, x, xs, out):
             for b in range(nb):
                 for l0 in range(0, G, LANES):
                     vdot_q5_0(qs[g, b], G, l0, qh[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
-            out[i, g * G:(g + 1) * G] = acc
+            _store(out, i, g * G, acc)
 
 
 def _k_q8_0(qs, d, x, out):
@@ -247,20 +270,21 @@ def _k_q8_0(qs, d, x, out):
             for b in range(nb):
                 for l0 in range(0, G, LANES):
                     vdot_q8_0(qs[g, b], G, l0, x[i], b * 32, d[g, b], acc)
-            out[i, g * G:(g + 1) * G] = acc
+            _store(out, i, g * G, acc)
 
 
-def _k_q6_k(qs, qh, s, x, xs16, out):
-    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s [ng, nb, 2, G]; xs16 [n, nb, 2] half-block sums."""
+def _k_q6_k(qs, qh, s, x, out):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s [ng, nb, 2, G]."""
     ng, nb, _, G = qs.shape
+    xs = _block_sums(x, 16)                                                # [n, 2 * nb] half-block sums
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
                 for l0 in range(0, G, LANES):
-                    vdot_q6_k(qs[g, b], G, l0, qh[g, b], x[i], b * 32, s[g, b], xs16[i, b, 0], xs16[i, b, 1], acc)
-            out[i, g * G:(g + 1) * G] = acc
+                    vdot_q6_k(qs[g, b], G, l0, qh[g, b], x[i], b * 32, s[g, b], xs[i, 2 * b], xs[i, 2 * b + 1], acc)
+            _store(out, i, g * G, acc)
 
 
 _SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k}
@@ -278,6 +302,8 @@ def _jit():
         prange = numba.prange
         globals().update(_intrinsics())
         opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+        helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
+        globals().update(_block_sums=numba.njit(**helpers)(_block_sums), _store=numba.njit(**helpers)(_store))
         _JIT = {name: numba.njit(**opts)(f) for name, f in _SOURCES.items()}
     return _JIT or None
 
@@ -397,41 +423,26 @@ def qmatvec(x, qt: QuantTensor, out=None):
     out: optional preallocated float32 result (C-contiguous, the result's shape).
     """
     rows, cols = qt.shape
-    x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
+    if type(x) is not np.ndarray or x.dtype != np.float32:
+        x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
     if x.ndim not in (1, 2) or x.shape[-1] != cols:
         raise ValueError(f"qmatvec: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
     want = (rows,) if x.ndim == 1 else (x.shape[0], rows)
-    if out is not None and (tuple(out.shape) != want or out.dtype != np.float32 or not out.flags.c_contiguous):
+    if out is not None and (out.shape != want or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"qmatvec: out must be float32 C-contiguous of shape {want}, got {out.dtype} {tuple(out.shape)}")
-    x2 = np.ascontiguousarray(x.reshape(-1, cols)) if array_module(x) is np else x
-    k = _jit() if (array_module(x2) is np and x2.shape[0] <= MAX_BATCH) else None
-    p = prepare(qt) if k else None
-    if p is None:                                                          # fallback: chunked dequantize + BLAS
-        y = quant_matmul(x2, qt)
-        if out is None:
-            return y.reshape(want)
-        out[...] = y.reshape(want)
-        return out
+    x2 = x.reshape(-1, cols)                                               # [n, in]
     n = x2.shape[0]
-    padded = p.arrays[0].shape[0] * p.G                                     # rows rounded up to whole groups
-    direct = out is not None and padded == rows                           # the kernel writes straight into out
-    full = out.reshape(n, rows) if direct else np.empty((n, padded), np.float32)
-    _run(k, p, x2, full)
-    if direct:
+    k = _jit() if (n <= MAX_BATCH and type(x2) is np.ndarray) else None
+    p = (qt.packed or prepare(qt)) if k else None
+    if p is None:                                                          # fallback: chunked dequantize + BLAS
+        y = quant_matmul(x2, qt).reshape(want)
+        if out is None:
+            return y
+        out[...] = y
         return out
-    y = np.ascontiguousarray(full[:, :rows]).reshape(want)
+    if not x2.flags.c_contiguous:
+        x2 = np.ascontiguousarray(x2)
     if out is None:
-        return y
-    out[...] = y
+        out = np.empty(want, np.float32)
+    k[p.kind](*p.arrays, x2, out.reshape(n, rows))
     return out
-
-
-def _run(k, p: Packed, x, full):
-    """Call the kernel for p.kind: x f32 [n, cols] -> full f32 [n, ng * G]."""
-    n, nb = x.shape[0], p.cols // 32
-    if p.kind == "q8_0":
-        k["q8_0"](*p.arrays, x, full)
-    elif p.kind == "q6_k":
-        k["q6_k"](*p.arrays, x, x.reshape(n, nb, 2, 16).sum(axis=-1, dtype=np.float32), full)
-    else:                                                                  # nib, q5_0: sums of x per block
-        k[p.kind](*p.arrays, x, x.reshape(n, nb, 32).sum(axis=-1, dtype=np.float32), full)
