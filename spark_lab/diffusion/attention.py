@@ -49,9 +49,9 @@ def multi_head_attention(p: Params, x, context, heads: int):
     v = linear(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
     HD = v.shape[-1]
     D = HD // heads
-    if Tk == 1:                                                         # softmax over one key is 1
-        o = array_module(v).broadcast_to(v, (B, Tq, HD))
-        return linear(o, p["to_out.0.weight"], p.get("to_out.0.bias"))
+    if Tk == 1:       # softmax over one key is exactly 1: every query gets to_out(v), computed once
+        o = linear(v, p["to_out.0.weight"], p.get("to_out.0.bias"))    # [B, 1, Cout]
+        return array_module(o).broadcast_to(o, (B, Tq, o.shape[-1]))
     q = linear(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
     k = linear(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
     heads_first = lambda t, T: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3).reshape(B * heads, T, D)  # noqa: E731

@@ -92,6 +92,9 @@ class UNet2DConditionConfig:
         for k, v in unsupported.items():
             if v is not None:
                 raise ValueError(f"config {k}={v!r} is not supported by spark_lab's UNet2DConditionModel")
+        if self.num_attention_heads is not None:   # diffusers refuses it too (its naming issue #2011)
+            raise ValueError("config num_attention_heads is not supported: diffusers' UNet2DConditionModel reads "
+                             "the head count from attention_head_dim")
         if self.dual_cross_attention:
             raise ValueError("config dual_cross_attention=True is not supported")
         # settings this implementation leaves at diffusers' defaults: anything else is refused by name
@@ -132,7 +135,7 @@ class UNet2DConditionModel:
         self.config, self.params = config, params
         c, p = config, params
         n = len(c.down_block_types)
-        heads = _per_block(c.num_attention_heads or c.attention_head_dim, n, "num_attention_heads")
+        heads = _per_block(c.attention_head_dim, n, "attention_head_dim")   # diffusers' name; really heads
         layers = _per_block(c.layers_per_block, n, "layers_per_block")
         xattn_layers = _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")
         only_cross = _per_block(c.only_cross_attention, n, "only_cross_attention")

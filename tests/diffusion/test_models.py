@@ -130,3 +130,32 @@ def test_safetensors_bf16_and_fp16_read_as_float32(tmp_path):
     assert w["a"].dtype == np.float32 and w["a"].shape == (2, 2)
     np.testing.assert_array_equal(w["a"].reshape(-1), vals)
     np.testing.assert_array_equal(w["b"], vals)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_class_embeds=3, attention_head_dim=(1, 2),
+         resnet_time_scale_shift="scale_shift", only_cross_attention=True),
+    dict(class_embed_type="timestep", transformer_layers_per_block=2, use_linear_projection=True,
+         mid_block_type="UNetMidBlock2D", flip_sin_to_cos=False, freq_shift=1),
+], ids=["class-table-heads-scale-shift", "class-timestep-2-layers-plain-mid"])
+def test_unet_condition_variants_live(tmp_path, kw):
+    """Config paths the fixtures do not cover, built and run by diffusers in the test."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    base = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=6, attention_head_dim=2, norm_num_groups=4)
+    ref = diffusers.UNet2DConditionModel(**dict(base, **kw)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8), dtype=np.float32)
+    ctx = rng.standard_normal((2, 3, 6), dtype=np.float32)
+    labels = np.array([2, 0]) if "num_class_embeds" in kw else np.array([10.0, 600.0], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), torch.tensor([5, 900]), encoder_hidden_states=torch.from_numpy(ctx),
+                   class_labels=torch.from_numpy(labels)).sample.numpy()
+    close(ours(x, np.array([5, 900]), ctx, class_labels=labels), want)
+    with pytest.raises(ValueError, match="class_labels"):
+        ours(x, 5, ctx)
