@@ -303,10 +303,12 @@ class QuantTensor:
         return dequantize(self.data[ids], self.qtype, (int(ids.size), self.shape[1]))
 
 
-def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 21):
+def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16):
     """x @ dequant(qt).T without the whole float32 weight: x [n, in] or [in] -> [n, out] or [out].
 
-    Output rows are dequantized chunk by chunk (about `chunk_values` float32 values, 8 MB, each).
+    Output rows are dequantized chunk by chunk, about `chunk_values` float32 values (256 KB)
+    each: small enough that the temporaries stay in cache and are reused by the allocator
+    (2M-value chunks measured 5-20x slower on a busy 2-core machine).
     """
     xp = array_module(qt.data)
     x = xp.asarray(x, dtype=xp.float32)
