@@ -1,9 +1,11 @@
 """Quantized mat-vec on the CPU: numba qmatvec vs quant_matmul vs float32 BLAS, SmolLM2-135M shapes.
 
     .venv/bin/python benchmarks/qmatvec.py [--threads 1 2] [--repeats 30] [--types Q4_1 Q8_0] [--json]
+    .venv/bin/python benchmarks/qmatvec.py --model smollm2-135m-instruct   # one decode token's mat-vecs
 
 Times one decode-sized product (x [1, in]) per call: median (and best) of `repeats` runs after
-a warm-up. GB/s counts the bytes of the raw GGML weight read per call. The weights are random
+a warm-up. GB/s counts the bytes of the raw GGML weight read per call (for BLAS too, although it reads
+4 bytes per value), so the columns compare time per call. The weights are random
 blocks with valid scales, so the numbers do not depend on a model download.
 """
 from __future__ import annotations
@@ -49,14 +51,62 @@ def timeit(fn, repeats):
     return float(np.median(ts)), float(np.min(ts))
 
 
+def token_matvecs(model, threads, repeats, as_json):
+    """Every 2-D weight of a real GGUF, in file order, once: the mat-vec share of one decode step.
+
+    The tied output head (token_embd used as lm_head when there is no output.weight) is
+    counted once more, as the engine reads it for the logits."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    from spark_lab.gguf import GGUFFile
+    from spark_lab.models import resolve
+
+    f = GGUFFile(resolve(model))
+    names = [n for n, t in f.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"]
+    names.append("output.weight" if "output.weight" in f.tensors else "token_embd.weight")
+    weights = []
+    t0 = time.perf_counter()
+    for n in names:
+        t = f.tensors[n]
+        qt = QuantTensor(f.raw(t), t.qtype, t.shape)
+        qm.prepare(qt)
+        weights.append(qt)
+    t_prep = time.perf_counter() - t0
+    xs = {c: np.random.default_rng(c).standard_normal(c).astype(np.float32) for c in {w.shape[1] for w in weights}}
+    outs = [np.empty(w.shape[0], np.float32) for w in weights]
+    nbytes = sum(w.nbytes for w in weights)
+    res = []
+    for nt in threads:
+        numba.set_num_threads(min(nt, numba.config.NUMBA_NUM_THREADS))
+        with threadpool_limits(limits=nt):
+            def step():
+                for w, o in zip(weights, outs):
+                    qm.qmatvec(xs[w.shape[1]], w, out=o)
+            med, best = timeit(step, repeats)
+        r = {"model": model, "threads": nt, "n_matvecs": len(weights), "weight_bytes": nbytes, "prepare_s": t_prep,
+             "ms_per_token": med * 1e3, "best_ms_per_token": best * 1e3, "GBps": nbytes / med / 1e9,
+             "matvec_only_tokens_per_s": 1.0 / med}
+        res.append(r)
+        if not as_json:
+            print(f"{model}: {len(weights)} mat-vecs, {nbytes / 1e6:.1f} MB, threads={nt}: {med * 1e3:.2f} ms/token "
+                  f"(best {best * 1e3:.2f}), {nbytes / med / 1e9:.1f} GB/s, <= {1 / med:.0f} tokens/s from mat-vecs alone")
+    if as_json:
+        print(json.dumps({"rows": res}))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0"])
     ap.add_argument("--no-blas", action="store_true", help="skip the float32 BLAS column (its weight is 4 bytes/value)")
+    ap.add_argument("--model", help="time one decode token's mat-vecs over this GGUF's real weights instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.model:
+        return token_matvecs(args.model, args.threads, args.repeats, args.json)
 
     import numba
     from threadpoolctl import threadpool_limits
@@ -93,7 +143,8 @@ def main(argv=None):
                         r[key + "_GBps"] = qt.nbytes / med / 1e9
                     rows_out.append(r)
                     if not args.json:
-                        cells = [f"{k[:-3]} {r[k]:8.0f}us {r[k[:-3] + '_GBps']:5.1f}GB/s"
+                        cells = [f"{k[:-3]} {r[k]:7.0f}us {r[k[:-3] + '_GBps']:5.1f}GB/s "
+                                 f"(best {r[k[:-3] + '_best_us']:.0f}us {qt.nbytes / r[k[:-3] + '_best_us'] / 1e3:.1f})"
                                  for k in r if k.endswith("_us") and not k.endswith("best_us")]
                         print(f"{tname} {name:22s} t={nt}  " + " | ".join(cells), flush=True)
     if args.json:

@@ -323,3 +323,19 @@ def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16):
         w = dequantize(qt.data[r0:r1], qt.qtype, (r1 - r0, cols))  # [chunk, in]
         out[:, r0:r1] = x2 @ w.T
     return out.reshape(rows) if x.ndim == 1 else out
+
+
+def concat_rows(*qts: QuantTensor) -> QuantTensor:
+    """Stack weights of one qtype and width into one [sum of rows, cols] QuantTensor (a copy).
+
+    Fusing q|k|v or gate|up this way turns three (two) decode mat-vecs into one call.
+    """
+    if not qts:
+        raise ValueError("concat_rows needs at least one QuantTensor")
+    q, cols = qts[0].qtype, qts[0].shape[1]
+    for t in qts[1:]:
+        if t.qtype != q or t.shape[1] != cols:
+            raise ValueError(f"concat_rows: {t.qtype.name} {t.shape} does not stack under {q.name} {qts[0].shape}")
+    xp = array_module(qts[0].data)
+    data = xp.concatenate([t.data for t in qts], axis=0)
+    return QuantTensor(data, q, (int(data.shape[0]), cols))

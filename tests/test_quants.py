@@ -214,3 +214,13 @@ def test_cupy_matches_numpy(q):
     x = rng.standard_normal((2, host.shape[1])).astype(np.float32)
     y = quant_matmul(cp.asarray(x), qt)
     np.testing.assert_allclose(cp.asnumpy(y), x @ host.T, rtol=1e-4, atol=1e-4)
+
+
+def test_concat_rows():
+    rng = np.random.default_rng(9)
+    a = QuantTensor(random_blocks(QT.Q4_1, 3 * 2, rng), QT.Q4_1, (3, 64))
+    b = QuantTensor(random_blocks(QT.Q4_1, 5 * 2, rng), QT.Q4_1, (5, 64))
+    c = quants.concat_rows(a, b)
+    assert c.shape == (8, 64) and same_bits(c.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
+    with pytest.raises(ValueError, match=r"Q8_0 \(2, 64\) does not stack under Q4_1 \(3, 64\)"):
+        quants.concat_rows(a, QuantTensor(random_blocks(QT.Q8_0, 4, rng), QT.Q8_0, (2, 64)))
