@@ -1,4 +1,5 @@
 """Text to image on spark_lab's kernels: diffusers-compatible UNets, VAE, schedulers, pipeline."""
+from .cli import make_grid
 from .pipeline import TextToImagePipeline
 from .schedulers import (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                          SchedulerOutput, load_scheduler)
@@ -9,9 +10,3 @@ from .vae import AutoencoderKL
 __all__ = ["UNet2DConditionModel", "UNet2DModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerOutput", "load_scheduler",
            "TextToImagePipeline", "make_grid"]
-
-
-def make_grid(images, display_size: int = 256, cols: int | None = None):
-    """PIL images -> one PIL image: each upscaled (nearest, whole factors) to about display_size, in a grid."""
-    from .cli import make_grid as _grid
-    return _grid(images, display_size, cols)

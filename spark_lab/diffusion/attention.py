@@ -18,7 +18,7 @@ from .loading import Params
 
 # Score elements per chunk of heads: 1 MB of float32 stays in L2, so softmax's passes over the
 # scores run from cache instead of memory (2-3x faster than one [B*H, T, T] block at 32x32).
-_SCORES_PER_CHUNK = 1 << 18
+SCORES_PER_CHUNK = 1 << 18
 
 
 def attend(q, k, v):
@@ -35,7 +35,7 @@ def attend(q, k, v):
     q = q * (1.0 / D ** 0.5)
     kt = k.transpose(0, 2, 1)                                           # [BH, D, Tk]
     out = xp.empty((BH, Tq, v.shape[2]), dtype=np.float32)
-    step = max(1, _SCORES_PER_CHUNK // (Tq * Tk))
+    step = max(1, SCORES_PER_CHUNK // (Tq * Tk))
     for s in range(0, BH, step):
         p = softmax(matmul(q[s:s + step], kt[s:s + step]), axis=-1)   # [h, Tq, Tk]
         out[s:s + step] = matmul(p, v[s:s + step])                      # [h, Tq, D]

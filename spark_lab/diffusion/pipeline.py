@@ -18,6 +18,7 @@ import numpy as np
 
 from ..device import array_module, to_device, to_host
 from ..memory import get_allocator
+from .attention import SCORES_PER_CHUNK
 from .loading import read_json
 from .schedulers import load_scheduler
 from .unet_2d import UNet2DModel
@@ -119,8 +120,10 @@ class TextToImagePipeline:
             hw = max(1, (h >> i) * (w >> i))
             skips += (layers + 1) * B * ch * hw
             peak = max(peak, B * ch * hw * 2 * 9)               # concat input of an up resnet, im2col'ed
-            if "Attn" in c.down_block_types[i]:
-                attn = max(attn, B * 8 * hw * hw)               # self-attention scores, up to 8 heads at once
+            if "Attn" in c.down_block_types[i]:                 # scores: a cache-sized chunk of heads
+                attn = max(attn, hw * hw, SCORES_PER_CHUNK)    # (at least one whole head) at a time
+        if self.vae is not None:                                # the VAE's one-head attention at latent size
+            attn = max(attn, (h * w) ** 2)
         total = 4 * (skips + 2 * peak + attn)
         if self.vae is not None:
             total += 4 * batch * self.vae.config.block_out_channels[0] * height * width * 2 * 9
