@@ -111,3 +111,20 @@ def test_real_tensors_of_both_models():
             qt = QuantTensor(f.raw(t), t.qtype, t.shape)
             x = rng.standard_normal((2, t.shape[1])).astype(np.float32)
             assert close(qm.qmatvec(x, qt), quant_matmul(x, qt), rtol=5e-6), (model, name)
+
+
+def test_kernel_that_does_not_compile_falls_back(monkeypatch):
+    from numba.core.errors import NumbaError
+    rng = np.random.default_rng(4)
+    qt = random_weight(QT.Q8_0, 32, 64, rng)
+    x = rng.standard_normal(64).astype(np.float32)
+    kernels = dict(qm._jit())
+
+    def broken(*args):
+        raise NumbaError("no vector ops here")
+    kernels["q8_0"] = broken
+    monkeypatch.setattr(qm, "_JIT", kernels)
+    with pytest.warns(RuntimeWarning, match="q8_0 kernel does not compile here"):
+        y = qm.qmatvec(x, qt)
+    assert kernels["q8_0"] is None and np.array_equal(y, quant_matmul(x, qt))
+    assert np.array_equal(qm.qmatvec(x, qt), y)                        # and stays on the fallback quietly

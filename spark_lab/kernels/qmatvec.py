@@ -34,6 +34,7 @@ with cache=True, so only the first process on a machine pays the compile time.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -434,6 +435,8 @@ def qmatvec(x, qt: QuantTensor, out=None):
     n = x2.shape[0]
     k = _jit() if (n <= MAX_BATCH and type(x2) is np.ndarray) else None
     p = (qt.packed or prepare(qt)) if k else None
+    if p is not None and k.get(p.kind) is None:                            # this kernel failed to compile here
+        p = None
     if p is None:                                                          # fallback: chunked dequantize + BLAS
         y = quant_matmul(x2, qt).reshape(want)
         if out is None:
@@ -444,5 +447,16 @@ def qmatvec(x, qt: QuantTensor, out=None):
         x2 = np.ascontiguousarray(x2)
     if out is None:
         out = np.empty(want, np.float32)
-    k[p.kind](*p.arrays, x2, out.reshape(n, rows))
+    try:
+        k[p.kind](*p.arrays, x2, out.reshape(n, rows))
+    except _numba_error() as e:                                            # e.g. an LLVM without these vector ops
+        warnings.warn(f"qmatvec: the numba {p.kind} kernel does not compile here ({type(e).__name__}); "
+                      f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
+        k[p.kind] = None
+        out.reshape(n, rows)[...] = quant_matmul(x2, qt)
     return out
+
+
+def _numba_error():
+    from numba.core.errors import NumbaError
+    return NumbaError
