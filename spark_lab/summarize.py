@@ -6,9 +6,9 @@
 
 extractive   split into sentences (pysbd, language picked from the script and stop words),
              embed them with all-MiniLM-L6-v2 on spark_lab's BERT, build the cosine-similarity
-             graph, score sentences by LexRank (PageRank by power iteration), then pick by MMR
-             (relevance minus redundancy) until `max_words`; sentences come back in document
-             order. Long documents are ranked within sections first, then across sections.
+             graph, score sentences by LexRank (PageRank by power iteration) with a small
+             bonus for coming early in their section, then pick by MMR (relevance minus
+             redundancy) until `max_words`; sentences come back in document order. Long documents are ranked within sections first, then across sections.
 abstractive  map-reduce with an LLM (`spark_lab.llm.LLM`): pack sentences into token-counted
              chunks that fit the context next to the prompt and the output budget, summarize
              each chunk (map), merge partial summaries group by group until they fit
@@ -194,6 +194,7 @@ def split_paragraphs(text: str, language: str | None = None) -> list[Paragraph]:
 # ---------------------------------------------------------------------------- extractive
 
 LAMBDA_MMR = 0.7        # relevance vs redundancy in MMR
+POSITION = 0.2          # weight of "earlier in its section" in relevance (lead bias of most prose)
 DUPLICATE = 0.9         # cosine above which a sentence repeats one already picked: never taken
 DAMPING = 0.85          # PageRank damping
 SECTION_SENTENCES = 400  # above this many sentences, rank within sections first
@@ -356,7 +357,18 @@ def _rank(doc: _Doc, encoder=None, progress: bool = False):
     cand = np.flatnonzero(doc.candidate)
     enc = encoder or _default_encoder()
     emb = enc.encode([doc.sentences[i] for i in cand], progress=progress)  # [m, 384]
-    return cand, emb, rank_sentences(emb, doc.section_of[cand])
+    sec = doc.section_of[cand]
+    rel = (1.0 - POSITION) * rank_sentences(emb, sec) + POSITION * position_prior(sec)
+    return cand, emb, rel.astype(np.float32)
+
+
+def position_prior(section_of) -> np.ndarray:
+    """[n] section ids in document order -> 1.0 for a section's first sentence, down to 0.0 for its last."""
+    out = np.zeros(len(section_of), dtype=np.float32)
+    for s in np.unique(section_of):
+        idx = np.flatnonzero(section_of == s)
+        out[idx] = 1.0 - np.arange(len(idx), dtype=np.float32) / max(len(idx) - 1, 1)
+    return out
 
 
 def _extract(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list[str]:

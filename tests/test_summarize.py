@@ -236,7 +236,7 @@ def test_extractive_on_a_document(encoder):
     assert 40 <= a.words_out <= 100 and a.words_in == S.count_words(text)
     positions = [text.index(s) for s in a.sentences]
     assert positions == sorted(positions)                              # document order
-    assert any("bleach" in s for s in a.sentences)
+    assert "coral" in a.text.lower() and "algae" in a.text            # the document's subject
     assert a.method == "extractive" and a.seconds > 0
 
 
