@@ -210,10 +210,9 @@ class TextToImagePipeline:
         # 4. the denoising loop
         step_kw = {"eta": eta} if "eta" in sched.step.__code__.co_varnames else {}
         for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="imagine", leave=False)):
-            # 4a. one UNet call for both halves of classifier-free guidance
-            x_in = xp.concatenate([x, x], axis=0) if cfg else x
-            x_in = sched.scale_model_input(x_in, t)
-            out = self.unet(x_in, t, context)                                  # [2B or B, C, h, w]
+            # 4a. one UNet call for both halves of classifier-free guidance (the same x, two contexts)
+            x_in = sched.scale_model_input(x, t)
+            out = self.unet(x_in, t, context, repeat=2 if cfg else 1)           # [2B or B, C, h, w]
             # 4b. guidance: push away from the unconditional prediction
             if cfg:
                 out_u, out_c = out[:B], out[B:]

@@ -203,17 +203,26 @@ class UNet2DConditionModel:
             emb = array_module(emb).concatenate([emb, cemb], axis=-1) if c.class_embeddings_concat else emb + cemb
         return emb
 
-    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None):
-        """sample [N, Cin, H, W], timestep scalar or [N], encoder_hidden_states [N, L, Ctx] -> [N, Cout, H, W]."""
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, repeat: int = 1):
+        """sample [N, Cin, H, W], timestep scalar or [N], encoder_hidden_states [N*repeat, L, Ctx] -> [N*repeat, Cout, H, W].
+
+        repeat=2 is classifier-free guidance with one sample and two contexts (unconditional
+        first): the leading blocks that never look at the text (conv_in, plain down blocks) run
+        once on N rows and their outputs are tiled, instead of computing the same rows twice.
+        """
         c, p = self.config, self.params
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"UNet2DConditionModel: sample {tuple(sample.shape)} should be [N, {c.in_channels}, H, W]")
-        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+        N = sample.shape[0]
+        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != N * repeat:
             shape = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
-            raise ValueError(f"UNet2DConditionModel: encoder_hidden_states {shape} should be [{sample.shape[0]}, L, ctx]")
+            raise ValueError(f"UNet2DConditionModel: encoder_hidden_states {shape} should be [{N * repeat}, L, ctx]")
+        if repeat > 1 and (class_labels is not None or np.ndim(timestep) > 0 and np.size(timestep) > 1):
+            raise ValueError("UNet2DConditionModel: repeat > 1 needs one shared timestep and no class labels")
         sample = sample.astype(np.float32, copy=False)
         context = encoder_hidden_states.astype(np.float32, copy=False)
-        N = sample.shape[0]
+        xp = array_module(sample)
+        tile = (lambda a: xp.concatenate([a] * repeat, axis=0)) if repeat > 1 else (lambda a: a)  # noqa: E731
         # upsample to the skip's size when H or W is not a multiple of 2**num_upsamplers
         factor = 2 ** self.num_upsamplers
         odd = any(s % factor for s in sample.shape[-2:])
@@ -222,9 +231,14 @@ class UNet2DConditionModel:
         emb = self.time_embedding(timestep, N, class_labels)                        # [N, 4 * C0]
         x = conv(p.sub("conv_in"), sample)                                          # [N, C0, H, W]
         skips = [x]
+        shared = repeat > 1                                                         # rows not yet tiled
         for blk in self.down:
+            if shared and blk.attentions:                                           # the text comes in here
+                x, skips, emb, shared = tile(x), [tile(s) for s in skips], tile(emb), False
             x, s = blk(x, emb, context)
             skips += s
+        if shared:
+            x, skips, emb = tile(x), [tile(s) for s in skips], tile(emb)
         if self.mid is not None:
             x = self.mid(x, emb, context)
         for i, blk in enumerate(self.up):
@@ -234,4 +248,4 @@ class UNet2DConditionModel:
             x = blk(x, skips, emb, context, size)
         if c.norm_num_groups is not None:
             x = silu(norm(p.sub("conv_norm_out"), x, c.norm_num_groups, c.norm_eps))
-        return conv(p.sub("conv_out"), x)                                           # [N, Cout, H, W]
+        return conv(p.sub("conv_out"), x)                                           # [N*repeat, Cout, H, W]

@@ -159,3 +159,12 @@ def test_unet_condition_variants_live(tmp_path, kw):
     close(ours(x, np.array([5, 900]), ctx, class_labels=labels), want)
     with pytest.raises(ValueError, match="class_labels"):
         ours(x, 5, ctx)
+
+
+def test_repeat_for_guidance_equals_the_doubled_batch():
+    m = UNet2DConditionModel.from_pretrained(FIX / "tiny-pixel" / "unet")   # DownBlock2D first: shared prefix
+    x, ctx = REF["pix_in"][:1], REF["pix_ehs"]
+    full = m(np.concatenate([x, x]), 250, ctx)
+    np.testing.assert_allclose(m(x, 250, ctx, repeat=2), full, atol=1e-6)
+    with pytest.raises(ValueError, match="should be \\[2, L, ctx\\]"):
+        m(x, 250, ctx[:1], repeat=2)
