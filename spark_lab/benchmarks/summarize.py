@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -44,8 +45,8 @@ def load_documents(folder: Path | None = None) -> list[dict]:
 
 
 def lead(text: str, max_words: int) -> str:
-    """Baseline: the first max_words words."""
-    return " ".join(text.split()[:max_words])
+    """Baseline: the first max_words words (heading marks dropped, the words kept)."""
+    return " ".join(re.sub(r"(?m)^\s{0,3}#{1,6}\s+", "", text).split()[:max_words])
 
 
 def rouge(candidate: str, reference: str) -> dict:
