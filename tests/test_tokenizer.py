@@ -109,6 +109,25 @@ def test_special_ids_match_llamacpp(short):
     assert sum(tok.is_special(i) for i in range(tok.vocab_size)) == facts["n_control"]
 
 
+@pytest.mark.parametrize("short", ["smollm2", "gemma3"])
+def test_generation_fixture_prompts(short):
+    """The engine's greedy references: our ids for the prompts llama.cpp was fed, the chat
+    template rendered with jinja2 as llama-cpp-python does, and the generated text."""
+    import jinja2
+
+    fx = _fixture(f"llamacpp_generate_{short}.json")
+    tok = _tok(short)
+    assert tok.eot_ids == set(fx["eog_ids"])
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    for r in fx["runs"]:
+        assert tok.encode(r["prompt"], parse_special=True) == r["prompt_token_ids"]
+        if "messages" in r:
+            rendered = env.from_string(tok.chat_template).render(messages=r["messages"], add_generation_prompt=True)
+            assert rendered == r["prompt"]
+        assert tok.decode(r["token_ids"], skip_special=True) == r["text"]
+        assert (r["finish_reason"] == "stop") == (r["token_ids"][-1] in tok.eot_ids)
+
+
 def test_smollm2_special_parsing_and_bos():
     tok = _tok("smollm2")
     text = "<|im_start|>user\nHi<|im_end|>"
@@ -143,22 +162,23 @@ def test_gemma3_bos_user_defined_and_byte_fallback():
     assert tok.token_text(ids[0]).startswith("<0x") and len(pieces[0]) == 1
 
 
-def test_variants_match_llamacpp():
+_VARIANTS = {v["label"]: v for v in _fixture("llamacpp_tokens_variants.json")["variants"]}
+_METAS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("label", [pytest.param(k, marks=pytest.mark.slow) if k.startswith("add_space") else k
+                                   for k in _VARIANTS])
+def test_variants_match_llamacpp(label):
     """Other `tokenizer.ggml.pre` regexes (gpt2, default, llama-bpe, qwen2) and the SPM space
-    prefix, on the shipped vocabularies: llama.cpp ran on vocab-only GGUFs with these keys."""
-    fx = _fixture("llamacpp_tokens_variants.json")
-    metas = {}
-    for v in fx["variants"]:
-        if v["base"] not in metas:
-            try:
-                metas[v["base"]] = T.read_gguf_metadata(models.resolve(v["base"]))
-            except models.ModelNotFound as e:
-                pytest.skip(str(e))
-        meta = {**metas[v["base"]], **v["overrides"]}
-        tok = Tokenizer.from_metadata(meta)
-        assert (tok.bos_id, tok.add_bos) == (v["facts"]["bos"], v["facts"]["add_bos"]), v["label"]
-        bad = _mismatches(tok, v["facts"], v["cases"]) + _decode_mismatches(tok, v["cases"])
-        assert not bad, f"{v['label']}: {len(bad)} mismatches, e.g.\n" + "\n".join(bad[:8])
+    prefix (Llama-2 style) on the shipped vocabularies: llama.cpp ran on vocab-only GGUFs
+    written with these keys changed."""
+    v = _VARIANTS[label]
+    if v["base"] not in _METAS:
+        _METAS[v["base"]] = T.read_gguf_metadata(_path(v["base"].split("-")[0]))
+    tok = Tokenizer.from_metadata({**_METAS[v["base"]], **v["overrides"]})
+    assert (tok.bos_id, tok.add_bos) == (v["facts"]["bos"], v["facts"]["add_bos"])
+    bad = _mismatches(tok, v["facts"], v["cases"]) + _decode_mismatches(tok, v["cases"])
+    assert not bad, f"{len(bad)} mismatches, e.g.\n" + "\n".join(bad[:8])
 
 
 def test_cache_hit_is_used_and_identical(tmp_path, monkeypatch):

@@ -215,9 +215,28 @@ def greedy(llm, prompt_ids: list[int], eog: set[int], max_new_tokens: int = 32) 
             "min_gap": min(s["gap"] for s in steps)}
 
 
+def _plain_cpu_weights() -> None:
+    """Load weights without llama.cpp's extra CPU buffer types (AMX tiles, repacked blocks).
+
+    On a CPU that reports AMX but runs in a sandbox that does not allow it, the AMX path dies
+    with SIGILL; the plain ggml-cpu kernels give the reference the kit's engine is held to."""
+    import llama_cpp.llama_cpp as C
+    if getattr(C.llama_model_default_params, "_plain", False):
+        return
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    params._plain = True
+    C.llama_model_default_params = params
+
+
 def generate_fixture(path: Path, name: str, kind: str) -> dict:
     from llama_cpp import Llama
     import llama_cpp
+    _plain_cpu_weights()
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=2, n_batch=512, logits_all=True, seed=0, verbose=False)
     facts = vocab_facts(llm)
     eog = set(facts["eog_ids"])
@@ -236,7 +255,7 @@ def generate_fixture(path: Path, name: str, kind: str) -> dict:
             runs.append({"prompt": prompt, **greedy(llm, ids, eog)})
     return {"model": name, "llama_cpp_version": llama_cpp.__version__, "gguf": file_facts(path),
             "settings": {"n_ctx": 2048, "n_threads": 2, "n_batch": 512, "temperature": 0, "max_new_tokens": 32,
-                         "stop": "llama.cpp EOG set"},
+                         "stop": "llama.cpp EOG set", "use_extra_bufts": False},
             "eog_ids": facts["eog_ids"], "runs": runs}
 
 
