@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -52,7 +53,8 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"
     root.mkdir()
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
+    for name in (NOTEBOOK, "01_device_and_memory.ipynb"):
+        shutil.copy(ROOT / "notebooks" / name, root / name)
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, CI=os.environ.get("CI", "1"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                SPARK_LAB_THREADS=os.environ.get("SPARK_LAB_THREADS", "1"),
@@ -63,6 +65,10 @@ def lab(tmp_path_factory):
     note = tmp / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     note.parent.mkdir(parents=True)
     note.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # render every cell (JupyterLab 4 otherwise virtualises cells scrolled out of view)
+    tracker = tmp / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
            "--ServerApp.port_retries=0", "--LabApp.news_url=None",
@@ -148,26 +154,38 @@ def _tidy(page):
         current.first.click()     # clicking the open panel's tab collapses the sidebar
 
 
-def test_welcome_runs_and_chat_streams(lab, page):
-    base, token, root, log_path = lab
+def _open_and_run_all(page, base, token, name):
+    """Open notebooks/<name>, Run → Run All Cells, wait until done: (seconds, stderr text, prompts, panel)."""
     t0 = time.time()
-    page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-    page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for()
+    page.goto(f"{base}/lab/tree/{name}?reset&token={token}")     # reset: a fresh workspace, this notebook only
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current", has_text=name).wait_for()
+    panel = page.locator(".jp-NotebookPanel:visible")
+    panel.locator(".jp-Notebook .jp-Cell").first.wait_for()
     # the kernel must be up before Run All (a kernel-selection dialog would mean it is not)
     deadline = time.time() + 120
     while not _kernel_states(base, token) and time.time() < deadline:
         time.sleep(0.5)
-    assert _kernel_states(base, token), "no kernel started for the notebook"
-
-    # 1. Run → Run All Cells
+    assert _kernel_states(base, token), f"no kernel started for {name}"
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-    page.locator(".jp-Cell .jp-InputPrompt", has_text="*").first.wait_for(timeout=30_000)
+    panel.locator(".jp-Cell .jp-InputPrompt", has_text="*").first.wait_for(timeout=30_000)
     _wait_until_idle(page, base, token, RUN_ALL_TIMEOUT)
-    run_all_s = time.time() - t0
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    errors = panel.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     error_text = "\n".join(errors.all_inner_texts())[-3000:]
-    prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+    prompts = panel.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+    page.screenshot(path=str(Path(tempfile.gettempdir()) / f"spark-lab-browser-{name}.png"))  # for diagnosis
+    return time.time() - t0, error_text, prompts, panel
+
+
+def _assert_ran_cleanly(name, error_text, prompts):
+    assert "Error" not in error_text and "Traceback" not in error_text, f"a cell of {name} failed:\n{error_text}"
+    assert prompts and all(any(ch.isdigit() for ch in p) for p in prompts), f"{name}: cells not run: {prompts}"
+
+
+def test_welcome_runs_and_chat_streams(lab, page):
+    # 1. open 00_welcome, Run → Run All Cells
+    base, token, root, log_path = lab
+    run_all_s, error_text, prompts, panel = _open_and_run_all(page, base, token, NOTEBOOK)
     # (asserted at the end, so that a failing later cell still lets the chat and the screenshot be checked)
 
     # 2. the chat box: type a question, press Send, watch the answer grow
@@ -197,5 +215,17 @@ def test_welcome_runs_and_chat_streams(lab, page):
     shot = _shot(page)
     print(f"\nrun all: {run_all_s:.1f} s; chat answer grew through {len(lengths)} lengths: {final!r}; "
           f"status: {status.inner_text()}; screenshot: {shot}")
-    assert "Error" not in error_text and "Traceback" not in error_text, f"a cell failed:\n{error_text}"
-    assert prompts and all(any(ch.isdigit() for ch in p) for p in prompts), f"cells not run: {prompts}"
+    _assert_ran_cleanly(NOTEBOOK, error_text, prompts)
+
+
+def test_memory_notebook_draws_its_figures(lab, page):
+    """01_device_and_memory: every plot renders, the live dashboard (a plotly FigureWidget) included."""
+    base, token, root, log_path = lab
+    run_s, error_text, prompts, panel = _open_and_run_all(page, base, token, "01_device_and_memory.ipynb")
+    _assert_ran_cleanly("01_device_and_memory.ipynb", error_text, prompts)
+    plots = panel.locator(".js-plotly-plot")
+    assert plots.count() >= 3, f"expected the timeline, the dashboard and the plan table; saw {plots.count()} plots"
+    # the dashboard's traces reached the browser: one line per tag plus "in use"
+    legend = panel.locator(".js-plotly-plot", has_text="in use").first.inner_text()
+    assert "weights" in legend and "kv_cache" in legend
+    print(f"\n01_device_and_memory: run all {run_s:.1f} s, {plots.count()} plots drawn")
