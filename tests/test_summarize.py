@@ -375,3 +375,30 @@ def test_long_document_abstractive_smollm2():
     s = S.summarize(text, "abstractive", max_words=100, llm=llm, max_new_tokens=32, progress=True)
     print(f"\nSmolLM2 30k words: {s.chunks} chunks, {s.llm_calls} calls, {s.seconds:.0f} s")
     assert s.words_out <= 100 and s.chunks >= 15
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from spark_lab.cli import main
+    assert main(["summarize", str(tmp_path / "missing.txt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such file" in err
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02 binary")
+    assert main(["summarize", str(tmp_path / "bin.txt")]) == 1
+    assert "binary" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ evaluation set
+
+def test_evaluation_set_and_rouge():
+    pytest.importorskip("rouge_score")
+    from spark_lab.benchmarks import summarize as B
+    docs = B.load_documents()
+    assert len(docs) >= 5
+    for d in docs:
+        assert 300 <= S.count_words(d["text"]) <= 2500 and 60 <= S.count_words(d["reference"]) <= 150
+    same = B.rouge(docs[0]["reference"], docs[0]["reference"])
+    assert same == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    rows = B.evaluate(("lead",), docs[:2])
+    assert [r["words_out"] for r in rows] == [S.count_words(d["reference"]) for d in docs[:2]]
+    assert 0.2 < rows[0]["rouge1"] < 1.0
+    assert "lead" in B.format_table(B.table(rows))
