@@ -152,3 +152,14 @@ def test_bad_inputs(encoder):
         encoder.encode([1, 2])
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         encoder.model(np.array([1, 2, 3]))
+
+
+@pytest.mark.gpu
+def test_encoder_on_gpu_matches_transformers(model_path, gpu_device):
+    from spark_lab.device import array_module
+    enc = SentenceEncoder.load("all-minilm-l6-v2")
+    assert array_module(enc.model.w["embeddings.word_embeddings.weight"]).__name__ == "cupy"
+    ref, _ = _reference(model_path, SENTENCES)
+    e = enc.encode(SENTENCES, batch_size=8)
+    assert isinstance(e, np.ndarray) and e.dtype == np.float32
+    np.testing.assert_allclose(e, ref, atol=1e-4, rtol=0)  # cuBLAS sums in another order than MKL/OpenBLAS
