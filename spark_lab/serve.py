@@ -351,7 +351,7 @@ class Registry:
                 try:
                     w.model = await loop.run_in_executor(w.executor, _load, kind, source, self.config.n_ctx)
                 except (ModelNotFound, FileNotFoundError) as e:
-                    raise APIError(404, f"model {model_id!r} is not available: {e}", param="model",
+                    raise APIError(404, str(e), param="model",
                                    code="model_not_found") from None
                 except MemoryError as e:
                     raise APIError(503, f"model {model_id!r} does not fit in memory: {e}", code="out_of_memory")
