@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # bump when the way a tokenizer is built changes: old cache entries are then ignored
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -94,6 +94,7 @@ _FIM_OTHER_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim�
                     "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>", "<|fim_middle|>",
                     "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>",
                     "<|middle|>"}
+_FORCED_CONTROL = _EOG_TEXTS | _FIM_EOG_TEXTS | _FIM_OTHER_TEXTS
 
 # ------------------------------------------------------------------ reading GGUF metadata fast
 # gguf.GGUFReader builds a numpy view per array element: ~40 s for Gemma's 262k tokens on a
@@ -250,10 +251,9 @@ def _resolve_types(texts: list[str], types: np.ndarray, s: dict) -> tuple[dict[i
     out = {int(i): int(types[i]) for i in np.nonzero(types != NORMAL)[0]}
     eog = set()
     for i, t in enumerate(texts):
-        if t in _EOG_TEXTS or t in _FIM_EOG_TEXTS or t in _FIM_OTHER_TEXTS:
-            if out.get(i, NORMAL) not in (CONTROL,):   # llama.cpp forces these to CONTROL
-                out[i] = CONTROL
-            if t in _EOG_TEXTS or t in _FIM_EOG_TEXTS:
+        if t in _FORCED_CONTROL:
+            out[i] = CONTROL  # llama.cpp forces these to CONTROL whatever the file says
+            if t not in _FIM_OTHER_TEXTS:
                 eog.add(i)
     for k in ("eos_id", "eot_id", "eom_id"):
         if s[k] is not None:
@@ -567,8 +567,11 @@ def _reader_metadata(reader) -> dict:
 def _cache_path(path: Path) -> Path:
     from .models import cache_dir
 
+    import tokenizers
+
     st = path.stat()
-    key = hashlib.sha256(f"{CACHE_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = f"{CACHE_VERSION}|{tokenizers.__version__}|{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]
     return cache_dir() / "tokenizers" / f"{key}.json"
 
 
