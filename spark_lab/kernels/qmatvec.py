@@ -48,6 +48,7 @@ FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K)
 
 prange = range        # replaced by numba.prange when the kernels are compiled
 _JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
+vdot_nib = vdot_q5_0 = vdot_q8_0 = vdot_q6_k = None   # the numba intrinsics below, set by _jit()
 
 
 # ---------------------------------------------------------------------------- SIMD block dots (LLVM IR)
