@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
