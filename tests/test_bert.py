@@ -44,11 +44,17 @@ def encoder(model_path):
     return SentenceEncoder.load("all-minilm-l6-v2")
 
 
-def _reference(path, sentences, max_length=256):
+@pytest.fixture(scope="module")
+def hf(model_path):
+    """transformers' tokenizer and BertModel on the same folder: the reference."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(str(path))
-    model = transformers.BertModel.from_pretrained(str(path)).eval()
+    return (torch, transformers.AutoTokenizer.from_pretrained(str(model_path)),
+            transformers.BertModel.from_pretrained(str(model_path)).eval())
+
+
+def _reference(hf, sentences, max_length=256):
+    torch, tok, model = hf
     b = tok(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         h = model(**b).last_hidden_state
@@ -57,8 +63,8 @@ def _reference(path, sentences, max_length=256):
     return torch.nn.functional.normalize(e, dim=-1).numpy(), b["input_ids"].shape[1]
 
 
-def test_matches_transformers_mean_pooling(encoder, model_path):
-    ref, T = _reference(model_path, SENTENCES)
+def test_matches_transformers_mean_pooling(encoder, hf):
+    ref, T = _reference(hf, SENTENCES)
     assert T == 256                                          # the long inputs were truncated
     e = encoder.encode(SENTENCES, batch_size=8)
     assert e.dtype == np.float32 and e.shape == (len(SENTENCES), 384)
@@ -66,12 +72,10 @@ def test_matches_transformers_mean_pooling(encoder, model_path):
     np.testing.assert_allclose(e, ref, atol=1e-5, rtol=0)
 
 
-def test_hidden_states_match_transformers(encoder, model_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+def test_hidden_states_match_transformers(encoder, hf):
+    torch, _, ref = hf
     ids, mask = encoder.tokenize(SENTENCES[:6])
     h = np.asarray(encoder.model(ids, mask))
-    ref = transformers.BertModel.from_pretrained(str(model_path)).eval()
     with torch.no_grad():
         r = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
     keep = mask.astype(bool)
@@ -155,11 +159,11 @@ def test_bad_inputs(encoder):
 
 
 @pytest.mark.gpu
-def test_encoder_on_gpu_matches_transformers(model_path, gpu_device):
+def test_encoder_on_gpu_matches_transformers(hf, gpu_device):
     from spark_lab.device import array_module
     enc = SentenceEncoder.load("all-minilm-l6-v2")
     assert array_module(enc.model.w["embeddings.word_embeddings.weight"]).__name__ == "cupy"
-    ref, _ = _reference(model_path, SENTENCES)
+    ref, _ = _reference(hf, SENTENCES)
     e = enc.encode(SENTENCES, batch_size=8)
     assert isinstance(e, np.ndarray) and e.dtype == np.float32
     np.testing.assert_allclose(e, ref, atol=1e-4, rtol=0)  # cuBLAS sums in another order than MKL/OpenBLAS
