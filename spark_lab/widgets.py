@@ -9,6 +9,7 @@ which is how the chat answer streams in while the kernel is busy generating it.
 from __future__ import annotations
 
 import html
+import inspect
 import io
 import threading
 import time
@@ -197,9 +198,19 @@ class ImageGallery(widgets.VBox):
     """Prompt, steps and seed in; a live preview of each denoising step; finished images collect below."""
 
     def __init__(self, pipe, num_inference_steps: int = 25, seed: int = 0, guidance_scale: float | None = None,
-                 prompt: str = "", preview_size: int = 192, thumb_size: int = 128):
+                 prompt: str = "", preview_size: int = 192, thumb_size: int = 128,
+                 decode_previews: bool | None = None):
         self.pipe = pipe
         self.guidance_scale = guidance_scale
+        # previews through pipe.decode are exact but cost a VAE pass per step; pixel-space models
+        # (no VAE) get them for free, latent models get a cheap channel view unless asked
+        if decode_previews is None:
+            decode_previews = hasattr(pipe, "decode") and getattr(pipe, "vae", None) is None
+        self.decode_previews = decode_previews
+        try:
+            self._quiet = "progress" in inspect.signature(pipe.__call__).parameters
+        except (TypeError, ValueError):
+            self._quiet = False
         self.preview_size, self.thumb_size = preview_size, thumb_size
         self.images: list = []          # PIL images made so far
         self.previews = 0               # step previews shown during the last generate()
@@ -219,7 +230,13 @@ class ImageGallery(widgets.VBox):
         if lat is None:
             return
         self.previews += 1
-        self.preview.value = _png(latents_preview(lat, self.preview_size))
+        if self.decode_previews:
+            from PIL import Image
+            img = Image.fromarray(plots.to_uint8_image(self.pipe.decode(lat)[0]))
+            img = img.resize((self.preview_size, self.preview_size), Image.NEAREST)
+        else:
+            img = latents_preview(lat, self.preview_size)
+        self.preview.value = _png(img)
         self.status.value = f"step {self.previews} / {self.steps.value}"
 
     def generate(self, prompt: str | None = None):
@@ -233,6 +250,8 @@ class ImageGallery(widgets.VBox):
         kw = dict(num_inference_steps=int(self.steps.value), seed=int(self.seed.value), callback=self._on_step)
         if self.guidance_scale is not None:
             kw["guidance_scale"] = self.guidance_scale
+        if self._quiet:
+            kw["progress"] = False      # the preview is the progress bar
         t0 = time.perf_counter()
         try:
             images = self.pipe(prompt, **kw)

@@ -4,6 +4,9 @@ The chat/pipeline/summarizer objects below are test doubles for the UI wiring on
 Scripted*): they stand in for spark_lab.llm / diffusion / summarize so these tests need no
 weights. The memory dashboard is tested against the real allocator.
 """
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,6 +115,26 @@ def test_image_gallery_previews_each_step_and_collects_images():
         g.generate("")
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "diffusion"
+
+
+def test_image_gallery_drives_the_real_pipeline():
+    """The gallery on spark_lab's own pipeline (tiny SD-style model): same image as calling it directly."""
+    diffusion = pytest.importorskip("spark_lab.diffusion")
+    if not (FIXTURES / "tiny-sd").is_dir():
+        pytest.skip("tests/fixtures/diffusion/tiny-sd is missing")
+    pipe = diffusion.TextToImagePipeline.from_pretrained(FIXTURES / "tiny-sd")
+    ref = pipe("a red heart", num_inference_steps=3, seed=5, progress=False)[0]
+    for decode in (False, True):                   # a cheap latent view, or exact previews through the VAE
+        g = widgets.ImageGallery(pipe, num_inference_steps=3, seed=5, decode_previews=decode)
+        img = g.generate("a red heart")
+        np.testing.assert_array_equal(np.asarray(img), np.asarray(ref))
+        assert g.previews == 3
+        preview = Image.open(io.BytesIO(g.preview.value))
+        assert preview.size == (g.preview_size, g.preview_size)
+    assert not widgets.ImageGallery(pipe).decode_previews     # latent model: no VAE pass per step by default
+
+
 def test_latents_preview_scales_to_full_range():
     lat = np.stack([np.full((4, 4), c, np.float32) for c in range(4)])[None]
     lat[0, :, 0, 0] = -3.0
@@ -197,3 +220,21 @@ def test_stream_timer_records_one_time_per_piece():
     t = widgets.StreamTimer(iter(["a", "b", "c"]))
     assert "".join(t) == "abc" and t.text == "abc"
     assert len(t.times) == 3 and t.times == sorted(t.times)
+
+
+@pytest.mark.slow
+def test_chatbox_on_the_real_llm_matches_a_chat_session():
+    """ChatBox(LLM) builds a ChatSession: at temperature 0 it shows exactly what the session answers."""
+    llm_mod = pytest.importorskip("spark_lab.llm")
+    from spark_lab.models import ModelNotFound
+    try:
+        llm = llm_mod.LLM.load("smollm2-135m-instruct", n_ctx=256)
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+    gen = dict(max_new_tokens=2, temperature=0.0)
+    box = widgets.ChatBox(llm, system_prompt="You are terse.", **gen)
+    shown = box.send("Capital of France?")
+    expected = llm_mod.ChatSession(llm, system_prompt="You are terse.").send("Capital of France?", **gen)
+    assert shown == expected and shown
+    assert len(box.last_times) >= 1 and "tok/s" in box.status.value
+    assert [m["role"] for m in box.session.history][-2:] == ["user", "assistant"]
