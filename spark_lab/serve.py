@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
@@ -214,6 +214,7 @@ class Worker:
         self.id, self.kind, self.max_waiting = model_id, kind, max_waiting
         self.model = None                    # an LLM, SentenceEncoder or TextToImagePipeline once loaded
         self.jobs = 0                        # submitted and not yet finished (running + waiting)
+        self.active: set = set()             # Jobs not yet finished, so shutdown can stop them
         self.loading = asyncio.Lock()
         # SPARK_LAB_THREADS is pinned in the worker thread too: numba's thread count is per thread
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"spark-serve-{model_id}", initializer=set_threads)
@@ -250,6 +251,8 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self.future = worker.submit(self._run, fn, args)
+        worker.active.add(self)
+        self.future.add_done_callback(lambda _: worker.active.discard(self))
 
     def _run(self, fn, args):                       # on the worker thread
         if self.cancel.is_set():
@@ -360,7 +363,10 @@ class Registry:
         return w
 
     def close(self):
+        """Stop every job (a running generation ends within a token) and let the threads go."""
         for w in self.workers.values():
+            for job in list(w.active):
+                job.stop()
             w.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -395,9 +401,17 @@ def _decode(llm, prompt_ids, sampling, emit, cancelled):
         it.close()               # an early stop releases the engine's lock here
 
 
-def _embed(encoder, texts, emit, cancelled):
-    vectors = encoder.encode(texts)                                          # [n, dim] float32
-    return vectors, sum(encoder.count_tokens(t) for t in texts)
+def _embed(encoder, texts, model_id, encoding_format, emit, cancelled):
+    """-> the response body as JSON bytes (built here: 2048 vectors would stall the event loop)."""
+    vectors = np.asarray(encoder.encode(texts), dtype=np.float32)             # [n, dim]
+    n_tokens = sum(encoder.count_tokens(t) for t in texts)
+    data = []
+    for i, v in enumerate(vectors):
+        e = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if encoding_format == "base64"
+             else v.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": e})
+    return json.dumps({"object": "list", "data": data, "model": model_id,
+                       "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}).encode()
 
 
 class _Cancelled(Exception):
@@ -659,14 +673,8 @@ def create_app(config: ServerConfig | None = None):
         worker = await registry.get(r.model, "embedding")
         if r.dimensions is not None and r.dimensions != worker.model.dim:
             raise _unsupported("dimensions", f"{worker.id} makes {worker.model.dim}-dimensional vectors only")
-        _, (vectors, n_tokens) = await Job(worker, _embed, worker.model, texts).result(request)
-        data = []
-        for i, v in enumerate(np.asarray(vectors, dtype=np.float32)):
-            e = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if r.encoding_format == "base64"
-                 else [float(x) for x in v])
-            data.append({"object": "embedding", "index": i, "embedding": e})
-        return {"object": "list", "data": data, "model": worker.id,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        _, body = await Job(worker, _embed, worker.model, texts, worker.id, r.encoding_format).result(request)
+        return Response(body, media_type="application/json")
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
@@ -820,13 +828,11 @@ class BackgroundServer:
 
 
 def cmd_serve(args) -> int:
-    from .device import set_threads
     from .models import resolve
     api_key = args.api_key or os.environ.get("SPARK_LAB_API_KEY") or None
     model = args.model or DEFAULT_LLM
     resolve(model, "llm")                         # a missing default model is one clear line now, not a 404 later
     config = ServerConfig(default_model=model, api_key=api_key)
-    set_threads()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it",
               flush=True)

@@ -116,9 +116,24 @@ def test_chat_and_stream_agree(client):
     assert usage.prompt_tokens == r.usage.prompt_tokens and usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_stop_and_seed(client):
+    text = _chat(client, "Name a primary colour.", 8).choices[0].message.content    # served from the same engine
+    stop = text.split()[1]                                        # cut at the answer's second word
+    r = _chat(client, "Name a primary colour.", 8, stop=[stop, "zzz-never"])
+    assert r.choices[0].message.content == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+    kw = dict(model=CHAT, messages=[{"role": "user", "content": "Write a word."}], max_tokens=4, temperature=1.0,
+              seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                if c.choices)
+    assert a == b                                                 # same seed, same sample, streamed or not
+
+
 def test_completion_equals_engine(client):
     """/v1/completions on a raw prompt gives exactly what the engine gives in-process."""
+    from spark_lab.device import set_threads
     from spark_lab.llm import LLM
+    set_threads()                 # SPARK_LAB_THREADS, as the server's worker does (numba's default can crawl here)
     prompt = "<|im_start|>user\nThe capital of France is<|im_end|>\n<|im_start|>assistant\n"
     r = client.completions.create(model=CHAT, prompt=prompt, max_tokens=5, temperature=0)
     llm = LLM.load(CHAT, n_ctx=N_CTX)
@@ -276,3 +291,45 @@ def test_still_serving_after_bad_requests(client, server):
     r = client.completions.create(model=CHAT, prompt="Hello", max_tokens=1, temperature=0)
     assert r.usage.completion_tokens == 1
     assert httpx.get(_root(server) + "/health").json()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------ the command and the app
+
+def test_cli_serve_takes_key_from_env():
+    env = dict(os.environ, SPARK_LAB_API_KEY="env-key", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "spark_lab.cli", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        url = line.split("listening on ")[1].split()[0]
+        assert httpx.get(url + "/models").status_code == 401
+        models = httpx.get(url + "/models", headers={"Authorization": "Bearer env-key"}).json()
+        assert CHAT in [m["id"] for m in models["data"]]
+        assert httpx.get(url[: -len("/v1")] + "/health").json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped
+        assert proc.wait(timeout=30) in (0, -15)
+
+
+def test_cli_serve_port_in_use(capsys):
+    import socket
+    from spark_lab import cli
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        assert cli.main(["serve", "--port", str(busy.getsockname()[1])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spark-lab serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_no_key_configured_means_open():
+    from starlette.testclient import TestClient
+    from spark_lab.serve import ServerConfig, create_app
+    with TestClient(create_app(ServerConfig())) as http:
+        assert http.get("/v1/models").status_code == 200
+        r = http.get("/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = http.post("/v1/embeddings", json={"model": CHAT, "input": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
