@@ -33,7 +33,7 @@ def attend(q, k, v):
     if Tk == 1:
         return xp.broadcast_to(v, (BH, Tq, v.shape[2]))
     q = q * (1.0 / D ** 0.5)
-    kt = k.transpose(0, 2, 1)                                           # [BH, D, Tk]
+    kt = xp.ascontiguousarray(k.transpose(0, 2, 1))                     # [BH, D, Tk]: BLAS-friendly
     out = xp.empty((BH, Tq, v.shape[2]), dtype=np.float32)
     step = max(1, SCORES_PER_CHUNK // (Tq * Tk))
     for s in range(0, BH, step):
