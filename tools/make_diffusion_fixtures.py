@@ -136,7 +136,7 @@ def main() -> None:
     pix = UNet2DConditionModel(
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4,
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=384, attention_head_dim=4, norm_num_groups=4,
         use_linear_projection=True).eval()
     pd = out / "tiny-pixel"
     pix.half().save_pretrained(str(pd / "unet"), variant="fp16")
@@ -148,7 +148,7 @@ def main() -> None:
         "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
     with torch.no_grad():
         x = torch.randn(2, 3, 8, 8, generator=g)
-        ehs = torch.randn(2, 1, 12, generator=g)
+        ehs = torch.randn(2, 1, 384, generator=g)
         ref["pix_in"] = x.numpy(); ref["pix_ehs"] = ehs.numpy()
         ref["pix_out"] = pix(x, 250, encoder_hidden_states=ehs).sample.numpy()
 

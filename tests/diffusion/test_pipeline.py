@@ -13,11 +13,11 @@ REF = np.load(FIX / "reference.npz")
 
 
 class HashEncoder:
-    """A deterministic stand-in for the MiniLM SentenceEncoder with the tiny UNet's width (12):
+    """A deterministic stand-in for the MiniLM SentenceEncoder (384-d), so the loop tests need no BERT:
     the pipeline only needs `encode(list[str]) -> [n, d]` L2-normalised rows."""
 
     def encode(self, texts):
-        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(12).astype(np.float32) for t in texts]
+        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(384).astype(np.float32) for t in texts]
         e = np.stack(rows)
         return e / np.linalg.norm(e, axis=1, keepdims=True)
 
@@ -139,3 +139,18 @@ def test_spark_emoji_generates():
     img = pipe("a red heart", num_inference_steps=2, seed=0, output_type="np", progress=False)
     assert img.shape == (1, 32, 32, 3) and img.dtype == np.float32
     assert 0.0 <= img.min() and img.max() <= 1.0
+
+
+@pytest.mark.skipif(not is_present("all-minilm-l6-v2"), reason="all-minilm-l6-v2 not installed")
+def test_real_sentence_encoder_conditioning():
+    """spark-emoji's exact conditioning path: SentenceEncoder.load(...).encode(prompts)[:, None, :]."""
+    from spark_lab.text.bert import SentenceEncoder
+    pipe = TextToImagePipeline.from_pretrained(FIX / "tiny-pixel")
+    assert pipe.default_guidance == 4.0
+    cond = pipe.encode_prompt(["a red heart", "a dog"])
+    assert cond.shape == (2, 1, 384) and cond.dtype == np.float32
+    want = SentenceEncoder.load("all-minilm-l6-v2").encode(["a red heart", "a dog"])
+    np.testing.assert_allclose(cond[:, 0], want, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(cond[:, 0], axis=1), 1.0, atol=1e-5)
+    ims = pipe(["a red heart", "a dog"], num_inference_steps=2, seed=0, progress=False)
+    assert len(ims) == 2 and ims[0].size == (8, 8)
