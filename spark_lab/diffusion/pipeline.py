@@ -21,7 +21,6 @@ from ..memory import get_allocator
 from .attention import SCORES_PER_CHUNK
 from .loading import read_json
 from .schedulers import load_scheduler
-from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
 

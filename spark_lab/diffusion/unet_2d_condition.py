@@ -137,10 +137,9 @@ class UNet2DConditionModel:
         n = len(c.down_block_types)
         heads = _per_block(c.attention_head_dim, n, "attention_head_dim")   # diffusers' name; really heads
         layers = _per_block(c.layers_per_block, n, "layers_per_block")
-        xattn_layers = _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")  # layers: read from the weights
         only_cross = _per_block(c.only_cross_attention, n, "only_cross_attention")
         _per_block(c.cross_attention_dim, n, "cross_attention_dim")
-        del xattn_layers  # the number of transformer layers is read from the weights
         groups, eps = c.norm_num_groups, c.norm_eps
         rkw = dict(groups=groups, eps=eps, time_embedding_norm=c.resnet_time_scale_shift)
 

@@ -78,7 +78,6 @@ class AutoencoderKL:
         g, eps = c.norm_num_groups, 1e-6
         rkw = dict(groups=g, eps=eps)
         n = len(c.block_out_channels)
-        ch = c.block_out_channels[-1]
 
         def mid(q):
             attn = (lambda a: SpatialAttention(a, 1, g, eps)) if c.mid_block_add_attention else None
@@ -91,7 +90,6 @@ class AutoencoderKL:
         d = p.sub("decoder")
         self.dec_mid = mid(d)
         self.dec_up = [UpBlock(d.sub(f"up_blocks.{i}"), c.layers_per_block + 1, rkw, i < n - 1) for i in range(n)]
-        del ch
 
     @classmethod
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None, variant: str | None = None):
