@@ -215,6 +215,7 @@ class Worker:
         self.model = None                    # an LLM, SentenceEncoder or TextToImagePipeline once loaded
         self.jobs = 0                        # submitted and not yet finished (running + waiting)
         self.active: set = set()             # Jobs not yet finished, so shutdown can stop them
+        self.served = self.cancelled = 0     # answers delivered; requests whose client left before the end
         self.loading = asyncio.Lock()
         # SPARK_LAB_THREADS is pinned in the worker thread too: numba's thread count is per thread
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"spark-serve-{model_id}", initializer=set_threads)
@@ -250,6 +251,7 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
+        self.worker = worker
         self.future = worker.submit(self._run, fn, args)
         worker.active.add(self)
         self.future.add_done_callback(lambda _: worker.active.discard(self))
@@ -274,22 +276,30 @@ class Job:
 
     async def items(self, request=None):
         """Yield emitted pieces, then the _End; stop (and free the slot) if the client goes away."""
-        getter = None
+        getter, next_check, finished = None, self.loop.time() + POLL_S, False
         try:
             while True:
                 getter = getter or asyncio.ensure_future(self.queue.get())
                 done, _ = await asyncio.wait({getter}, timeout=POLL_S)
-                if not done:
-                    if request is not None and await request.is_disconnected():
+                if request is not None and self.loop.time() >= next_check:   # tokens may flow faster than this
+                    next_check = self.loop.time() + POLL_S
+                    if await request.is_disconnected():
                         return
+                if not done:
                     continue
                 item, getter = getter.result(), None
                 if isinstance(item, _End) and item.error is not None:
                     raise _as_api_error(item.error)
-                yield item
                 if isinstance(item, _End):
+                    finished = True
+                yield item
+                if finished:
                     return
         finally:
+            if finished:
+                self.worker.served += 1
+            else:
+                self.worker.cancelled += 1
             self.stop()
             if getter is not None:
                 getter.cancel()
@@ -561,7 +571,8 @@ def create_app(config: ServerConfig | None = None):
     @app.get("/health")
     async def health():
         return {"status": "ok", "version": __version__,
-                "models": {mid: {"loaded": w.model is not None, "jobs": w.jobs} for mid, w in registry.workers.items()}}
+                "models": {mid: {"loaded": w.model is not None, "jobs": w.jobs, "served": w.served,
+                                 "cancelled": w.cancelled} for mid, w in registry.workers.items()}}
 
     @app.get("/v1/models")
     async def models():
@@ -831,6 +842,8 @@ def cmd_serve(args) -> int:
     from .models import resolve
     api_key = args.api_key or os.environ.get("SPARK_LAB_API_KEY") or None
     model = args.model or DEFAULT_LLM
+    if model in CATALOGUE and CATALOGUE[model].kind != "llm":
+        raise ValueError(f"--model {model} is {KINDS[CATALOGUE[model].kind]}; give a chat model (e.g. {DEFAULT_LLM})")
     resolve(model, "llm")                         # a missing default model is one clear line now, not a 404 later
     config = ServerConfig(default_model=model, api_key=api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -174,6 +174,7 @@ def test_image_equals_pipeline(client):
 
 # ------------------------------------------------------------------------------ many clients at once
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streams(client, server):
     prompts = ["Say hello.", "Count to three.", "Name a fruit.", "What is 2+2?"]
     # the same requests one at a time: the reference answers
@@ -194,6 +195,8 @@ def test_sixteen_concurrent_streams(client, server):
 
 
 def test_disconnect_frees_the_line(client, server):
+    health = lambda: httpx.get(_root(server) + "/health").json()["models"].get(CHAT, {})   # noqa: E731
+    cancelled = health().get("cancelled", 0)
     http = httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     body = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me a very long story."}],
             "max_tokens": 900, "temperature": 0, "stream": True}
@@ -207,12 +210,15 @@ def test_disconnect_frees_the_line(client, server):
                 break
         else:
             pytest.fail("the stream ended before its first token")
+    with pytest.raises(httpx.TimeoutException):                               # a non-streaming client gives up
+        http.post("/chat/completions", json={**body, "stream": False}, timeout=1.5)
     http.close()
-    # both are gone: the next request is served now, not after two 900-token stories (client timeout 120 s)
+    # all three are gone: the next request is served now, not after 900-token stories (client timeout 120 s)
     quick = openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0, timeout=120)
     r = _chat(quick, "Hi", 2)
     assert r.usage.completion_tokens >= 1
-    assert httpx.get(_root(server) + "/health").json()["models"][CHAT]["jobs"] == 0
+    h = health()
+    assert h["jobs"] == 0 and h["cancelled"] - cancelled == 3
 
 
 # ------------------------------------------------------------------------------ bad requests
@@ -322,6 +328,8 @@ def test_cli_serve_port_in_use(capsys):
         assert cli.main(["serve", "--port", str(busy.getsockname()[1])]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("spark-lab serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+    assert cli.main(["serve", "--model", "all-minilm-l6-v2"]) == 1
+    assert "is an embedding model" in capsys.readouterr().err
 
 
 def test_no_key_configured_means_open():
