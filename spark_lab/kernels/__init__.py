@@ -9,13 +9,13 @@ from .attention import attention
 from .conv import conv2d, upsample_nearest2d
 from .linalg import embedding, linear, matmul
 from .norms import group_norm, layernorm, rmsnorm
-from .rope import rope, timestep_embedding
+from .rope import rope, rope_table, timestep_embedding
 
 __all__ = [
     "linear", "matmul", "embedding",
     "rmsnorm", "layernorm", "group_norm",
     "softmax", "silu", "gelu", "quick_gelu", "swiglu", "geglu",
-    "rope", "timestep_embedding",
+    "rope", "rope_table", "timestep_embedding",
     "attention",
     "conv2d", "upsample_nearest2d",
 ]

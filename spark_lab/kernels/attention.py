@@ -20,6 +20,8 @@ def _keep_mask(xp, q_pos, k_pos, causal, window):
     """bool [tq, tk]: True where the query at q_pos may see the key at k_pos (None: all kept)."""
     if not causal and window is None:
         return None
+    if window is None and q_pos.shape[0] == 1 and int(q_pos[0]) >= int(k_pos[-1]):
+        return None                                    # one query that sees every key (decode)
     q_pos, k_pos = q_pos[:, None], k_pos[None, :]      # [tq, 1], [1, tk]
     keep = k_pos <= q_pos if causal else xp.ones((q_pos.shape[0], k_pos.shape[1]), dtype=bool)
     if window is not None:

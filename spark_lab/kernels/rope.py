@@ -22,8 +22,18 @@ def _rope_table(xp, positions, rotary_dim, theta, freq_scale):
     return xp.cos(ang).astype(np.float32)[:, None, :], xp.sin(ang).astype(np.float32)[:, None, :]
 
 
-def rope(x, positions, theta=10000.0, rotary_dim=None, neox=False, freq_scale=1.0):
-    """x [T, H, D], positions [T] int -> x with its first rotary_dim features rotated, [T, H, D]."""
+def rope_table(positions, rotary_dim, theta=10000.0, freq_scale=1.0):
+    """cos, sin [T, 1, rotary_dim/2] for `rope(..., table=)`: a decoder computes it once per
+    forward pass and shares it across layers instead of once per layer and per q/k."""
+    xp = array_module(positions)
+    return _rope_table(xp, xp.asarray(positions), int(rotary_dim), theta, freq_scale)
+
+
+def rope(x, positions, theta=10000.0, rotary_dim=None, neox=False, freq_scale=1.0, table=None):
+    """x [T, H, D], positions [T] int -> x with its first rotary_dim features rotated, [T, H, D].
+
+    table: optional (cos, sin) from `rope_table(positions, rotary_dim, theta, freq_scale)`.
+    """
     if x.ndim != 3:
         raise ValueError(f"rope: x {tuple(x.shape)} must be [T, H, D]")
     T, H, D = x.shape
@@ -37,7 +47,7 @@ def rope(x, positions, theta=10000.0, rotary_dim=None, neox=False, freq_scale=1.
     if xp.__name__ == "cupy" and x.dtype == np.float32:
         from . import cuda_kernels
         return cuda_kernels.rope(x, positions, float(theta), rd, bool(neox), float(freq_scale))
-    cos, sin = _rope_table(xp, positions, rd, theta, freq_scale)     # [T, 1, rd/2]
+    cos, sin = table if table is not None else _rope_table(xp, positions, rd, theta, freq_scale)  # [T, 1, rd/2]
     half = rd // 2
     i0, i1 = (slice(0, half), slice(half, rd)) if neox else (slice(0, rd, 2), slice(1, rd, 2))
     x0, x1 = x[..., i0], x[..., i1]                                    # [T, H, rd/2] each

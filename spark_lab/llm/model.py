@@ -14,7 +14,8 @@ from gguf import GGMLQuantizationType as Q
 from .. import kernels as K
 from ..gguf import GGUFError, GGUFFile, LLMConfig
 from ..memory import get_allocator
-from ..quants import QuantTensor, BLOCK_SIZES
+from ..device import array_module
+from ..quants import QuantTensor, BLOCK_SIZES, concat_rows
 from .cache import KVCache
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -38,6 +39,24 @@ class Layer:
     k_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None  # gemma3 [d]
     post_ffn_norm: np.ndarray | None = None
+    wqkv: object = None              # [(n_head + 2*n_kv)*hd, d]: q|k|v fused (one mat-vec per token)
+    bqkv: np.ndarray | None = None
+    w_gu: object = None              # [2*ff, d]: gate|up fused
+
+
+def _fuse(*ws):
+    """Stack weights of one kind along their rows (a copy, accounted as weights); None if mixed."""
+    if any(w is None for w in ws):
+        return None
+    if all(isinstance(w, QuantTensor) for w in ws):
+        if len({(w.qtype, w.shape[1]) for w in ws}) != 1:
+            return None                 # e.g. Gemma's Q5_0 q/k beside a Q8_0 v
+        fused = concat_rows(*ws)
+        return QuantTensor(get_allocator().place(fused.data, tag="weights", what="fused rows"), fused.qtype, fused.shape)
+    if any(isinstance(w, QuantTensor) for w in ws):
+        return None
+    xp = array_module(ws[0])
+    return get_allocator().place(xp.concatenate(ws, axis=0), tag="weights", what="fused rows")
 
 
 class Transformer:
@@ -81,6 +100,18 @@ class Transformer:
                 post_attn_norm=tensor(p + "post_attention_norm.weight", gemma),
                 post_ffn_norm=tensor(p + "post_ffw_norm.weight", gemma),
             ))
+            self._fuse_layer(self.layers[-1])
+
+    @staticmethod
+    def _fuse_layer(L: Layer) -> None:
+        """q|k|v and gate|up as one matrix each: fewer, larger products per token."""
+        L.wqkv = _fuse(L.wq, L.wk, L.wv)
+        if L.wqkv is not None:
+            L.bqkv = None if L.bq is None else np.concatenate([L.bq, L.bk, L.bv])
+            L.wq = L.wk = L.wv = L.bq = L.bk = L.bv = None   # drop the unfused views
+        L.w_gu = _fuse(L.w_gate, L.w_up)
+        if L.w_gu is not None:
+            L.w_gate = L.w_up = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: np.ndarray, pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -90,22 +121,30 @@ class Transformer:
         if pos + T > cache.n_ctx:
             raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
         positions = np.arange(pos, pos + T, dtype=np.int64)
+        tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale)   # shared by all layers
+                  for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}
+        nq, nkv = c.n_head * hd, c.n_head_kv * hd
         x = K.embedding(self.tok_embd, tokens)                      # [T, d]
         if c.embed_scale != 1.0:
             x *= c.embed_scale
         for i, L in enumerate(self.layers):
             # --- attention
             h = K.rmsnorm(x, L.attn_norm, c.rms_eps)                # [T, d]
-            q = K.linear(h, L.wq, L.bq).reshape(T, c.n_head, hd)    # [T, H, hd]
-            k = K.linear(h, L.wk, L.bk).reshape(T, c.n_head_kv, hd) # [T, Hkv, hd]
-            v = K.linear(h, L.wv, L.bv).reshape(T, c.n_head_kv, hd)
+            if L.wqkv is not None:
+                qkv = K.linear(h, L.wqkv, L.bqkv)                   # [T, (H + 2*Hkv)*hd]
+                q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+            else:
+                q, k, v = K.linear(h, L.wq, L.bq), K.linear(h, L.wk, L.bk), K.linear(h, L.wv, L.bv)
+            q = q.reshape(T, c.n_head, hd)                          # [T, H, hd]
+            k = k.reshape(T, c.n_head_kv, hd)                       # [T, Hkv, hd]
+            v = v.reshape(T, c.n_head_kv, hd)
             if c.qk_norm:
                 q = K.rmsnorm(q, L.q_norm, c.rms_eps)
                 k = K.rmsnorm(k, L.k_norm, c.rms_eps)
             sliding = c.is_sliding(i)
             theta = c.rope_theta_local if sliding else c.rope_theta
-            q = K.rope(q, positions, theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale)
-            k = K.rope(k, positions, theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale)
+            rk = dict(theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale, table=tables[theta])
+            q, k = K.rope(q, positions, **rk), K.rope(k, positions, **rk)
             cache.write(i, pos, k, v)
             ks, vs = cache.view(i, pos + T)                         # [pos+T, Hkv, hd]
             o = K.attention(q, ks, vs, causal=True, q_offset=pos,
@@ -116,7 +155,11 @@ class Transformer:
             x = x + o
             # --- feed-forward
             h = K.rmsnorm(x, L.ffn_norm, c.rms_eps)
-            g, u = K.linear(h, L.w_gate), K.linear(h, L.w_up)       # [T, ff]
+            if L.w_gu is not None:
+                gu = K.linear(h, L.w_gu)                            # [T, 2*ff]
+                g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
+            else:
+                g, u = K.linear(h, L.w_gate), K.linear(h, L.w_up)   # [T, ff]
             a = K.swiglu(g, u) if c.act == "silu" else K.gelu(g, approximate="tanh") * u
             f = K.linear(a, L.w_down)                               # [T, d]
             if c.post_norms:
