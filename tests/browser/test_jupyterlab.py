@@ -166,6 +166,9 @@ def _open_and_run_all(page, base, token, name):
     while not _kernel_states(base, token) and time.time() < deadline:
         time.sleep(0.5)
     assert _kernel_states(base, token), f"no kernel started for {name}"
+    # ...and connected: Run All sent while the kernel is still starting is dropped when it comes up
+    page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=120_000)
+    time.sleep(1)
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     panel.locator(".jp-Cell .jp-InputPrompt", has_text="*").first.wait_for(timeout=30_000)
