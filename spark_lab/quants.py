@@ -261,6 +261,9 @@ class QuantTensor:
     packed: object = field(default=None, repr=False, compare=False)  # kernel-specific repack (qmatvec.prepare)
 
     def __post_init__(self):
+        # the caller's array stays referenced: an allocator counts a placed view only while that
+        # very object lives, and the reshaped view below would let it go (NumPy collapses bases)
+        self.source = self.data
         self.qtype = as_qtype(self.qtype)
         self.shape = tuple(int(s) for s in self.shape)
         if len(self.shape) != 2:
@@ -303,10 +306,18 @@ class QuantTensor:
         return dequantize(self.data[ids], self.qtype, (int(ids.size), self.shape[1]))
 
 
-def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16):
+# numpy inputs of at least this many rows take kernels.qmatvec.qmatmul (numba dequantize into
+# a cache-sized float32 tile + BLAS) when numba is there; fewer rows are cheaper as fused mat-vecs
+FAST_MIN_ROWS = 2
+
+
+def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16, fast: bool = True):
     """x @ dequant(qt).T without the whole float32 weight: x [n, in] or [in] -> [n, out] or [out].
 
-    Output rows are dequantized chunk by chunk, about `chunk_values` float32 values (256 KB)
+    fast (NumPy arrays, numba installed, a type `kernels.qmatvec` repacks): the numba tile
+    dequantizer over the repacked weight + BLAS (`kernels.qmatvec.qmatmul`); the float32 weight
+    values are bit-identical to `dequantize`. Otherwise (or fast=False, the reference) output
+    rows are dequantized here chunk by chunk, about `chunk_values` float32 values (256 KB)
     each: small enough that the temporaries stay in cache and are reused by the allocator
     (2M-value chunks measured 5-20x slower on a busy 2-core machine).
     """
@@ -316,6 +327,11 @@ def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16):
     if x.ndim not in (1, 2) or x.shape[-1] != cols:
         raise ValueError(f"quant_matmul: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
     x2 = x.reshape(-1, cols)                                        # [n, in]
+    if fast and xp is np and x2.shape[0] >= FAST_MIN_ROWS:
+        from .kernels import qmatvec                                # lazy: the kernels import this module
+        if qmatvec.supports(qt):
+            y = qmatvec.qmatmul(x2, qt)                             # [n, out]
+            return y.reshape(rows) if x.ndim == 1 else y
     out = xp.empty((x2.shape[0], rows), dtype=xp.float32)          # [n, out]
     step = max(1, chunk_values // cols)
     for r0 in range(0, rows, step):
@@ -323,6 +339,40 @@ def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16):
         w = dequantize(qt.data[r0:r1], qt.qtype, (r1 - r0, cols))  # [chunk, in]
         out[:, r0:r1] = x2 @ w.T
     return out.reshape(rows) if x.ndim == 1 else out
+
+
+def release_raw(qt: QuantTensor) -> bool:
+    """Drop the pages of `qt.data` from this process's memory when they are a read-only file mapping.
+
+    For a weight that `kernels.qmatvec.prepare` has repacked, the raw GGML blocks are only read
+    again by fallbacks (and by `rows`): the pages go back to the page cache and come back on the
+    next touch (madvise MADV_DONTNEED on an np.memmap opened with mode "r"; nothing else is
+    touched, since dropping anonymous or copy-on-write pages would lose data). The bytes stop
+    being counted by the allocator that placed them. -> True when pages were released.
+    """
+    import mmap
+    obj, mm = qt.data, None
+    while obj is not None:                                          # find the memmap under the views
+        if isinstance(obj, np.memmap):
+            mm = obj._mmap if obj.mode == "r" else None
+            break
+        obj = getattr(obj, "base", None)
+    if mm is None or not hasattr(mm, "madvise") or array_module(qt.data) is not np:
+        return False
+    base = np.frombuffer(mm, np.uint8).ctypes.data                  # start of the mapping
+    off, n = qt.data.ctypes.data - base, int(qt.data.nbytes)
+    if off < 0 or off + n > len(mm) or not qt.data.flags.c_contiguous:
+        return False
+    start = off - off % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, off + n - start)
+    src = getattr(qt, "source", None)
+    if src is not None:
+        from .memory import get_allocator
+        try:
+            get_allocator().free(src)                               # no longer resident
+        except ValueError:                                          # not a placed array, or freed already
+            pass
+    return True
 
 
 def concat_rows(*qts: QuantTensor) -> QuantTensor:

@@ -1,5 +1,6 @@
-"""spark_lab.kernels.qmatvec: the numba fused mat-vec against quant_matmul (NumPy reference),
-on random blocks, on real tensors of both shipped GGUFs, and its fallbacks and errors."""
+"""spark_lab.kernels.qmatvec: the numba fused mat-vec against quant_matmul (NumPy reference,
+fast=False), the prefill tiles (bit-exact dequantize, qmatmul), on random blocks, on real tensors
+of both shipped GGUFs, allocator accounting and release of the raw pages, fallbacks and errors."""
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -33,7 +34,7 @@ def test_matches_quant_matmul(q, rows):
     cols = 512
     qt = random_weight(q, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    ref = quant_matmul(x, qt)                                           # [3, rows]
+    ref = quant_matmul(x, qt, fast=False)                                           # [3, rows]
     assert close(qm.qmatvec(x, qt), ref)
     assert close(qm.qmatvec(x[1], qt), ref[1])                         # 1-D x -> 1-D y
     out = np.full((3, rows), np.nan, np.float32)
@@ -48,7 +49,7 @@ def test_any_group_size(G):
     qt = random_weight(QT.Q4_1, 100, 256, rng)
     x = rng.standard_normal(256).astype(np.float32)
     qm.prepare(qt, G=G)
-    assert qt.packed.G == G and close(qm.qmatvec(x, qt), quant_matmul(x, qt))
+    assert qt.packed.G == G and close(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False))
 
 
 def test_repacked_size():
@@ -65,14 +66,14 @@ def test_fallbacks(monkeypatch):
     rng = np.random.default_rng(1)
     qt = random_weight(QT.Q5_1, 40, 256, rng)                          # no fused kernel for Q5_1
     x = rng.standard_normal((2, 256)).astype(np.float32)
-    assert np.array_equal(qm.qmatvec(x, qt), quant_matmul(x, qt))
+    assert np.array_equal(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False))
     qt = random_weight(QT.Q4_1, 40, 256, rng)
-    xb = rng.standard_normal((qm.MAX_BATCH + 1, 256)).astype(np.float32)   # a prefill-sized batch
-    assert np.array_equal(qm.qmatvec(xb, qt), quant_matmul(xb, qt))
+    xb = rng.standard_normal((qm.MAX_BATCH + 1, 256)).astype(np.float32)   # a prefill-sized batch: tiles
+    assert np.array_equal(qm.qmatvec(xb, qt), qm.qmatmul(xb, qt))
     monkeypatch.setattr(qm, "_JIT", False)                             # as if numba were missing
     assert not qm.available()
     out = np.empty((2, 40), np.float32)
-    assert qm.qmatvec(x, qt, out=out) is out and np.array_equal(out, quant_matmul(x, qt))
+    assert qm.qmatvec(x, qt, out=out) is out and np.array_equal(out, quant_matmul(x, qt, fast=False))
 
 
 def test_errors():
@@ -110,7 +111,7 @@ def test_real_tensors_of_both_models():
             t = f.tensors[name]
             qt = QuantTensor(f.raw(t), t.qtype, t.shape)
             x = rng.standard_normal((2, t.shape[1])).astype(np.float32)
-            assert close(qm.qmatvec(x, qt), quant_matmul(x, qt), rtol=5e-6), (model, name)
+            assert close(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False), rtol=5e-6), (model, name)
 
 
 def test_kernel_that_does_not_compile_falls_back(monkeypatch):
@@ -126,5 +127,166 @@ def test_kernel_that_does_not_compile_falls_back(monkeypatch):
     monkeypatch.setattr(qm, "_JIT", kernels)
     with pytest.warns(RuntimeWarning, match="q8_0 kernel does not compile here"):
         y = qm.qmatvec(x, qt)
-    assert kernels["q8_0"] is None and np.array_equal(y, quant_matmul(x, qt))
+    assert kernels["q8_0"] is None and np.array_equal(y, quant_matmul(x, qt, fast=False))
     assert np.array_equal(qm.qmatvec(x, qt), y)                        # and stays on the fallback quietly
+
+
+# ---------------------------------------------------------------------------- prefill tiles
+
+def same_bits(a, b):
+    return a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("q", qm.FAST_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows,G,tile_kb", [(83, None, 512), (200, 16, 8), (64, 64, 1)])
+def test_tile_dequantize_bit_exact(q, rows, G, tile_kb):
+    # 83: a padded last group; tile_kb 8 and 1: many tiles (1 KB: one group per tile)
+    rng = np.random.default_rng(int(q) + rows)
+    qt = random_weight(q, rows, 512, rng)
+    qm.prepare(qt, G=G)
+    ref = qt.dequantize()                                               # quants.dequantize
+    got = np.empty_like(ref)
+    for r0, r1, tile in qm._tiles(qt, tile_kb << 10):
+        got[r0:r1] = tile.T
+    assert same_bits(got, ref)
+    assert same_bits(qm.dequantize(qt), ref)
+
+
+def test_tile_dequantize_extreme_scales():
+    # large, tiny (subnormal) and negative float16 scales: still the bits of quants.dequantize
+    rng = np.random.default_rng(11)
+    for q in qm.FAST_TYPES:
+        qt = random_weight(q, 64, 512, rng)
+        bs, ts = BLOCK_SIZES[q]
+        b = qt.data.reshape(-1, ts)
+        scales = np.array([60000.0, -8000.0, 6e-8, -3e-5, 0.0, -0.0, 1.0, 2.0], np.float16)
+        for off in F16_FIELDS[q]:
+            b[:, off:off + 2] = rng.choice(scales, len(b)).view(np.uint8).reshape(-1, 2)
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert same_bits(qm.dequantize(qt), qt.dequantize()), q.name
+
+
+@pytest.mark.parametrize("q", qm.FAST_TYPES, ids=lambda q: q.name)
+def test_qmatmul_matches_dequantize_then_matmul(q):
+    rng = np.random.default_rng(int(q) + 7)
+    qt = random_weight(q, 150, 512, rng)
+    x = rng.standard_normal((40, 512)).astype(np.float32)
+    ref = x @ qt.dequantize().T                                         # [40, 150]
+    for tb in (qm.TILE_BYTES, 4096):
+        y = qm.qmatmul(x, qt, tile_bytes=tb)
+        assert close(y, ref, rtol=1e-5)
+    assert close(quant_matmul(x, qt), ref, rtol=1e-5)                   # quant_matmul's fast path
+    assert close(quant_matmul(x, qt, fast=False), ref, rtol=1e-5)
+    out = np.full((40, 150), np.nan, np.float32)
+    assert qm.qmatmul(x, qt, out=out) is out and close(out, ref, rtol=1e-5)
+    y1 = qm.qmatmul(x[3], qt)
+    assert y1.shape == (150,) and close(y1, ref[3], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"out must be float32 of shape \(40, 150\)"):
+        qm.qmatmul(x, qt, out=np.empty((40, 149), np.float32))
+
+
+def test_qmatmul_fallbacks(monkeypatch):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((20, 256)).astype(np.float32)
+    qt = random_weight(QT.Q5_1, 40, 256, rng)                           # no tile kernel for Q5_1
+    assert not qm.supports(qt) and np.array_equal(qm.qmatmul(x, qt), quant_matmul(x, qt, fast=False))
+    qt = random_weight(QT.Q4_1, 40, 256, rng)
+    monkeypatch.setattr(qm, "_JIT", False)                              # as if numba were missing
+    assert not qm.supports(qt) and qm.dequantize(qt) is None
+    assert np.array_equal(qm.qmatmul(x, qt), quant_matmul(x, qt, fast=False))
+    assert np.array_equal(quant_matmul(x, qt), quant_matmul(x, qt, fast=False))
+
+
+def test_tile_kernel_that_does_not_compile_falls_back(monkeypatch):
+    from numba.core.errors import NumbaError
+    rng = np.random.default_rng(13)
+    qt = random_weight(QT.Q8_0, 32, 64, rng)
+    x = rng.standard_normal((20, 64)).astype(np.float32)
+    kernels = dict(qm._jit())
+
+    def broken(*args):
+        raise NumbaError("no vector ops here")
+    kernels["t_q8_0"] = broken
+    monkeypatch.setattr(qm, "_JIT", kernels)
+    with pytest.warns(RuntimeWarning, match="Q8_0 tile kernel does not compile here"):
+        y = qm.qmatmul(x, qt)
+    assert kernels["t_q8_0"] is None and np.array_equal(y, quant_matmul(x, qt, fast=False))
+    assert np.array_equal(qm.qmatmul(x, qt), y)                         # and stays on the fallback quietly
+
+
+# ---------------------------------------------------------------------------- memory
+
+def test_repacked_arrays_are_counted_by_the_allocator():
+    from spark_lab.memory import get_allocator
+    alloc = get_allocator()
+    before = alloc.stats().by_tag["weights"]
+    qt = random_weight(QT.Q4_1, 128, 512, np.random.default_rng(14))
+    p = qm.prepare(qt, what="test weight")
+    assert alloc.stats().by_tag["weights"] == before + p.nbytes
+    qt.packed = p = None                                                # the views die with the Packed
+    assert alloc.stats().by_tag["weights"] == before
+
+
+def test_release_raw_pages_of_a_file_mapping(tmp_path):
+    from spark_lab.memory import get_allocator
+    from spark_lab.quants import release_raw
+    rng = np.random.default_rng(15)
+    src = random_weight(QT.Q4_1, 256, 1024, rng)
+    path = tmp_path / "w.bin"
+    head = b"x" * 100                                                   # an unaligned start, as in a GGUF
+    path.write_bytes(head + src.data.tobytes() + b"tail")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    alloc = get_allocator()
+    before = alloc.stats().by_tag["weights"]
+    qt = QuantTensor(alloc.place(mm[100:100 + src.nbytes], tag="weights", what="raw"), QT.Q4_1, src.shape)
+    assert alloc.stats().by_tag["weights"] == before + src.nbytes      # the placed view stays counted
+    ref = src.dequantize()
+    qm.prepare(qt, release=False)
+    assert release_raw(qt)                                              # pages dropped, bytes uncounted
+    assert alloc.stats().by_tag["weights"] == before + qt.packed.nbytes
+    assert same_bits(qt.dequantize(), ref)                              # the file is read again on touch
+    assert same_bits(qm.dequantize(qt), ref)
+    assert not release_raw(random_weight(QT.Q4_1, 8, 64, rng))          # plain memory: never dropped
+    cow = np.memmap(path, dtype=np.uint8, mode="c")
+    assert not release_raw(QuantTensor(cow[100:100 + src.nbytes], QT.Q4_1, src.shape))
+
+
+def test_prepare_releases_the_raw_mapping(tmp_path):
+    import resource  # noqa: F401  (Linux: the RSS figure comes from /proc)
+    rng = np.random.default_rng(16)
+    src = random_weight(QT.Q8_0, 2048, 1024, rng)                       # 2.2 MB
+    path = tmp_path / "w.bin"
+    path.write_bytes(src.data.tobytes())
+    qt = QuantTensor(np.memmap(path, dtype=np.uint8, mode="r"), QT.Q8_0, src.shape)
+
+    def resident_kb():
+        return int(next(l for l in open("/proc/self/smaps_rollup") if l.startswith("Rss:")).split()[1])
+    if not __import__("os").path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("no /proc/self/smaps_rollup")
+    qt.data.sum()                                                       # fault the pages in
+    r0 = resident_kb()
+    qm.prepare(qt)                                                      # repack (+2.2 MB) then drop the raw pages
+    assert resident_kb() - r0 < 1200
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_tensors_tile_dequantize_bit_exact(model):
+    # every 2-D weight of a repackable type (the embedding tables: a sample of rows), both GGUFs
+    from spark_lab.gguf import GGUFFile
+    f = GGUFFile(_path(model))
+    rng = np.random.default_rng(17)
+    seen = {}
+    for t in f.tensors.values():
+        if len(t.shape) != 2 or t.qtype not in qm.FAST_TYPES:
+            continue
+        raw = f.raw(t)
+        rows = t.shape[0]
+        if rows > 4096:                                                 # token_embd: 300 random rows
+            raw = raw[np.sort(rng.choice(rows, 300, replace=False))]
+            rows = 300
+        qt = QuantTensor(raw, t.qtype, (rows, t.shape[1]))
+        assert same_bits(qm.dequantize(qt), qt.dequantize()), (model, t.name)
+        seen[t.qtype.name] = seen.get(t.qtype.name, 0) + 1
+    want = {"smollm2-135m-instruct": {"Q4_1": 210, "Q8_0": 1},
+            "gemma3-270m": {"Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}}[model]
+    assert seen == want

@@ -164,9 +164,11 @@ def test_quant_matmul_matches_dequantized(q):
     x = rng.standard_normal((3, cols)).astype(np.float32)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     for chunk in (1 << 21, 1000):                        # one chunk, then many uneven chunks
-        y = quant_matmul(x, qt, chunk_values=chunk)
+        y = quant_matmul(x, qt, chunk_values=chunk, fast=False)
         assert y.dtype == np.float32 and y.shape == (3, rows)
         assert np.max(np.abs(y - ref)) <= 1e-4 * np.max(np.abs(ref))
+    y = quant_matmul(x, qt)                              # the numba tiles where they exist
+    assert y.dtype == np.float32 and np.max(np.abs(y - ref)) <= 1e-4 * np.max(np.abs(ref))
     y1 = quant_matmul(x[0], qt)
     assert y1.shape == (rows,) and np.allclose(y1, ref[0], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -224,3 +226,15 @@ def test_concat_rows():
     assert c.shape == (8, 64) and same_bits(c.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
     with pytest.raises(ValueError, match=r"Q8_0 \(2, 64\) does not stack under Q4_1 \(3, 64\)"):
         quants.concat_rows(a, QuantTensor(random_blocks(QT.Q8_0, 4, rng), QT.Q8_0, (2, 64)))
+
+
+def test_quant_tensor_keeps_the_placed_view_counted():
+    # the allocator counts a placed view while that object lives: QuantTensor must keep it
+    from spark_lab.memory import get_allocator
+    alloc = get_allocator()
+    before = alloc.stats().by_tag["weights"]
+    raw = random_blocks(QT.Q4_1, 8, np.random.default_rng(10))
+    qt = QuantTensor(alloc.place(raw.reshape(-1), tag="weights", what="t"), QT.Q4_1, (4, 64))
+    assert alloc.stats().by_tag["weights"] == before + raw.nbytes
+    del qt
+    assert alloc.stats().by_tag["weights"] == before

@@ -1,6 +1,17 @@
-"""Quantized mat-vec for decode on the CPU: fused dequantize + dot in numba.
+"""Quantized products on the CPU in numba: a fused mat-vec for decode, dequantized tiles for prefill.
 
     y = qmatvec(x, qt)     # x [in] or [n, in] f32 (n small), qt QuantTensor [out, in] -> [out] / [n, out]
+    y = qmatmul(x, qt)     # x [n, in], n large (a prompt): tile by tile, dequantize + BLAS GEMM
+
+Prefill. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
+beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
+tile of output rows at a time (512 KB of float32, so it is still in L2 when the GEMM reads it)
+into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
+core, ~0.1 of the GEMM's time at n = 120), then BLAS multiplies x by it into its slice of y.
+The tile is stored transposed, [in, rows], which is what the row-interleaved layout yields
+with contiguous stores. Its values are bit-identical to `quants.dequantize`. Since the
+prefill reads the repacked copy too, the raw GGML blocks are not needed after `prepare`: it
+drops their pages when they are a read-only file mapping (`quants.release_raw`).
 
 Why a repack. A decode step reads every weight once, so the mat-vec is a race through memory,
 and NumPy's dequantize-then-BLAS pays for a float32 copy of each weight. The fused kernel
@@ -34,6 +45,7 @@ with cache=True, so only the first process on a machine pays the compile time.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -41,7 +53,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..device import array_module
-from ..quants import BLOCK_SIZES, QuantTensor, _k_scale_min, quant_matmul
+from ..quants import BLOCK_SIZES, QuantTensor, _k_scale_min, quant_matmul, release_raw
 
 MAX_BATCH = 16        # above this many rows of x, dequantize-then-BLAS wins
 FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K)
@@ -49,6 +61,7 @@ FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K)
 prange = range        # replaced by numba.prange when the kernels are compiled
 _JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
 vdot_nib = vdot_q5_0 = vdot_q8_0 = vdot_q6_k = None   # the numba intrinsics below, set by _jit()
+deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = None
 
 
 # ---------------------------------------------------------------------------- SIMD block dots (LLVM IR)
@@ -206,7 +219,105 @@ def _intrinsics():
             return context.get_dummy_value()
         return sig, codegen
 
-    return {"vdot_nib": vdot_nib, "vdot_q5_0": vdot_q5_0, "vdot_q8_0": vdot_q8_0, "vdot_q6_k": vdot_q6_k}
+    # ---- tile dequantizers: one 32-value block of 16 lanes (rows) -> tile[row0 + j, col:col+16], j < 32.
+    # The float32 operations of quants.dequantize, in its order (a multiply, then an add: no FMA).
+    # args: q [16 or 32, G] codes, G, l0, (extra arrays...), tile [cols, nc] f32, row0, col, nc
+
+    class Tile(Block):
+        def store(self, i, row, col, nc, value):  # tile[row, col:col+16] = value, tile = array argument i
+            off = self.b.add(self.b.mul(row, nc), col)
+            self.b.store(value, self.b.bitcast(self.at(self.ptr[i], off), fv.as_pointer()), align=1)
+
+        def pair(self, i, row0, col, nc, j, lo, hi):  # values j and j + 16 of the block
+            c = ir.Constant(row0.type, j)
+            self.store(i, self.b.add(row0, c), col, nc, lo)
+            self.store(i, self.b.add(row0, ir.Constant(row0.type, 16 + j)), col, nc, hi)
+
+    def fconst(v):
+        return ir.Constant(fv, [v] * L)
+
+    def deq_nib_factory(sub8):
+        @intrinsic
+        def deq(typingctx, q, G, l0, d, m, tile, row0, col, nc):
+            """Q4_0 (sub8): d * (q - 8); Q4_1, Q4_K: d * q + m."""
+            sig = types.void(q, G, l0, d, m, tile, row0, col, nc)
+
+            def codegen(context, builder, sg, args):
+                k = Tile(context, builder, sg, args)
+                G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+                d_, m_ = k.floats16(3, l0_), k.floats16(4, l0_)
+                for j in range(16):
+                    v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                    vals = []
+                    for code in (builder.and_(v, const(15)), builder.lshr(v, const(4))):
+                        f = builder.uitofp(code, fv)
+                        vals.append(builder.fmul(d_, builder.fsub(f, fconst(8.0))) if sub8
+                                    else builder.fadd(builder.fmul(d_, f), m_))
+                    k.pair(5, row0_, col_, nc_, j, *vals)
+                return context.get_dummy_value()
+            return sig, codegen
+        return deq
+
+    @intrinsic
+    def deq_q5_0(typingctx, q, G, l0, qh, d, tile, row0, col, nc):
+        """d * (q - 16), q = nibble | bit j of qh << 4."""
+        sig = types.void(q, G, l0, qh, d, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(4)]
+            d_ = k.floats16(4, l0_)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                vals = []
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    bit = builder.and_(builder.lshr(h[2 * half + (j >> 3)], const(j & 7)), const(1))
+                    f = builder.uitofp(builder.or_(code, builder.shl(bit, const(4))), fv)
+                    vals.append(builder.fmul(d_, builder.fsub(f, fconst(16.0))))
+                k.pair(5, row0_, col_, nc_, j, *vals)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def deq_q8_0(typingctx, q, G, l0, d, tile, row0, col, nc):
+        """q * d, q int8 [32, G]."""
+        sig = types.void(q, G, l0, d, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[5], args[6], args[7]
+            d_ = k.floats16(3, l0_)
+            for j in range(32):
+                f = builder.sitofp(k.bytes16(k.ptr[0], k.row(G_, l0_, j), signed=True), fv)
+                k.store(4, builder.add(row0_, ir.Constant(row0_.type, j)), col_, nc_, builder.fmul(f, d_))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def deq_q6_k(typingctx, q, G, l0, qh, s, tile, row0, col, nc):
+        """s0 * (q - 32) for values 0..15, s1 * (q - 32) for 16..31; q = nibble | 2 high bits << 4."""
+        sig = types.void(q, G, l0, qh, s, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]
+            sc = (k.floats16(4, l0_), k.floats16(4, builder.add(l0_, G_)))
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                vals = []
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
+                    q32 = builder.sub(builder.or_(code, builder.shl(top, const(4))), const(32))
+                    vals.append(builder.fmul(sc[half], builder.sitofp(q32, fv)))
+                k.pair(5, row0_, col_, nc_, j, *vals)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
+    return {"vdot_nib": vdot_nib, "vdot_q5_0": vdot_q5_0, "vdot_q8_0": vdot_q8_0, "vdot_q6_k": vdot_q6_k,
+            "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0, "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k}
 
 
 # ---------------------------------------------------------------------------- kernels (numba source)
@@ -289,7 +400,59 @@ def _k_q6_k(qs, qh, s, x, out):
             _store(out, i, g * G, acc)
 
 
-_SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k}
+# ---------------------------------------------------------------------------- tile dequantizers (prefill)
+# Groups g0..g1 of a repacked weight -> tile f32 [cols, (g1 - g0) * G]: the dequantized rows
+# g0*G .. g1*G, transposed, so that lane l of a group is a contiguous column and the G lanes
+# of a byte row are stored side by side (SIMD over lanes, as in the mat-vec). Every value is
+# computed with the float32 operations of `quants.dequantize`, in the same order (no fused
+# multiply-add: fastmath=False), so the tile is bit-identical to it. Threads split the groups.
+
+def _t_nib(qs, d, m, sub8, g0, g1, tile):
+    """qs u8 [ng, nb, 16, G]; d, m [ng, nb, G]; sub8: Q4_0's d * (q - 8), else d * q + m."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        c0 = (g - g0) * G
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                if sub8:
+                    deq_q4_0(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
+                else:
+                    deq_nib(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
+
+
+def _t_q5_0(qs, qh, d, g0, g1, tile):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q5_0(qs[g, b], G, l0, qh[g, b], d[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+def _t_q8_0(qs, d, g0, g1, tile):
+    """qs i8 [ng, nb, 32, G]; d [ng, nb, G]."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q8_0(qs[g, b], G, l0, d[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+def _t_q6_k(qs, qh, s, g0, g1, tile):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s f32 [ng, nb, 2, G]."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q6_k(qs[g, b], G, l0, qh[g, b], s[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+_SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k,
+            "t_nib": _t_nib, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k}
 
 
 def _jit():
@@ -383,8 +546,22 @@ def _choose_group(rows: int) -> int:
     return 64 if rows >= 1024 else 32
 
 
-def prepare(qt: QuantTensor, G: int | None = None) -> Packed | None:
-    """Repack `qt` for the fused kernels once (stored on qt.packed); None for types they lack."""
+def _place(arrays, what: str):
+    """Count the repacked arrays under "weights" in the CPU allocator (the views it returns are kept)."""
+    from ..memory import get_allocator
+    alloc = get_allocator()
+    if alloc.device.is_gpu:                                                # a CPU copy is not the GPU's memory
+        return arrays
+    return tuple(alloc.place(a, tag="weights", what=f"{what} (repacked)".strip()) for a in arrays)
+
+
+def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: str = "") -> Packed | None:
+    """Repack `qt` for the kernels once (stored on qt.packed); None for types they lack.
+
+    The repacked arrays are counted by the allocator under "weights" (`what` names them).
+    release: then drop the raw blocks' pages from memory (`quants.release_raw`; a read-only
+    file mapping only): both the mat-vec and the prefill tiles read the repacked copy.
+    """
     if qt.packed is not None and (G is None or qt.packed.G == G):
         return qt.packed
     if qt.qtype not in FAST_TYPES or array_module(qt.data) is not np:
@@ -413,7 +590,9 @@ def prepare(qt: QuantTensor, G: int | None = None) -> Packed | None:
         hi = codes >> 4                                                    # [rows, nb, 32] in 0..3
         qh = (hi[..., 0:8] | (hi[..., 8:16] << 2) | (hi[..., 16:24] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
         arrays, kind = (_lanes(_pair_nibbles(codes & 15), G), _lanes(qh, G), _lanes(s, G)), "q6_k"
-    qt.packed = Packed(kind, rows, cols, G, arrays)
+    qt.packed = Packed(kind, rows, cols, G, _place(arrays, what))
+    if release:
+        release_raw(qt)
     return qt.packed
 
 
@@ -434,12 +613,14 @@ def qmatvec(x, qt: QuantTensor, out=None):
         raise ValueError(f"qmatvec: out must be float32 C-contiguous of shape {want}, got {out.dtype} {tuple(out.shape)}")
     x2 = x.reshape(-1, cols)                                               # [n, in]
     n = x2.shape[0]
-    k = _jit() if (n <= MAX_BATCH and type(x2) is np.ndarray) else None
+    if n > MAX_BATCH:                                                      # prefill-sized: tiles + BLAS
+        return qmatmul(x, qt, out=out)
+    k = _jit() if type(x2) is np.ndarray else None
     p = (qt.packed or prepare(qt)) if k else None
     if p is not None and k.get(p.kind) is None:                            # this kernel failed to compile here
         p = None
     if p is None:                                                          # fallback: chunked dequantize + BLAS
-        y = quant_matmul(x2, qt).reshape(want)
+        y = quant_matmul(x2, qt, fast=False).reshape(want)
         if out is None:
             return y
         out[...] = y
@@ -454,8 +635,107 @@ def qmatvec(x, qt: QuantTensor, out=None):
         warnings.warn(f"qmatvec: the numba {p.kind} kernel does not compile here ({type(e).__name__}); "
                       f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
         k[p.kind] = None
-        out.reshape(n, rows)[...] = quant_matmul(x2, qt)
+        out.reshape(n, rows)[...] = quant_matmul(x2, qt, fast=False)
     return out
+
+
+# ---------------------------------------------------------------------------- prefill entry point
+
+TILE_BYTES = 1 << 19  # float32 tile per step (512 KB): stays in L2 between the dequantize and the GEMM
+_scratch = threading.local()
+
+
+def supports(qt: QuantTensor) -> bool:
+    """True when `qmatmul` runs its numba path for `qt` (numba present, NumPy data, a repackable type)."""
+    return qt.qtype in FAST_TYPES and array_module(qt.data) is np and _jit() is not None
+
+
+def _tile_args(qt: QuantTensor, p: Packed):
+    """The tile kernel for `p` and its leading arguments."""
+    if p.kind == "nib":
+        return "t_nib", (*p.arrays, qt.qtype == QT.Q4_0)
+    return "t_" + p.kind, p.arrays
+
+
+def _tile_buffer(n: int):
+    """A float32 scratch of at least n values, one per thread, reused across calls."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.buf = np.empty(n, np.float32)
+    return buf
+
+
+def _tiles(qt: QuantTensor, tile_bytes: int):
+    """Yield (r0, r1, tile): tile f32 [cols, r1 - r0] = dequant(qt)[r0:r1].T, tile by tile.
+
+    None when the numba path is not available for qt. The tile is a view of a per-thread scratch
+    buffer, overwritten by the next step."""
+    k = _jit() if qt.qtype in FAST_TYPES and array_module(qt.data) is np else None
+    p = (qt.packed or prepare(qt)) if k else None
+    if p is None:
+        return None
+    name, args = _tile_args(qt, p)
+    if k.get(name) is None:                                                # failed to compile here before
+        return None
+    rows, cols, G = p.rows, p.cols, p.G
+    ng = -(-rows // G)
+    step = max(1, tile_bytes // (4 * cols * G))                            # groups per tile
+    buf = _tile_buffer(cols * min(step, ng) * G)
+
+    def gen():
+        for g0 in range(0, ng, step):
+            g1 = min(ng, g0 + step)
+            tile = buf[:cols * (g1 - g0) * G].reshape(cols, (g1 - g0) * G)
+            k[name](*args, g0, g1, tile)
+            r0, r1 = g0 * G, min(rows, g1 * G)
+            yield r0, r1, tile[:, :r1 - r0]
+    return gen()
+
+
+def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int = TILE_BYTES):
+    """x @ dequant(qt).T for prefill: x [n, in] or [in] f32 -> [n, out] or [out] f32.
+
+    The repacked weight is dequantized a tile of output rows at a time (numba, bit-identical to
+    `quants.dequantize`) into a cache-sized float32 scratch, and BLAS multiplies each tile into
+    its slice of `out`. The float32 weight never exists whole. Falls back to the NumPy
+    `quants.quant_matmul` where numba or a kernel for the type is missing.
+    """
+    rows, cols = qt.shape
+    if type(x) is not np.ndarray or x.dtype != np.float32:
+        x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"qmatmul: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
+    want = (rows,) if x.ndim == 1 else (x.shape[0], rows)
+    if out is not None and (out.shape != want or out.dtype != np.float32):
+        raise ValueError(f"qmatmul: out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
+    x2 = x.reshape(-1, cols)                                               # [n, in]
+    o2 = (np.empty(want, np.float32) if out is None else out).reshape(-1, rows)   # [n, out]
+    tiles = _tiles(qt, tile_bytes) if type(x2) is np.ndarray else None
+    if tiles is None:
+        o2[...] = quant_matmul(x2, qt, fast=False)
+        return o2.reshape(want) if out is None else out
+    try:
+        for r0, r1, tile in tiles:
+            np.matmul(x2, tile, out=o2[:, r0:r1])                          # [n, in] @ [in, r1-r0]
+    except _numba_error() as e:
+        warnings.warn(f"qmatmul: the numba {qt.qtype.name} tile kernel does not compile here ({type(e).__name__}); "
+                      f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
+        _jit()[_tile_args(qt, qt.packed)[0]] = None
+        o2[...] = quant_matmul(x2, qt, fast=False)
+    return o2.reshape(want) if out is None else out
+
+
+def dequantize(qt: QuantTensor):
+    """float32 [rows, cols] from the repacked weight through the numba tile kernels (for tests and
+    tools; bit-identical to `quants.dequantize`), or None where that path is not available."""
+    rows, cols = qt.shape
+    tiles = _tiles(qt, TILE_BYTES)
+    if tiles is None:
+        return None
+    w = np.empty((rows, cols), np.float32)
+    for r0, r1, tile in tiles:
+        w[r0:r1] = tile.T
+    return w
 
 
 def _numba_error():
