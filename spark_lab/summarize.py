@@ -584,7 +584,7 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
         if b.tokens(" ".join(sents)) <= limit or budget_words <= 8:
             break
         budget_words = int(budget_words * 0.8)
-    paras = [Paragraph([x]) for x in sents]
+    paras = [Paragraph(sents)]   # one flowing paragraph: one-line paragraphs invite list-like echoes
     ab = abstractive(" ".join(sents), llm, max_words=max_words, token_max=token_max,
                      max_new_tokens=max_new_tokens, language=doc.language, progress=progress,
                      _paragraphs=paras)
