@@ -221,16 +221,16 @@ class SentenceEncoder:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text).ids)
 
-    def encode(self, sentences, batch_size: int = 32, normalize: bool | None = None,
+    def encode(self, sentences, batch_size: int = 32, normalize: bool = True,
                progress: bool = False):
-        """list of str -> float32 [n, dim] on the host (one str -> [dim])."""
+        """list of str -> float32 [n, dim] on the host (one str -> [dim]); normalize=True gives
+        unit rows (sentence-transformers' Normalize module), so dot products are cosines."""
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         if any(not isinstance(t, str) for t in texts):
             raise ValueError("encode() takes a string or a list of strings")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        normalize = self.normalize if normalize is None else normalize
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
