@@ -378,7 +378,9 @@ def release_raw(qt: QuantTensor) -> bool:
 def concat_rows(*qts: QuantTensor) -> QuantTensor:
     """Stack weights of one qtype and width into one [sum of rows, cols] QuantTensor (a copy).
 
-    Fusing q|k|v or gate|up this way turns three (two) decode mat-vecs into one call.
+    Fusing q|k|v or gate|up this way turns three (two) decode mat-vecs into one call. The parts'
+    pages are dropped afterwards where they are a read-only file mapping (`release_raw`): the
+    parts are usually let go once fused, and their mapping would otherwise stay resident.
     """
     if not qts:
         raise ValueError("concat_rows needs at least one QuantTensor")
@@ -388,4 +390,6 @@ def concat_rows(*qts: QuantTensor) -> QuantTensor:
             raise ValueError(f"concat_rows: {t.qtype.name} {t.shape} does not stack under {q.name} {qts[0].shape}")
     xp = array_module(qts[0].data)
     data = xp.concatenate([t.data for t in qts], axis=0)
+    for t in qts:
+        release_raw(t)
     return QuantTensor(data, q, (int(data.shape[0]), cols))

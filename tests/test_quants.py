@@ -238,3 +238,17 @@ def test_quant_tensor_keeps_the_placed_view_counted():
     assert alloc.stats().by_tag["weights"] == before + raw.nbytes
     del qt
     assert alloc.stats().by_tag["weights"] == before
+
+
+def test_concat_rows_of_file_mapped_parts(tmp_path):
+    # the parts' pages are dropped after the copy (read-only memmap); their values stay readable
+    rng = np.random.default_rng(19)
+    a, b = random_blocks(QT.Q8_0, 4 * 3, rng), random_blocks(QT.Q8_0, 2 * 3, rng)
+    path = tmp_path / "w.bin"
+    path.write_bytes(a.tobytes() + b.tobytes())
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    qa = QuantTensor(mm[:a.nbytes], QT.Q8_0, (4, 96))
+    qb = QuantTensor(mm[a.nbytes:], QT.Q8_0, (2, 96))
+    c = quants.concat_rows(qa, qb)
+    ref = np.concatenate([dequantize(a, QT.Q8_0).reshape(4, 96), dequantize(b, QT.Q8_0).reshape(2, 96)])
+    assert same_bits(c.dequantize(), ref) and same_bits(qa.dequantize(), ref[:4])

@@ -5,8 +5,8 @@
 
 Prefill. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
 beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
-tile of output rows at a time (512 KB of float32, so it is still in L2 when the GEMM reads it)
-into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
+tile of output rows at a time (512 KB of float32 with one thread, so it is still in L2 when the
+GEMM reads it; the whole weight with several, see TILE_BYTES) into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
 core, ~0.1 of the GEMM's time at n = 120), then BLAS multiplies x by it into its slice of y.
 The tile is stored transposed, [in, rows], which is what the row-interleaved layout yields
 with contiguous stores. Its values are bit-identical to `quants.dequantize`. Since the
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from ..device import array_module
+from ..device import array_module, num_threads
 from ..quants import BLOCK_SIZES, QuantTensor, _k_scale_min, quant_matmul, release_raw
 
 MAX_BATCH = 16        # above this many rows of x, dequantize-then-BLAS wins
@@ -469,7 +469,9 @@ def _jit():
         opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
         helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
         globals().update(_block_sums=numba.njit(**helpers)(_block_sums), _store=numba.njit(**helpers)(_store))
-        _JIT = {name: numba.njit(**opts)(f) for name, f in _SOURCES.items()}
+        # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
+        # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box
+        _JIT = {name: numba.njit(**dict(opts, parallel=not name.startswith("t_")))(f) for name, f in _SOURCES.items()}
     return _JIT or None
 
 
@@ -641,7 +643,13 @@ def qmatvec(x, qt: QuantTensor, out=None):
 
 # ---------------------------------------------------------------------------- prefill entry point
 
-TILE_BYTES = 1 << 19  # float32 tile per step (512 KB): stays in L2 between the dequantize and the GEMM
+# float32 tile per step. One thread: 512 KB, still in L2 when the GEMM reads it (measured best of
+# 256 KB..8 MB: 8 MB tiles cost 30% more). Several BLAS threads: the whole weight up to 16 MB, one
+# GEMM call per weight, because each threaded BLAS call pays a hand-off between threads (on a
+# busy 2-core box 512 KB tiles made a layer 6x slower than 8 MB ones; one call matched BLAS on
+# a float32 weight).
+TILE_BYTES = 1 << 19
+TILE_BYTES_THREADED = 1 << 24
 _scratch = threading.local()
 
 
@@ -692,13 +700,14 @@ def _tiles(qt: QuantTensor, tile_bytes: int):
     return gen()
 
 
-def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int = TILE_BYTES):
+def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
     """x @ dequant(qt).T for prefill: x [n, in] or [in] f32 -> [n, out] or [out] f32.
 
     The repacked weight is dequantized a tile of output rows at a time (numba, bit-identical to
     `quants.dequantize`) into a cache-sized float32 scratch, and BLAS multiplies each tile into
-    its slice of `out`. The float32 weight never exists whole. Falls back to the NumPy
-    `quants.quant_matmul` where numba or a kernel for the type is missing.
+    its slice of `out`. The float32 weight never exists whole (beyond 16 MB with several threads).
+    Falls back to the NumPy `quants.quant_matmul` where numba or a kernel for the type is missing.
+    tile_bytes: default TILE_BYTES with one thread (`device.num_threads()`), else TILE_BYTES_THREADED.
     """
     rows, cols = qt.shape
     if type(x) is not np.ndarray or x.dtype != np.float32:
@@ -710,6 +719,8 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int = TILE_BYTES):
         raise ValueError(f"qmatmul: out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
     x2 = x.reshape(-1, cols)                                               # [n, in]
     o2 = (np.empty(want, np.float32) if out is None else out).reshape(-1, rows)   # [n, out]
+    if tile_bytes is None:
+        tile_bytes = TILE_BYTES if num_threads() == 1 else TILE_BYTES_THREADED
     tiles = _tiles(qt, tile_bytes) if type(x2) is np.ndarray else None
     if tiles is None:
         o2[...] = quant_matmul(x2, qt, fast=False)
