@@ -306,11 +306,6 @@ class QuantTensor:
         return dequantize(self.data[ids], self.qtype, (int(ids.size), self.shape[1]))
 
 
-# numpy inputs of at least this many rows take kernels.qmatvec.qmatmul (numba dequantize into
-# a cache-sized float32 tile + BLAS) when numba is there; fewer rows are cheaper as fused mat-vecs
-FAST_MIN_ROWS = 2
-
-
 def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16, fast: bool = True):
     """x @ dequant(qt).T without the whole float32 weight: x [n, in] or [in] -> [n, out] or [out].
 
@@ -327,7 +322,7 @@ def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16, fast: bool = T
     if x.ndim not in (1, 2) or x.shape[-1] != cols:
         raise ValueError(f"quant_matmul: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
     x2 = x.reshape(-1, cols)                                        # [n, in]
-    if fast and xp is np and x2.shape[0] >= FAST_MIN_ROWS:
+    if fast and xp is np:
         from .kernels import qmatvec                                # lazy: the kernels import this module
         if qmatvec.supports(qt):
             y = qmatvec.qmatmul(x2, qt)                             # [n, out]
