@@ -3,3 +3,10 @@ __version__ = "0.1.0"
 
 from .device import get_device, get_xp, to_device, to_host, synchronize, device_info  # noqa: F401
 from .memory import get_allocator  # noqa: F401
+
+from .device import DeviceError as _DeviceError, set_threads as _set_threads
+
+try:  # SPARK_LAB_THREADS, when set, pins BLAS and numba threads for the whole process
+    _set_threads()
+except _DeviceError:
+    pass  # a bad value is reported by whoever calls set_threads() explicitly (the CLI does)
