@@ -2,11 +2,16 @@
 
     .venv/bin/python benchmarks/qmatvec.py [--threads 1 2] [--repeats 30] [--types Q4_1 Q8_0] [--json]
     .venv/bin/python benchmarks/qmatvec.py --model smollm2-135m-instruct   # one decode token's mat-vecs
+    .venv/bin/python benchmarks/qmatvec.py --prefill 120 [--model ...]      # a 120-token prompt's products
 
 Times one decode-sized product (x [1, in]) per call: median (and best) of `repeats` runs after
 a warm-up. GB/s counts the bytes of the raw GGML weight read per call (for BLAS too, although it reads
 4 bytes per value), so the columns compare time per call. The weights are random
 blocks with valid scales, so the numbers do not depend on a model download.
+
+--prefill N: x [N, in] instead; columns qmatmul (numba tiles + BLAS), quant_matmul's NumPy
+reference (fast=False) and BLAS on a float32 weight; GFLOP/s = 2 N out in / time. Times are
+CPU seconds (time.process_time), steadier than wall time on a shared machine.
 """
 from __future__ import annotations
 
@@ -49,6 +54,62 @@ def timeit(fn, repeats):
         fn()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts)), float(np.min(ts))
+
+
+def cputime(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        ts.append(time.process_time() - t0)
+    return float(np.median(ts)), float(np.min(ts))
+
+
+def prefill(model, n, threads, repeats, types, as_json):
+    """The weight products of an n-token prompt: per shape (random weights), or every 2-D weight
+    of a real GGUF once (the output head excluded: a prompt needs its last row only)."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    if model:
+        from spark_lab.gguf import GGUFFile
+        from spark_lab.models import resolve
+        f = GGUFFile(resolve(model))
+        groups = {model: [QuantTensor(f.raw(t), t.qtype, t.shape) for nm, t in f.tensors.items()
+                          if len(t.shape) == 2 and nm not in ("token_embd.weight", "output.weight")]}
+    else:
+        groups = {f"{t} {name}": [random_weight(QT[t], rows, cols, rng)] for t in types for name, rows, cols in SHAPES[:4]}
+    res = []
+    for label, ws in groups.items():
+        for w in ws:
+            qm.prepare(w)
+        xs = {c: rng.standard_normal((n, c)).astype(np.float32) for c in {w.shape[1] for w in ws}}
+        flops = sum(2 * n * w.shape[0] * w.shape[1] for w in ws)
+        f32 = [w.dequantize() for w in ws] if len(ws) < 8 else None
+        for nt in threads:
+            numba.set_num_threads(min(nt, numba.config.NUMBA_NUM_THREADS))
+            from spark_lab.device import set_threads
+            set_threads(nt)
+            with threadpool_limits(limits=nt):
+                cases = {"qmatmul": lambda: [qm.qmatmul(xs[w.shape[1]], w) for w in ws],
+                         "numpy_ref": lambda: [quant_matmul(xs[w.shape[1]], w, fast=False) for w in ws]}
+                if f32 is not None:
+                    cases["blas_f32"] = lambda: [xs[w.shape[1]] @ f.T for w, f in zip(ws, f32)]
+                r = {"what": label, "rows": n, "threads": nt, "gflop": flops / 1e9}
+                for key, fn in cases.items():
+                    med, best = cputime(fn, repeats if key != "numpy_ref" else max(2, repeats // 5))
+                    r[key + "_cpu_ms"], r[key + "_gflops"] = med * 1e3, flops / med / 1e9
+                if model:
+                    r["matmul_only_prompt_tokens_per_cpu_s"] = n / (r["qmatmul_cpu_ms"] / 1e3)
+                res.append(r)
+                if not as_json:
+                    cells = [f"{k[:-7]} {r[k]:8.2f} ms {r[k[:-7] + '_gflops']:6.1f} GFLOP/s" for k in r if k.endswith("_cpu_ms")]
+                    print(f"{label:28s} n={n} t={nt}  " + " | ".join(cells), flush=True)
+    if as_json:
+        print(json.dumps({"rows": res}))
+    return 0
 
 
 def token_matvecs(model, threads, repeats, as_json):
@@ -103,8 +164,11 @@ def main(argv=None):
     ap.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0"])
     ap.add_argument("--no-blas", action="store_true", help="skip the float32 BLAS column (its weight is 4 bytes/value)")
     ap.add_argument("--model", help="time one decode token's mat-vecs over this GGUF's real weights instead")
+    ap.add_argument("--prefill", type=int, default=0, help="time x [N, in] products (prompt processing) instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.prefill:
+        return prefill(args.model, args.prefill, args.threads, args.repeats, args.types, args.json)
     if args.model:
         return token_matvecs(args.model, args.threads, args.repeats, args.json)
 
