@@ -205,3 +205,17 @@ def test_cli_generate_json(tiny):
         assert key in out
     assert out["prompt_token_ids"] == [97, 98, 99]  # one byte token each in the tiny vocabulary
     assert 1 <= len(out["token_ids"]) <= 5
+
+
+def test_cli_chat_streams_and_quits(tiny):
+    r = run_cli("chat", "--model", str(tiny), "--temperature", "0", "--max-new-tokens", "4", stdin="hello\n/reset\nagain\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot> ") == 2 and "tok/s" in r.stderr
+
+
+def test_cli_plan_reads_gguf_metadata(tiny):
+    r = run_cli("plan", str(tiny), "--context", "128", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    # 2 layers x (K + V) x 2 kv heads x head dim 8 x 128 positions x 2 bytes (f16)
+    assert p["kv_cache"] == 2 * 2 * 2 * 8 * 128 * 2 and p["fits_here"]
