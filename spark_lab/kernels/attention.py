@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..device import array_module
 from .activations import softmax
 
@@ -54,6 +56,11 @@ def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=No
     if xp.__name__ == "cupy" and Tq == 1 and mask is None:
         from . import cuda_kernels
         out = cuda_kernels.attention_decode(q, k, v, bool(causal), q_offset, window, scale)
+        if out is not None:
+            return out
+    if xp.__name__ == "numpy" and Tq == 1 and mask is None and q.dtype == k.dtype == v.dtype == np.float32:
+        from .decode_attention import attention_one      # decode: one fused pass (numba)
+        out = attention_one(q, k, v, scale, *_key_range(0, 1, Tk, q_offset, causal, window))
         if out is not None:
             return out
     G = Hq // Hkv

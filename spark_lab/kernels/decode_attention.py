@@ -1,0 +1,65 @@
+"""One query token against a KV cache on the CPU: a numba kernel for decoding.
+
+`attention()`'s NumPy body is the reference; for a single query its dozen small array
+operations (transposes, a mask, softmax passes) cost more than the arithmetic, so decode takes
+this fused loop instead: scores, a stable softmax and the weighted sum of values, per head, in
+one pass over the visible keys. Same numbers as the reference to float32 rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_KERNEL = None  # compiled on first use; False when numba is missing
+
+
+def _compile():
+    global _KERNEL
+    try:
+        import numba
+    except ImportError:
+        _KERNEL = False
+        return _KERNEL
+
+    @numba.njit(cache=True, fastmath=False, nogil=True)
+    def attend(q, k, v, scale, lo, hi, out):
+        # q [Hq, D], k/v [Tk, Hkv, D], out [Hq, Dv]; keys lo..hi-1 are visible
+        Hq, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[2]
+        G = Hq // Hkv
+        s = np.empty(hi - lo, np.float32)
+        for h in range(Hq):
+            g = h // G
+            m = np.float32(-np.inf)
+            for j in range(lo, hi):                      # scores and their max
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[h, d] * k[j, g, d]
+                acc *= scale
+                s[j - lo] = acc
+                if acc > m:
+                    m = acc
+            tot = np.float32(0.0)
+            for j in range(hi - lo):                     # exp and sum
+                e = np.exp(s[j] - m)
+                s[j] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for d in range(Dv):
+                out[h, d] = 0.0
+            for j in range(lo, hi):                      # weighted values
+                w = s[j - lo] * inv
+                for d in range(Dv):
+                    out[h, d] += w * v[j, g, d]
+
+    _KERNEL = attend
+    return _KERNEL
+
+
+def attention_one(q, k, v, scale: float, lo: int, hi: int):
+    """q [1, Hq, D] f32, k/v [Tk, Hkv, D] f32 -> [1, Hq, Dv], or None when numba is unavailable."""
+    kern = _KERNEL if _KERNEL is not None else _compile()
+    if kern is False or hi <= lo:
+        return None
+    out = np.empty((1, q.shape[1], v.shape[2]), np.float32)
+    kern(np.ascontiguousarray(q[0]), k, v, np.float32(scale), lo, hi, out[0])
+    return out
