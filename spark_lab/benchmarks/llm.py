@@ -50,7 +50,15 @@ if engine == "spark_lab":
     out = dict(prefill_tps=len(prompt_ids) / g.prompt_seconds, decode_tps=g.tokens_per_second, tokens=g.token_ids)
 else:
     import numpy as np
+    import llama_cpp.llama_cpp as C
     from llama_cpp import Llama
+    if os.environ.get("SPARK_LAB_LLAMACPP_PLAIN"):
+        # llama.cpp's AMX/repacked buffers die with SIGILL where a sandbox hides AMX from a CPU
+        # that reports it: then load weights into plain CPU buffers (what the fixtures use too)
+        default = C.llama_model_default_params
+        def plain():
+            p = default(); p.use_extra_bufts = False; return p
+        C.llama_model_default_params = plain
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     def run():
         llm.reset()
