@@ -13,12 +13,16 @@ import numpy as np
 
 from ..device import array_module
 from ..kernels import geglu, group_norm, layernorm, linear, matmul, softmax
+from .fused import attend_fused
 from .loading import Params
 
 
 # Score elements per chunk of heads: 1 MB of float32 stays in L2, so softmax's passes over the
 # scores run from cache instead of memory (2-3x faster than one [B*H, T, T] block at 32x32).
 SCORES_PER_CHUNK = 1 << 18
+# Heads this small (spark-emoji: 4) take the fused numba kernel (3x faster at 16x16 than the
+# matmul + softmax + matmul below); at 40+ BLAS's score products win.
+FUSED_MAX_HEAD_DIM = 16
 
 
 def attend(q, k, v):
@@ -32,6 +36,10 @@ def attend(q, k, v):
     xp = array_module(q)
     if Tk == 1:
         return xp.broadcast_to(v, (BH, Tq, v.shape[2]))
+    if xp is np and D <= FUSED_MAX_HEAD_DIM:
+        out = attend_fused(q, k, v)                                     # numba, one pass per row
+        if out is not None:
+            return out
     q = q * (1.0 / D ** 0.5)
     kt = xp.ascontiguousarray(k.transpose(0, 2, 1))                     # [BH, D, Tk]: BLAS-friendly
     out = xp.empty((BH, Tq, v.shape[2]), dtype=np.float32)
