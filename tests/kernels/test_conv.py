@@ -73,3 +73,19 @@ def test_upsample_nearest2d_matches_torch():
     np.testing.assert_array_equal(upsample_nearest2d(x, 3), x.repeat(3, 2).repeat(3, 3))
     with pytest.raises(ValueError, match="scale"):
         upsample_nearest2d(x, 1.5)
+
+
+@pytest.mark.parametrize("shape,O", [((2, 32, 8, 8), 32), ((1, 40, 7, 9), 36), ((2, 64, 5, 4), 48)])
+def test_conv2d_winograd_path_matches_definition_and_im2col(shape, O, monkeypatch):
+    """3x3 / stride 1 / padding 1 with >= 32 channels takes Winograd F(2x2, 3x3) (numba): same
+    numbers as the definition (odd sizes crop the last tile), and as the im2col GEMM path."""
+    pytest.importorskip("numba")
+    from spark_lab.kernels import conv as conv_mod
+    x, w, b = _x(shape, 10), _x((O, shape[1], 3, 3), 11) * 0.1, _x(O, 12)
+    y = conv2d(x, w, b, padding=1)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == (shape[0], O) + shape[2:]
+    np.testing.assert_allclose(y, _conv_ref(x, w, b, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    y2 = conv2d(x * 2.0, w, None, padding=1)          # reused work buffers: no state leaks between calls
+    np.testing.assert_allclose(y2, _conv_ref(x * 2.0, w, None, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 10 ** 9)
+    np.testing.assert_allclose(conv2d(x, w, b, padding=1), y, rtol=1e-5, atol=1e-5)
