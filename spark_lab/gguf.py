@@ -7,7 +7,8 @@ Gemma's 262k tokens on a small CPU, against well under a second here. Tensor dat
 `np.memmap` view: nothing is read until a kernel touches it.
 
     f = GGUFFile(path)                 # header only; raises GGUFError on a bad/truncated file
-    f.metadata["llama.block_count"]    # plain Python values; token lists as Python lists
+    f.metadata["llama.block_count"]    # plain Python values; numeric arrays as NumPy arrays,
+                                       # string arrays (token texts) as lists of bytes
     t = f.tensors["blk.0.attn_q.weight"]   # TensorInfo(name, shape (out, in), qtype, offset, nbytes)
     raw = f.raw(t)                     # uint8 memmap [rows, row_bytes] (or typed for F32/F16)
 """
@@ -94,7 +95,7 @@ class _Cursor:
                     if pos + n > end:
                         self.pos = pos
                         self.need(n, key)
-                    out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+                    out.append(buf[pos:pos + n])  # bytes: token texts need not be valid UTF-8
                     pos += n
                 self.pos = pos
                 return out

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-import struct
 import threading
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType
 
 CACHE_VERSION = 1  # bump when the way a tokenizer is built changes: old cache entries are then ignored
 
@@ -97,87 +96,15 @@ _FIM_OTHER_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<ï½œfimâ–
 _FORCED_CONTROL = _EOG_TEXTS | _FIM_EOG_TEXTS | _FIM_OTHER_TEXTS
 
 # ------------------------------------------------------------------ reading GGUF metadata fast
-# gguf.GGUFReader builds a numpy view per array element: ~40 s for Gemma's 262k tokens on a
-# busy core. The metadata section is a simple stream, read here in ~0.2 s.
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_ARRAYS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-           12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: str | os.PathLike, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict:
     """The key/value metadata of a GGUF file whose key starts with one of `prefixes`.
 
     Strings come back as str, string arrays as lists of bytes (token texts need not be valid
-    UTF-8), numeric arrays as numpy arrays, scalars as Python numbers.
+    UTF-8), numeric arrays as numpy arrays, scalars as Python numbers (spark_lab.gguf's reader:
+    gguf.GGUFReader builds a numpy view per array element, ~40 s for Gemma's 262k tokens).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file at {path}")
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise ValueError(f"{path} is empty, not a GGUF file") from None
-    mv = memoryview(buf)
-    try:
-        if len(buf) < 24 or buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian or too old?)")
-        out: dict = {}
-        off = 24
-        for _ in range(n_kv):
-            n = int.from_bytes(mv[off:off + 8], "little")
-            key = bytes(mv[off + 8:off + 8 + n]).decode("utf-8", "replace")
-            off += 8 + n
-            (vtype,) = struct.unpack_from("<I", buf, off)
-            off += 4
-            keep = key.startswith(prefixes)
-            value, off = _read_value(buf, mv, off, vtype, keep)
-            if keep:
-                out[key] = value
-        return out
-    except (struct.error, KeyError, IndexError) as e:
-        raise ValueError(f"{path}: truncated or corrupt GGUF metadata ({type(e).__name__})") from None
-    finally:
-        mv.release()
-        buf.close()
-
-
-def _read_value(buf, mv, off: int, vtype: int, keep: bool):
-    """One metadata value at byte offset `off` -> (value or None, next offset)."""
-    if vtype == _STRING:
-        n = int.from_bytes(mv[off:off + 8], "little")
-        return (bytes(mv[off + 8:off + 8 + n]).decode("utf-8", "replace") if keep else None), off + 8 + n
-    if vtype == _ARRAY:
-        etype, count = struct.unpack_from("<IQ", buf, off)
-        off += 12
-        if etype == _STRING:
-            items = []
-            frombytes = int.from_bytes
-            for _ in range(count):  # [u64 length][bytes] x count: no way around a loop
-                n = frombytes(mv[off:off + 8], "little")
-                if keep:
-                    items.append(bytes(mv[off + 8:off + 8 + n]))
-                off += 8 + n
-            return (items if keep else None), off
-        if etype == _ARRAY:  # nested arrays: never tokenizer data; walk over them
-            items = []
-            for _ in range(count):
-                v, off = _read_value(buf, mv, off, _ARRAY, keep)  # each: [type][count][items]
-                items.append(v)
-            return (items if keep else None), off
-        dt = np.dtype(_ARRAYS[etype])
-        if off + count * dt.itemsize > len(buf):
-            raise IndexError("array past end of file")
-        arr = np.frombuffer(buf, dt, count, off).copy() if keep else None
-        return arr, off + count * dt.itemsize
-    fmt = _SCALARS[vtype]
-    (v,) = struct.unpack_from(fmt, buf, off)
-    return v, off + struct.calcsize(fmt)
+    from .gguf import GGUFFile
+    return {k: v for k, v in GGUFFile(path).metadata.items() if k.startswith(prefixes)}
 
 
 # ------------------------------------------------------------------ vocabulary -> tokenizers
@@ -555,9 +482,9 @@ def _reader_metadata(reader) -> dict:
     for key, field in reader.fields.items():
         if not key.startswith(("tokenizer.", "general.")):
             continue
-        if len(field.types) > 1 and field.types[0].value == _ARRAY and field.types[1].value == _STRING:
+        if len(field.types) > 1 and field.types[0] == GGUFValueType.ARRAY and field.types[1] == GGUFValueType.STRING:
             out[key] = [bytes(field.parts[i]) for i in field.data]
-        elif field.types and field.types[0].value == _ARRAY:
+        elif field.types and field.types[0] == GGUFValueType.ARRAY:
             out[key] = np.asarray(field.contents())
         else:
             out[key] = field.contents()
