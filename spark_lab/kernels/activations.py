@@ -102,4 +102,86 @@ def geglu(x):
     if x.shape[-1] % 2:
         raise ValueError(f"geglu: last dim of x {tuple(x.shape)} is odd, cannot split in two")
     f = x.shape[-1] // 2
+    if x.size >= GEGLU_FUSED_MIN and array_module(x) is np and x.dtype == np.float32:
+        out = _geglu_fused(x)
+        if out is not None:
+            return out
     return x[..., :f] * gelu(x[..., f:])
+
+
+# geglu on this many elements or more takes one fused numba pass (the NumPy body above is the
+# reference): _phi's dozen array passes become one loop, and exp is a polynomial LLVM vectorizes
+# (numba's np.exp is a scalar libm call). 10x faster on a UNet's [2, 256, 1024] feed-forward.
+GEGLU_FUSED_MIN = 1 << 14
+_GEGLU = None   # compiled on first use; False without numba
+
+
+def _compile_geglu():
+    global _GEGLU
+    try:
+        import numba
+    except ImportError:
+        _GEGLU = False
+        return _GEGLU
+    c = tuple(np.float32(v) for v in _ERFC_COEFFS)
+    sqrt_half, log2e = np.float32(_SQRT_HALF), np.float32(1.0 / math.log(2.0))
+    ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def kernel(x, out):
+        # x [R, 2f], out [R, f]: out = x[:, :f] * g * Phi(g), g = x[:, f:]
+        R, f = out.shape
+        pe = np.empty(f, np.float32)            # e^r * t / 2, per column
+        b1 = np.empty(f, np.int32)              # 2^n = 2^n1 * 2^n2 (two normal factors reach
+        b2 = np.empty(f, np.int32)              # the subnormal tail, like np.exp)
+        s1, s2 = b1.view(np.float32), b2.view(np.float32)
+        for r in range(R):
+            for j in range(f):
+                g = x[r, f + j]
+                z = abs(g) * sqrt_half
+                t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.5) * z)
+                p = c[9]
+                p = p * t + c[8]
+                p = p * t + c[7]
+                p = p * t + c[6]
+                p = p * t + c[5]
+                p = p * t + c[4]
+                p = p * t + c[3]
+                p = p * t + c[2]
+                p = p * t + c[1]
+                a = max(p * t + c[0] - z * z, np.float32(-103.0))   # erfc(z) = t e^a
+                n = np.floor(a * log2e + np.float32(0.5))
+                rr = a - n * ln2_hi - n * ln2_lo
+                q = np.float32(1.0 / 5040.0)
+                q = q * rr + np.float32(1.0 / 720.0)
+                q = q * rr + np.float32(1.0 / 120.0)
+                q = q * rr + np.float32(1.0 / 24.0)
+                q = q * rr + np.float32(1.0 / 6.0)
+                q = q * rr + np.float32(0.5)
+                q = q * rr + np.float32(1.0)
+                q = q * rr + np.float32(1.0)
+                pe[j] = q * t * np.float32(0.5)
+                ni = np.int32(n)
+                n1 = ni >> np.int32(1)
+                b1[j] = (n1 + np.int32(127)) << np.int32(23)
+                b2[j] = (ni - n1 + np.int32(127)) << np.int32(23)
+            for j in range(f):
+                g = x[r, f + j]
+                lo = pe[j] * s1[j] * s2[j]                           # Phi(-|g|)
+                phi = lo if g < np.float32(0.0) else np.float32(1.0) - lo
+                out[r, j] = x[r, j] * (g * phi)
+
+    _GEGLU = kernel
+    return _GEGLU
+
+
+def _geglu_fused(x):
+    """geglu by the numba kernel; None without numba."""
+    kern = _GEGLU if _GEGLU is not None else _compile_geglu()
+    if kern is False:
+        return None
+    f = x.shape[-1] // 2
+    x2 = np.ascontiguousarray(x.reshape(-1, 2 * f))                     # [R, 2f]
+    out = np.empty((x2.shape[0], f), dtype=np.float32)
+    kern(x2, out)
+    return out.reshape(x.shape[:-1] + (f,))

@@ -85,3 +85,21 @@ def test_quick_gelu_and_geglu():
     assert geglu(x).shape == (3, 8) and geglu(x).dtype == np.float32
     with pytest.raises(ValueError, match="odd"):
         geglu(x[:, :15])
+
+
+def test_geglu_fused_path_matches_exact_gelu(monkeypatch):
+    """Large float32 inputs take the numba kernel (polynomial exp): relative accuracy like gelu's,
+    tails included, and the same numbers as the NumPy body within float32 rounding."""
+    pytest.importorskip("numba")
+    from spark_lab.kernels import activations
+    g = np.concatenate([_x(4090, scale=4.0), np.array([-12.0, -6.0, -0.0, 0.0, 6.0, 12.0], np.float32)])
+    h = _x(4096, seed=5)
+    x = np.concatenate([h, g]).reshape(1, 8192)
+    monkeypatch.setattr(activations, "GEGLU_FUSED_MIN", 1)
+    y = geglu(x)
+    assert y.dtype == np.float32 and y.shape == (1, 4096)
+    g64, h64 = g.astype(np.float64), h.astype(np.float64)
+    ref = np.array([hv * v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for hv, v in zip(h64, g64)])
+    np.testing.assert_allclose(y[0], ref, rtol=1e-5, atol=1e-30)
+    monkeypatch.setattr(activations, "GEGLU_FUSED_MIN", 1 << 62)
+    np.testing.assert_allclose(y, geglu(x), rtol=1e-5, atol=1e-30)
