@@ -20,8 +20,9 @@ def conv(p: Params, x, stride=1, padding=None):
     return conv2d(x, w, p.get("bias"), stride=stride, padding=pad)
 
 
-def norm(p: Params, x, groups: int, eps: float):
-    return group_norm(x, groups, p["weight"], p["bias"], eps)
+def norm(p: Params, x, groups: int, eps: float, act: bool = False):
+    """GroupNorm by name; act=True: followed by SiLU, in the same pass."""
+    return group_norm(x, groups, p["weight"], p["bias"], eps, silu=act)
 
 
 class ResnetBlock2D:
@@ -41,7 +42,7 @@ class ResnetBlock2D:
 
     def __call__(self, x, temb=None):
         p = self.p
-        h = silu(norm(p.sub("norm1"), x, self.groups, self.eps))          # [N, Cin, H, W]
+        h = norm(p.sub("norm1"), x, self.groups, self.eps, act=True)      # [N, Cin, H, W] (GroupNorm -> SiLU)
         h = conv(p.sub("conv1"), h)                                        # [N, Cout, H, W]
         scale = shift = None
         if self.has_temb and temb is not None:
@@ -52,10 +53,11 @@ class ResnetBlock2D:
             else:
                 c = t.shape[1] // 2
                 scale, shift = t[:, :c], t[:, c:]
-        h = norm(p.sub("norm2"), h, self.groups_out, self.eps)
-        if scale is not None:
-            h = h * (1.0 + scale) + shift
-        h = conv(p.sub("conv2"), silu(h))                                  # [N, Cout, H, W]
+        if scale is None:
+            h = norm(p.sub("norm2"), h, self.groups_out, self.eps, act=True)
+        else:
+            h = silu(norm(p.sub("norm2"), h, self.groups_out, self.eps) * (1.0 + scale) + shift)
+        h = conv(p.sub("conv2"), h)                                        # [N, Cout, H, W]
         skip = conv(p.sub("conv_shortcut"), x) if self.has_shortcut else x
         out = skip + h
         return out if self.scale == 1.0 else out * (1.0 / self.scale)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..device import to_device
-from ..kernels import silu
 from .attention import SpatialAttention
 from .blocks import DOWN_TYPES, UP_TYPES, DownBlock, MidBlock, UpBlock, check_block_type
 from .loading import Params, load_model_folder, nbytes
@@ -142,5 +141,5 @@ class UNet2DModel:
         for blk in self.up:
             x = blk(x, skips, emb)
         groups = c.norm_num_groups or min(c.block_out_channels[0] // 4, 32)
-        x = silu(norm(p.sub("conv_norm_out"), x, groups, c.norm_eps))
+        x = norm(p.sub("conv_norm_out"), x, groups, c.norm_eps, act=True)
         return conv(p.sub("conv_out"), x)                                   # [N, Cout, H, W]

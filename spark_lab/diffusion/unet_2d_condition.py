@@ -246,5 +246,5 @@ class UNet2DConditionModel:
                 size = skips[-len(blk.resnets) - 1].shape[-2:]                      # the next level's skip
             x = blk(x, skips, emb, context, size)
         if c.norm_num_groups is not None:
-            x = silu(norm(p.sub("conv_norm_out"), x, c.norm_num_groups, c.norm_eps))
+            x = norm(p.sub("conv_norm_out"), x, c.norm_num_groups, c.norm_eps, act=True)
         return conv(p.sub("conv_out"), x)                                           # [N*repeat, Cout, H, W]

@@ -5,6 +5,10 @@ two passes (mean, then mean of squared deviations), which stays accurate when |m
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..device import array_module
 
 
@@ -53,8 +57,12 @@ def layernorm(x, w, b, eps):
     return y
 
 
-def group_norm(x, num_groups, w, b, eps):
-    """x [N, C, *spatial] normalised over (C/G, *spatial) per group; w/b [C] -> same shape."""
+def group_norm(x, num_groups, w, b, eps, silu=False):
+    """x [N, C, *spatial] normalised over (C/G, *spatial) per group; w/b [C] -> same shape.
+
+    silu=True applies x * sigmoid(x) to the result (a UNet ResNet block's GroupNorm -> SiLU),
+    fused into the same pass on the numba path.
+    """
     if x.ndim < 2:
         raise ValueError(f"group_norm: x {tuple(x.shape)} needs at least [N, C]")
     N, C = x.shape[:2]
@@ -63,6 +71,10 @@ def group_norm(x, num_groups, w, b, eps):
     _check_vec("group_norm", x, w, C, "weight")
     _check_vec("group_norm", x, b, C, "bias")
     xp = array_module(x)
+    if xp is np and x.dtype == np.float32 and x.size >= GROUP_NORM_FUSED_MIN:
+        y = _group_norm_fused(x, num_groups, w, b, float(eps), bool(silu))
+        if y is not None:
+            return y
     g = x.reshape(N, num_groups, -1)                      # [N, G, C/G * H * W]
     mu = xp.mean(g, axis=-1, keepdims=True)               # [N, G, 1]
     gc = g - mu
@@ -73,4 +85,94 @@ def group_norm(x, num_groups, w, b, eps):
         y *= w.reshape(bshape)
     if b is not None:
         y += b.reshape(bshape)
+    if silu:
+        from .activations import silu as _silu
+        y = _silu(y)
     return y
+
+
+# group_norm on this many float32 elements or more takes the numba kernel (the NumPy body above
+# is the reference): statistics in float64 (two passes, like the reference), then one pass for
+# scale, shift and the optional SiLU, whose exp is a polynomial LLVM vectorizes. ~4x less CPU
+# than the NumPy body + silu() on a UNet's [2, 64, 32, 32].
+GROUP_NORM_FUSED_MIN = 1 << 12
+_GN = None   # compiled on first use; False without numba
+
+
+def _compile_group_norm():
+    global _GN
+    try:
+        import numba
+    except ImportError:
+        _GN = False
+        return _GN
+    log2e = np.float32(1.0 / math.log(2.0))
+    ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+    def kernel(x, G, w, b, eps, act, out):
+        # x/out [N, C, L] (L = spatial size), w/b [C]
+        N, C, L = x.shape
+        cg = C // G
+        e = np.empty(L, np.float32)
+        b1 = np.empty(L, np.int32)
+        b2 = np.empty(L, np.int32)
+        s1, s2 = b1.view(np.float32), b2.view(np.float32)
+        for n in range(N):
+            for g in range(G):
+                tot = 0.0
+                for c in range(g * cg, (g + 1) * cg):
+                    for i in range(L):
+                        tot += x[n, c, i]
+                mu = tot / (cg * L)
+                ss = 0.0
+                for c in range(g * cg, (g + 1) * cg):
+                    for i in range(L):
+                        d = x[n, c, i] - mu
+                        ss += d * d
+                inv = 1.0 / np.sqrt(ss / (cg * L) + eps)
+                m32 = np.float32(mu)                     # (x - mean) first: folding the mean into
+                for c in range(g * cg, (g + 1) * cg):    # the shift cancels badly when |mean| >> std
+                    a, sh = np.float32(inv * w[c]), b[c]
+                    if not act:
+                        for i in range(L):
+                            out[n, c, i] = (x[n, c, i] - m32) * a + sh
+                        continue
+                    for i in range(L):                   # y / (1 + e^-y), e^-y = 2^n e^r
+                        y = (x[n, c, i] - m32) * a + sh
+                        v = min(max(-y, np.float32(-103.0)), np.float32(88.0))
+                        k = np.floor(v * log2e + np.float32(0.5))
+                        r = v - k * ln2_hi - k * ln2_lo
+                        q = np.float32(1.0 / 5040.0)
+                        q = q * r + np.float32(1.0 / 720.0)
+                        q = q * r + np.float32(1.0 / 120.0)
+                        q = q * r + np.float32(1.0 / 24.0)
+                        q = q * r + np.float32(1.0 / 6.0)
+                        q = q * r + np.float32(0.5)
+                        q = q * r + np.float32(1.0)
+                        q = q * r + np.float32(1.0)
+                        e[i] = q
+                        ki = np.int32(k)
+                        k1 = ki >> np.int32(1)
+                        b1[i] = (k1 + np.int32(127)) << np.int32(23)
+                        b2[i] = (ki - k1 + np.int32(127)) << np.int32(23)
+                    for i in range(L):
+                        y = (x[n, c, i] - m32) * a + sh
+                        out[n, c, i] = y / (np.float32(1.0) + e[i] * s1[i] * s2[i])
+
+    _GN = kernel
+    return _GN
+
+
+def _group_norm_fused(x, G, w, b, eps, act):
+    """group_norm (+ SiLU) by the numba kernel; None without numba."""
+    kern = _GN if _GN is not None else _compile_group_norm()
+    if kern is False:
+        return None
+    N, C = x.shape[:2]
+    x3 = np.ascontiguousarray(x.reshape(N, C, -1))                        # [N, C, L]
+    w = np.ones(C, np.float32) if w is None else np.ascontiguousarray(w, dtype=np.float32)
+    b = np.zeros(C, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    out = np.empty(x3.shape, dtype=np.float32)
+    kern(x3, G, w, b, eps, act, out)
+    return out.reshape(x.shape)

@@ -64,3 +64,26 @@ def test_group_norm_definition_without_affine():
     g = x.astype(np.float64).reshape(1, 3, -1)
     ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
     np.testing.assert_allclose(group_norm(x, 3, None, None, 1e-5), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_group_norm_silu_both_paths(fused, monkeypatch):
+    """The numba kernel (large float32 inputs) and the NumPy body give the definition, with and
+    without the fused SiLU, affine or not, and |mean| >> std."""
+    from spark_lab.kernels import norms
+    if fused:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(norms, "GROUP_NORM_FUSED_MIN", 1 if fused else 1 << 62)
+    x, w, b = _x((2, 12, 5, 7), 3, loc=50.0), _x(12, 4), _x(12, 5)
+    g = x.astype(np.float64).reshape(2, 4, -1)
+    ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(group_norm(x, 4, None, None, 1e-5), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(group_norm(x, 4, w, b, 1e-5), ref * w[None, :, None, None] + b[None, :, None, None],
+                               rtol=1e-4, atol=1e-4)
+    x = _x((2, 12, 5, 7), 6)
+    g = x.astype(np.float64).reshape(2, 4, -1)
+    r = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    r = r * (w * 40.0)[None, :, None, None] + b[None, :, None, None]
+    y = group_norm(x, 4, w * 40.0, b, 1e-5, silu=True)                # far tails of the sigmoid too
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, r / (1.0 + np.exp(-r)), rtol=1e-4, atol=1e-4)
