@@ -18,4 +18,6 @@ def test_bench_imagine_json(capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["spark_lab_s_per_image"] > 0 and row["diffusers_s_per_image"] > 0
     assert row["ratio"] == pytest.approx(row["diffusers_s_per_image"] / row["spark_lab_s_per_image"], rel=0.01)
+    assert row["spark_lab_cpu_s_per_image"] > 0 and row["diffusers_cpu_s_per_image"] > 0
+    assert row["cpu_ratio"] == pytest.approx(row["diffusers_cpu_s_per_image"] / row["spark_lab_cpu_s_per_image"], rel=0.01)
     assert row["max_abs_diff"] < 1e-3          # the same image from both
