@@ -77,12 +77,15 @@ def conv2d(x, w, b=None, stride=1, padding=0, groups=1):
         out = wm[0] @ x.reshape(N, C, H * W)                               # [O, C] @ [N, C, HW] -> [N, O, HW]
         out = out.reshape(N, O, H, W)
     else:
+        reuse = xp is np and x.dtype == np.float32                         # CPU: reused work buffers
         xpad = x
         if ph or pw:
-            xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
-            xpad[:, :, ph:ph + H, pw:pw + W] = x
+            shape = (N, C, H + 2 * ph, W + 2 * pw)
+            xpad = _scratch("pad", shape, zero=True) if reuse else xp.zeros(shape, dtype=x.dtype)
+            xpad[:, :, ph:ph + H, pw:pw + W] = x                           # the zero border stays
         xc = xpad.transpose(1, 0, 2, 3)                                    # [C, N, Hp, Wp] (a view)
-        cols = xp.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
+        shape = (C, kh, kw, N, Ho, Wo)
+        cols = _scratch("cols", shape) if reuse else xp.empty(shape, dtype=x.dtype)
         for i in range(kh):
             for j in range(kw):
                 cols[:, i, j] = xc[:, :, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw]
