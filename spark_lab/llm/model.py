@@ -100,7 +100,20 @@ class Transformer:
                 post_attn_norm=tensor(p + "post_attention_norm.weight", gemma),
                 post_ffn_norm=tensor(p + "post_ffw_norm.weight", gemma),
             ))
-            self._fuse_layer(self.layers[-1])
+            if self._fusion_pays():
+                self._fuse_layer(self.layers[-1])
+
+    @staticmethod
+    def _fusion_pays() -> bool:
+        """Fused copies help where each product is a launch (GPU) or a NumPy call. With the CPU's
+        repacked numba kernels a call costs microseconds, while the fused raw copy would stay
+        resident beside its repacked twin (+44 MB for SmolLM2); unfused, the raw blocks are
+        file pages that repacking hands back to the page cache."""
+        from ..device import get_device
+        if get_device().is_gpu:
+            return True
+        from ..kernels import qmatvec
+        return not qmatvec.available()
 
     @staticmethod
     def _fuse_layer(L: Layer) -> None:
