@@ -7,7 +7,7 @@ tools/prepare_emoji.py. The conditioning is pinned for spark_lab's TextToImagePi
         (mean over tokens with the attention mask, then L2-normalised)
     unconditional         = zeros([B, 1, 384])  (10% caption dropout -> classifier-free guidance)
 
-Training: epsilon prediction, DDPM 1000 steps squaredcos_cap_v2, min-SNR-5 loss weights, AdamW,
+Training: v-prediction (epsilon available), DDPM 1000 steps squaredcos_cap_v2, min-SNR-5 loss weights, AdamW,
 EMA of the weights (the EMA copy is what ships). No flips: emoji hold text and direction.
 Every --ckpt-minutes it writes <work>/ckpt-<step>/ (a full diffusers folder) and a sample grid,
 and <work>/state.pt to resume. At the end <out>/ is the last EMA model.
@@ -97,29 +97,30 @@ def make_unet(channels: tuple[int, ...], layers: int, head_dim: int, attn_levels
         cross_attention_dim=384, attention_head_dim=head_dim, norm_num_groups=32)
 
 
-def scheduler_config() -> dict:
+def scheduler_config(prediction: str = "v_prediction") -> dict:
     from diffusers import DDIMScheduler
-    s = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+    s = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
                       clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=0,
                       timestep_spacing="trailing")
     return dict(s.config)
 
 
-def save_pipeline(unet, folder: Path, meta: dict | None = None):
+def save_pipeline(unet, folder: Path, meta: dict | None = None, prediction: str = "v_prediction"):
     from diffusers import DDIMScheduler
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
-    DDIMScheduler.from_config(scheduler_config()).save_pretrained(folder / "scheduler")
+    DDIMScheduler.from_config(scheduler_config(prediction)).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     if meta:
         (folder / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @torch.no_grad()
-def sample(unet, cond: torch.Tensor, steps: int = 25, guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
+def sample(unet, cond: torch.Tensor, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+           prediction: str = "v_prediction") -> torch.Tensor:
     """cond [B, 1, 384] -> images [B, 3, 32, 32] in [-1, 1] with DDIM and classifier-free guidance."""
     from diffusers import DDIMScheduler
-    sched = DDIMScheduler.from_config(scheduler_config())
+    sched = DDIMScheduler.from_config(scheduler_config(prediction))
     sched.set_timesteps(steps)
     dev = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -155,7 +156,8 @@ def train(args):
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     abar = ddpm.alphas_cumprod.to(dev)                                  # [1000]
     snr = abar / (1 - abar)
-    w_t = torch.clamp(snr, max=args.min_snr) / snr                      # min-SNR weights for eps
+    # min-SNR-gamma loss weights (Hang et al. 2023), written for each target
+    w_t = torch.clamp(snr, max=args.min_snr) / (snr if args.prediction == "epsilon" else snr + 1)
 
     unet = make_unet(tuple(args.channels), args.layers, args.head_dim, args.attn_levels).to(dev)
     ema = make_unet(tuple(args.channels), args.layers, args.head_dim, args.attn_levels).to(dev)
@@ -174,6 +176,10 @@ def train(args):
         step, train_seconds = st["step"], st["train_seconds"]
         torch.set_rng_state(st["rng"])
         print(f"resumed at step {step} ({train_seconds / 60:.1f} min trained)", flush=True)
+    elif args.init:  # warm start from another run's weights (e.g. switching the prediction target)
+        st = torch.load(args.init, map_location=dev)
+        unet.load_state_dict(st["unet"]); ema.load_state_dict(st["unet"])
+        print(f"initialised from {args.init} (its step {st['step']}, {st['train_seconds'] / 60:.1f} min)", flush=True)
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed + step)
     n_caps = torch.tensor([len(c) for c in cap_ids])
@@ -184,13 +190,13 @@ def train(args):
     def checkpoint(loss_avg):
         tag = work / f"ckpt-{step:06d}"
         meta = {"step": step, "train_minutes": round(train_seconds / 60, 1), "loss_ema": round(loss_avg, 5),
-                "batch": args.batch, "lr": args.lr, "seed": args.seed, "device": str(dev), "params": n_params}
-        save_pipeline(ema, tag, meta)
+                "batch": args.batch, "lr": args.lr, "prediction": args.prediction, "init": args.init, "seed": args.seed, "device": str(dev), "params": n_params}
+        save_pipeline(ema, tag, meta, args.prediction)
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "train_seconds": train_seconds, "rng": torch.get_rng_state()}, work / "state.pt.tmp")
         (work / "state.pt.tmp").replace(work / "state.pt")
         ema.eval()
-        save_grid(sample(ema, seen_cond, steps=25, guidance=4.0), work / f"samples-{step:06d}.png")
+        save_grid(sample(ema, seen_cond, steps=20, guidance=4.0, prediction=args.prediction), work / f"samples-{step:06d}.png")
         print(f"checkpoint {tag.name}", flush=True)
 
     loss_avg, t_last_ckpt, t_start = None, time.time(), time.time()
@@ -209,7 +215,8 @@ def train(args):
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = noise if args.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * w_t[t]).mean()
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g_ in opt.param_groups:
@@ -237,7 +244,7 @@ def train(args):
         out = Path(args.out)
         for sub in ("unet", "scheduler"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        save_pipeline(ema, out, json.loads((work / f"ckpt-{step:06d}" / "training.json").read_text()))
+        save_pipeline(ema, out, json.loads((work / f"ckpt-{step:06d}" / "training.json").read_text()), args.prediction)
     print(f"done: {step} steps, {train_seconds / 60:.1f} min training, {(time.time() - t_start) / 60:.1f} min wall, "
           f"loss avg {loss_avg:.4f}", flush=True)
 
@@ -269,10 +276,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the final EMA model here (e.g. spark_lab/assets/spark-emoji)")
     ap.add_argument("--steps", type=int, default=100_000, help="stop after this many steps")
     ap.add_argument("--minutes", type=float, default=70.0, help="... or after this much training time")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--prediction", default="v_prediction", choices=["epsilon", "v_prediction"])
+    ap.add_argument("--init", default=None, help="start from the weights in another run's state.pt")
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout to zeros (for CFG)")
     ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
@@ -282,7 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the dev box is shared)")
-    ap.add_argument("--ckpt-minutes", type=float, default=8.0)
+    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--fresh", action="store_true", help="ignore <work>/state.pt")
     ap.add_argument("--verify", default=None, help="a saved folder: load with diffusers and sample a grid")
