@@ -20,7 +20,7 @@ def _compile():
         _KERNEL = False
         return _KERNEL
 
-    @numba.njit(cache=True, fastmath=False, nogil=True)
+    @numba.njit(cache=True, fastmath=True, nogil=True)  # reassociated sums vectorize; ~1e-7 relative
     def attend(q, k, v, scale, lo, hi, out):
         # q [Hq, D], k/v [Tk, Hkv, D], out [Hq, Dv]; keys lo..hi-1 are visible
         Hq, D = q.shape
