@@ -494,7 +494,7 @@ def chunk_text(paragraphs: list, limit: int, budget: _Budget) -> list[str]:
     return fixed
 
 
-_PREFIX_RE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:here is (?:a|the) )?(?:short |brief )?summar(?:y|ies)\s*(?:\*\*)?\s*:\s*", re.I)
+_PREFIX_RE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:here is (?:a|the) )?(?:short |brief )?summar(?:y|ies)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I)
 
 
 def _clean(text: str, max_words: int) -> str:
