@@ -34,7 +34,7 @@ lab: setup
 test: setup test-unit test-notebooks test-browser
 
 test-unit: setup
-	$(PY) -m pytest -q -m "not gpu and not browser" tests
+	$(PY) -m pytest -q -m "not gpu and not browser and not huge" tests
 
 test-notebooks: setup
 	$(PY) -m pytest -q --nbval-lax notebooks/
