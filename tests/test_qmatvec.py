@@ -34,7 +34,7 @@ def test_matches_quant_matmul(q, rows):
     cols = 512
     qt = random_weight(q, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    ref = quant_matmul(x, qt, fast=False)                                           # [3, rows]
+    ref = qm.reference(x, qt)                                          # [3, rows]
     assert close(qm.qmatvec(x, qt), ref)
     assert close(qm.qmatvec(x[1], qt), ref[1])                         # 1-D x -> 1-D y
     out = np.full((3, rows), np.nan, np.float32)
@@ -49,7 +49,7 @@ def test_any_group_size(G):
     qt = random_weight(QT.Q4_1, 100, 256, rng)
     x = rng.standard_normal(256).astype(np.float32)
     qm.prepare(qt, G=G)
-    assert qt.packed.G == G and close(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False))
+    assert qt.packed.G == G and close(qm.qmatvec(x, qt), qm.reference(x, qt))
 
 
 def test_repacked_size():
@@ -111,7 +111,9 @@ def test_real_tensors_of_both_models():
             t = f.tensors[name]
             qt = QuantTensor(f.raw(t), t.qtype, t.shape)
             x = rng.standard_normal((2, t.shape[1])).astype(np.float32)
-            assert close(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False), rtol=5e-6), (model, name)
+            assert close(qm.qmatvec(x, qt), qm.reference(x, qt), rtol=5e-6), (model, name)
+            if qt.qtype in qm.INT8_TYPES:                              # int8 x: llama.cpp's rounding, ~1e-2
+                assert close(qm.qmatvec(x, qt), quant_matmul(x, qt, fast=False), rtol=3e-2), (model, name)
 
 
 def test_kernel_that_does_not_compile_falls_back(monkeypatch):
@@ -129,6 +131,41 @@ def test_kernel_that_does_not_compile_falls_back(monkeypatch):
         y = qm.qmatvec(x, qt)
     assert kernels["q8_0"] is None and np.array_equal(y, quant_matmul(x, qt, fast=False))
     assert np.array_equal(qm.qmatvec(x, qt), y)                        # and stays on the fallback quietly
+
+
+def test_quantize_x_matches_its_numpy_twin():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 256)).astype(np.float32) * np.float32(3.0)
+    x[0, :32] = 0.0                                                    # an all-zero block
+    x[1, 32:64] = np.arange(32, dtype=np.float32) - np.float32(15.5)   # halves: ties to even
+    x[2, 64:96] = 1e-30                                                # tiny values
+    qm.available()
+    got, want = qm.quantize_x(x), qm.quantize_q8(x)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    xq, dx, xqs = want
+    assert np.all(np.abs(xq) <= 127) and np.all(xq[0, :32] == 0) and dx[0, 0] == 0.0
+    err = np.abs(xq.reshape(3, -1, 32) * dx[..., None] - x.reshape(3, -1, 32))
+    assert np.all(err <= dx[..., None] * 0.5 + 1e-12)                  # rounding to the nearest step
+
+
+@pytest.mark.parametrize("vnni", ["1", "0"])
+def test_int8_dot_with_and_without_vnni(vnni, tmp_path):
+    """The portable widening-multiply code and VPDPBUSD give the same sums (run in a subprocess:
+    the choice is made when the kernels compile)."""
+    import subprocess, sys, os
+    code = ("import numpy as np, sys; sys.path.insert(0, 'tests'); from test_qmatvec import random_weight, close;"
+            "from gguf import GGMLQuantizationType as QT; from spark_lab.kernels import qmatvec as qm;"
+            "rng = np.random.default_rng(5); ok = True\n"
+            "for q in qm.INT8_TYPES:\n"
+            "    qt = random_weight(q, 80, 512, rng); x = rng.standard_normal((2, 512)).astype(np.float32)\n"
+            "    ok &= bool(close(qm.qmatvec(x, qt), qm.reference(x, qt)))\n"
+            "print(ok, qm.vnni())")
+    env = dict(os.environ, SPARK_LAB_VNNI=vnni, NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok, used = r.stdout.split()
+    assert ok == "True" and (used == "False" if vnni == "0" else True)
 
 
 # ---------------------------------------------------------------------------- prefill tiles

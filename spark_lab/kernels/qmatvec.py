@@ -60,7 +60,7 @@ FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K)
 
 prange = range        # replaced by numba.prange when the kernels are compiled
 _JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
-vdot_nib = vdot_q5_0 = vdot_q8_0 = vdot_q6_k = None   # the numba intrinsics below, set by _jit()
+vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = None   # the numba intrinsics below, set by _jit()
 deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = None
 
 
@@ -74,6 +74,23 @@ deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = None
 
 LANES = 16
 _CHAINS = 4
+# The int8 kernels ask for the weight bytes this far ahead of the ones they read: a token streams
+# every weight from memory once, and the hardware prefetcher alone got ~5 GB/s of the ~9.7 GB/s a
+# plain read loop gets on one core here; 2 KB ahead got ~8 GB/s (1, 2, 4, 8 KB tried).
+PREFETCH_BYTES = 2048
+
+
+def vnni() -> bool:
+    """True when the host CPU has AVX512-VNNI (the int8 dots then compile to VPDPBUSD).
+    SPARK_LAB_VNNI=0 forces the portable widening-multiply code (for tests and comparisons)."""
+    import os
+    if os.environ.get("SPARK_LAB_VNNI", "1") == "0":
+        return False
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("avx512vnni", False))
+    except Exception:                                                      # an llvmlite without the query
+        return False
 
 
 def _intrinsics():
@@ -83,6 +100,8 @@ def _intrinsics():
     from numba.extending import intrinsic
 
     L = LANES
+    VNNI = vnni()
+    AHEAD = PREFETCH_BYTES
     fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
     hv = ir.VectorType(ir.IntType(16), L)
 
@@ -137,23 +156,86 @@ def _intrinsics():
     def zeros(n):
         return [ir.Constant(fv, [0.0] * L) for _ in range(n)]
 
-    # args: q [16 or 32, G] codes, G, l0, (extra arrays...), x [cols], xoff, ..., acc [G]
+    # ---- int8 dots (nibble types and Q8_0): x arrives block-quantized to int8 (`quantize_x`),
+    # and the weight bytes of a block are stored as dwords, 4 consecutive values of one row:
+    # q u8 [words, G, 4]. One 64-byte load is 16 lanes (rows) x 4 values; `dot4` adds the four
+    # u8 x s8 products of each dword to an int32 lane: one VPDPBUSD where the CPU has AVX512-VNNI,
+    # else plain widening multiplies that LLVM lowers for the CPU at hand. Integer sums are exact,
+    # so only the per-block float scaling rounds.
+    b64, w64 = ir.VectorType(ir.IntType(8), L * 4), ir.VectorType(ir.IntType(16), L * 4)
+    i32 = ir.IntType(32)
+
+    def dot4(k, c, a, w):
+        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32>."""
+        b = k.b
+        if VNNI:
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            return b.call(fn, [c, a, w])
+        p = b.mul(b.zext(b.bitcast(a, b64), w64), b.sext(b.bitcast(w, b64), w64))          # <64 x i16>, no overflow
+        for j in range(4):
+            sel = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
+            c = b.add(c, b.sext(sel, iv))
+        return c
+
+    def words16(k, ptr, G, l0, t, ahead=0):  # <16 x i32>: dword row t of a [words, G, 4] block, lanes l0..l0+15
+        off = k.b.mul(k.b.add(k.b.mul(G, ir.Constant(G.type, t)), l0), ir.Constant(G.type, 4))
+        if ahead:
+            prefetch(k, k.at(ptr, k.b.add(off, ir.Constant(G.type, ahead))))
+        return k.b.load(k.b.bitcast(k.at(ptr, off), iv.as_pointer()), align=1)
+
+    def prefetch(k, ptr):  # a read hint: the weights stream from memory once per token
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(k.b.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        k.b.call(fn, [k.b.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+    def splat_int(k, v):  # <16 x i32> splat of an i32
+        e = k.b.insert_element(ir.Constant(iv, ir.Undefined), v, ir.Constant(i32, 0))
+        return k.b.shuffle_vector(e, e, ir.Constant(ir.VectorType(i32, L), [0] * L))
+
+    def splat_word(k, ptr, off):  # <16 x i32> splat of the 4 bytes at ptr + off
+        return splat_int(k, k.b.load(k.b.bitcast(k.at(ptr, off), i32.as_pointer()), align=1))
+
+    def isum(k, chains):
+        return k.b.add(k.b.add(chains[0], chains[1]), k.b.add(chains[2], chains[3]))
+
+    # args: q [words, G, 4] bytes, G, l0, (extra arrays...), xq int8 [cols], xoff, ..., acc [G]
     @intrinsic
-    def vdot_nib(typingctx, q, G, l0, m, x, xoff, d, xs, acc):
-        """acc[l0:+16] += d * sum_j (lo_j x[j] + hi_j x[16+j]) + m * xs   (Q4_0, Q4_1, Q4_K)."""
-        sig = types.void(q, G, l0, m, x, xoff, d, xs, acc)
+    def vdot8_nib(typingctx, q, G, l0, m, xq, xoff, d, xqs, dx, acc):
+        """acc[l0:+16] += dx * (d * sum_j (lo_j xq_j + hi_j xq_16+j) + m * xqs)   (Q4_0, Q4_1, Q4_K)."""
+        sig = types.void(q, G, l0, m, xq, xoff, d, xqs, dx, acc)
 
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
-            G_, l0_, xoff_, xs_ = args[1], args[2], args[5], args[7]
-            ch = zeros(_CHAINS)
-            for j in range(16):
-                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
-                k.dot(ch, (2 * j) % _CHAINS, builder.and_(v, const(15)), k.x(xoff_, j))
-                k.dot(ch, (2 * j + 1) % _CHAINS, builder.lshr(v, const(4)), k.x(xoff_, 16 + j))
+            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[5], args[7], args[8]
+            low = const(0x0F0F0F0F)
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
+                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
+                ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+                ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
             d_, m_ = k.floats16(6, l0_), k.floats16(3, l0_)
-            val = builder.call(k.fma, [m_, k.splat(xs_), builder.fmul(d_, k.total(ch))])
-            k.update(8, l0_, val)
+            s = builder.sitofp(isum(k, ch), fv)
+            inner = builder.call(k.fma, [m_, k.splat(builder.sitofp(xqs_, ir.FloatType())), builder.fmul(d_, s)])
+            k.update(9, l0_, builder.fmul(k.splat(dx_), inner))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot8_q8_0(typingctx, q, G, l0, xq, xoff, d, xqs, dx, acc):
+        """acc[l0:+16] += dx * d * (sum_j u_j xq_j - 128 xqs), u = q + 128 stored as u8 [8, G, 4]."""
+        sig = types.void(q, G, l0, xq, xoff, d, xqs, dx, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(8):
+                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                ch[t % 4] = dot4(k, ch[t % 4], w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 128))
+            s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
+            k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -176,23 +258,6 @@ def _intrinsics():
             d_ = k.floats16(6, l0_)
             t = builder.fsub(k.total(ch), k.splat(builder.fmul(xs_, ir.Constant(ir.FloatType(), 16.0))))
             k.update(8, l0_, builder.fmul(d_, t))
-            return context.get_dummy_value()
-        return sig, codegen
-
-    @intrinsic
-    def vdot_q8_0(typingctx, q, G, l0, x, xoff, d, acc):
-        """acc[l0:+16] += d * sum_j q_j x_j, q int8 [32, G]."""
-        sig = types.void(q, G, l0, x, xoff, d, acc)
-
-        def codegen(context, builder, sg, args):
-            k = Block(context, builder, sg, args)
-            k.ptr[4] = k.ptr[3]                                              # x is argument 3 here
-            G_, l0_, xoff_ = args[1], args[2], args[4]
-            ch = zeros(_CHAINS)
-            for j in range(32):
-                v = builder.sitofp(k.bytes16(k.ptr[0], k.row(G_, l0_, j), signed=True), fv)
-                k.dot(ch, j % _CHAINS, v, k.x(xoff_, j))
-            k.update(6, l0_, builder.fmul(k.floats16(5, l0_), k.total(ch)))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -236,24 +301,30 @@ def _intrinsics():
     def fconst(v):
         return ir.Constant(fv, [v] * L)
 
+    def bytes_of_words(k, w, j):  # <16 x i32> of byte j (0..3) of each lane's dword w
+        v = k.b.shuffle_vector(k.b.bitcast(w, b64), k.b.bitcast(w, b64), ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
+        return k.b.zext(v, iv)
+
     def deq_nib_factory(sub8):
         @intrinsic
         def deq(typingctx, q, G, l0, d, m, tile, row0, col, nc):
-            """Q4_0 (sub8): d * (q - 8); Q4_1, Q4_K: d * q + m."""
+            """Q4_0 (sub8): d * (q - 8); Q4_1, Q4_K: d * q + m.  q u8 [4, G, 4] dwords."""
             sig = types.void(q, G, l0, d, m, tile, row0, col, nc)
 
             def codegen(context, builder, sg, args):
                 k = Tile(context, builder, sg, args)
                 G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
                 d_, m_ = k.floats16(3, l0_), k.floats16(4, l0_)
-                for j in range(16):
-                    v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
-                    vals = []
-                    for code in (builder.and_(v, const(15)), builder.lshr(v, const(4))):
-                        f = builder.uitofp(code, fv)
-                        vals.append(builder.fmul(d_, builder.fsub(f, fconst(8.0))) if sub8
-                                    else builder.fadd(builder.fmul(d_, f), m_))
-                    k.pair(5, row0_, col_, nc_, j, *vals)
+                for t in range(4):
+                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    for jj in range(4):
+                        v = bytes_of_words(k, w, jj)
+                        vals = []
+                        for code in (builder.and_(v, const(15)), builder.lshr(v, const(4))):
+                            f = builder.uitofp(code, fv)
+                            vals.append(builder.fmul(d_, builder.fsub(f, fconst(8.0))) if sub8
+                                        else builder.fadd(builder.fmul(d_, f), m_))
+                        k.pair(5, row0_, col_, nc_, 4 * t + jj, *vals)
                 return context.get_dummy_value()
             return sig, codegen
         return deq
@@ -281,16 +352,18 @@ def _intrinsics():
 
     @intrinsic
     def deq_q8_0(typingctx, q, G, l0, d, tile, row0, col, nc):
-        """q * d, q int8 [32, G]."""
+        """(u - 128) * d, u = q + 128 stored as u8 [8, G, 4] dwords."""
         sig = types.void(q, G, l0, d, tile, row0, col, nc)
 
         def codegen(context, builder, sg, args):
             k = Tile(context, builder, sg, args)
             G_, l0_, row0_, col_, nc_ = args[1], args[2], args[5], args[6], args[7]
             d_ = k.floats16(3, l0_)
-            for j in range(32):
-                f = builder.sitofp(k.bytes16(k.ptr[0], k.row(G_, l0_, j), signed=True), fv)
-                k.store(4, builder.add(row0_, ir.Constant(row0_.type, j)), col_, nc_, builder.fmul(f, d_))
+            for t in range(8):
+                w = words16(k, k.ptr[0], G_, l0_, t)
+                for jj in range(4):
+                    f = builder.sitofp(builder.sub(bytes_of_words(k, w, jj), const(128)), fv)
+                    k.store(4, builder.add(row0_, ir.Constant(row0_.type, 4 * t + jj)), col_, nc_, builder.fmul(f, d_))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -316,7 +389,7 @@ def _intrinsics():
         return sig, codegen
 
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
-    return {"vdot_nib": vdot_nib, "vdot_q5_0": vdot_q5_0, "vdot_q8_0": vdot_q8_0, "vdot_q6_k": vdot_q6_k,
+    return {"vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
             "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0, "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k}
 
 
@@ -345,17 +418,70 @@ def _store(out, i, r0, acc):
         out[i, r0 + l] = acc[l]
 
 
+def quantize_x(x):
+    """x [n, cols] f32 -> xq int8 [n, cols], dx f32 [n, nb], xqs int32 [n, nb], per 32-value block:
+    dx = max|x| / 127, xq = rint(x * (127 / max|x|)), xqs = sum of the block's xq (all zero where
+    max|x| = 0). The float32 operations of quants.quantize_q8 (its NumPy twin), in its order."""
+    n, cols = x.shape
+    nb = cols // 32
+    xq = np.empty((n, cols), np.int8)
+    dx = np.empty((n, nb), np.float32)
+    xqs = np.empty((n, nb), np.int32)
+    for i in range(n):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[i, b * 32 + j]))
+            dx[i, b] = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            t = 0
+            for j in range(32):
+                q = np.int32(np.rint(x[i, b * 32 + j] * inv))
+                xq[i, b * 32 + j] = q
+                t += q
+            xqs[i, b] = t
+    return xq, dx, xqs
+
+
+INT8_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0)   # their decode dots take x quantized to int8
+
+
+def quantize_q8(x):
+    """NumPy twin of `quantize_x` (the reference it is tested against): same values, bit for bit."""
+    x = np.asarray(x, np.float32)
+    n, cols = x.shape
+    xb = x.reshape(n, cols // 32, 32)                                      # [n, nb, 32]
+    amax = np.max(np.abs(xb), axis=-1)                                     # [n, nb]
+    dx = amax / np.float32(127.0)
+    inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax > 0)
+    xq = np.rint(xb * inv[..., None]).astype(np.int8)                      # [n, nb, 32]
+    return xq.reshape(n, cols), dx, xq.astype(np.int32).sum(-1, dtype=np.int32)
+
+
+def reference(x, qt: QuantTensor):
+    """What `qmatvec` computes, in NumPy: for INT8_TYPES, dequant(qt) @ the int8-rounded x (each
+    32-block of x as xq * dx, llama.cpp's Q8 activations) in float64; else `quant_matmul`."""
+    x2 = np.asarray(x, np.float32).reshape(-1, qt.shape[1])
+    if qt.qtype not in INT8_TYPES:
+        return quant_matmul(x2, qt, fast=False).reshape(*np.shape(x)[:-1], qt.shape[0])
+    from ..quants import dequantize
+    xq, dx, _ = quantize_q8(x2)
+    xt = (xq.reshape(len(x2), -1, 32) * dx[..., None].astype(np.float64)).reshape(x2.shape)
+    w = dequantize(np.asarray(qt.data), qt.qtype).reshape(qt.shape).astype(np.float64)
+    return (xt @ w.T).astype(np.float32).reshape(*np.shape(x)[:-1], qt.shape[0])
+
+
 def _k_nib(qs, d, m, x, out):
-    """qs u8 [ng, nb, 16, G]; d, m [ng, nb, G]; x [n, nb*32]."""
-    ng, nb, _, G = qs.shape
-    xs = _block_sums(x, 32)
+    """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; x [n, nb*32] (quantized here to int8)."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
                 for l0 in range(0, G, LANES):
-                    vdot_nib(qs[g, b], G, l0, m[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
+                    vdot8_nib(qs[g, b], G, l0, m[g, b], xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc)
             _store(out, i, g * G, acc)
 
 
@@ -374,15 +500,16 @@ def _k_q5_0(qs, qh, d, x, out):
 
 
 def _k_q8_0(qs, d, x, out):
-    """qs i8 [ng, nb, 32, G]; d [ng, nb, G]."""
-    ng, nb, _, G = qs.shape
+    """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]; x [n, nb*32] (quantized here)."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
     for g in prange(ng):
         acc = np.empty(G, np.float32)
         for i in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(nb):
                 for l0 in range(0, G, LANES):
-                    vdot_q8_0(qs[g, b], G, l0, x[i], b * 32, d[g, b], acc)
+                    vdot8_q8_0(qs[g, b], G, l0, xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc)
             _store(out, i, g * G, acc)
 
 
@@ -408,8 +535,8 @@ def _k_q6_k(qs, qh, s, x, out):
 # multiply-add: fastmath=False), so the tile is bit-identical to it. Threads split the groups.
 
 def _t_nib(qs, d, m, sub8, g0, g1, tile):
-    """qs u8 [ng, nb, 16, G]; d, m [ng, nb, G]; sub8: Q4_0's d * (q - 8), else d * q + m."""
-    _, nb, _, G = qs.shape
+    """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; sub8: Q4_0's d * (q - 8), else d * q + m."""
+    _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):
         c0 = (g - g0) * G
@@ -432,8 +559,8 @@ def _t_q5_0(qs, qh, d, g0, g1, tile):
 
 
 def _t_q8_0(qs, d, g0, g1, tile):
-    """qs i8 [ng, nb, 32, G]; d [ng, nb, G]."""
-    _, nb, _, G = qs.shape
+    """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]."""
+    _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):
         for b in range(nb):
@@ -468,7 +595,8 @@ def _jit():
         globals().update(_intrinsics())
         opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
         helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
-        globals().update(_block_sums=numba.njit(**helpers)(_block_sums), _store=numba.njit(**helpers)(_store))
+        globals().update(_block_sums=numba.njit(**helpers)(_block_sums), _store=numba.njit(**helpers)(_store),
+                         quantize_x=numba.njit(**helpers)(quantize_x))
         # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
         # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box
         _JIT = {name: numba.njit(**dict(opts, parallel=not name.startswith("t_")))(f) for name, f in _SOURCES.items()}
@@ -511,6 +639,12 @@ def _lanes(a, G):
     ng = a.shape[0] // G
     a = a.reshape(ng, G, *a.shape[1:])
     return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+
+
+def _words(a, G):
+    """[rows_padded, nb, 4 w] bytes -> [ng, nb, w, G, 4]: dword t of each row, G rows side by side."""
+    ng, nb, nbytes = a.shape[0] // G, a.shape[1], a.shape[2]
+    return np.ascontiguousarray(a.reshape(ng, G, nb, nbytes // 4, 4).transpose(0, 2, 3, 1, 4))
 
 
 def _pair_nibbles(codes):
@@ -579,14 +713,14 @@ def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: s
     if q in (QT.Q4_0, QT.Q4_1):                                           # scales stay float16 (as uint16 bits)
         d = _h16(blocks[..., 0:2])
         m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
-        arrays, kind = (_lanes(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G)), "nib"
+        arrays, kind = (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G)), "nib"
     elif q == QT.Q4_K:
         codes, d, m = _unpack_q4_k(blocks)
-        arrays, kind = (_lanes(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G)), "nib"
+        arrays, kind = (_words(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G)), "nib"
     elif q == QT.Q5_0:
         arrays, kind = (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G)), "q5_0"
     elif q == QT.Q8_0:
-        arrays, kind = (_lanes(blocks[..., 2:].view(np.int8), G), _lanes(_h16(blocks[..., 0:2]), G)), "q8_0"
+        arrays, kind = (_words(blocks[..., 2:] ^ np.uint8(128), G), _lanes(_h16(blocks[..., 0:2]), G)), "q8_0"
     else:  # Q6_K
         codes, s = _unpack_q6_k(blocks)
         hi = codes >> 4                                                    # [rows, nb, 32] in 0..3
