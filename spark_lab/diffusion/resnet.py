@@ -10,6 +10,7 @@ import numpy as np
 
 from ..device import array_module
 from ..kernels import conv2d, group_norm, linear, silu, upsample_nearest2d
+from ..kernels.conv import upsample2x_conv3x3
 from .loading import Params
 
 
@@ -78,52 +79,17 @@ class Downsample2D:
         return conv(self.p.sub("conv"), x, stride=2, padding=self.padding)   # [N, C, H/2, W/2]
 
 
-# Nearest x2 then a 3x3 conv equals four 2x2 convs on the small input, one per output-pixel
-# parity: an output row 2i+a sees upsampled rows 2i+a-1..2i+a+1, which are small rows
-# {i-1, i} (a = 0) or {i, i+1} (a = 1), so the 3x3 taps that land on the same small row add up.
-# Same result, 4/9 of the multiply-adds and no 4x-sized upsampled copy.
-_TAP_GROUPS = (((0,), (1, 2)), ((0, 1), (2,)))   # parity -> the 3x3 taps summed into each of 2 taps
-
-
-def _phase_kernels(w):
-    """w [O, C, 3, 3] -> {(a, b): [O, C, 2, 2]} for the four output parities."""
-    out = {}
-    for a in (0, 1):
-        rows = [w[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[a]]                  # 2 x [O, C, 3]
-        for b in (0, 1):
-            k = [[r[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[b]] for r in rows]  # 2 x 2 x [O, C]
-            out[a, b] = array_module(w).stack([array_module(w).stack(row, axis=-1) for row in k], axis=-2)
-    return out
-
-
 class Upsample2D:
     """Nearest x2 (or to an explicit size), then a 3x3 conv."""
 
     def __init__(self, p: Params):
         self.p = p
-        self._phases = None
-
-    def _up_conv(self, x):
-        """conv3x3(upsample2x(x)) as four 2x2 convs at the input size: [N, C, H, W] -> [N, O, 2H, 2W]."""
-        if self._phases is None:
-            self._phases = _phase_kernels(self.p["conv.weight"])
-        xp = array_module(x)
-        N, C, H, W = x.shape
-        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))                 # [N, C, H+2, W+2]
-        b = self.p.get("conv.bias")
-        out = None
-        for (pa, pb), k in self._phases.items():
-            y = conv2d(xpad[:, :, pa:pa + H + 1, pb:pb + W + 1], k, b)    # [N, O, H, W]
-            if out is None:
-                out = xp.empty((N, y.shape[1], 2 * H, 2 * W), dtype=np.float32)
-            out[:, :, pa::2, pb::2] = y
-        return out
 
     def __call__(self, x, size=None):
         has_conv = "conv.weight" in self.p
         if size is None or tuple(size) == (x.shape[2] * 2, x.shape[3] * 2):
             if has_conv and self.p["conv.weight"].shape[-2:] == (3, 3):
-                return self._up_conv(x)
+                return upsample2x_conv3x3(x, self.p["conv.weight"], self.p.get("conv.bias"))  # [N, O, 2H, 2W]
             x = upsample_nearest2d(x, 2)                                   # [N, C, 2H, 2W]
         else:                                                              # odd sizes: nearest to `size`
             H, W = x.shape[2:]

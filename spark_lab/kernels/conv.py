@@ -190,7 +190,21 @@ def _compile_winograd():
                             for w in range(W):
                                 dst[w] = Y[a, w, o]
 
-    _WINO = (to_nhwc_padded, input_transform, output_transform)
+    @numba.njit(cache=True, nogil=True)
+    def phases_to_nchw(Y, bias, out):
+        # Y [4, N, H, W, O] (output parity 2a + b, channels-last) -> out [N, O, 2H, 2W] + bias
+        N, H, W, O = Y.shape[1], Y.shape[2], Y.shape[3], Y.shape[4]
+        for n in range(N):
+            for o in range(O):
+                bo = bias[o]
+                for i in range(H):
+                    for a in range(2):
+                        dst = out[n, o, 2 * i + a]
+                        for j in range(W):
+                            dst[2 * j] = Y[2 * a, n, i, j, o] + bo
+                            dst[2 * j + 1] = Y[2 * a + 1, n, i, j, o] + bo
+
+    _WINO = (to_nhwc_padded, input_transform, output_transform, phases_to_nchw)
     return _WINO
 
 
@@ -227,4 +241,76 @@ def _winograd3x3(x, w, b):
     out = np.empty((N, O, H, W), dtype=np.float32)
     bias = np.zeros(O, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     kern[2](M, bias, th, tw, out)
+    return out
+
+
+# Nearest x2 then a 3x3 conv equals four 2x2 convs on the small input, one per output-pixel
+# parity: an output row 2i+a sees upsampled rows 2i+a-1..2i+a+1, which are small rows
+# {i-1, i} (a = 0) or {i, i+1} (a = 1), so the 3x3 taps that land on the same small row add up.
+# Same result, 4/9 of the multiply-adds and no 4x-sized upsampled copy.
+_TAP_GROUPS = (((0,), (1, 2)), ((0, 1), (2,)))   # parity -> the 3x3 taps summed into each of 2 taps
+_PHASE_WEIGHTS = {}   # id(w) -> (w, [4, 2*2*C, O]): the four parities' 2x2 kernels, channels-last
+
+
+def phase_kernels(w):
+    """w [O, C, 3, 3] -> {(a, b): [O, C, 2, 2]}: the 2x2 kernel of output parity (a, b)."""
+    xp = array_module(w)
+    out = {}
+    for a in (0, 1):
+        rows = [w[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[a]]                  # 2 x [O, C, 3]
+        for b in (0, 1):
+            k = [[r[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[b]] for r in rows]  # 2 x 2 x [O, C]
+            out[a, b] = xp.stack([xp.stack(row, axis=-1) for row in k], axis=-2)
+    return out
+
+
+def _phase_weights(w):
+    """w [O, C, 3, 3] -> [4, 4C, O]: parity 2a+b's 2x2 kernel as rows (u, v, c), cached per weight."""
+    hit = _PHASE_WEIGHTS.get(id(w))
+    if hit is not None and hit[0] is w:
+        return hit[1]
+    k = phase_kernels(w.astype(np.float64))
+    O, C = w.shape[:2]
+    P = np.stack([k[a, b].transpose(2, 3, 1, 0).reshape(4 * C, O) for a in (0, 1) for b in (0, 1)])
+    P = np.ascontiguousarray(P, dtype=np.float32)
+    if len(_PHASE_WEIGHTS) > 256:
+        _PHASE_WEIGHTS.clear()
+    _PHASE_WEIGHTS[id(w)] = (w, P)
+    return P
+
+
+def upsample2x_conv3x3(x, w, b=None):
+    """conv2d(upsample_nearest2d(x, 2), w, b, padding=1) for w [O, C, 3, 3]: x [N, C, H, W] -> [N, O, 2H, 2W].
+
+    CPU with numba: the four parity kernels as one batched GEMM on channels-last patches,
+    [4, N*H*W, 4C] @ [4, 4C, O] (no 4x upsampled copy, 4/9 of the multiply-adds); elsewhere
+    four 2x2 conv2d calls on the zero-bordered input.
+    """
+    if x.ndim != 4 or w.ndim != 4 or w.shape[2:] != (3, 3) or w.shape[1] != x.shape[1]:
+        raise ValueError(f"upsample2x_conv3x3: x {tuple(x.shape)} must be [N, C, H, W] and w {tuple(w.shape)} [O, C, 3, 3]")
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    O = w.shape[0]
+    kern = None
+    if xp is np and x.dtype == w.dtype == np.float32:
+        kern = _WINO if _WINO is not None else _compile_winograd()
+    if not kern:
+        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))                 # [N, C, H+2, W+2]
+        out = xp.empty((N, O, 2 * H, 2 * W), dtype=x.dtype)
+        for (a, c), k in phase_kernels(w).items():
+            out[:, :, a::2, c::2] = conv2d(xpad[:, :, a:a + H + 1, c:c + W + 1], k, b)
+        return out
+    xpad = _scratch("uxpad", (N, H + 2, W + 2, C), zero=True)              # channels-last, zero border
+    kern[0](np.ascontiguousarray(x), xpad)
+    cols = _scratch("ucols", (4, N, H, W, 2, 2, C))                        # parity, pixel, tap (u, v), channel
+    for a in (0, 1):
+        for c in (0, 1):
+            for u in (0, 1):
+                for v in (0, 1):
+                    cols[2 * a + c, :, :, :, u, v] = xpad[:, a + u:a + u + H, c + v:c + v + W]
+    Y = np.matmul(cols.reshape(4, N * H * W, 4 * C), _phase_weights(w),
+                  out=_scratch("uY", (4, N * H * W, O)))                   # [4, NHW, O]
+    out = np.empty((N, O, 2 * H, 2 * W), dtype=np.float32)
+    bias = np.zeros(O, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    kern[3](Y.reshape(4, N, H, W, O), bias, out)
     return out

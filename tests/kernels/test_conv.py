@@ -89,3 +89,21 @@ def test_conv2d_winograd_path_matches_definition_and_im2col(shape, O, monkeypatc
     np.testing.assert_allclose(y2, _conv_ref(x * 2.0, w, None, 1, 1, 1), rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 10 ** 9)
     np.testing.assert_allclose(conv2d(x, w, b, padding=1), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,O", [((2, 32, 8, 8), 32), ((1, 5, 7, 3), 4), ((2, 64, 4, 6), 48)])
+def test_upsample2x_conv3x3_matches_upsample_then_conv(shape, O, monkeypatch):
+    """Nearest x2 + 3x3 conv as four parity 2x2 kernels (a batched GEMM on channels-last
+    patches with numba, four conv2d calls without): the definition on the upsampled input."""
+    from spark_lab.kernels import conv as conv_mod
+    x, w, b = _x(shape, 13), _x((O, shape[1], 3, 3), 14) * 0.1, _x(O, 15)
+    ref = _conv_ref(upsample_nearest2d(x), w, b, 1, 1, 1)
+    y = conv_mod.upsample2x_conv3x3(x, w, b)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    y2 = conv_mod.upsample2x_conv3x3(x * 2.0, w, None)        # reused work buffers: no state leaks
+    np.testing.assert_allclose(y2, _conv_ref(upsample_nearest2d(x * 2.0), w, None, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(conv_mod, "_WINO", False)              # the fallback without numba
+    np.testing.assert_allclose(conv_mod.upsample2x_conv3x3(x, w, b), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="upsample2x_conv3x3"):
+        conv_mod.upsample2x_conv3x3(x, w[:, :1])
