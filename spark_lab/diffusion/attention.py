@@ -50,22 +50,27 @@ def attend(q, k, v):
     return out
 
 
+def linear_rows(x, w, b=None):
+    """linear on x [..., in] as one 2-D GEMM over all rows ([B, T, in] @ w.T would be B GEMMs, ~15% slower)."""
+    return linear(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape[:-1] + (w.shape[0],))
+
+
 def multi_head_attention(p: Params, x, context, heads: int):
     """diffusers `Attention` (to_q/to_k/to_v/to_out.0): x [B, Tq, Cq], context [B, Tk, Ck] -> [B, Tq, Cout]."""
     B, Tq, _ = x.shape
     Tk = context.shape[1]
-    v = linear(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
+    v = linear_rows(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
     HD = v.shape[-1]
     D = HD // heads
     if Tk == 1:       # softmax over one key is exactly 1: every query gets to_out(v), computed once
-        o = linear(v, p["to_out.0.weight"], p.get("to_out.0.bias"))    # [B, 1, Cout]
+        o = linear_rows(v, p["to_out.0.weight"], p.get("to_out.0.bias"))    # [B, 1, Cout]
         return array_module(o).broadcast_to(o, (B, Tq, o.shape[-1]))
-    q = linear(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
-    k = linear(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
+    q = linear_rows(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
+    k = linear_rows(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
     heads_first = lambda t, T: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3).reshape(B * heads, T, D)  # noqa: E731
     o = attend(heads_first(q, Tq), heads_first(k, Tk), heads_first(v, Tk))   # [B*H, Tq, D]
     o = o.reshape(B, heads, Tq, D).transpose(0, 2, 1, 3).reshape(B, Tq, HD)  # [B, Tq, H*D]
-    return linear(o, p["to_out.0.weight"], p.get("to_out.0.bias"))     # [B, Tq, Cout]
+    return linear_rows(o, p["to_out.0.weight"], p.get("to_out.0.bias"))     # [B, Tq, Cout]
 
 
 class SpatialAttention:
@@ -108,14 +113,14 @@ class BasicTransformerBlock:
             h = self._ln("norm2", x)
             x = x + multi_head_attention(p.sub("attn2"), h, h if context is None else context, self.heads)
         h = self._ln("norm3", x)
-        h = geglu(linear(h, p["ff.net.0.proj.weight"], p["ff.net.0.proj.bias"]))        # [B, T, 4C]
-        return x + linear(h, p["ff.net.2.weight"], p["ff.net.2.bias"])                  # [B, T, C]
+        h = geglu(linear_rows(h, p["ff.net.0.proj.weight"], p["ff.net.0.proj.bias"]))   # [B, T, 4C]
+        return x + linear_rows(h, p["ff.net.2.weight"], p["ff.net.2.bias"])             # [B, T, C]
 
 
 def _pointwise(p: Params, x):
     """A 1x1 conv or a linear (use_linear_projection) on channels-last x [B, T, Cin] -> [B, T, Cout]."""
     w = p["weight"]
-    return linear(x, w.reshape(w.shape[0], -1), p.get("bias"))
+    return linear_rows(x, w.reshape(w.shape[0], -1), p.get("bias"))
 
 
 class Transformer2D:
