@@ -63,12 +63,69 @@ def embed_captions(captions: list[str], batch: int = 256) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def load_data(data: Path):
-    """-> images [N, 3, 32, 32] f32 in [-1, 1], caption ids per image, embeddings [C, 384]."""
+# ---- data curation ------------------------------------------------------------------------
+# A CPU budget of a few thousand steps cannot cover 1,898 emoji, so --curate trains on the
+# pictorial ones: single code points (no ZWJ families, skin tones, keycaps, flags but Japan's),
+# without the text-like symbols (arrows, enclosed letters, clocks, geometric shapes, zodiac).
+# Common objects are drawn --common-weight times as often, and the SEEN captions make up
+# --seen-share of every batch. Every kept image also gets an "a/an <caption>" caption.
+
+SYMBOLS = [(0x00A9, 0x00AE), (0x203C, 0x2049), (0x2122, 0x2139), (0x2190, 0x21FF), (0x2300, 0x2319),
+           (0x231C, 0x23EF), (0x23F1, 0x23F2), (0x23F4, 0x23FF), (0x24C2, 0x24C2), (0x25A0, 0x25FF),
+           (0x2611, 0x2611), (0x2622, 0x2623), (0x262E, 0x262F), (0x2638, 0x2638), (0x2640, 0x2642),
+           (0x2648, 0x2653), (0x265F, 0x2668), (0x267B, 0x267F), (0x2695, 0x269C), (0x26A7, 0x26AB),
+           (0x26CE, 0x26CE), (0x26D4, 0x26D4), (0x2702, 0x2702), (0x2705, 0x2705), (0x2714, 0x2721),
+           (0x2733, 0x2734), (0x2747, 0x2757), (0x2795, 0x27BF), (0x2934, 0x2935), (0x2B05, 0x2B1C),
+           (0x2B55, 0x2B55), (0x3030, 0x3299), (0x1F170, 0x1F251), (0x1F4F4, 0x1F4F6), (0x1F500, 0x1F53D),
+           (0x1F550, 0x1F567), (0x1F6AB, 0x1F6AD), (0x1F6AE, 0x1F6AF), (0x1F6B1, 0x1F6B1), (0x1F6B3, 0x1F6B3),
+           (0x1F6B7, 0x1F6B8), (0x1F6B9, 0x1F6BC), (0x1F6C2, 0x1F6C5), (0x1F7E0, 0x1F7F0), (0x1F3E7, 0x1F3E7),
+           (0x1F4B1, 0x1F4B2), (0x1F4DB, 0x1F4DB), (0x1F51E, 0x1F51E), (0x1F6D0, 0x1F6D0), (0x1F549, 0x1F549),
+           (0x1F54E, 0x1F54E), (0x1F234, 0x1F23A)]
+COMMON = [(0x1F600, 0x1F637), (0x1F641, 0x1F644), (0x1F910, 0x1F92F), (0x1F970, 0x1F97A), (0x263A, 0x263A),
+          (0x1F479, 0x1F480), (0x1F400, 0x1F43F), (0x1F980, 0x1F9AE), (0x1F54A, 0x1F54A), (0x1F577, 0x1F578),
+          (0x1F330, 0x1F344), (0x1F490, 0x1F490), (0x1F345, 0x1F37F), (0x1F950, 0x1F96F), (0x1F9C0, 0x1F9CB),
+          (0x1FAD0, 0x1FADB), (0x2600, 0x2604), (0x26C4, 0x26C8), (0x2744, 0x2744), (0x1F300, 0x1F321),
+          (0x1F324, 0x1F32C), (0x2B50, 0x2B50), (0x1F525, 0x1F525), (0x1F4A7, 0x1F4A7), (0x26A1, 0x26A1),
+          (0x1F680, 0x1F6A4), (0x1F6B2, 0x1F6B2), (0x1F6E9, 0x1F6FC), (0x26F5, 0x26F5), (0x2708, 0x2708),
+          (0x2764, 0x2764), (0x1F493, 0x1F49F), (0x1F9E1, 0x1F9E1), (0x1F90D, 0x1F90E), (0x1FA75, 0x1FA77),
+          (0x1F380, 0x1F393), (0x26BD, 0x26BE), (0x1F3C0, 0x1F3C0), (0x1F3C8, 0x1F3C8), (0x1F3BE, 0x1F3BE),
+          (0x1F44D, 0x1F44E), (0x1F47B, 0x1F47B), (0x26C4, 0x26C4)]
+
+
+def _in(cp: int, ranges) -> bool:
+    return any(a <= cp <= b for a, b in ranges)
+
+
+def with_article(c: str) -> str:
+    return ("an " if c[0] in "aeiou" else "a ") + c
+
+
+def curate(rows: list[dict], common_weight: float) -> tuple[list[int], list[float], list[list[str]]]:
+    """rows from captions.json -> kept row indices, sampling weights, captions (+ "a/an ..." forms)."""
+    keep, weights, caps = [], [], []
+    for i, r in enumerate(rows):
+        core = r["emoji"].replace("\ufe0f", "")
+        seen = any(c in SEEN for c in r["captions"])
+        if not seen and (len(core) != 1 or _in(ord(core), SYMBOLS)):
+            continue
+        keep.append(i)
+        weights.append(common_weight if len(core) == 1 and _in(ord(core), COMMON) else 1.0)
+        caps.append(list(r["captions"]) + [with_article(c) for c in r["captions"][:2]])
+    return keep, weights, caps
+
+
+def load_data(data: Path, curated: bool = False, common_weight: float = 3.0):
+    """-> images [N, 3, 32, 32] f32 in [-1, 1], caption ids per image, embeddings [C, 384], caption index,
+    sampling weights [N] (all ones unless curated)."""
     x = np.load(data / "images.npy")                              # [N, 32, 32, 3] uint8
     rows = json.loads((data / "captions.json").read_text())
-    captions = sorted({c for r in rows for c in r["captions"]})
-    cache = data / "embeddings.npz"
+    if curated:
+        keep, weights, caps = curate(rows, common_weight)
+        x = x[keep]
+    else:
+        weights, caps = [1.0] * len(rows), [r["captions"] for r in rows]
+    captions = sorted({c for cs in caps for c in cs})
+    cache = data / ("embeddings-curated.npz" if curated else "embeddings.npz")
     if cache.exists() and list(np.load(cache)["captions"]) == captions:
         emb = np.load(cache)["emb"]
     else:
@@ -77,9 +134,10 @@ def load_data(data: Path):
         np.savez(cache, captions=np.array(captions), emb=emb)
         print(f"embedded {len(captions)} captions in {time.time() - t0:.0f}s", flush=True)
     index = {c: i for i, c in enumerate(captions)}
-    cap_ids = [[index[c] for c in r["captions"]] for r in rows]
+    cap_ids = [[index[c] for c in cs] for cs in caps]
     images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return images, cap_ids, torch.from_numpy(emb), index
+    seen_rows = torch.tensor([any(c in SEEN for c in cs) for cs in caps])
+    return images, cap_ids, torch.from_numpy(emb), index, torch.tensor(weights), seen_rows
 
 
 # ---- model and schedulers ------------------------------------------------------------------
@@ -147,8 +205,15 @@ def train(args):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     dev = torch.device(args.device)
-    images, cap_ids, emb, index = load_data(Path(args.data).expanduser())
-    print(f"{len(images)} images, {len(emb)} captions, device {dev}", flush=True)
+    images, cap_ids, emb, index, weights, seen_rows = load_data(Path(args.data).expanduser(), args.curate,
+                                                                args.common_weight)
+    # per-image draw probabilities: the SEEN rows share --seen-share of each batch (curated runs only)
+    if args.curate and seen_rows.any():
+        w = weights * ~seen_rows
+        probs = (1 - args.seen_share) * w / w.sum() + args.seen_share * seen_rows.float() / seen_rows.sum()
+    else:
+        probs = weights / weights.sum()
+    print(f"{len(images)} images, {len(emb)} captions, device {dev}, curated {args.curate}", flush=True)
     images, emb = images.to(dev), emb.to(dev)
     seen_cond = torch.stack([emb[index[c]] for c in SEEN if c in index])[:, None]  # [16, 1, 384]
 
@@ -187,10 +252,14 @@ def train(args):
     for i, c in enumerate(cap_ids):
         cap_table[i, :len(c)] = torch.tensor(c)
 
+    lr_now = [args.lr]
+
     def checkpoint(loss_avg):
         tag = work / f"ckpt-{step:06d}"
         meta = {"step": step, "train_minutes": round(train_seconds / 60, 1), "loss_ema": round(loss_avg, 5),
-                "batch": args.batch, "lr": args.lr, "prediction": args.prediction, "init": args.init, "seed": args.seed, "device": str(dev), "params": n_params}
+                "batch": args.batch, "lr": args.lr, "lr_now": lr_now[0], "ema": args.ema, "curated": args.curate,
+                "images": len(images), "captions": len(emb), "seen_share": args.seen_share if args.curate else None,
+                "threads": args.threads, "prediction": args.prediction, "init": args.init, "seed": args.seed, "device": str(dev), "params": n_params}
         save_pipeline(ema, tag, meta, args.prediction)
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "train_seconds": train_seconds, "rng": torch.get_rng_state()}, work / "state.pt.tmp")
@@ -200,11 +269,12 @@ def train(args):
         print(f"checkpoint {tag.name}", flush=True)
 
     loss_avg, t_last_ckpt, t_start = None, time.time(), time.time()
-    budget = args.minutes * 60.0
+    # --minutes is this session's wall-clock budget (pauses by other users count: the box is shared)
+    session, step0 = args.minutes * 60.0, step
     unet.train()
-    while step < args.steps and train_seconds < budget:
+    while step < args.steps and time.time() - t_start < session:
         t0 = time.time()
-        idx = torch.randint(0, len(images), (args.batch,), generator=gen)          # [B]
+        idx = torch.multinomial(probs, args.batch, replacement=True, generator=gen)  # [B]
         pick = (torch.rand(args.batch, generator=gen) * n_caps[idx]).long()
         cond = emb[cap_table[idx, pick].to(dev)]                                    # [B, 384]
         drop = (torch.rand(args.batch, generator=gen) < args.cond_drop).to(dev)
@@ -218,9 +288,14 @@ def train(args):
         target = noise if args.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * w_t[t]).mean()
+        frac = max((time.time() - t_start) / session, (step - step0) / max(1, args.steps - step0))  # session progress
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if args.decay > 0 and frac > 1 - args.decay:
+            u = min(1.0, (frac - 1 + args.decay) / args.decay)
+            lr = args.lr_final + (lr - args.lr_final) * 0.5 * (1 + math.cos(math.pi * u))
         for g_ in opt.param_groups:
             g_["lr"] = lr
+        lr_now[0] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -275,7 +350,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/spark_emoji_run", help="checkpoints, sample grids, state.pt")
     ap.add_argument("--out", default=None, help="write the final EMA model here (e.g. spark_lab/assets/spark-emoji)")
     ap.add_argument("--steps", type=int, default=100_000, help="stop after this many steps")
-    ap.add_argument("--minutes", type=float, default=70.0, help="... or after this much training time")
+    ap.add_argument("--minutes", type=float, default=70.0, help="... or after this much wall time (this session)")
+    ap.add_argument("--curate", action="store_true", help="pictorial single-code-point emoji only, see curate()")
+    ap.add_argument("--common-weight", type=float, default=3.0, help="draw weight of common objects (curated)")
+    ap.add_argument("--seen-share", type=float, default=0.25, help="share of each batch from SEEN (curated)")
+    ap.add_argument("--decay", type=float, default=0.0, help="cosine lr decay over this last share of the session")
+    ap.add_argument("--lr-final", type=float, default=3e-5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=100)
