@@ -63,3 +63,13 @@ def attention_one(q, k, v, scale: float, lo: int, hi: int):
     out = np.empty((1, q.shape[1], v.shape[2]), np.float32)
     kern(np.ascontiguousarray(q[0]), k, v, np.float32(scale), lo, hi, out[0])
     return out
+
+
+def attention_into(q, k, v, scale: float, lo: int, hi: int, out) -> bool:
+    """q [Hq, D], k/v [Tk, Hkv, D] (keys lo..hi-1 visible) -> out [Hq, Dv], in place.
+    False (out untouched) when numba is unavailable."""
+    kern = _KERNEL if _KERNEL is not None else _compile()
+    if kern is False or hi <= lo:
+        return False
+    kern(q, k, v, np.float32(scale), lo, hi, out)
+    return True

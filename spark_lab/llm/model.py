@@ -127,10 +127,20 @@ class Transformer:
             L.w_gate = L.w_up = None
 
     # ------------------------------------------------------------------ forward
+    _dec = None       # decode.Decoder once built; False where it does not apply (GPU arrays, no numba)
+
+    def _decoder(self):
+        if self._dec is None:
+            from . import decode
+            self._dec = decode.Decoder(self) if decode.available(self) else False
+        return self._dec or None
+
     def forward(self, tokens: np.ndarray, pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """tokens [T] at positions pos..pos+T-1 -> logits [T, vocab] (or [1, vocab], the last)."""
         c = self.config
         T, hd = len(tokens), c.head_dim
+        if T == 1 and not all_logits and self._decoder() is not None:     # decode: the fused one-token path
+            return self._dec.step(int(tokens[0]), pos, cache)
         if pos + T > cache.n_ctx:
             raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
         positions = np.arange(pos, pos + T, dtype=np.int64)

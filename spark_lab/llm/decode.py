@@ -1,0 +1,184 @@
+"""One token through the decoder on the CPU: preallocated buffers, kernels called directly.
+
+`Transformer.forward` is the reference and handles any T. Decoding calls it with T = 1
+about 30 times a second, and there the arithmetic of a small model (~100 MB of quantized
+weights) is a few milliseconds while the general path's array plumbing (shape checks,
+reshapes, temporaries, a dozen NumPy calls per layer) cost as much again. `Decoder.step` runs
+the same layer, operation for operation, with:
+
+    x, h, q, k, v, att, o, g, u, a, f   one preallocated float32 row each
+    mat-vecs                          straight into those rows (the repacked numba kernels)
+    rmsnorm, rope, SwiGLU             small numba loops over one row, in place
+    attention                         the fused decode kernel over the cache's keys/values
+
+Same numbers as `forward` to float32 rounding (tested on tiny llama/qwen2/qwen3/gemma3 models
+and on the shipped GGUFs). Used only where it applies: NumPy arrays and numba importable.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels as K
+from ..kernels.decode_attention import attention_into
+from ..quants import QuantTensor
+
+_GLUE = None  # {name: compiled function}; False when numba is missing
+
+
+def _rms_row(x, w, eps, out):
+    """out = x / sqrt(mean(x^2) + eps) * w; x, w, out [d]."""
+    d = x.shape[0]
+    s = 0.0
+    for i in range(d):
+        s += np.float64(x[i]) * np.float64(x[i])
+    r = np.float32(np.sqrt(np.float32(s / d) + eps))
+    for i in range(d):
+        out[i] = x[i] / r * w[i]
+
+
+def _rope_rows(x, cos, sin, rd, neox):
+    """Rotate the first rd features of each row of x [H, D] in place; cos, sin [rd/2]."""
+    half = rd // 2
+    for h in range(x.shape[0]):
+        for i in range(half):
+            a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            x0, x1 = x[h, a], x[h, b]
+            x[h, a] = x0 * cos[i] - x1 * sin[i]
+            x[h, b] = x0 * sin[i] + x1 * cos[i]
+
+
+def _swiglu_row(g, u, out):
+    """out = silu(g) * u; all [n]."""
+    for i in range(g.shape[0]):
+        out[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+
+
+def _glue():
+    global _GLUE
+    if _GLUE is None:
+        try:
+            import numba
+        except ImportError:
+            _GLUE = False
+            return _GLUE
+        jit = numba.njit(cache=True, nogil=True, fastmath=False)
+        _GLUE = {f.__name__[1:]: jit(f) for f in (_rms_row, _rope_rows, _swiglu_row)}
+    return _GLUE
+
+
+def _matvec(w):
+    """fn(x [1, in], out [1, rows]) writing x @ w.T into out, for a float array or a QuantTensor."""
+    if not isinstance(w, QuantTensor):
+        wt = w.T
+        return lambda x, out: np.matmul(x, wt, out=out)
+    from ..kernels import qmatvec as qm
+    kern = qm._jit()
+    p = qm.prepare(w) if kern else None
+    if p is not None and kern.get(p.kind) is not None:
+        fn, args = kern[p.kind], p.arrays
+        return lambda x, out: fn(*args, x, out)
+    return lambda x, out: qm.qmatvec(x, w, out=out)
+
+
+def available(model) -> bool:
+    """True when `Decoder` can run this model: weights in NumPy arrays and numba importable."""
+    from ..device import array_module
+    w = model.tok_embd.data if isinstance(model.tok_embd, QuantTensor) else model.tok_embd
+    return array_module(w) is np and bool(_glue())
+
+
+class Decoder:
+    """`step(token, pos, cache)` == `model.forward([token], pos, cache)` for one token, faster."""
+
+    def __init__(self, model):
+        self.model = m = model
+        c = self.c = model.config
+        g = self.g = _glue()
+        hd = c.head_dim
+        self.nq, self.nkv = c.n_head * hd, c.n_head_kv * hd
+        row = lambda n: np.zeros((1, n), np.float32)            # noqa: E731
+        self.x, self.h, self.o, self.f = row(c.n_embd), row(c.n_embd), row(c.n_embd), row(c.n_embd)
+        self.q, self.k, self.v, self.att = row(self.nq), row(self.nkv), row(self.nkv), row(self.nq)
+        self.gate, self.up, self.act = row(c.n_ff), row(c.n_ff), row(c.n_ff)
+        self.logits = row(m.output.shape[0])
+        self.layers = []
+        for L in m.layers:
+            mv = dict(o=_matvec(L.wo), down=_matvec(L.w_down))
+            if L.wqkv is not None:                              # fused on this device: split after the product
+                mv["qkv"], self.qkv = _matvec(L.wqkv), row(self.nq + 2 * self.nkv)
+            else:
+                mv.update(q=_matvec(L.wq), k=_matvec(L.wk), v=_matvec(L.wv))
+            if L.w_gu is not None:
+                mv["gu"], self.gu = _matvec(L.w_gu), row(2 * c.n_ff)
+            else:
+                mv.update(gate=_matvec(L.w_gate), up=_matvec(L.w_up))
+            self.layers.append(mv)
+        self.out = _matvec(m.output)
+        self.eps = np.float32(c.rms_eps)
+        self.tables = {}                                        # theta -> (cos, sin) [n_ctx, rd/2]
+
+    def _table(self, theta, n_ctx):
+        t = self.tables.get(theta)
+        if t is None or t[0].shape[0] < n_ctx:
+            cos, sin = K.rope_table(np.arange(n_ctx, dtype=np.int64), self.c.rope_dim, theta, self.c.rope_freq_scale)
+            t = self.tables[theta] = (np.ascontiguousarray(cos[:, 0]), np.ascontiguousarray(sin[:, 0]))
+        return t
+
+    def step(self, token: int, pos: int, cache) -> np.ndarray:
+        """One token at absolute position pos -> logits [1, vocab] (a buffer reused by the next step)."""
+        m, c, g, eps = self.model, self.c, self.g, self.eps
+        if pos + 1 > cache.n_ctx:
+            raise ValueError(f"{pos + 1} tokens do not fit the context of {cache.n_ctx}")
+        hd, H, Hkv = c.head_dim, c.n_head, c.n_head_kv
+        x, h, o, f = self.x, self.h, self.o, self.f
+        x[...] = K.embedding(m.tok_embd, np.array([token], np.int64))
+        if c.embed_scale != 1.0:
+            x *= np.float32(c.embed_scale)
+        q3, k3, v3 = self.q.reshape(H, hd), self.k.reshape(Hkv, hd), self.v.reshape(Hkv, hd)
+        att3 = self.att.reshape(H, hd)
+        for i, (L, mv) in enumerate(zip(m.layers, self.layers)):
+            g["rms_row"](x[0], L.attn_norm, eps, h[0])
+            if "qkv" in mv:
+                mv["qkv"](h, self.qkv)
+                if L.bqkv is not None:
+                    self.qkv += L.bqkv
+                self.q[0], self.k[0], self.v[0] = np.split(self.qkv[0], [self.nq, self.nq + self.nkv])
+            else:
+                mv["q"](h, self.q), mv["k"](h, self.k), mv["v"](h, self.v)
+                if L.bq is not None:
+                    self.q += L.bq
+                    self.k += L.bk
+                    self.v += L.bv
+            if c.qk_norm:
+                q3[...] = K.rmsnorm(q3, L.q_norm, c.rms_eps)
+                k3[...] = K.rmsnorm(k3, L.k_norm, c.rms_eps)
+            sliding = c.is_sliding(i)
+            theta = c.rope_theta_local if sliding else c.rope_theta
+            cos, sin = self._table(theta, cache.n_ctx)
+            g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
+            g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
+            cache.k[i, pos], cache.v[i, pos] = k3, v3
+            lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
+            attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3)
+            mv["o"](self.att, o)
+            if c.post_norms:
+                g["rms_row"](o[0], L.post_attn_norm, eps, o[0])
+            x += o
+            g["rms_row"](x[0], L.ffn_norm, eps, h[0])
+            if "gu" in mv:
+                mv["gu"](h, self.gu)
+                gate, up = self.gu[:, :c.n_ff], self.gu[:, c.n_ff:]
+            else:
+                mv["gate"](h, self.gate), mv["up"](h, self.up)
+                gate, up = self.gate, self.up
+            if c.act == "silu":
+                g["swiglu_row"](gate[0], up[0], self.act[0])
+            else:
+                self.act[...] = K.gelu(gate, approximate="tanh") * up
+            mv["down"](self.act, f)
+            if c.post_norms:
+                g["rms_row"](f[0], L.post_ffn_norm, eps, f[0])
+            x += f
+        g["rms_row"](x[0], m.output_norm, eps, h[0])
+        self.out(h, self.logits)
+        return self.logits.copy()
