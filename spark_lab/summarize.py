@@ -12,7 +12,12 @@ extractive   split into sentences (pysbd, language picked from the script and st
 abstractive  map-reduce with an LLM (`spark_lab.llm.LLM`): pack sentences into token-counted
              chunks that fit the context next to the prompt and the output budget, summarize
              each chunk (map), merge partial summaries group by group until they fit
-             `token_max` (reduce), then write the final summary.
+             `token_max` (reduce), then write the final summary. A long text with headings is
+             summarized section by section: its sections are bundled into at most
+             max_words // WORDS_PER_TOPIC topic groups, chunks never cross a group, each map
+             prompt names its group's headings, and the final step asks the LLM for one
+             sentence per group; the summary is those sentences in document order (a small
+             model asked to merge everything at once drops most topics of a long report).
 hybrid       extractive selection down to what fits one context, then one abstractive pass.
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Summary:
     chunks: int = 0                               # map chunks the text was cut into
     llm_calls: int = 0
     language: str = "en"
+    topics: list = field(default_factory=list)    # sectioned texts: [{"topic", "chunks", "summary"}]
 
     @property
     def words_per_second(self) -> float:
@@ -123,9 +129,10 @@ def detect_language(text: str) -> str:
 class Paragraph:
     sentences: list            # list[str]
     heading: bool = False      # a heading line: starts a section, never extracted
+    level: int = 0             # heading level: 1 for `#`, 2 for `##`, ...; 0 for body text
 
 
-_HEADING_RE = re.compile(r"^\s{0,3}#{1,6}\s+")
+_HEADING_RE = re.compile(r"^\s{0,3}(#{1,6})\s+")
 _LIST_RE = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+")
 # cheap pre-cut for very long paragraphs (pysbd is superlinear in paragraph length): only at an
 # end mark after a 3+ letter word, before a capital/quote, so abbreviations like "Dr." stay whole
@@ -179,9 +186,10 @@ def split_paragraphs(text: str, language: str | None = None) -> list[Paragraph]:
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line.strip():
             flush()
-        elif _HEADING_RE.match(line):
+        elif m := _HEADING_RE.match(line):
             flush()
-            paras.append(Paragraph([_HEADING_RE.sub("", line).strip().rstrip("#").strip()], heading=True))
+            paras.append(Paragraph([_HEADING_RE.sub("", line).strip().rstrip("#").strip()], heading=True,
+                                   level=len(m.group(1))))
         elif _LIST_RE.match(line):
             flush()
             lines.append(_LIST_RE.sub("", line))
@@ -343,13 +351,16 @@ def _prepare(text: str, language: str | None) -> _Doc:
 
 
 def _truncate_words(text: str, max_words: int) -> str:
+    """At most max_words words (an ellipsis counts as one): the last sentence end inside the
+    budget when that keeps at least half of it, else a cut marked with " …"."""
     words = list(_WORD_RE.finditer(text))
     if len(words) <= max_words:
         return text
     cut = text[:words[max_words - 1].end()]
-    # end at the last sentence end inside the budget when that keeps most of it
     m = max((cut.rfind(c) for c in ".!?।。"), default=-1)
-    return cut[:m + 1] if m >= len(cut) // 2 else cut + " …"
+    if m >= len(cut) // 2:
+        return cut[:m + 1]
+    return cut if max_words < 2 else text[:words[max_words - 2].end()] + " …"
 
 
 def _rank(doc: _Doc, encoder=None, progress: bool = False):
@@ -411,9 +422,15 @@ REDUCE_PROMPT = ("These are summaries of consecutive parts of one document. Comb
                  "Summaries:\n{text}")
 
 
-def _messages(template: str, text: str, words: int) -> list[dict]:
+TOPIC_PROMPT = ("Write one sentence of at most {words} words that says what these summaries report "
+                "about {topic}.\n\nSummaries:\n{text}")
+MAP_TOPIC_PROMPT = ("Summarize this part of a document, from the section about {topic}, in at most "
+                    "{words} words. Keep the main facts, names and numbers.\n\nText:\n{text}")
+
+
+def _messages(template: str, text: str, words: int, topic: str = "") -> list[dict]:
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": template.format(words=words, text=text)}]
+            {"role": "user", "content": template.format(words=words, text=text, topic=topic)}]
 
 
 class _Budget:
@@ -422,6 +439,7 @@ class _Budget:
     def __init__(self, llm, max_words: int, max_new_tokens: int | None, token_max: int | None):
         self.llm = llm
         n_ctx = int(getattr(llm, "n_ctx", 0) or llm.config.n_ctx)   # the engine's context, not training's
+        self.n_ctx, self.words = n_ctx, max_words
         self.out = int(max_new_tokens or min(max(int(max_words * 1.6) + 16, 48), n_ctx // 4))
         overhead = max(self._prompt_tokens(t, max_words) for t in (MAP_PROMPT, REDUCE_PROMPT))
         self.chunk = n_ctx - overhead - self.out - 8   # 8: template/BOS slack
@@ -432,8 +450,8 @@ class _Budget:
         if self.token_max < 32:
             raise ValueError(f"token_max={token_max} is too small (at least 32 tokens)")
 
-    def _prompt_tokens(self, template, words):
-        msgs = _messages(template, "", words)
+    def _prompt_tokens(self, template, words, topic=""):
+        msgs = _messages(template, "", words, topic)
         if hasattr(self.llm, "encode_chat"):           # exact: special tokens parsed
             return len(self.llm.encode_chat(msgs))
         if hasattr(self.llm, "apply_chat_template"):   # special tokens counted as text: an over-estimate
@@ -442,6 +460,10 @@ class _Budget:
 
     def tokens(self, text: str) -> int:
         return int(self.llm.count_tokens(text))
+
+    def chunk_for(self, template: str, topic: str) -> int:
+        """Text tokens that fit next to `template` naming `topic` (and the output budget)."""
+        return min(self.chunk, self.n_ctx - self._prompt_tokens(template, self.words, topic) - self.out - 8)
 
 
 def _split_long(sentence: str, limit: int, budget: _Budget) -> list[str]:
@@ -524,11 +546,12 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
     b = _Budget(llm, max_words, max_new_tokens, token_max)
     calls = 0
 
-    def ask(template, body, words):
+    def ask(template, body, words, topic="", keep=None):
+        """One LLM call; its answer is cleaned and cut to `keep` words (default: `words`)."""
         nonlocal calls
         calls += 1
-        g = llm.chat(_messages(template, body, words), max_new_tokens=b.out, temperature=0.0)
-        return _clean(g.text, words)
+        g = llm.chat(_messages(template, body, words, topic), max_new_tokens=b.out, temperature=0.0)
+        return _clean(g.text, keep or words)
 
     # 1. map: every chunk summarized on its own
     chunks = chunk_text(paras, b.chunk, b)
@@ -536,8 +559,29 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
         out = ask(MAP_PROMPT, chunks[0], max_words)
         s = Summary(out, "abstractive", partials=[out], chunks=1, llm_calls=calls, language=lang)
         return _done(s, words_in, t0)
-    partials = [ask(MAP_PROMPT, c, max_words) for c in _progress(chunks, progress, "map", len(chunks))]
+    groups = topic_groups(split_sections(paras), b, max_words)
+    if len(groups) > 1:
+        s = _sectioned(groups, b, ask, max_words, progress, lang, words_in, t0)
+        s.llm_calls = calls
+        return s
+    part_words = _part_words(b, max_words)
+    partials = [ask(MAP_PROMPT, c, part_words, keep=max_words) for c in _progress(chunks, progress, "map", len(chunks))]
     # 2. reduce: merge neighbouring partials until all of them fit token_max together
+    rounds, cur = _reduce(partials, b, ask, max_words, progress)
+    # 3. the final summary from what is left
+    out = ask(REDUCE_PROMPT, "\n\n".join(cur), max_words) if len(cur) > 1 else (cur[0] if cur else "")
+    s = Summary(out, "abstractive", partials=partials, rounds=rounds, chunks=len(chunks),
+                llm_calls=calls, language=lang)
+    return _done(s, words_in, t0)
+
+
+def _part_words(b: _Budget, max_words: int) -> int:
+    """Words asked of one partial summary: what its output budget can hold (about 1.5 tokens a word)."""
+    return max(8, min(max_words, int(b.out / 1.5)))
+
+
+def _reduce(partials: list, b: _Budget, ask, max_words: int, progress: bool, desc: str = "reduce"):
+    """Merge neighbouring partials until they fit token_max together -> (rounds, what is left)."""
     rounds, cur = [], [p for p in partials if p]
     while len(cur) > 1 and b.tokens("\n\n".join(cur)) > b.token_max:
         groups = chunk_text([[p] for p in cur], b.token_max, b)
@@ -549,12 +593,133 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
             if len(rounds) >= 8:
                 cur = [_truncate_words(" ".join(cur), max(2, int(b.token_max / (1.5 * per_word))))]
             continue
-        cur = [ask(REDUCE_PROMPT, g, max_words) for g in _progress(groups, progress, f"reduce {len(rounds) + 1}")]
+        cur = [ask(REDUCE_PROMPT, g, max_words) for g in _progress(groups, progress, f"{desc} {len(rounds) + 1}")]
         rounds.append(cur)
-    # 3. the final summary from what is left
-    out = ask(REDUCE_PROMPT, "\n\n".join(cur), max_words) if len(cur) > 1 else (cur[0] if cur else "")
-    s = Summary(out, "abstractive", partials=partials, rounds=rounds, chunks=len(chunks),
-                llm_calls=calls, language=lang)
+    return rounds, cur
+
+
+# ---------------------------------------------------------------------------- sections
+
+WORDS_PER_TOPIC = 12   # the shortest sentence a topic group gets in the final summary
+
+
+@dataclass
+class Section:
+    title: str                 # its heading ("" for text before the first heading)
+    paragraphs: list           # list[Paragraph]: body text and sub-headings
+
+
+def split_sections(paras: list) -> list[Section]:
+    """Paragraphs -> sections, cut at the shallowest heading level that occurs at least twice
+    (a single `# Title` above `## Chapter`s is the document's title, not a section). Sections
+    without body text are dropped."""
+    levels = sorted({p.level for p in paras if isinstance(p, Paragraph) and p.heading})
+    cut = next((lv for lv in levels if sum(p.heading and p.level == lv for p in paras) >= 2), None)
+    secs = [Section("", [])]
+    for p in paras:
+        if cut is not None and p.heading and p.level == cut:
+            secs.append(Section(p.sentences[0], []))
+        elif not (p.heading and cut is not None and p.level < cut):   # titles above the cut: dropped
+            secs[-1].paragraphs.append(p)
+    return [s for s in secs if any(not p.heading for p in s.paragraphs)]
+
+
+def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Section]:
+    """Bundle neighbouring sections into at most max_words // WORDS_PER_TOPIC groups: a section
+    under a quarter of the mean size joins its smaller neighbour, then the smallest neighbouring
+    pair merges, until the count fits. A group's title lists its sections' headings."""
+    if len(sections) < 2:
+        return sections
+    most = max(1, max_words // WORDS_PER_TOPIC)
+    sections = [Section(_short_title(s.title, b), s.paragraphs) for s in sections]
+    groups = [Section(s.title, list(s.paragraphs)) for s in sections]
+    size = [sum(b.tokens(x) for p in s.paragraphs for x in p.sentences) for s in groups]
+    small = 0.25 * sum(size) / len(size)
+
+    def merge(i):   # group i absorbs group i + 1
+        groups[i] = Section("; ".join(t for t in (groups[i].title, groups[i + 1].title) if t),
+                            groups[i].paragraphs + groups[i + 1].paragraphs)
+        size[i] += size.pop(i + 1)
+        groups.pop(i + 1)
+
+    while len(groups) > 1:
+        j = min(range(len(groups)), key=lambda k: size[k])
+        if len(groups) <= most and size[j] >= small:
+            break
+        if size[j] < small:   # a small group: merge it into its smaller neighbour
+            i = j - 1 if j == len(groups) - 1 or (j > 0 and size[j - 1] <= size[j + 1]) else j
+        else:                 # too many groups: merge the smallest neighbouring pair
+            i = min(range(len(groups) - 1), key=lambda k: size[k] + size[k + 1])
+        merge(i)
+    return groups
+
+
+def _short_title(title: str, b: _Budget) -> str:
+    """A heading cut to what leaves a map prompt most of its chunk (long headings happen)."""
+    words = title.split()
+    while len(words) > 3 and b.chunk_for(MAP_TOPIC_PROMPT, " ".join(words) + "; " + " ".join(words)) < 0.8 * b.chunk:
+        words = words[:len(words) * 2 // 3]
+    return " ".join(words)
+
+
+def fit_words(texts: list, max_words: int) -> list:
+    """Cut texts so that together they have at most max_words words, sharing the budget fairly:
+    a text shorter than its share keeps all of it and leaves the rest to the longer ones
+    (water-filling); a cut ends at a sentence end when that keeps half the share."""
+    n = [count_words(t) for t in texts]
+    share = {}
+    left, rest = max_words, sorted(range(len(texts)), key=lambda i: n[i])
+    while rest:
+        fair = left // len(rest)
+        i = rest[0]
+        if n[i] <= fair:
+            share[i] = n[i]
+            left -= n[i]
+            rest.pop(0)
+        else:
+            for j in rest:
+                share[j] = max(1, fair)
+            break
+    return [_truncate_words(t, share[i]) if n[i] > share[i] else t for i, t in enumerate(texts)]
+
+
+def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress: bool, lang: str,
+               words_in: int, t0: float) -> Summary:
+    """Map inside each topic group (prompts name the group), reduce inside each group until it
+    fits, then one LLM sentence per group; the summary is those sentences in document order."""
+    work = []                                        # (group index, chunk)
+    for gi, g in enumerate(groups):
+        limit = b.chunk_for(MAP_TOPIC_PROMPT, g.title)
+        work += [(gi, c) for c in chunk_text(g.paragraphs, limit, b)]
+    part_words = _part_words(b, max_words)
+    partials = [ask(MAP_TOPIC_PROMPT, c, part_words, groups[gi].title, keep=max_words)
+                for gi, c in _progress(work, progress, "map", len(work))]
+    per_topic = max(WORDS_PER_TOPIC, max_words // len(groups))   # asked for; fitted below
+    rounds, topics, sentences, asked = [], [], [], []
+    for gi, g in enumerate(_progress(groups, progress, "topics", len(groups))):
+        mine = [p for (gj, _), p in zip(work, partials) if gj == gi and p]
+        r, cur = _reduce(mine, b, ask, max_words, False)
+        for k, rr in enumerate(r):                   # reduce rounds of all groups, by depth
+            rounds.extend([[]] * (k + 1 - len(rounds)))
+            rounds[k] = rounds[k] + rr
+        body = "\n\n".join(cur)
+        if b.tokens(body) > b.chunk_for(TOPIC_PROMPT, g.title):   # token_max above what fits: cut
+            body = _truncate_words(body, int(b.chunk_for(TOPIC_PROMPT, g.title) / 2))
+        if len(cur) == 1 and not r:   # one partial: it already is this group's summary
+            sent = cur[0]
+        else:
+            sent = ask(TOPIC_PROMPT, body, per_topic, g.title, keep=max_words) if body else ""
+            asked.append(sent)
+        sentences.append(sent)
+        topics.append({"topic": g.title, "chunks": sum(gj == gi for gj, _ in work), "summary": sent})
+    if asked:
+        rounds.append(asked)
+    fitted = fit_words(sentences, max_words)
+    for t, f in zip(topics, fitted):
+        t["summary"] = f
+    text = " ".join(x for x in fitted if x)
+    s = Summary(text, "abstractive", partials=partials, rounds=rounds, chunks=len(work),
+                language=lang, topics=topics)
     return _done(s, words_in, t0)
 
 

@@ -56,53 +56,60 @@ class EchoLLM:
         return SimpleNamespace(text="Summary: " + " ".join(body.split()[:max_new_tokens // 2]))
 
 
-TOPICS = {  # section -> (key terms that must be able to reach the summary, vocabulary)
-    "astronomy": ("telescope", ["telescope", "galaxy", "nebula", "orbit", "comet", "observatory", "planet",
-                                "spectrum", "astronomer", "eclipse"]),
-    "cooking": ("saucepan", ["saucepan", "recipe", "garlic", "simmer", "oven", "flour", "chef", "butter",
-                             "broth", "spice"]),
-    "railways": ("locomotive", ["locomotive", "timetable", "signal", "platform", "carriage", "track",
-                                "station", "freight", "junction", "conductor"]),
-    "volcanoes": ("magma", ["magma", "eruption", "crater", "lava", "ash", "volcanologist", "caldera",
-                            "tremor", "vent", "pumice"]),
-    "chess": ("checkmate", ["checkmate", "bishop", "pawn", "opening", "endgame", "rook", "grandmaster",
-                            "gambit", "knight", "tournament"]),
-    "beekeeping": ("honeycomb", ["honeycomb", "hive", "queen", "nectar", "pollen", "swarm", "beekeeper",
-                                 "colony", "wax", "forager"]),
-}
-_ADJ = ["careful", "old", "bright", "quiet", "famous", "small", "heavy", "early", "patient", "distant", "modern"]
-_VERB = ["describes", "changes", "measures", "follows", "shapes", "explains", "reveals", "supports", "tests"]
-_TEMPLATES = [
-    "The {a} {n1} {v} the {n2} near the {n3}.",
-    "Every {n1} {v} a {a} {n2}, and the {n3} {v2} it over time.",
-    "In this part of the story the {n1} and the {n2} matter more than any {a} {n3}.",
-    "A {a} {n1} rarely {v} the {n2} without a {n3}.",
-    "Experts say the {n1} {v} how the {n2} and the {n3} work together.",
-]
+REPORT = json.loads((DATA / "long" / "merrow_coast.json").read_text())
+SECTIONS = [sec["heading"] for sec in REPORT["sections"]]
 
 
-def long_document(words=30_000, seed=0):
-    """Deterministic varied prose: one titled section per topic, each built from its own vocabulary."""
+def _fill(template, slots, numbers, rng):
+    def one(m):
+        name = m.group(1)
+        if name in slots:
+            return rng.choice(slots[name])
+        lo, hi = numbers[name]
+        return str(rng.randint(lo, hi))
+    return re.sub(r"\{(\w+)\}", one, template)
+
+
+def long_document(words=30_000, seed=0, headings=True):
+    """A long regional report (tests/data/summaries/long/merrow_coast.json): a title, an
+    introduction, then one chapter per subject, each a run of paragraphs of 4-7 sentences drawn
+    from the chapter's own templates with seeded names and numbers; chapters get words in
+    proportion to their weights. headings=False leaves out the title and chapter headings."""
     rng = random.Random(seed)
-    per = words // len(TOPICS) + 1
-    out = []
-    for title, (key, vocab) in TOPICS.items():
-        out.append(f"# {title.capitalize()}")
-        n, para = 0, []
-        while n < per:
-            t = rng.choice(_TEMPLATES)
-            s = t.format(a=rng.choice(_ADJ), v=rng.choice(_VERB), v2=rng.choice(_VERB),
-                         n1=rng.choice(vocab), n2=rng.choice(vocab), n3=rng.choice(vocab))
-            if rng.random() < 0.15:
-                s = s[:-1] + f", said the report about the {key}."
-            para.append(s)
-            n += len(s.split())
-            if len(para) == 6:
-                out.append(" ".join(para))
-                para = []
-        if para:
-            out.append(" ".join(para))
+    num = REPORT["numbers"]
+    out = [f"# {REPORT['title']}"] if headings else []
+    out.append(" ".join(_fill(x, REPORT["intro_slots"], num, rng) for x in REPORT["intro"]))
+    total = sum(sec["weight"] for sec in REPORT["sections"])
+    for sec in REPORT["sections"]:
+        if headings:
+            out.append(f"## {sec['heading']}")
+        target, n = words * sec["weight"] / total + 1, 0
+        while n < target:
+            picks = rng.sample(sec["sentences"], rng.randint(4, 7))
+            para = " ".join(_fill(t, sec["slots"], num, rng) for t in picks)
+            out.append(para)
+            n += len(para.split())
     return "\n\n".join(out)
+
+
+def sections_mentioned(text):
+    """Chapters whose key terms (terms that occur in that chapter only) appear in `text`."""
+    t = text.lower()
+    return [sec["heading"] for sec in REPORT["sections"] if any(re.search(k, t) for k in sec["key_terms"])]
+
+
+def test_long_document_has_chapters_with_their_own_key_terms():
+    text = long_document(30_000)
+    assert S.count_words(text) >= 30_000 and text == long_document(30_000)
+    parts = re.split(r"(?m)^## (.*)$", text)
+    intro, chapters = parts[0], dict(zip(parts[1::2], parts[2::2]))
+    assert list(chapters) == SECTIONS and sections_mentioned(intro) == []
+    for name, body in chapters.items():
+        assert sections_mentioned(body) == [name]          # each chapter names its topic, no other
+        assert S.count_words(body) > 2000
+    plain = long_document(30_000, headings=False)
+    assert "#" not in plain and S.count_words(plain) == S.count_words(text) - S.count_words(
+        " ".join(["#", REPORT["title"]] + [f"## {h}" for h in SECTIONS]))
 
 
 # ------------------------------------------------------------------------------ splitting
@@ -260,23 +267,65 @@ def test_extractive_edge_cases(encoder):
 # ------------------------------------------------------------------------------ abstractive orchestration
 
 def test_map_reduce_chunks_fit_and_cover_the_text():
-    text = long_document(3000, seed=1)
+    text = long_document(3000, seed=1, headings=False)
     llm = EchoLLM(n_ctx=256)
     s = S.summarize(text, "abstractive", max_words=40, llm=llm, progress=False)
     assert s.chunks > 10 and len(s.partials) == s.chunks
     assert s.rounds, "partials did not fit token_max: there must be reduce rounds"
     assert s.llm_calls == len(llm.prompts) == s.chunks + sum(len(r) for r in s.rounds) + 1
-    # every sentence of the document went into exactly one map prompt
+    # every sentence of the document went into the map prompts as often as it occurs
     map_prompts = llm.prompts[:s.chunks]
     for p in S.split_paragraphs(text):
-        if not p.heading:
-            for sent in p.sentences:
-                assert sum(sent in m for m in map_prompts) == 1
-    assert s.words_out <= 40 and not s.text.startswith("Summary:")
+        for sent in p.sentences:
+            assert sum(m.count(sent) for m in map_prompts) == text.count(sent)
+    assert s.words_out <= 40 and not s.text.startswith("Summary:") and s.topics == []
+
+
+def test_sections_become_topic_groups():
+    paras = S.split_paragraphs("# Title\n\nIntro text here.\n\n## A\n\nAlpha one. Alpha two.\n\n"
+                               "### A.1\n\nAlpha three.\n\n## B\n\nBeta one.\n\n## Empty\n\n## C\n\nGamma.")
+    assert [(p.heading, p.level) for p in paras[:3]] == [(True, 1), (False, 0), (True, 2)]
+    secs = S.split_sections(paras)
+    assert [x.title for x in secs] == ["", "A", "B", "C"]          # title dropped, empty chapter too
+    assert [q.sentences for q in secs[1].paragraphs] == [["Alpha one.", "Alpha two."], ["A.1"], ["Alpha three."]]
+    assert [x.title for x in S.split_sections(S.split_paragraphs("# Only\n\nText."))] == [""]
+    b = S._Budget(EchoLLM(512), 150, 32, None)
+    text = long_document(6000)
+    secs = S.split_sections(S.split_paragraphs(text))
+    assert [x.title for x in secs] == [""] + SECTIONS               # the introduction, then chapters
+    g8 = S.topic_groups(secs, b, max_words=150)                      # 12 allowed: the short intro joins
+    assert [g.title for g in g8] == SECTIONS                         # its neighbour, chapters stay whole
+    g3 = S.topic_groups(secs, b, max_words=40)                       # 3 allowed: neighbours merge
+    assert len(g3) == 3 and "; ".join(g.title for g in g3) == "; ".join(SECTIONS)
+    assert sum(len(g.paragraphs) for g in g3) == sum(len(x.paragraphs) for x in secs)
+    assert S.fit_words(["one two three", "a b c d e f g h i j"], 8) == ["one two three", "a b c d …"]
+    assert S.fit_words(["First one. Then more words here", "x y"], 5) == ["First one.", "x y"]
+
+
+def test_sectioned_map_reduce_one_sentence_per_topic_group():
+    text = long_document(3000, seed=1)
+    llm = EchoLLM(n_ctx=256)
+    s = S.summarize(text, "abstractive", max_words=40, llm=llm, progress=False)
+    groups = [t["topic"] for t in s.topics]
+    assert len(groups) == 40 // S.WORDS_PER_TOPIC and "; ".join(groups) == "; ".join(SECTIONS)
+    assert s.chunks > 10 and len(s.partials) == s.chunks == sum(t["chunks"] for t in s.topics)
+    assert s.llm_calls == len(llm.prompts) == s.chunks + sum(len(r) for r in s.rounds)
+    # map prompts name their group, and a chunk holds sentences of that group's chapters only
+    parts = re.split(r"(?m)^## (.*)$", text)
+    chapter_of = {x: h for h, body in zip(parts[1::2], parts[2::2]) for p in S.split_paragraphs(body)
+                  for x in p.sentences}
+    for prompt in llm.prompts[:s.chunks]:
+        topic = re.search(r"section about (.*), in at most", prompt).group(1)
+        body = prompt.split("\n\nText:\n", 1)[1]
+        inside = {h for x, h in chapter_of.items() if x in body}
+        assert inside and inside <= set(topic.split("; "))
+    for sent in chapter_of:                                          # every sentence mapped
+        assert sum(m.count(sent) for m in llm.prompts[:s.chunks]) == text.count(sent)
+    assert s.words_out <= 40 and s.text == " ".join(t["summary"] for t in s.topics if t["summary"])
 
 
 def test_token_max_controls_reduce_and_no_progress_is_handled():
-    text = long_document(2000, seed=2)
+    text = long_document(2000, seed=2, headings=False)
     loose = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), progress=False)
     tight = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), token_max=60, progress=False)
     assert len(tight.rounds) > len(loose.rounds)
@@ -299,27 +348,23 @@ def test_hybrid_extracts_what_fits_then_rewrites(encoder):
 
 # ------------------------------------------------------------------------------ long documents
 
-def _sections_mentioned(summary_text):
-    t = summary_text.lower()
-    return {name for name, (_, vocab) in TOPICS.items() if any(w in t for w in vocab)}
-
-
 def test_long_document_map_reduce_fits_the_context():
     text = long_document(30_000)
-    assert S.count_words(text) >= 30_000
     llm = EchoLLM(n_ctx=2048)
     s = S.summarize(text, "abstractive", max_words=150, llm=llm, progress=False)
     assert s.words_in >= 30_000 and s.chunks >= 15 and s.words_out <= 150
-    assert len(_sections_mentioned(" ".join(s.partials))) == len(TOPICS)
+    assert [t["topic"] for t in s.topics] == SECTIONS
+    assert sections_mentioned(" ".join(s.partials)) == SECTIONS
 
 
 @pytest.mark.slow
 def test_long_document_extractive(encoder):
     text = long_document(30_000)
     s = S.summarize(text, "extractive", max_words=150, encoder=encoder, progress=False)
-    print(f"\nextractive 30k words: {s.seconds:.1f} s, {s.words_per_second:.0f} words/s")
-    assert s.words_out <= 150
-    assert len(_sections_mentioned(s.text)) >= 4
+    print(f"\nextractive 30k words: {s.seconds:.1f} s, {s.words_per_second:.0f} words/s, "
+          f"chapters {len(sections_mentioned(s.text))}/{len(SECTIONS)}")
+    assert s.words_out <= 150 and all(x in text for x in s.sentences)
+    assert len(sections_mentioned(s.text)) >= 6
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -357,7 +402,7 @@ def test_abstractive_smollm2_short(smollm):
 
 @pytest.mark.slow
 def test_abstractive_smollm2_map_reduce(smollm):
-    text = long_document(2500, seed=3)
+    text = long_document(2500, seed=3, headings=False)
     s = S.summarize(text, "abstractive", max_words=30, llm=smollm, max_new_tokens=24, progress=False)
     print(f"\nSmolLM2 map-reduce {s.words_in} words: {s.chunks} chunks, {s.llm_calls} calls, {s.seconds:.0f} s")
     # every chunk mapped, every reduce round run, then one final combine of what was left
