@@ -110,8 +110,11 @@ class BasicTransformerBlock:
         ctx1 = context if (self.only_cross and context is not None) else h
         x = x + multi_head_attention(p.sub("attn1"), h, ctx1, self.heads)
         if self.has_attn2:
-            h = self._ln("norm2", x)
-            x = x + multi_head_attention(p.sub("attn2"), h, h if context is None else context, self.heads)
+            if context is not None and context.shape[1] == 1:   # one text token: the queries (and norm2) drop out
+                x = x + multi_head_attention(p.sub("attn2"), x, context, self.heads)
+            else:
+                h = self._ln("norm2", x)
+                x = x + multi_head_attention(p.sub("attn2"), h, h if context is None else context, self.heads)
         h = self._ln("norm3", x)
         h = geglu(linear_rows(h, p["ff.net.0.proj.weight"], p["ff.net.0.proj.bias"]))   # [B, T, 4C]
         return x + linear_rows(h, p["ff.net.2.weight"], p["ff.net.2.bias"])             # [B, T, C]
