@@ -60,13 +60,17 @@ else:
             p = default(); p.use_extra_bufts = False; return p
         C.llama_model_default_params = plain
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    def last_logits():
+        # without logits_all, llama-cpp-python 0.3 leaves llm.scores at zero: read the context's
+        # last row (logits_all would make llama.cpp compute the whole prompt's logits: unfair)
+        return np.ctypeslib.as_array(C.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
     def run():
         llm.reset()
         t0 = time.perf_counter(); llm.eval(prompt_ids); t1 = time.perf_counter()
-        toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        toks = [int(np.argmax(last_logits()))]
         t2 = time.perf_counter()
         for _ in range(n_new - 1):
-            llm.eval([toks[-1]]); toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([toks[-1]]); toks.append(int(np.argmax(last_logits())))
         t3 = time.perf_counter()
         return t1 - t0, t3 - t2, toks
     llm.reset(); llm.eval(prompt_ids); ttft = time.time() - t_start

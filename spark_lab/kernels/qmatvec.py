@@ -691,12 +691,39 @@ def _place(arrays, what: str):
     return tuple(alloc.place(a, tag="weights", what=f"{what} (repacked)".strip()) for a in arrays)
 
 
+def _repack(q, blocks, G):
+    """GGML blocks u8 [rows, nb, type size] (rows a multiple of G) -> (kind, arrays)."""
+    if q in (QT.Q4_0, QT.Q4_1):                                           # scales stay float16 (as uint16 bits)
+        d = _h16(blocks[..., 0:2])
+        m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
+        return "nib", (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G))
+    if q == QT.Q4_K:
+        codes, d, m = _unpack_q4_k(blocks)
+        return "nib", (_words(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G))
+    if q == QT.Q5_0:
+        return "q5_0", (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G))
+    if q == QT.Q8_0:
+        w = _words(blocks[..., 2:], G)
+        w ^= np.uint8(128)                                                 # int8 q -> u8 q + 128, in place
+        return "q8_0", (w, _lanes(_h16(blocks[..., 0:2]), G))
+    codes, s = _unpack_q6_k(blocks)                                        # Q6_K
+    hi = codes >> 4                                                        # [rows, nb, 32] in 0..3
+    qh = (hi[..., 0:8] | (hi[..., 8:16] << 2) | (hi[..., 16:24] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
+    return "q6_k", (_lanes(_pair_nibbles(codes & 15), G), _lanes(qh, G), _lanes(s, G))
+
+
+# Rows repacked per step: the temporaries of a step stay a few MB, and with release the raw
+# pages of each step are dropped as soon as they are repacked, so loading a model never holds
+# a weight's raw and repacked copies whole at once (SmolLM2's 28 MB output matrix set the peak).
+PREPARE_ROWS = 4096
+
+
 def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: str = "") -> Packed | None:
     """Repack `qt` for the kernels once (stored on qt.packed); None for types they lack.
 
     The repacked arrays are counted by the allocator under "weights" (`what` names them).
     release: then drop the raw blocks' pages from memory (`quants.release_raw`; a read-only
-    file mapping only): both the mat-vec and the prefill tiles read the repacked copy.
+    file mapping only), step by step: both the mat-vec and the prefill tiles read the repacked copy.
     """
     if qt.packed is not None and (G is None or qt.packed.G == G):
         return qt.packed
@@ -705,28 +732,23 @@ def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: s
     rows, cols = qt.shape
     G = G or _choose_group(rows)
     bs, ts = BLOCK_SIZES[qt.qtype]
-    pad = -rows % G
-    blocks = np.asarray(qt.data).reshape(rows, cols // bs, ts)
-    if pad:
-        blocks = np.concatenate([blocks, np.zeros((pad, *blocks.shape[1:]), np.uint8)])
-    q = qt.qtype
-    if q in (QT.Q4_0, QT.Q4_1):                                           # scales stay float16 (as uint16 bits)
-        d = _h16(blocks[..., 0:2])
-        m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
-        arrays, kind = (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G)), "nib"
-    elif q == QT.Q4_K:
-        codes, d, m = _unpack_q4_k(blocks)
-        arrays, kind = (_words(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G)), "nib"
-    elif q == QT.Q5_0:
-        arrays, kind = (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G)), "q5_0"
-    elif q == QT.Q8_0:
-        arrays, kind = (_words(blocks[..., 2:] ^ np.uint8(128), G), _lanes(_h16(blocks[..., 0:2]), G)), "q8_0"
-    else:  # Q6_K
-        codes, s = _unpack_q6_k(blocks)
-        hi = codes >> 4                                                    # [rows, nb, 32] in 0..3
-        qh = (hi[..., 0:8] | (hi[..., 8:16] << 2) | (hi[..., 16:24] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
-        arrays, kind = (_lanes(_pair_nibbles(codes & 15), G), _lanes(qh, G), _lanes(s, G)), "q6_k"
-    qt.packed = Packed(kind, rows, cols, G, _place(arrays, what))
+    raw = np.asarray(qt.data).reshape(rows, cols // bs, ts)
+    ng = -(-rows // G)
+    step = max(1, PREPARE_ROWS // G) * G
+    kind, parts = None, None
+    for r0 in range(0, ng * G, step):
+        r1 = min(r0 + step, ng * G)
+        blocks = raw[r0:min(r1, rows)]
+        if r1 > rows:                                                      # the last group's padding rows
+            blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
+        kind, arrays = _repack(qt.qtype, blocks, G)
+        if parts is None:
+            parts = [np.empty((ng, *a.shape[1:]), a.dtype) for a in arrays]
+        for dst, a in zip(parts, arrays):
+            dst[r0 // G:r1 // G] = a
+        if release and qt.data.flags.c_contiguous:
+            release_raw(QuantTensor(qt.data[r0:min(r1, rows)], qt.qtype, (min(r1, rows) - r0, cols)))
+    qt.packed = Packed(kind, rows, cols, G, _place(tuple(parts), what))
     if release:
         release_raw(qt)
     return qt.packed
