@@ -80,6 +80,31 @@ def _matvec(w):
     return lambda x, out: qm.qmatvec(x, w, out=out)
 
 
+def _fused(*ws):
+    """One repacked weight for several (q|k|v, gate|up), or None: x @ [w1; w2; ...].T in one
+    kernel call, so the threads split one larger product instead of meeting after each small one.
+
+    The parts' packed arrays become views into the stacked ones (their old copies are freed), so
+    prefill's `qmatmul` on each part reads the same memory: nothing is stored twice."""
+    from ..kernels import qmatvec as qm
+    kern = qm._jit()
+    if not kern or not all(isinstance(w, QuantTensor) for w in ws):
+        return None
+    ps = [qm.prepare(w) for w in ws]
+    if any(p is None for p in ps) or len({(p.kind, p.G, p.cols) for p in ps}) != 1 or kern.get(ps[0].kind) is None:
+        return None
+    if any(p.rows % p.G for p in ps):                                  # padding rows would sit between the parts
+        return None
+    stacked = qm._place(tuple(np.concatenate(parts) for parts in zip(*(p.arrays for p in ps))), "fused rows")
+    g0 = 0
+    for w, p in zip(ws, ps):
+        ng = p.rows // p.G
+        w.packed = qm.Packed(p.kind, p.rows, p.cols, p.G, tuple(a[g0:g0 + ng] for a in stacked))
+        g0 += ng
+    fn = kern[ps[0].kind]
+    return lambda x, out: fn(*stacked, x, out)
+
+
 def available(model) -> bool:
     """True when `Decoder` can run this model: weights in NumPy arrays and numba importable."""
     from ..device import array_module
@@ -104,12 +129,14 @@ class Decoder:
         self.layers = []
         for L in m.layers:
             mv = dict(o=_matvec(L.wo), down=_matvec(L.w_down))
-            if L.wqkv is not None:                              # fused on this device: split after the product
-                mv["qkv"], self.qkv = _matvec(L.wqkv), row(self.nq + 2 * self.nkv)
+            qkv = _matvec(L.wqkv) if L.wqkv is not None else (None if L.bq is not None else _fused(L.wq, L.wk, L.wv))
+            if qkv is not None:                                 # one product, split after it
+                mv["qkv"], self.qkv = qkv, row(self.nq + 2 * self.nkv)
             else:
                 mv.update(q=_matvec(L.wq), k=_matvec(L.wk), v=_matvec(L.wv))
-            if L.w_gu is not None:
-                mv["gu"], self.gu = _matvec(L.w_gu), row(2 * c.n_ff)
+            gu = _matvec(L.w_gu) if L.w_gu is not None else _fused(L.w_gate, L.w_up)
+            if gu is not None:
+                mv["gu"], self.gu = gu, row(2 * c.n_ff)
             else:
                 mv.update(gate=_matvec(L.w_gate), up=_matvec(L.w_up))
             self.layers.append(mv)
@@ -142,7 +169,7 @@ class Decoder:
                 mv["qkv"](h, self.qkv)
                 if L.bqkv is not None:
                     self.qkv += L.bqkv
-                self.q[0], self.k[0], self.v[0] = np.split(self.qkv[0], [self.nq, self.nq + self.nkv])
+                self.q[0], self.k[0], self.v[0] = self.qkv[0, :self.nq], self.qkv[0, self.nq:self.nq + self.nkv], self.qkv[0, self.nq + self.nkv:]
             else:
                 mv["q"](h, self.q), mv["k"](h, self.k), mv["v"](h, self.v)
                 if L.bq is not None:

@@ -64,3 +64,22 @@ def test_step_on_the_shipped_models(name):
     # amplify a 1e-7 difference in an RMSNorm sum into ~0.2 of a logit
     tol = 1e-4 if name.startswith("smollm2") else 0.5
     assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max() / 30)
+
+
+def test_fused_products_share_the_parts_memory(tmp_path):
+    import gguf
+    from spark_lab.memory import get_allocator
+    p = write_tiny_gguf(tmp_path / "m.gguf", d=64, ff=128, qtype=gguf.GGMLQuantizationType.Q4_1)
+    m = LLM(p, n_ctx=32).model
+    m._dec = False
+    m.forward(np.arange(40, 50), 0, KVCache(m.config.n_layer, 32, m.config.n_head_kv, m.config.head_dim))
+    alloc = get_allocator()
+    before = alloc.stats().by_tag["weights"]
+    m._dec = None
+    dec = m._decoder()
+    assert all("qkv" in mv and "gu" in mv for mv in dec.layers)
+    L = m.layers[0]
+    for parts in ((L.wq, L.wk, L.wv), (L.w_gate, L.w_up)):            # views of one stacked array
+        bases = {id(w.packed.arrays[0].base) for w in parts}
+        assert len(bases) == 1 and parts[0].packed.arrays[0].base is not None
+    assert alloc.stats().by_tag["weights"] == before                   # stacked, not copied beside
