@@ -422,10 +422,12 @@ REDUCE_PROMPT = ("These are summaries of consecutive parts of one document. Comb
                  "Summaries:\n{text}")
 
 
-TOPIC_PROMPT = ("Write one sentence of at most {words} words that says what these summaries report "
-                "about {topic}.\n\nSummaries:\n{text}")
-MAP_TOPIC_PROMPT = ("Summarize this part of a document, from the section about {topic}, in at most "
-                    "{words} words. Keep the main facts, names and numbers.\n\nText:\n{text}")
+# long texts with headings: a chunk carries the heading of its section (`# Title` inside the text:
+# a 135M model asked "summarize the section about Title" tends to echo the instruction instead)
+SECTION_PROMPT = ("Summarize the following part of a report in at most {words} words. Keep the main "
+                  "facts, names and numbers.\n\nText:\n{text}")
+TOPIC_PROMPT = ("Combine these summaries of one part of a report into one sentence of at most {words} "
+                "words.\n\nSummaries:\n{text}")
 
 
 def _messages(template: str, text: str, words: int, topic: str = "") -> list[dict]:
@@ -461,9 +463,9 @@ class _Budget:
     def tokens(self, text: str) -> int:
         return int(self.llm.count_tokens(text))
 
-    def chunk_for(self, template: str, topic: str) -> int:
-        """Text tokens that fit next to `template` naming `topic` (and the output budget)."""
-        return min(self.chunk, self.n_ctx - self._prompt_tokens(template, self.words, topic) - self.out - 8)
+    def chunk_for(self, template: str) -> int:
+        """Text tokens that fit next to `template` (and the output budget)."""
+        return min(self.chunk, self.n_ctx - self._prompt_tokens(template, self.words) - self.out - 8)
 
 
 def _split_long(sentence: str, limit: int, budget: _Budget) -> list[str]:
@@ -607,6 +609,7 @@ WORDS_PER_TOPIC = 12   # the shortest sentence a topic group gets in the final s
 class Section:
     title: str                 # its heading ("" for text before the first heading)
     paragraphs: list           # list[Paragraph]: body text and sub-headings
+    parts: list = field(default_factory=list)   # a topic group: the sections it bundles
 
 
 def split_sections(paras: list) -> list[Section]:
@@ -632,13 +635,13 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
         return sections
     most = max(1, max_words // WORDS_PER_TOPIC)
     sections = [Section(_short_title(s.title, b), s.paragraphs) for s in sections]
-    groups = [Section(s.title, list(s.paragraphs)) for s in sections]
+    groups = [Section(s.title, list(s.paragraphs), [s]) for s in sections]
     size = [sum(b.tokens(x) for p in s.paragraphs for x in p.sentences) for s in groups]
     small = 0.25 * sum(size) / len(size)
 
     def merge(i):   # group i absorbs group i + 1
         groups[i] = Section("; ".join(t for t in (groups[i].title, groups[i + 1].title) if t),
-                            groups[i].paragraphs + groups[i + 1].paragraphs)
+                            groups[i].paragraphs + groups[i + 1].paragraphs, groups[i].parts + groups[i + 1].parts)
         size[i] += size.pop(i + 1)
         groups.pop(i + 1)
 
@@ -657,7 +660,7 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
 def _short_title(title: str, b: _Budget) -> str:
     """A heading cut to what leaves a map prompt most of its chunk (long headings happen)."""
     words = title.split()
-    while len(words) > 3 and b.chunk_for(MAP_TOPIC_PROMPT, " ".join(words) + "; " + " ".join(words)) < 0.8 * b.chunk:
+    while len(words) > 3 and b.tokens(" ".join(words)) > 0.1 * b.chunk:
         words = words[:len(words) * 2 // 3]
     return " ".join(words)
 
@@ -683,16 +686,34 @@ def fit_words(texts: list, max_words: int) -> list:
     return [_truncate_words(t, share[i]) if n[i] > share[i] else t for i, t in enumerate(texts)]
 
 
+def section_chunks(sections: list[Section], b: _Budget) -> list[str]:
+    """Chunks of a topic group for the map: each starts with its section's heading (`# Title`),
+    a section too long for one chunk is cut (every piece keeps the heading), and neighbouring
+    pieces of different sections share a chunk when they fit together."""
+    limit = b.chunk_for(SECTION_PROMPT)
+    pieces = []
+    for sec in sections:
+        head = f"# {sec.title}\n\n" if sec.title else ""
+        room = limit - (b.tokens(head) + 2 if head else 0)
+        pieces += [head + c for c in chunk_text(sec.paragraphs, room, b)]
+    out = []
+    for p in pieces:
+        if out and b.tokens(out[-1] + "\n\n" + p) <= limit:
+            out[-1] = out[-1] + "\n\n" + p
+        else:
+            out.append(p)
+    return out
+
+
 def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress: bool, lang: str,
                words_in: int, t0: float) -> Summary:
     """Map inside each topic group (prompts name the group), reduce inside each group until it
     fits, then one LLM sentence per group; the summary is those sentences in document order."""
     work = []                                        # (group index, chunk)
     for gi, g in enumerate(groups):
-        limit = b.chunk_for(MAP_TOPIC_PROMPT, g.title)
-        work += [(gi, c) for c in chunk_text(g.paragraphs, limit, b)]
+        work += [(gi, c) for c in section_chunks(g.parts or [g], b)]
     part_words = _part_words(b, max_words)
-    partials = [ask(MAP_TOPIC_PROMPT, c, part_words, groups[gi].title, keep=max_words)
+    partials = [ask(SECTION_PROMPT, c, part_words, keep=max_words)
                 for gi, c in _progress(work, progress, "map", len(work))]
     per_topic = max(WORDS_PER_TOPIC, max_words // len(groups))   # asked for; fitted below
     rounds, topics, sentences, asked = [], [], [], []
@@ -703,12 +724,13 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
             rounds.extend([[]] * (k + 1 - len(rounds)))
             rounds[k] = rounds[k] + rr
         body = "\n\n".join(cur)
-        if b.tokens(body) > b.chunk_for(TOPIC_PROMPT, g.title):   # token_max above what fits: cut
-            body = _truncate_words(body, int(b.chunk_for(TOPIC_PROMPT, g.title) / 2))
+        body = f"# {g.title}\n\n{body}" if g.title and body else body
+        if b.tokens(body) > b.chunk_for(TOPIC_PROMPT):   # token_max above what fits: cut
+            body = _truncate_words(body, int(b.chunk_for(TOPIC_PROMPT) / 2))
         if len(cur) == 1 and not r:   # one partial: it already is this group's summary
             sent = cur[0]
         else:
-            sent = ask(TOPIC_PROMPT, body, per_topic, g.title, keep=max_words) if body else ""
+            sent = ask(TOPIC_PROMPT, body, per_topic, keep=max_words) if body else ""
             asked.append(sent)
         sentences.append(sent)
         topics.append({"topic": g.title, "chunks": sum(gj == gi for gj, _ in work), "summary": sent})
