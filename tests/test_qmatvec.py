@@ -327,3 +327,23 @@ def test_real_tensors_tile_dequantize_bit_exact(model):
     want = {"smollm2-135m-instruct": {"Q4_1": 210, "Q8_0": 1},
             "gemma3-270m": {"Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}}[model]
     assert seen == want
+
+
+def test_prepare_stack_is_the_parts_side_by_side():
+    rng = np.random.default_rng(8)
+    parts = [random_weight(QT.Q4_1, r, 256, rng) for r in (96, 32, 32)]
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    refs = [qm.reference(x, w) for w in parts]
+    stacked = qm.prepare_stack(parts)
+    assert stacked is not None and stacked[0].shape[0] * 32 == 160
+    out = np.empty((2, 160), np.float32)
+    qm._jit()["nib"](*stacked, x, out)                                 # one call for all three
+    for w, ref, (r0, r1) in zip(parts, refs, [(0, 96), (96, 128), (128, 160)]):
+        assert w.packed.stack is stacked and close(out[:, r0:r1], ref)
+        assert close(qm.qmatvec(x, w), ref)                            # each part still works alone
+        assert np.array_equal(qm.dequantize(w), quant_matmul(np.eye(256, dtype=np.float32), w, fast=False).T)
+    assert qm.prepare_stack(parts) is None                             # already repacked
+    mixed = [random_weight(QT.Q4_1, 32, 256, rng), random_weight(QT.Q8_0, 32, 256, rng)]
+    assert qm.prepare_stack(mixed) is None
+    odd = [random_weight(QT.Q4_1, 40, 256, rng), random_weight(QT.Q4_1, 32, 256, rng)]
+    assert qm.prepare_stack(odd) is None                               # 40 rows: padding inside the stack

@@ -618,6 +618,7 @@ class Packed:
     cols: int
     G: int             # rows per group (SIMD lanes)
     arrays: tuple
+    stack: tuple | None = None   # `prepare_stack`: the stacked arrays this weight's are views of
 
     @property
     def nbytes(self) -> int:
@@ -718,6 +719,31 @@ def _repack(q, blocks, G):
 PREPARE_ROWS = 4096
 
 
+def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bool):
+    """Repack qt's rows PREPARE_ROWS at a time into dst[i][g0:g0 + its groups] (dst allocated
+    here when None, for ng_total = its groups); each step's raw pages are dropped when `release`.
+    -> (kind, dst)."""
+    rows, cols = qt.shape
+    bs, ts = BLOCK_SIZES[qt.qtype]
+    raw = np.asarray(qt.data).reshape(rows, cols // bs, ts)
+    ng = -(-rows // G)
+    step = max(1, PREPARE_ROWS // G) * G
+    kind = None
+    for r0 in range(0, ng * G, step):
+        r1 = min(r0 + step, ng * G)
+        blocks = raw[r0:min(r1, rows)]
+        if r1 > rows:                                                      # the last group's padding rows
+            blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
+        kind, arrays = _repack(qt.qtype, blocks, G)
+        if dst is None:
+            dst = [np.empty((ng, *a.shape[1:]), a.dtype) for a in arrays]
+        for d, a in zip(dst, arrays):
+            d[g0 + r0 // G:g0 + r1 // G] = a
+        if release and qt.data.flags.c_contiguous:
+            release_raw(QuantTensor(qt.data[r0:min(r1, rows)], qt.qtype, (min(r1, rows) - r0, cols)))
+    return kind, dst
+
+
 def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: str = "") -> Packed | None:
     """Repack `qt` for the kernels once (stored on qt.packed); None for types they lack.
 
@@ -731,27 +757,45 @@ def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: s
         return None
     rows, cols = qt.shape
     G = G or _choose_group(rows)
-    bs, ts = BLOCK_SIZES[qt.qtype]
-    raw = np.asarray(qt.data).reshape(rows, cols // bs, ts)
-    ng = -(-rows // G)
-    step = max(1, PREPARE_ROWS // G) * G
-    kind, parts = None, None
-    for r0 in range(0, ng * G, step):
-        r1 = min(r0 + step, ng * G)
-        blocks = raw[r0:min(r1, rows)]
-        if r1 > rows:                                                      # the last group's padding rows
-            blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
-        kind, arrays = _repack(qt.qtype, blocks, G)
-        if parts is None:
-            parts = [np.empty((ng, *a.shape[1:]), a.dtype) for a in arrays]
-        for dst, a in zip(parts, arrays):
-            dst[r0 // G:r1 // G] = a
-        if release and qt.data.flags.c_contiguous:
-            release_raw(QuantTensor(qt.data[r0:min(r1, rows)], qt.qtype, (min(r1, rows) - r0, cols)))
-    qt.packed = Packed(kind, rows, cols, G, _place(tuple(parts), what))
+    kind, arrays = _repack_into(qt, G, None, 0, release)
+    qt.packed = Packed(kind, rows, cols, G, _place(tuple(arrays), what))
     if release:
         release_raw(qt)
     return qt.packed
+
+
+def prepare_stack(qts, release: bool = True, what: str = "") -> tuple | None:
+    """Repack weights of one type and width (q, k, v; gate, up) into ONE set of arrays, rows
+    stacked in order, so that a single kernel call computes x @ [w1; w2; ...].T; each weight's
+    `packed` holds views of its slice (prefill's tiles read them: nothing is stored twice).
+    Written in place chunk by chunk (no second copy). -> the stacked arrays, or None when the
+    weights do not qualify (mixed types or widths, already repacked, rows not a multiple of G)."""
+    qts = list(qts)
+    if len(qts) < 2 or not all(isinstance(q, QuantTensor) for q in qts):
+        return None
+    first = qts[0]
+    if (first.qtype not in FAST_TYPES or any(q.packed is not None for q in qts)
+            or any(q.qtype != first.qtype or q.shape[1] != first.shape[1] or array_module(q.data) is not np for q in qts)):
+        return None
+    G = _choose_group(sum(q.shape[0] for q in qts))
+    if any(q.shape[0] % G for q in qts):                                   # padding rows would sit between the parts
+        return None
+    ng = [q.shape[0] // G for q in qts]
+    # the stacked arrays, shaped by a repack of the first group of rows (nothing else allocated twice)
+    kind, probe = _repack(first.qtype, np.asarray(first.data).reshape(first.shape[0], -1, BLOCK_SIZES[first.qtype][1])[:G], G)
+    dst = [np.empty((sum(ng), *a.shape[1:]), a.dtype) for a in probe]
+    g0 = 0
+    for q, n in zip(qts, ng):
+        _repack_into(q, G, dst, g0, release)
+        g0 += n
+    stacked = _place(tuple(dst), what)
+    g0 = 0
+    for q, n in zip(qts, ng):
+        q.packed = Packed(kind, q.shape[0], q.shape[1], G, tuple(a[g0:g0 + n] for a in stacked), stack=stacked)
+        if release:
+            release_raw(q)
+        g0 += n
+    return stacked
 
 
 # ---------------------------------------------------------------------------- entry point

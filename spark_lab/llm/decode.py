@@ -81,27 +81,16 @@ def _matvec(w):
 
 
 def _fused(*ws):
-    """One repacked weight for several (q|k|v, gate|up), or None: x @ [w1; w2; ...].T in one
-    kernel call, so the threads split one larger product instead of meeting after each small one.
-
-    The parts' packed arrays become views into the stacked ones (their old copies are freed), so
-    prefill's `qmatmul` on each part reads the same memory: nothing is stored twice."""
+    """x @ [w1; w2; ...].T in one kernel call where the weights were repacked as one stack
+    (`qmatvec.prepare_stack`, done by Transformer at load), else None."""
     from ..kernels import qmatvec as qm
     kern = qm._jit()
-    if not kern or not all(isinstance(w, QuantTensor) for w in ws):
+    ps = [getattr(w, "packed", None) for w in ws]
+    if not kern or any(p is None for p in ps) or ps[0].stack is None or any(p.stack is not ps[0].stack for p in ps):
         return None
-    ps = [qm.prepare(w) for w in ws]
-    if any(p is None for p in ps) or len({(p.kind, p.G, p.cols) for p in ps}) != 1 or kern.get(ps[0].kind) is None:
+    if kern.get(ps[0].kind) is None or sum(p.rows for p in ps) != ps[0].stack[0].shape[0] * ps[0].G:
         return None
-    if any(p.rows % p.G for p in ps):                                  # padding rows would sit between the parts
-        return None
-    stacked = qm._place(tuple(np.concatenate(parts) for parts in zip(*(p.arrays for p in ps))), "fused rows")
-    g0 = 0
-    for w, p in zip(ws, ps):
-        ng = p.rows // p.G
-        w.packed = qm.Packed(p.kind, p.rows, p.cols, p.G, tuple(a[g0:g0 + ng] for a in stacked))
-        g0 += ng
-    fn = kern[ps[0].kind]
+    fn, stacked = kern[ps[0].kind], ps[0].stack
     return lambda x, out: fn(*stacked, x, out)
 
 

@@ -102,6 +102,10 @@ class Transformer:
             ))
             if self._fusion_pays():
                 self._fuse_layer(self.layers[-1])
+            else:
+                self._repack_layer(self.layers[-1], i)
+        if not self._fusion_pays():
+            self._repack(self.output, "output")
 
     @staticmethod
     def _fusion_pays() -> bool:
@@ -114,6 +118,22 @@ class Transformer:
             return True
         from ..kernels import qmatvec
         return not qmatvec.available()
+
+    @staticmethod
+    def _repack(w, what: str) -> None:
+        from ..kernels import qmatvec
+        if isinstance(w, QuantTensor):
+            qmatvec.prepare(w, what=what)
+
+    def _repack_layer(self, L: Layer, i: int) -> None:
+        """CPU with numba: repack the layer's quantized weights now (raw pages dropped as it goes),
+        q|k|v and gate|up each as one stack, so a decode step makes one product of each."""
+        from ..kernels import qmatvec
+        if L.bq is None:
+            qmatvec.prepare_stack([L.wq, L.wk, L.wv], what=f"blk.{i} q|k|v")
+        qmatvec.prepare_stack([L.w_gate, L.w_up], what=f"blk.{i} gate|up")
+        for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            self._repack(getattr(L, name), f"blk.{i}.{name}")
 
     @staticmethod
     def _fuse_layer(L: Layer) -> None:
