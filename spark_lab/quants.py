@@ -303,7 +303,11 @@ class QuantTensor:
         ids = xp.asarray(ids).reshape(-1)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
             raise ValueError(f"row ids must be in [0, {self.shape[0]}), got min {int(ids.min())} max {int(ids.max())}")
-        return dequantize(self.data[ids], self.qtype, (int(ids.size), self.shape[1]))
+        raw = None
+        if self.packed is not None and xp is np:                    # repacked: its raw pages may be released
+            from .kernels.qmatvec import raw_rows
+            raw = raw_rows(self, ids)
+        return dequantize(self.data[ids] if raw is None else raw, self.qtype, (int(ids.size), self.shape[1]))
 
 
 def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16, fast: bool = True):

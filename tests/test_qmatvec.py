@@ -347,3 +347,21 @@ def test_prepare_stack_is_the_parts_side_by_side():
     assert qm.prepare_stack(mixed) is None
     odd = [random_weight(QT.Q4_1, 40, 256, rng), random_weight(QT.Q4_1, 32, 256, rng)]
     assert qm.prepare_stack(odd) is None                               # 40 rows: padding inside the stack
+
+
+@pytest.mark.parametrize("q", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda q: q.name)
+def test_embedding_rows_from_the_repacked_copy(q):
+    rng = np.random.default_rng(9)
+    qt = random_weight(q, 100, 256, rng)
+    raw = np.array(qt.data)
+    ids = np.array([0, 99, 37, 37, 64])
+    want = qt.rows(ids)
+    qm.prepare(qt)
+    rebuilt = qm.raw_rows(qt, ids)
+    if q == QT.Q4_K:
+        assert rebuilt is None                                         # scales are not kept as bytes
+    else:
+        assert np.array_equal(rebuilt, raw[ids])                       # byte for byte
+    qt.data[...] = 0                                                   # rows now come from the repack
+    if q != QT.Q4_K:
+        assert np.array_equal(qt.rows(ids), want)

@@ -12,53 +12,57 @@ import numpy as np
 _KERNEL = None  # compiled on first use; False when numba is missing
 
 
+exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compile()
+
+
+def _attend(q, k, v, scale, lo, hi, out):
+    # q [Hq, D], k/v [Tk, Hkv, D], out [Hq, Dv]; keys lo..hi-1 are visible
+    Hq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    G = Hq // Hkv
+    n = hi - lo
+    s = np.empty(n, np.float32)
+    bits = np.empty(n, np.int32)                     # 2^n factors of the exponentials
+    two = bits.view(np.float32)
+    for h in range(Hq):
+        g = h // G
+        m = np.float32(-np.inf)
+        for j in range(n):                           # scores and their max
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += q[h, d] * k[lo + j, g, d]
+            acc *= scale
+            s[j] = acc
+            m = max(m, acc)
+        for j in range(n):                           # exp(s - m): a polynomial, vectorized
+            s[j], bits[j] = exp_parts(s[j] - m)
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = s[j] * two[j]
+            s[j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for d in range(Dv):
+            out[h, d] = 0.0
+        for j in range(n):                           # weighted values
+            w = s[j] * inv
+            for d in range(Dv):
+                out[h, d] += w * v[lo + j, g, d]
+
+
 def _compile():
-    global _KERNEL
+    """Compile (or load from numba's cache) the kernel; False without numba. A module-level
+    function, not a closure: numba's cache then finds it in the next process."""
+    global _KERNEL, exp_parts
     try:
         import numba
     except ImportError:
         _KERNEL = False
         return _KERNEL
-
     from .expf import jitted
     exp_parts = jitted()
-
-    @numba.njit(cache=True, fastmath=True, nogil=True)  # reassociated sums vectorize; ~1e-7 relative
-    def attend(q, k, v, scale, lo, hi, out):
-        # q [Hq, D], k/v [Tk, Hkv, D], out [Hq, Dv]; keys lo..hi-1 are visible
-        Hq, D = q.shape
-        Hkv, Dv = k.shape[1], v.shape[2]
-        G = Hq // Hkv
-        n = hi - lo
-        s = np.empty(n, np.float32)
-        bits = np.empty(n, np.int32)                     # 2^n factors of the exponentials
-        two = bits.view(np.float32)
-        for h in range(Hq):
-            g = h // G
-            m = np.float32(-np.inf)
-            for j in range(n):                           # scores and their max
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += q[h, d] * k[lo + j, g, d]
-                acc *= scale
-                s[j] = acc
-                m = max(m, acc)
-            for j in range(n):                           # exp(s - m): a polynomial, vectorized
-                s[j], bits[j] = exp_parts(s[j] - m)
-            tot = np.float32(0.0)
-            for j in range(n):
-                e = s[j] * two[j]
-                s[j] = e
-                tot += e
-            inv = np.float32(1.0) / tot
-            for d in range(Dv):
-                out[h, d] = 0.0
-            for j in range(n):                           # weighted values
-                w = s[j] * inv
-                for d in range(Dv):
-                    out[h, d] += w * v[lo + j, g, d]
-
-    _KERNEL = attend
+    # reassociated sums vectorize; ~1e-7 relative
+    _KERNEL = numba.njit(cache=True, fastmath=True, nogil=True)(_attend)
     return _KERNEL
 
 

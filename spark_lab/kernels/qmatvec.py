@@ -798,6 +798,28 @@ def prepare_stack(qts, release: bool = True, what: str = "") -> tuple | None:
     return stacked
 
 
+def raw_rows(qt: QuantTensor, ids) -> np.ndarray | None:
+    """The GGML blocks of rows `ids` u8 [n, row bytes], rebuilt from the repacked copy, or None
+    (not repacked, or a type whose repack drops bytes: Q4_K, Q5_0, Q6_K). An embedding lookup
+    reads these instead of the released raw pages: touching those would map them back in, with
+    the kernel's fault-around neighbours (~12 MB of RSS for a prompt's rows)."""
+    p = qt.packed
+    if p is None or qt.qtype not in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+        return None
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    g, l = ids // p.G, ids % p.G
+    qs = p.arrays[0][g, :, :, l, :]                                        # [n, nb, words, 4]
+    n, nb = qs.shape[:2]
+    body = qs.reshape(n, nb, -1)
+    if p.kind == "q8_0":
+        body = body ^ np.uint8(128)
+    heads = [p.arrays[1][g, :, l]]                                         # d [n, nb] float16 bits
+    if qt.qtype == QT.Q4_1:
+        heads.append(p.arrays[2][g, :, l])                                 # m
+    parts = [h.astype(np.uint16).view(np.uint8).reshape(n, nb, 2) for h in heads] + [body]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
 # ---------------------------------------------------------------------------- entry point
 
 def qmatvec(x, qt: QuantTensor, out=None):

@@ -19,6 +19,7 @@ from ..quants import QuantTensor, BLOCK_SIZES, concat_rows
 from .cache import KVCache
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+SMALL_COPY = 1 << 20  # float tensors under this size are copied out of the file mapping at load
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Transformer:
             if t.qtype in FLOAT_TYPES:
                 if t.qtype == Q.BF16:
                     raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+                elif raw.nbytes < SMALL_COPY:                 # norms: read every token; a page fault on
+                    raw = np.array(raw)                       # the file would map 64 KB of neighbours
                 return alloc.place(raw, tag="weights", what=name, dtype=np.float32)
             if t.qtype not in BLOCK_SIZES:
                 raise GGUFError(f"{f.path.name}: tensor {name!r} uses quant type {t.qtype.name}, which spark_lab does not support")

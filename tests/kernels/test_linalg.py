@@ -43,7 +43,16 @@ def test_linear_quantized_weight_matches_dequantized(qname):
     ref = x.astype(np.float64) @ gguf.quants.dequantize(data, qtype).astype(np.float64).T
     y = linear(x, qt)
     assert y.shape == (3, 40) and y.dtype == np.float32
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    try:                                       # decode-sized x: the numba kernels round x to int8 blocks
+        from spark_lab.kernels import qmatvec as qm
+        int8 = qm.available() and qtype in qm.INT8_TYPES
+    except ImportError:
+        int8 = False
+    if int8:
+        np.testing.assert_allclose(y, qm.reference(x, qt), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, ref, rtol=0, atol=3e-2 * np.abs(ref).max())   # llama.cpp's rounding
+    else:
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"\(3, 95\).*\(40, 96\)"):
         linear(x[:, :95], qt)
 
