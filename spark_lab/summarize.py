@@ -422,12 +422,12 @@ REDUCE_PROMPT = ("These are summaries of consecutive parts of one document. Comb
                  "Summaries:\n{text}")
 
 
-# long texts with headings: a chunk carries the heading of its section (`# Title` inside the text:
-# a 135M model asked "summarize the section about Title" tends to echo the instruction instead)
-SECTION_PROMPT = ("Summarize the following part of a report in at most {words} words. Keep the main "
-                  "facts, names and numbers.\n\nText:\n{text}")
-TOPIC_PROMPT = ("Combine these summaries of one part of a report into one sentence of at most {words} "
-                "words.\n\nSummaries:\n{text}")
+# long texts with headings: map chunks use MAP_PROMPT and carry their section's heading inside the
+# text (`# Title`): SmolLM2-135M asked to "summarize the section about Title" tends to echo the
+# instruction, and "part of a report" makes it talk about "the report" instead of its content
+TOPIC_PROMPT = ("These are summaries of consecutive parts of one section of a document. Combine them "
+                "into one sentence of at most {words} words that keeps their main point.\n\n"
+                "Summaries:\n{text}")
 
 
 def _messages(template: str, text: str, words: int, topic: str = "") -> list[dict]:
@@ -521,8 +521,15 @@ def chunk_text(paragraphs: list, limit: int, budget: _Budget) -> list[str]:
 _PREFIX_RE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:here is (?:a|the) )?(?:short |brief )?summar(?:y|ies)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I)
 
 
+# an announcement line with nothing after its colon on that line ("The text is as follows:",
+# "The report:"): small models often open with one; the content follows on the next lines
+_LEADIN_RE = re.compile(r"^\s*(?:the (?:text|report|summary|document|section)|here)\b[^:\n]{0,80}:[ \t]*\n", re.I)
+
+
 def _clean(text: str, max_words: int) -> str:
     t = _PREFIX_RE.sub("", text.strip()).strip()
+    t = _LEADIN_RE.sub("", t + "\n").strip()
+    t = re.sub(r"^#{1,6}\s+", "", t)          # a heading mark copied from a `# Title` in the prompt
     return _truncate_words(t, max_words)
 
 
@@ -690,7 +697,7 @@ def section_chunks(sections: list[Section], b: _Budget) -> list[str]:
     """Chunks of a topic group for the map: each starts with its section's heading (`# Title`),
     a section too long for one chunk is cut (every piece keeps the heading), and neighbouring
     pieces of different sections share a chunk when they fit together."""
-    limit = b.chunk_for(SECTION_PROMPT)
+    limit = b.chunk_for(MAP_PROMPT)
     pieces = []
     for sec in sections:
         head = f"# {sec.title}\n\n" if sec.title else ""
@@ -713,7 +720,7 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
     for gi, g in enumerate(groups):
         work += [(gi, c) for c in section_chunks(g.parts or [g], b)]
     part_words = _part_words(b, max_words)
-    partials = [ask(SECTION_PROMPT, c, part_words, keep=max_words)
+    partials = [ask(MAP_PROMPT, c, part_words, keep=max_words)
                 for gi, c in _progress(work, progress, "map", len(work))]
     per_topic = max(WORDS_PER_TOPIC, max_words // len(groups))   # asked for; fitted below
     rounds, topics, sentences, asked = [], [], [], []

@@ -441,6 +441,24 @@ def test_long_document_abstractive_smollm2(capsys):
     assert len(covered) >= 6, f"the summary names {covered} of {SECTIONS}"
 
 
+@pytest.mark.huge
+def test_long_document_hybrid_smollm2(encoder):
+    """30k words: MiniLM ranks every sentence (most of the time), then one SmolLM2 call."""
+    llm_mod = pytest.importorskip("spark_lab.llm")
+    try:
+        llm = llm_mod.LLM.load("smollm2-135m-instruct", n_ctx=2048)
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+    text = long_document(30_000)
+    s = S.summarize(text, "hybrid", max_words=150, llm=llm, encoder=encoder, max_new_tokens=96, progress=False)
+    covered = sections_mentioned(s.text)
+    print(f"\nhybrid 30k words: {s.seconds:.0f} s, {s.llm_calls} call(s), extract {len(s.sentences)} sentences "
+          f"(chapters {len(sections_mentioned(' '.join(s.sentences)))}), summary chapters {len(covered)}/{len(SECTIONS)}\n{s.text}")
+    assert s.words_in >= 30_000 and s.chunks == 1 and s.llm_calls == 1 and 0 < s.words_out <= 150
+    assert all(x in text for x in s.sentences)
+    assert sum(S.count_words(x) for x in s.sentences) <= S.HYBRID_FACTOR * 150
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from spark_lab.cli import main
     assert main(["summarize", str(tmp_path / "missing.txt")]) == 1
