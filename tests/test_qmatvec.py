@@ -208,12 +208,14 @@ def test_qmatmul_matches_dequantize_then_matmul(q):
     rng = np.random.default_rng(int(q) + 7)
     qt = random_weight(q, 150, 512, rng)
     x = rng.standard_normal((40, 512)).astype(np.float32)
-    ref = x @ qt.dequantize().T                                         # [40, 150]
+    exact = x @ qt.dequantize().T                                       # [40, 150]
+    ref = qm.reference(x, qt)                      # int8 types: x rounded to int8 blocks first, as in decode
     for tb in (qm.TILE_BYTES, 4096):
         y = qm.qmatmul(x, qt, tile_bytes=tb)
         assert close(y, ref, rtol=1e-5)
     assert close(quant_matmul(x, qt), ref, rtol=1e-5)                   # quant_matmul's fast path
-    assert close(quant_matmul(x, qt, fast=False), ref, rtol=1e-5)
+    assert close(quant_matmul(x, qt, fast=False), exact, rtol=1e-5)
+    assert close(qm.qmatvec(x[:4], qt), ref[:4], rtol=1e-5)             # a token's numbers: prompt == decode
     out = np.full((40, 150), np.nan, np.float32)
     assert qm.qmatmul(x, qt, out=out) is out and close(out, ref, rtol=1e-5)
     y1 = qm.qmatmul(x[3], qt)

@@ -34,10 +34,17 @@ float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel wi
 so Q4_1, Q5_0 and Q8_0 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
 products d * sc become float32 (Q4_K 1.33x, Q6_K 1.2x). See `Packed.nbytes`.
 
-The sums are float32 products of the exact weights and x in a fixed order (4 interleaved
-fused multiply-add chains per block), within ~1e-6 relative of `quant_matmul`. An int8
-activation variant (llama.cpp's Q8_1 idea) was measured too: with numba's own vectorizer it
-was no faster than float (and ~5e-3 off), and the explicit-SIMD float kernel beat both.
+Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0; llama.cpp's Q8 idea). A decode step is a race
+through ~100 MB of weights, and the float kernel above was compute-bound on unpacking nibbles
+to floats (~4.6 GB/s). So for these types x is quantized per 32-value block to int8 (scale
+dx = max|x| / 127, `quantize_x`), the weight bytes are stored as dwords of 4 consecutive values
+of one row ([words, G, 4]), and a 64-byte load is 16 rows x 4 values: VPDPBUSD adds four u8 x s8
+products per int32 lane (AVX512-VNNI; elsewhere LLVM lowers plain widening multiplies). Block
+sums are exact integers; only the per-block scaling rounds. The result is dequant(W) @ q8(x)
+(`reference`, to ~1e-7), ~5e-3 from the float32 product, as in llama.cpp; prefill rounds x the
+same way. Q5_0 and Q6_K keep the float kernels (float32 sums in a fixed order, ~1e-6 of
+`quant_matmul`). With a 2 KB software prefetch the int8 kernels stream ~8-10 GB/s on one core
+here, the rate of a plain read loop.
 
 numba is optional and imported on first use; without it (or for CuPy arrays, other quant
 types or large batches) qmatvec falls back to `quants.quant_matmul`. Kernels are compiled
@@ -925,6 +932,9 @@ def _tiles(qt: QuantTensor, tile_bytes: int):
 def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
     """x @ dequant(qt).T for prefill: x [n, in] or [in] f32 -> [n, out] or [out] f32.
 
+    For INT8_TYPES, x is first rounded to int8 blocks as the decode kernels see it (`reference`),
+    so a prompt's tokens get the numbers they would get one by one (to float32 rounding).
+
     The repacked weight is dequantized a tile of output rows at a time (numba, bit-identical to
     `quants.dequantize`) into a cache-sized float32 scratch, and BLAS multiplies each tile into
     its slice of `out`. The float32 weight never exists whole (beyond 16 MB with several threads).
@@ -947,9 +957,13 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
     if tiles is None:
         o2[...] = quant_matmul(x2, qt, fast=False)
         return o2.reshape(want) if out is None else out
+    xr = x2
+    if qt.qtype in INT8_TYPES:                                             # the decode kernels' int8 x, as floats:
+        xq, dx, _ = quantize_x(np.ascontiguousarray(x2))                   # a token gets the same numbers whether
+        xr = (xq.reshape(len(xq), -1, 32) * dx[..., None]).reshape(x2.shape)   # it is in a prompt or decoded alone
     try:
         for r0, r1, tile in tiles:
-            np.matmul(x2, tile, out=o2[:, r0:r1])                          # [n, in] @ [in, r1-r0]
+            np.matmul(xr, tile, out=o2[:, r0:r1])                          # [n, in] @ [in, r1-r0]
     except _numba_error() as e:
         warnings.warn(f"qmatmul: the numba {qt.qtype.name} tile kernel does not compile here ({type(e).__name__}); "
                       f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)

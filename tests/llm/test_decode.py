@@ -58,12 +58,14 @@ def test_step_on_the_shipped_models(name):
     except ModelNotFound as e:
         pytest.skip(str(e))
     ids = llm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is", add_bos=True)
-    got, ref = step_and_reference(llm.model, ids, 128, cache_rtol=1e-4 if name.startswith("smollm2") else 0.05)
+    # The step's RMSNorm sums in another order (1e-7); where a product rounds x to int8 blocks, that
+    # now and then moves a value across a rounding boundary (1/127 of its block's max), and 30
+    # layers carry it to ~0.7 of a logit: the size of llama.cpp's own distance from float32 x
+    # (test_llamacpp_parity: within 1.0). Gemma 3's Q5_0/Q6_K products stay float, but its
+    # activations (10^4 and more before its norms) amplify the sum order alone to ~0.2.
+    got, ref = step_and_reference(llm.model, ids, 128, cache_rtol=0.1)
     assert got.argmax() == ref.argmax()
-    # SmolLM2 agrees to float32 rounding; Gemma 3's activations (10^4 and more before its norms)
-    # amplify a 1e-7 difference in an RMSNorm sum into ~0.2 of a logit
-    tol = 1e-4 if name.startswith("smollm2") else 0.5
-    assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max() / 30)
+    assert np.abs(got - ref).max() <= 1.0 * max(1.0, np.abs(ref).max() / 30)
 
 
 def test_fused_products_share_the_parts_memory(tmp_path):
