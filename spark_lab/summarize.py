@@ -18,7 +18,8 @@ abstractive  map-reduce with an LLM (`spark_lab.llm.LLM`): pack sentences into t
              prompt names its group's headings, and the final step asks the LLM for one
              sentence per group; the summary is those sentences in document order (a small
              model asked to merge everything at once drops most topics of a long report).
-hybrid       extractive selection down to what fits one context, then one abstractive pass.
+hybrid       extractive selection down to what fits one context, then one abstractive pass; a
+             long text with chapters gets one LLM sentence per topic group from its extract.
 """
 from __future__ import annotations
 
@@ -317,12 +318,13 @@ class _Doc:
     section_of: np.ndarray    # int [n]
     lengths: np.ndarray       # words [n]
     language: str
+    level: np.ndarray = None  # int [n]: heading level (1 for `#`, ...), 0 for body text
 
 
 def _prepare(text: str, language: str | None) -> _Doc:
     lang = language or detect_language(text)
     paras = split_paragraphs(text, lang)
-    sents, cand, sec, section = [], [], [], 0
+    sents, cand, sec, level, section = [], [], [], [], 0
     for p in paras:
         if p.heading:
             section += 1
@@ -330,6 +332,7 @@ def _prepare(text: str, language: str | None) -> _Doc:
             sents.append(s)
             cand.append(not p.heading)
             sec.append(section)
+            level.append(p.level if p.heading else 0)
     lengths = np.array([count_words(s) for s in sents], dtype=np.int64)
     cand = np.array(cand, dtype=bool)
     body = cand.copy()
@@ -347,7 +350,7 @@ def _prepare(text: str, language: str | None) -> _Doc:
             pid.extend([starts] * len(p.sentences))
             count += len(p.sentences)
         sec = np.array(pid, dtype=np.int64)
-    return _Doc(sents, cand, body, sec, lengths, lang)
+    return _Doc(sents, cand, body, sec, lengths, lang, np.array(level, dtype=np.int64))
 
 
 def _truncate_words(text: str, max_words: int) -> str:
@@ -384,16 +387,43 @@ def position_prior(section_of) -> np.ndarray:
 
 def _extract(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list[str]:
     """The extractive picks (document order) for a word budget."""
+    return [t for _, t in _extract_indexed(doc, max_words, ranked, encoder, progress)]
+
+
+def _extract_indexed(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list:
+    """-> [(sentence index in doc.sentences, text)] in document order."""
     cand, body = np.flatnonzero(doc.candidate), np.flatnonzero(doc.body)
     if len(body) == 0:
         raise ValueError("the text has no sentences to summarize")
     if len(body) == 1 or int(doc.lengths[body].sum()) <= max_words:
-        return [doc.sentences[i] for i in body]   # nothing to choose: the text (without headings)
+        return [(int(i), doc.sentences[i]) for i in body]   # nothing to choose: the text (without headings)
     cand, emb, rel = ranked or _rank(doc, encoder, progress)
     chosen = mmr_select(emb, rel, doc.lengths[cand], max_words)
     if not chosen:  # every sentence is longer than the budget: the best one, cut
-        return [_truncate_words(doc.sentences[cand[int(np.argmax(rel))]], max_words)]
-    return [doc.sentences[cand[i]] for i in chosen]
+        best = int(cand[int(np.argmax(rel))])
+        return [(best, _truncate_words(doc.sentences[best], max_words))]
+    return [(int(cand[i]), doc.sentences[cand[i]]) for i in chosen]
+
+
+def _chapters(doc: _Doc, picks: list) -> list[Section]:
+    """Extracted (index, sentence) pairs -> one Section per chapter they come from (chapters cut
+    at the shallowest heading level that occurs twice, as in split_sections)."""
+    heads = doc.level[doc.level > 0]
+    cut = next((lv for lv in sorted(set(heads.tolist())) if int((heads == lv).sum()) >= 2), None)
+    if cut is None:
+        return [Section("", [Paragraph([t for _, t in picks])])]
+    title_of, title = [], ""
+    for i, lv in enumerate(doc.level.tolist()):
+        if lv == cut:
+            title = doc.sentences[i]
+        title_of.append(title)
+    out: list[Section] = []
+    for i, t in picks:
+        if out and out[-1].title == title_of[i]:
+            out[-1].paragraphs[0].sentences.append(t)
+        else:
+            out.append(Section(title_of[i], [Paragraph([t])]))
+    return out
 
 
 def extractive(text: str, max_words: int = 150, encoder=None, language: str | None = None,
@@ -529,7 +559,7 @@ _LEADIN_RE = re.compile(r"^\s*(?:the (?:text|report|summary|document|section)|he
 def _clean(text: str, max_words: int) -> str:
     t = _PREFIX_RE.sub("", text.strip()).strip()
     t = _LEADIN_RE.sub("", t + "\n").strip()
-    t = re.sub(r"^#{1,6}\s+", "", t)          # a heading mark copied from a `# Title` in the prompt
+    t = re.sub(r"(?m)^#{1,6}\s+", "", t)      # heading marks copied from a `# Title` in the prompt
     return _truncate_words(t, max_words)
 
 
@@ -774,10 +804,27 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
     many = doc.body.sum() > 1 and int(doc.lengths[doc.body].sum()) > budget_words
     ranked = _rank(doc, encoder, progress) if many else None
     while True:
-        sents = _extract(doc, budget_words, ranked=ranked)
+        picks = _extract_indexed(doc, budget_words, ranked=ranked)
+        sents = [t for _, t in picks]
         if b.tokens(" ".join(sents)) <= limit or budget_words <= 8:
             break
         budget_words = int(budget_words * 0.8)
+    groups = topic_groups(_chapters(doc, picks), b, max_words) if total_tokens > limit else []
+    if len(groups) > 1:
+        # a long text with chapters: one sentence per topic group, from that group's extract
+        # (SmolLM2 given one extract of eight chapters rewrites the first and drops the rest)
+        per_topic = max(WORDS_PER_TOPIC, max_words // len(groups))
+        outs = []
+        for g in _progress(groups, progress, "topics", len(groups)):
+            body = " ".join(x for p in g.paragraphs for x in p.sentences)
+            body = f"# {g.title}\n\n{body}" if g.title else body
+            gen = llm.chat(_messages(MAP_PROMPT, body, per_topic), max_new_tokens=b.out, temperature=0.0)
+            outs.append(_clean(gen.text, max_words))
+        fitted = fit_words(outs, max_words)
+        topics = [{"topic": g.title, "chunks": 1, "summary": f} for g, f in zip(groups, fitted)]
+        s = Summary(" ".join(f for f in fitted if f), "hybrid", sentences=sents, partials=outs,
+                    chunks=len(groups), llm_calls=len(groups), language=doc.language, topics=topics)
+        return _done(s, words_in, t0)
     paras = [Paragraph(sents)]   # one flowing paragraph: one-line paragraphs invite list-like echoes
     ab = abstractive(" ".join(sents), llm, max_words=max_words, token_max=token_max,
                      max_new_tokens=max_new_tokens, language=doc.language, progress=progress,
