@@ -107,3 +107,17 @@ def test_upsample2x_conv3x3_matches_upsample_then_conv(shape, O, monkeypatch):
     np.testing.assert_allclose(conv_mod.upsample2x_conv3x3(x, w, b), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="upsample2x_conv3x3"):
         conv_mod.upsample2x_conv3x3(x, w[:, :1])
+
+
+def test_conv2d_winograd_chunks_give_the_same_numbers(monkeypatch):
+    """Big inputs run in chunks of tile rows per image (L2-sized): identical to one pass, and
+    to the definition, also when the last chunk is short and the size is odd."""
+    pytest.importorskip("numba")
+    from spark_lab.kernels import conv as conv_mod
+    x, w, b = _x((2, 32, 11, 10), 16), _x((24, 32, 3, 3), 17) * 0.1, _x(24, 18)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_CHUNK_BYTES", 1 << 30)
+    whole = conv2d(x, w, b, padding=1)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_CHUNK_BYTES", 64 * 5 * 32 * 2)   # 2 tile rows per chunk
+    chunked = conv2d(x, w, b, padding=1)
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_allclose(chunked, _conv_ref(x, w, b, 1, 1, 1), rtol=1e-4, atol=1e-4)
