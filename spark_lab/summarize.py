@@ -769,6 +769,7 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
         else:
             sent = ask(TOPIC_PROMPT, body, per_topic, keep=max_words) if body else ""
             asked.append(sent)
+        sent = " ".join(sent.split())                # one paragraph: no line breaks inside
         sentences.append(sent)
         topics.append({"topic": g.title, "chunks": sum(gj == gi for gj, _ in work), "summary": sent})
     if asked:
@@ -819,7 +820,7 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
             body = " ".join(x for p in g.paragraphs for x in p.sentences)
             body = f"# {g.title}\n\n{body}" if g.title else body
             gen = llm.chat(_messages(MAP_PROMPT, body, per_topic), max_new_tokens=b.out, temperature=0.0)
-            outs.append(_clean(gen.text, max_words))
+            outs.append(" ".join(_clean(gen.text, max_words).split()))
         fitted = fit_words(outs, max_words)
         topics = [{"topic": g.title, "chunks": 1, "summary": f} for g, f in zip(groups, fitted)]
         s = Summary(" ".join(f for f in fitted if f), "hybrid", sentences=sents, partials=outs,
