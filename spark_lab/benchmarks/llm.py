@@ -114,13 +114,28 @@ def run(model=None, threads: int = 2, repeats: int = 3, n_new: int = 64) -> dict
             break
         same += 1
     s, l = med["spark_lab"], med["llama.cpp"]
+    wbytes = weight_bytes(path)
+    from .kernels import measure_limits
+    import numpy as np
+    read = measure_limits(np, quick=True, repeats=5)["read_gbs"]         # one core, NumPy max-reduce
     return {
+        "weight_bytes_per_token": wbytes, "one_core_read_gbs": read,
+        "decode_weight_gbs": {e: wbytes * m["decode_tps"] / 1e9 for e, m in med.items()},
         "model": model or "smollm2-135m-instruct", "threads": threads, "prompt_tokens": len(prompt_ids),
         "new_tokens": n_new, "repeats": repeats, "spark_lab": s, "llama.cpp": l,
         "ratios": {"prefill": s["prefill_tps"] / l["prefill_tps"], "decode": s["decode_tps"] / l["decode_tps"],
                    "ttft": s["ttft_s"] / l["ttft_s"], "peak_rss": s["peak_rss_mb"] / l["peak_rss_mb"]},
         "greedy_tokens_matching_prefix": same,
     }
+
+
+def weight_bytes(path) -> int:
+    """Bytes of weights one decoded token reads: every tensor once (the embedding table only as
+    the output matrix when it is tied: a lookup reads one row)."""
+    from ..gguf import GGUFFile
+    t = GGUFFile(path).tensors
+    tied = "output.weight" not in t
+    return sum(v.nbytes for k, v in t.items() if k != "token_embd.weight" or tied)
 
 
 def report(res: dict) -> str:
@@ -133,6 +148,11 @@ def report(res: dict) -> str:
              f"{'TTFT cold s':14s}{s['ttft_s']:12.2f}{l['ttft_s']:12.2f}{r['ttft']:8.2f}",
              f"{'peak RSS MB':14s}{s['peak_rss_mb']:12.0f}{l['peak_rss_mb']:12.0f}{r['peak_rss']:8.2f}",
              f"greedy tokens identical for the first {res['greedy_tokens_matching_prefix']} of {res['new_tokens']}"]
+    if "decode_weight_gbs" in res:
+        g = res["decode_weight_gbs"]
+        lines.append(f"decode streams {res['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
+                     f"spark_lab {g['spark_lab']:.1f} GB/s, llama.cpp {g['llama.cpp']:.1f} GB/s "
+                     f"(one core reads {res['one_core_read_gbs']:.1f} GB/s here)")
     return "\n".join(lines)
 
 
