@@ -25,7 +25,7 @@ from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
 
 DEFAULT_GUIDANCE = 7.5           # diffusers' StableDiffusionPipeline default
-DEFAULT_GUIDANCE_SENTENCE = 4.0  # spark-emoji (sentence-embedding conditioning) is sampled at 4 in training
+DEFAULT_GUIDANCE_SENTENCE = 4.0  # sentence-embedding models whose model_index.json sets no _spark_lab_guidance_scale
 
 
 class TextToImagePipeline:
