@@ -145,8 +145,13 @@ def test_quantize_x_matches_its_numpy_twin():
         assert a.dtype == b.dtype and np.array_equal(a, b)
     xq, dx, xqs = want
     assert np.all(np.abs(xq) <= 127) and np.all(xq[0, :32] == 0) and dx[0, 0] == 0.0
-    err = np.abs(xq.reshape(3, -1, 32) * dx[..., None] - x.reshape(3, -1, 32))
-    assert np.all(err <= dx[..., None] * 0.5 + 1e-12)                  # rounding to the nearest step
+    xb = x.reshape(3, -1, 32)
+    d = np.abs(xb).max(-1, keepdims=True) / 127.0                      # the step before float16 rounding
+    err = np.abs(xq.reshape(3, -1, 32) * dx[..., None] - xb)
+    assert np.all(err <= d * 0.5 + 127 * np.abs(d - dx[..., None]) + 1e-12)   # nearest step, then the scale's rounding
+    v = np.float32(10.0) ** np.linspace(-10, 4.7, 20001, dtype=np.float32)    # float16 normals, subnormals, underflow
+    got = np.array([qm._round_f16(t) for t in v[::7]], np.float32)
+    assert np.array_equal(got, v[::7].astype(np.float16).astype(np.float32))
 
 
 @pytest.mark.parametrize("vnni", ["1", "0"])

@@ -52,6 +52,7 @@ with cache=True, so only the first process on a machine pays the compile time.
 """
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from dataclasses import dataclass
@@ -425,10 +426,24 @@ def _store(out, i, r0, acc):
         out[i, r0 + l] = acc[l]
 
 
+def _round_f16(v):
+    """float32 v >= 0 rounded to the nearest float16 (ties to even), as float32: numba has no
+    float16, so the significand is rounded to 11 bits (fewer below 2^-14, float16's subnormals)."""
+    if v == 0.0:
+        return np.float32(0.0)
+    m, e = math.frexp(np.float64(v))                                       # v = m 2^e, 0.5 <= m < 1
+    if e >= -13:
+        r = math.ldexp(np.rint(math.ldexp(m, 11)), e - 11)
+    else:
+        r = np.rint(np.float64(v) * 16777216.0) / 16777216.0               # steps of 2^-24
+    return np.float32(r) if r <= 65504.0 else np.float32(np.inf)
+
+
 def quantize_x(x):
     """x [n, cols] f32 -> xq int8 [n, cols], dx f32 [n, nb], xqs int32 [n, nb], per 32-value block:
-    dx = max|x| / 127, xq = rint(x * (127 / max|x|)), xqs = sum of the block's xq (all zero where
-    max|x| = 0). The float32 operations of quants.quantize_q8 (its NumPy twin), in its order."""
+    xq = rint(x * (127 / max|x|)), dx = max|x| / 127 rounded to float16, xqs = sum of the block's
+    xq (all zero where max|x| = 0): llama.cpp's Q8_0 activations on x86 (AVX path), so the
+    products see the same x as llama.cpp's. The operations of quantize_q8, its NumPy twin."""
     n, cols = x.shape
     nb = cols // 32
     xq = np.empty((n, cols), np.int8)
@@ -439,7 +454,7 @@ def quantize_x(x):
             amax = np.float32(0.0)
             for j in range(32):
                 amax = max(amax, abs(x[i, b * 32 + j]))
-            dx[i, b] = amax / np.float32(127.0)
+            dx[i, b] = _round_f16(amax / np.float32(127.0))
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             t = 0
             for j in range(32):
@@ -459,7 +474,7 @@ def quantize_q8(x):
     n, cols = x.shape
     xb = x.reshape(n, cols // 32, 32)                                      # [n, nb, 32]
     amax = np.max(np.abs(xb), axis=-1)                                     # [n, nb]
-    dx = amax / np.float32(127.0)
+    dx = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
     inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax > 0)
     xq = np.rint(xb * inv[..., None]).astype(np.int8)                      # [n, nb, 32]
     return xq.reshape(n, cols), dx, xq.astype(np.int32).sum(-1, dtype=np.int32)
@@ -602,8 +617,9 @@ def _jit():
         globals().update(_intrinsics())
         opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
         helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
+        _rf16 = numba.njit(**helpers)(_round_f16)
         globals().update(_block_sums=numba.njit(**helpers)(_block_sums), _store=numba.njit(**helpers)(_store),
-                         quantize_x=numba.njit(**helpers)(quantize_x))
+                         _round_f16=_rf16, quantize_x=numba.njit(**helpers)(quantize_x))
         # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
         # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box
         _JIT = {name: numba.njit(**dict(opts, parallel=not name.startswith("t_")))(f) for name, f in _SOURCES.items()}

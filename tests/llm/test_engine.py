@@ -103,7 +103,7 @@ def test_greedy_is_deterministic_and_cached_prefix_is_reused(tiny_llm):
     b = tiny_llm.generate([10, 20, 30, 40], max_new_tokens=8, temperature=0)
     assert a.token_ids == b.token_ids
     c = tiny_llm.generate([10, 20, 30, 40], max_new_tokens=8, temperature=0)  # same prompt, prefix reused
-    assert c.reused_prompt_tokens == 3 and c.token_ids == a.token_ids
+    assert c.reused_prompt_tokens == 4 and c.token_ids == a.token_ids          # even its last token's logits
 
 
 def test_seeded_sampling_reproducible(tiny_llm):
@@ -219,3 +219,22 @@ def test_cli_plan_reads_gguf_metadata(tiny):
     p = json.loads(r.stdout)
     # 2 layers x (K + V) x 2 kv heads x head dim 8 x 128 positions x 2 bytes (f16)
     assert p["kv_cache"] == 2 * 2 * 2 * 8 * 128 * 2 and p["fits_here"]
+
+
+def test_the_same_prompt_again_reuses_its_prefill_logits(tiny_llm):
+    llm = tiny_llm
+    llm.reset()
+    prompt = list(range(70, 90))
+    first, reused = llm.prefill(prompt)
+    assert reused == 0
+    list(llm.stream_tokens(prompt, 5, temperature=0, stop_at_eos=False))   # the cache now runs past the prompt
+    again, reused = llm.prefill(prompt)
+    assert reused == len(prompt) and np.array_equal(again, first) and llm._cached == prompt
+    longer, reused = llm.prefill(prompt + [91])                         # a longer prompt is computed
+    assert reused == len(prompt) and longer.shape == first.shape
+    llm.reset()
+    fresh, reused = llm.prefill(prompt)                                 # after reset: from scratch
+    assert reused == 0 and np.allclose(fresh, first, atol=1e-5)
+    a = llm.generate(prompt, max_new_tokens=6, temperature=0, stop_at_eos=False).token_ids
+    b = llm.generate(prompt, max_new_tokens=6, temperature=0, stop_at_eos=False).token_ids
+    assert a == b
