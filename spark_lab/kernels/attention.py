@@ -65,6 +65,9 @@ def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=No
             return out
     G = Hq // Hkv
     out = xp.empty((Tq, Hq, v.shape[2]), dtype=q.dtype)
+    fused = xp.__name__ == "numpy" and causal and mask is None and q.dtype == k.dtype == np.float32
+    if fused:
+        from .masked_softmax import causal_softmax_
     step = max(1, _MAX_SCORES // max(1, Hq * Tk))
     for s in range(0, Tq, step):
         qc = q[s:s + step]                             # [tq, Hq, D]
@@ -76,6 +79,12 @@ def attention(q, k, v, causal=True, q_offset=0, window=None, scale=None, mask=No
             continue
         qh = qc.transpose(1, 0, 2).reshape(Hkv, G * tq, D)                # [Hkv, G*tq, D]
         scores = (qh @ k[lo:hi].transpose(1, 2, 0)).reshape(Hq, tq, tk)   # [Hkv, G*tq, tk] -> [Hq, tq, tk]
+        if fused:                                      # scale, mask and softmax in one numba pass per row
+            p = scores if causal_softmax_(scores, scale, s + q_offset, lo, window) else None
+            if p is not None:
+                o = p.reshape(Hkv, G * tq, tk) @ v[lo:hi].transpose(1, 0, 2)
+                out[s:s + tq] = o.reshape(Hq, tq, -1).transpose(1, 0, 2)
+                continue
         scores *= scale
         keep = _keep_mask(xp, xp.arange(s, s + tq) + q_offset, xp.arange(lo, hi), causal, window)  # [tq, tk]
         m = mask

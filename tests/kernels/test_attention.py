@@ -120,3 +120,18 @@ def test_key_range_cut_matches_full_masking():
     # a query whose window holds no key at all gets zeros, not NaN
     far = attention(q[:1], k[:5], v[:5], q_offset=40, window=3)
     assert np.all(far == 0.0)
+
+
+@pytest.mark.parametrize("q_offset,window,tq", [(0, None, 37), (20, None, 5), (20, 7, 16), (50, 4, 3)])
+def test_fused_causal_softmax_matches_the_masked_path(q_offset, window, tq):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(q_offset + tq)
+    Tk = q_offset + tq
+    q = rng.standard_normal((tq, 6, 16)).astype(np.float32)
+    k = rng.standard_normal((Tk, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((Tk, 2, 16)).astype(np.float32)
+    fused = attention(q, k, v, causal=True, q_offset=q_offset, window=window)
+    keep_all = np.ones((tq, Tk), bool)                                  # a mask forces the array path
+    ref = attention(q, k, v, causal=True, q_offset=q_offset, window=window, mask=keep_all)
+    assert fused.dtype == np.float32
+    np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-6)
