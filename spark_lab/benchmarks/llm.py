@@ -117,7 +117,7 @@ def run(model=None, threads: int = 2, repeats: int = 3, n_new: int = 64) -> dict
     wbytes = weight_bytes(path)
     from .kernels import measure_limits
     import numpy as np
-    read = measure_limits(np, quick=True, repeats=5)["read_gbs"]         # one core, NumPy max-reduce
+    read = measure_limits(np, quick=False, repeats=3)["read_gbs"]        # one core, NumPy max-reduce, 512 MB
     return {
         "weight_bytes_per_token": wbytes, "one_core_read_gbs": read,
         "decode_weight_gbs": {e: wbytes * m["decode_tps"] / 1e9 for e, m in med.items()},

@@ -668,7 +668,9 @@ def _lanes(a, G):
 def _words(a, G):
     """[rows_padded, nb, 4 w] bytes -> [ng, nb, w, G, 4]: dword t of each row, G rows side by side."""
     ng, nb, nbytes = a.shape[0] // G, a.shape[1], a.shape[2]
-    return np.ascontiguousarray(a.reshape(ng, G, nb, nbytes // 4, 4).transpose(0, 2, 3, 1, 4))
+    u = np.ascontiguousarray(a).view(np.uint32)                            # [rows, nb, w]: move dwords, not bytes
+    out = np.ascontiguousarray(u.reshape(ng, G, nb, nbytes // 4).transpose(0, 2, 3, 1))
+    return out.view(np.uint8).reshape(ng, nb, nbytes // 4, G, 4)
 
 
 def _pair_nibbles(codes):
