@@ -6,9 +6,8 @@ small buffer: scores, then exp and the sum, then the weighted values, each a vec
 The stabilising shift is an upper bound of the row's scores, sum_d |q_d| max_j |k_dj|, not
 the max (a max reduction does not vectorize in numba: it cost as much as all the rest); if the
 bound is so loose that every exp underflows (sum < 1e-20) the row is redone with the true max.
-NumPy's exp is SIMD but numba's is a scalar libm call, so exp is a Cephes-style polynomial
-(n = round(x / ln 2), r = x - n ln 2, degree-7 Taylor for e^r, 2^n from the exponent bits)
-that LLVM vectorizes: relative error ~1e-7, like float32 itself. `attend` in attention.py
+NumPy's exp is SIMD but numba's is a scalar libm call, so exp is `kernels.expf.exp_parts`, a
+polynomial LLVM vectorizes: relative error ~2e-7, like float32 itself. `attend` in attention.py
 (NumPy: matmul + softmax + matmul) stays the reference and the fallback without numba.
 """
 from __future__ import annotations
@@ -16,126 +15,94 @@ from __future__ import annotations
 import numpy as np
 
 _KERNELS = None   # compiled on first use; False when numba is missing
+exp_parts = None  # kernels.expf.exp_parts, inlined; set when the kernels compile
+
+
+def attend_rows(q, kt, vt, out):
+    # q [BH, Tq, D] (pre-scaled), kt/vt [BH, D, Tk], out [BH, Tq, Dv]
+    BH, Tq, D = q.shape
+    Tk, Dv = kt.shape[2], vt.shape[1]
+    s = np.empty(Tk, np.float32)
+    e = np.empty(Tk, np.float32)
+    bits = np.empty(Tk, np.int32)
+    two_n = bits.view(np.float32)
+    kmax = np.empty(D, np.float32)
+    for h in range(BH):
+        for d in range(D):
+            a = np.float32(0.0)
+            for j in range(Tk):
+                a = max(a, abs(kt[h, d, j]))
+            kmax[d] = a
+        for i in range(Tq):
+            for j in range(Tk):
+                s[j] = 0.0
+            m = np.float32(0.0)                      # an upper bound of the row's scores:
+            for d in range(D):                       # sum_d |q_d| max_j |k_dj| (no max pass)
+                qd = q[h, i, d]
+                m += abs(qd) * kmax[d]
+                for j in range(Tk):
+                    s[j] += qd * kt[h, d, j]
+            tot = np.float32(0.0)
+            for attempt in range(2):
+                for j in range(Tk):                  # e^(s - m) = 2^n * e^r, vectorized
+                    e[j], bits[j] = exp_parts(s[j] - m)          # s - m <= 0: no overflow
+                tot = np.float32(0.0)
+                for j in range(Tk):
+                    w = e[j] * two_n[j]
+                    e[j] = w
+                    tot += w
+                if tot > np.float32(1e-20):          # the bound was close enough (the usual case)
+                    break
+                m = s[0]                             # else the exact max, and once more
+                for j in range(1, Tk):
+                    m = max(m, s[j])
+            inv = np.float32(1.0) / tot
+            for d in range(Dv):
+                a = np.float32(0.0)
+                for j in range(Tk):
+                    a += e[j] * vt[h, d, j]
+                out[h, i, d] = a * inv
+
+def attend_rows4(q, kt, vt, out):
+    # the same for D = Dv = 4 (spark-emoji), two loops per query row: scores + exp, then the
+    # sum and the weighted values together (the generic kernel makes ~11 passes per row)
+    BH, Tq, D = q.shape
+    Tk = kt.shape[2]
+    e = np.empty(Tk, np.float32)
+    bits = np.empty(Tk, np.int32)
+    two_n = bits.view(np.float32)
+    for h in range(BH):
+        k0, k1, k2, k3 = kt[h, 0], kt[h, 1], kt[h, 2], kt[h, 3]
+        v0, v1, v2, v3 = vt[h, 0], vt[h, 1], vt[h, 2], vt[h, 3]
+        km0, km1, km2, km3 = np.abs(k0).max(), np.abs(k1).max(), np.abs(k2).max(), np.abs(k3).max()
+        for i in range(Tq):
+            q0, q1, q2, q3 = q[h, i, 0], q[h, i, 1], q[h, i, 2], q[h, i, 3]
+            m = abs(q0) * km0 + abs(q1) * km1 + abs(q2) * km2 + abs(q3) * km3   # >= every score
+            for attempt in range(2):
+                for j in range(Tk):
+                    e[j], bits[j] = exp_parts(q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j] - m)
+                tot = a0 = a1 = a2 = a3 = np.float32(0.0)
+                for j in range(Tk):
+                    w = e[j] * two_n[j]
+                    tot += w
+                    a0 += w * v0[j]
+                    a1 += w * v1[j]
+                    a2 += w * v2[j]
+                    a3 += w * v3[j]
+                if tot > np.float32(1e-20):
+                    break
+                m = np.float32(-np.inf)              # the bound was too loose: the true max
+                for j in range(Tk):
+                    m = max(m, q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j])
+            inv = np.float32(1.0) / tot
+            out[h, i, 0], out[h, i, 1], out[h, i, 2], out[h, i, 3] = a0 * inv, a1 * inv, a2 * inv, a3 * inv
 
 
 def _compile():
     global _KERNELS
-    try:
-        import numba
-    except ImportError:
-        _KERNELS = False
-        return _KERNELS
-
-    @numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-    def attend_rows(q, kt, vt, out):
-        # q [BH, Tq, D] (pre-scaled), kt/vt [BH, D, Tk], out [BH, Tq, Dv]
-        BH, Tq, D = q.shape
-        Tk, Dv = kt.shape[2], vt.shape[1]
-        s = np.empty(Tk, np.float32)
-        e = np.empty(Tk, np.float32)
-        bits = np.empty(Tk, np.int32)
-        two_n = bits.view(np.float32)
-        log2e = np.float32(1.4426950408889634)
-        ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
-        kmax = np.empty(D, np.float32)
-        for h in range(BH):
-            for d in range(D):
-                a = np.float32(0.0)
-                for j in range(Tk):
-                    a = max(a, abs(kt[h, d, j]))
-                kmax[d] = a
-            for i in range(Tq):
-                for j in range(Tk):
-                    s[j] = 0.0
-                m = np.float32(0.0)                      # an upper bound of the row's scores:
-                for d in range(D):                       # sum_d |q_d| max_j |k_dj| (no max pass)
-                    qd = q[h, i, d]
-                    m += abs(qd) * kmax[d]
-                    for j in range(Tk):
-                        s[j] += qd * kt[h, d, j]
-                tot = np.float32(0.0)
-                for attempt in range(2):
-                    for j in range(Tk):                  # e^(s - m) = 2^n * e^r, vectorized
-                        x = max(s[j] - m, np.float32(-87.0))
-                        n = np.floor(x * log2e + np.float32(0.5))
-                        r = x - n * ln2_hi - n * ln2_lo
-                        p = np.float32(1.0 / 5040.0)
-                        p = p * r + np.float32(1.0 / 720.0)
-                        p = p * r + np.float32(1.0 / 120.0)
-                        p = p * r + np.float32(1.0 / 24.0)
-                        p = p * r + np.float32(1.0 / 6.0)
-                        p = p * r + np.float32(0.5)
-                        p = p * r + np.float32(1.0)
-                        p = p * r + np.float32(1.0)
-                        e[j] = p
-                        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
-                    tot = np.float32(0.0)
-                    for j in range(Tk):
-                        w = e[j] * two_n[j]
-                        e[j] = w
-                        tot += w
-                    if tot > np.float32(1e-20):          # the bound was close enough (the usual case)
-                        break
-                    m = s[0]                             # else the exact max, and once more
-                    for j in range(1, Tk):
-                        m = max(m, s[j])
-                inv = np.float32(1.0) / tot
-                for d in range(Dv):
-                    a = np.float32(0.0)
-                    for j in range(Tk):
-                        a += e[j] * vt[h, d, j]
-                    out[h, i, d] = a * inv
-
-    @numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-    def attend_rows4(q, kt, vt, out):
-        # the same for D = Dv = 4 (spark-emoji), two loops per query row: scores + exp, then the
-        # sum and the weighted values together (the generic kernel makes ~11 passes per row)
-        BH, Tq, D = q.shape
-        Tk = kt.shape[2]
-        e = np.empty(Tk, np.float32)
-        bits = np.empty(Tk, np.int32)
-        two_n = bits.view(np.float32)
-        log2e = np.float32(1.4426950408889634)
-        ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
-        for h in range(BH):
-            k0, k1, k2, k3 = kt[h, 0], kt[h, 1], kt[h, 2], kt[h, 3]
-            v0, v1, v2, v3 = vt[h, 0], vt[h, 1], vt[h, 2], vt[h, 3]
-            km0, km1, km2, km3 = np.abs(k0).max(), np.abs(k1).max(), np.abs(k2).max(), np.abs(k3).max()
-            for i in range(Tq):
-                q0, q1, q2, q3 = q[h, i, 0], q[h, i, 1], q[h, i, 2], q[h, i, 3]
-                m = abs(q0) * km0 + abs(q1) * km1 + abs(q2) * km2 + abs(q3) * km3   # >= every score
-                for attempt in range(2):
-                    for j in range(Tk):
-                        x = max(q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j] - m, np.float32(-87.0))
-                        n = np.floor(x * log2e + np.float32(0.5))
-                        r = x - n * ln2_hi - n * ln2_lo
-                        p = np.float32(1.0 / 5040.0)
-                        p = p * r + np.float32(1.0 / 720.0)
-                        p = p * r + np.float32(1.0 / 120.0)
-                        p = p * r + np.float32(1.0 / 24.0)
-                        p = p * r + np.float32(1.0 / 6.0)
-                        p = p * r + np.float32(0.5)
-                        p = p * r + np.float32(1.0)
-                        p = p * r + np.float32(1.0)
-                        e[j] = p
-                        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
-                    tot = a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for j in range(Tk):
-                        w = e[j] * two_n[j]
-                        tot += w
-                        a0 += w * v0[j]
-                        a1 += w * v1[j]
-                        a2 += w * v2[j]
-                        a3 += w * v3[j]
-                    if tot > np.float32(1e-20):
-                        break
-                    m = np.float32(-np.inf)              # the bound was too loose: the true max
-                    for j in range(Tk):
-                        m = max(m, q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j])
-                inv = np.float32(1.0) / tot
-                out[h, i, 0], out[h, i, 1], out[h, i, 2], out[h, i, 3] = a0 * inv, a1 * inv, a2 * inv, a3 * inv
-
-    _KERNELS = (attend_rows, attend_rows4)
+    from ..kernels.expf import njit_with_exp
+    rows = njit_with_exp(attend_rows, error_model="numpy")
+    _KERNELS = rows and (rows, njit_with_exp(attend_rows4, error_model="numpy"))
     return _KERNELS
 
 

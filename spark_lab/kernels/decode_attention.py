@@ -51,18 +51,10 @@ def _attend(q, k, v, scale, lo, hi, out):
 
 
 def _compile():
-    """Compile (or load from numba's cache) the kernel; False without numba. A module-level
-    function, not a closure: numba's cache then finds it in the next process."""
-    global _KERNEL, exp_parts
-    try:
-        import numba
-    except ImportError:
-        _KERNEL = False
-        return _KERNEL
-    from .expf import jitted
-    exp_parts = jitted()
-    # reassociated sums vectorize; ~1e-7 relative
-    _KERNEL = numba.njit(cache=True, fastmath=True, nogil=True)(_attend)
+    """Compile (or load from numba's cache) the kernel; False without numba."""
+    global _KERNEL
+    from .expf import njit_with_exp
+    _KERNEL = njit_with_exp(_attend)       # reassociated sums vectorize; ~1e-7 relative
     return _KERNEL
 
 

@@ -48,3 +48,15 @@ def jitted():
             return None
         _JIT = numba.njit(inline="always", cache=True, nogil=True, fastmath=True)(exp_parts)
     return _JIT or None
+
+
+def njit_with_exp(fn, **options):
+    """Compile the module-level kernel `fn`, which calls `exp_parts` (a name in its module),
+    with numba (cache, fastmath, nogil, plus `options`); False without numba. Module-level,
+    not a closure, so that numba's cache finds it again in the next process."""
+    inline = jitted()
+    if inline is None:
+        return False
+    import numba
+    fn.__globals__["exp_parts"] = inline
+    return numba.njit(cache=True, fastmath=True, nogil=True, **options)(fn)

@@ -51,15 +51,9 @@ def _causal_softmax(scores, scale, q0, k0, window):
 
 
 def _compile():
-    global _KERNEL, exp_parts
-    try:
-        import numba
-    except ImportError:
-        _KERNEL = False
-        return _KERNEL
-    from .expf import jitted
-    exp_parts = jitted()
-    _KERNEL = numba.njit(cache=True, fastmath=True, nogil=True)(_causal_softmax)
+    global _KERNEL
+    from .expf import njit_with_exp
+    _KERNEL = njit_with_exp(_causal_softmax)
     return _KERNEL
 
 
