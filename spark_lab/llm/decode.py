@@ -112,22 +112,19 @@ class Decoder:
         self.nq, self.nkv = c.n_head * hd, c.n_head_kv * hd
         row = lambda n: np.zeros((1, n), np.float32)            # noqa: E731
         self.x, self.h, self.o, self.f = row(c.n_embd), row(c.n_embd), row(c.n_embd), row(c.n_embd)
-        self.q, self.k, self.v, self.att = row(self.nq), row(self.nkv), row(self.nkv), row(self.nq)
-        self.gate, self.up, self.act = row(c.n_ff), row(c.n_ff), row(c.n_ff)
+        self.att, self.act = row(self.nq), row(c.n_ff)
+        # q, k, v (and gate, up) are views of one row each: a stacked product fills them at once
+        self.qkv, self.gu = row(self.nq + 2 * self.nkv), row(2 * c.n_ff)
+        self.q, self.k, self.v = np.split(self.qkv, [self.nq, self.nq + self.nkv], axis=1)
+        self.gate, self.up = np.split(self.gu, [c.n_ff], axis=1)
         self.logits = row(m.output.shape[0])
         self.layers = []
-        for L in m.layers:
+        for L in m.layers:                                      # (no q|k|v stack where there are biases)
             mv = dict(o=_matvec(L.wo), down=_matvec(L.w_down))
-            qkv = _matvec(L.wqkv) if L.wqkv is not None else (None if L.bq is not None else _fused(L.wq, L.wk, L.wv))
-            if qkv is not None:                                 # one product, split after it
-                mv["qkv"], self.qkv = qkv, row(self.nq + 2 * self.nkv)
-            else:
-                mv.update(q=_matvec(L.wq), k=_matvec(L.wk), v=_matvec(L.wv))
-            gu = _matvec(L.w_gu) if L.w_gu is not None else _fused(L.w_gate, L.w_up)
-            if gu is not None:
-                mv["gu"], self.gu = gu, row(2 * c.n_ff)
-            else:
-                mv.update(gate=_matvec(L.w_gate), up=_matvec(L.w_up))
+            qkv = None if L.bq is not None else _fused(L.wq, L.wk, L.wv)
+            mv.update(dict(qkv=qkv) if qkv else dict(q=_matvec(L.wq), k=_matvec(L.wk), v=_matvec(L.wv)))
+            gu = _fused(L.w_gate, L.w_up)
+            mv.update(dict(gu=gu) if gu else dict(gate=_matvec(L.w_gate), up=_matvec(L.w_up)))
             self.layers.append(mv)
         self.out = _matvec(m.output)
         self.eps = np.float32(c.rms_eps)
@@ -156,9 +153,6 @@ class Decoder:
             g["rms_row"](x[0], L.attn_norm, eps, h[0])
             if "qkv" in mv:
                 mv["qkv"](h, self.qkv)
-                if L.bqkv is not None:
-                    self.qkv += L.bqkv
-                self.q[0], self.k[0], self.v[0] = self.qkv[0, :self.nq], self.qkv[0, self.nq:self.nq + self.nkv], self.qkv[0, self.nq + self.nkv:]
             else:
                 mv["q"](h, self.q), mv["k"](h, self.k), mv["v"](h, self.v)
                 if L.bq is not None:
@@ -183,14 +177,12 @@ class Decoder:
             g["rms_row"](x[0], L.ffn_norm, eps, h[0])
             if "gu" in mv:
                 mv["gu"](h, self.gu)
-                gate, up = self.gu[:, :c.n_ff], self.gu[:, c.n_ff:]
             else:
                 mv["gate"](h, self.gate), mv["up"](h, self.up)
-                gate, up = self.gate, self.up
             if c.act == "silu":
-                g["swiglu_row"](gate[0], up[0], self.act[0])
+                g["swiglu_row"](self.gate[0], self.up[0], self.act[0])
             else:
-                self.act[...] = K.gelu(gate, approximate="tanh") * up
+                self.act[...] = K.gelu(self.gate, approximate="tanh") * self.up
             mv["down"](self.act, f)
             if c.post_norms:
                 g["rms_row"](f[0], L.post_ffn_norm, eps, f[0])

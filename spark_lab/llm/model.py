@@ -88,6 +88,7 @@ class Transformer:
         out = tensor("output.weight", required=False)
         self.output = self.tok_embd if out is None else out  # tied embeddings
         gemma = c.arch == "gemma3"
+        fuse = self._fusion_pays()
         self.layers = []
         for i in range(c.n_layer):
             p = f"blk.{i}."
@@ -103,11 +104,11 @@ class Transformer:
                 post_attn_norm=tensor(p + "post_attention_norm.weight", gemma),
                 post_ffn_norm=tensor(p + "post_ffw_norm.weight", gemma),
             ))
-            if self._fusion_pays():
+            if fuse:
                 self._fuse_layer(self.layers[-1])
             else:
                 self._repack_layer(self.layers[-1], i)
-        if not self._fusion_pays():
+        if not fuse:
             self._repack(self.output, "output")
 
     @staticmethod
