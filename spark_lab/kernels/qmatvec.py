@@ -744,10 +744,10 @@ def _repack(q, blocks, G):
 PREPARE_ROWS = 4096
 
 
-def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bool):
+def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bool, ng_total: int | None = None):
     """Repack qt's rows PREPARE_ROWS at a time into dst[i][g0:g0 + its groups] (dst allocated
-    here when None, for ng_total = its groups); each step's raw pages are dropped when `release`.
-    -> (kind, dst)."""
+    here when None, with ng_total groups, default its own); each step's raw pages are dropped
+    when `release`. -> (kind, dst)."""
     rows, cols = qt.shape
     bs, ts = BLOCK_SIZES[qt.qtype]
     raw = np.asarray(qt.data).reshape(rows, cols // bs, ts)
@@ -761,7 +761,7 @@ def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bo
             blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
         kind, arrays = _repack(qt.qtype, blocks, G)
         if dst is None:
-            dst = [np.empty((ng, *a.shape[1:]), a.dtype) for a in arrays]
+            dst = [np.empty((ng_total or ng, *a.shape[1:]), a.dtype) for a in arrays]
         for d, a in zip(dst, arrays):
             d[g0 + r0 // G:g0 + r1 // G] = a
         if release and qt.data.flags.c_contiguous:
@@ -806,12 +806,9 @@ def prepare_stack(qts, release: bool = True, what: str = "") -> tuple | None:
     if any(q.shape[0] % G for q in qts):                                   # padding rows would sit between the parts
         return None
     ng = [q.shape[0] // G for q in qts]
-    # the stacked arrays, shaped by a repack of the first group of rows (nothing else allocated twice)
-    kind, probe = _repack(first.qtype, np.asarray(first.data).reshape(first.shape[0], -1, BLOCK_SIZES[first.qtype][1])[:G], G)
-    dst = [np.empty((sum(ng), *a.shape[1:]), a.dtype) for a in probe]
-    g0 = 0
+    dst, g0 = None, 0                                                      # allocated whole by the first part
     for q, n in zip(qts, ng):
-        _repack_into(q, G, dst, g0, release)
+        kind, dst = _repack_into(q, G, dst, g0, release, ng_total=sum(ng))
         g0 += n
     stacked = _place(tuple(dst), what)
     g0 = 0
