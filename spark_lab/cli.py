@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None, help="ddpm, ddim, euler, flow-euler (default: the model's)")
     s.add_argument("--num-images", type=_positive_int, default=1)
     s.add_argument("--out", default="image.png")
+    s.add_argument("--mkdir", action="store_true", help="create --out's folder if it does not exist")
 
     s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
     s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize"])

@@ -35,14 +35,30 @@ def cmd_imagine(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {out}")
+    _check_out_dir(out, mkdir=getattr(args, "mkdir", False))
     pipe = TextToImagePipeline.from_pretrained(args.model or "spark-emoji", scheduler=args.scheduler)
     t0 = time.perf_counter()
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   num_images_per_prompt=args.num_images, progress=sys.stderr.isatty())
     dt = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images).save(out)
+    grid = make_grid(images)
+    grid.save(out)
     w, h = images[0].size
-    print(f"{out}  {len(images)} image(s) {w}x{h}, {args.steps} steps, seed {args.seed}, "
+    W, H = grid.size
+    shown = f" (upscaled to a {W}x{H} file)" if (W, H) != (w, h) else ""
+    print(f"{out}  {len(images)} image(s) {w}x{h}{shown}, {args.steps} steps, seed {args.seed}, "
           f"{dt:.2f} s ({dt / len(images):.2f} s/image)")
     return 0
+
+
+def _check_out_dir(out: Path, mkdir: bool) -> None:
+    """Fail before generating if the image could not be written; create the folder only when asked."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        if not mkdir:
+            raise FileNotFoundError(f"--out folder {parent} does not exist (create it, or pass --mkdir)")
+        parent.mkdir(parents=True)
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out folder {parent} is not a folder")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a .png file name")

@@ -34,3 +34,14 @@ def test_imagine_errors_are_one_line(tmp_path, capsys, argv, msg):
         raise SystemExit(rc)
     assert e.value.code != 0
     assert msg in capsys.readouterr().err
+
+
+def test_imagine_never_creates_folders_it_was_not_asked_for(tmp_path, capsys):
+    missing = tmp_path / "no_such_dir" / "x.png"
+    assert run("a cat", "--model", FIX / "tiny-sd", "--steps", 1, "--out", missing) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--mkdir" in err and len(err.strip().splitlines()) == 1
+    assert not missing.parent.exists()
+    assert run("a cat", "--model", FIX / "tiny-sd", "--steps", 1, "--out", missing, "--mkdir") == 0
+    assert Image.open(missing).size == (256, 256)
+    assert "1 image(s) 16x16 (upscaled to a 256x256 file)" in capsys.readouterr().out
