@@ -199,7 +199,7 @@ def _blas_info() -> list[dict]:
 @functools.lru_cache(maxsize=None)
 def gpu_properties() -> dict:
     """cudaGetDeviceProperties of the current GPU (cached: it does not change)."""
-    cp = get_device().xp
+    import cupy as cp  # not get_device(): the managed pool asks this while get_device() probes
     return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
 
 
@@ -210,7 +210,7 @@ def gpu_memory() -> dict:
     cudaMemGetInfo does not count what the page cache could give back, so "available" is
     MemAvailable from /proc/meminfo; on a discrete card it is cudaMemGetInfo's free.
     """
-    cp = get_device().xp
+    import cupy as cp  # not get_device(): its probe allocates through the pool that calls this
     free, total = cp.cuda.runtime.memGetInfo()
     unified = bool(gpu_properties().get("integrated", 0))
     available = meminfo().get("MemAvailable", free) if unified else free
