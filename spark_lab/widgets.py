@@ -264,8 +264,14 @@ class ImageGallery(widgets.VBox):
         img = images[0]
         self.images.append(img)
         self.preview.value = _png(img.resize((self.preview_size, self.preview_size)))
-        thumb = widgets.Image(value=_png(img), format="png", width=self.thumb_size, height=self.thumb_size,
-                              tooltip=f"{prompt} (seed {kw['seed']})")
+        # the caption is an HTML line, not Image(tooltip=...): ipywidgets 8's front end reads
+        # model.description.length when a tooltip is set, and Image has no description, so the
+        # view fails to render ("Failed to create view for 'ImageView'")
+        label = html.escape(f"{prompt} (seed {kw['seed']})")
+        caption = widgets.HTML(f'<div title="{label}" style="width:{self.thumb_size}px;font-size:11px;'
+                               f'overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{label}</div>')
+        thumb = widgets.VBox([widgets.Image(value=_png(img), format="png", width=self.thumb_size,
+                                            height=self.thumb_size), caption])
         self.gallery.children = tuple(self.gallery.children) + (thumb,)
         self.status.value = f"{kw['num_inference_steps']} steps in {dt:.1f} s ({dt / kw['num_inference_steps']:.2f} s/step)"
         return img

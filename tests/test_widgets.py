@@ -238,3 +238,31 @@ def test_chatbox_on_the_real_llm_matches_a_chat_session():
     assert shown == expected and shown
     assert len(box.last_times) >= 1 and "tok/s" in box.status.value
     assert [m["role"] for m in box.session.history][-2:] == ["user", "assistant"]
+
+
+def _front_end_breakers(made):
+    """Widgets whose ipywidgets 8 view cannot render: the front end's DOMWidgetView.updateTooltip
+    runs `model.get("description").length` whenever a tooltip is set, so a tooltip on a widget
+    without a description (Image, Box, ...) throws "reading 'length'" and the view fails."""
+    return [f"{type(w).__name__}(tooltip={w.tooltip!r})" for w in made
+            if getattr(w, "tooltip", None) and not w.has_trait("description")]
+
+
+def test_every_front_end_widget_can_render_in_jupyterlab():
+    from ipywidgets.widgets.widget import _instances
+    before = set(_instances)
+    g = widgets.ImageGallery(ScriptedPipeline(), num_inference_steps=2)
+    g.generate("a cat")
+    c = widgets.ChatBox(ScriptedChatSession())
+    c.send("Hi")
+    widgets.SummarizerPanel(summarize_fn=lambda text, **kw: text[:5], text="some words here").summarize()
+    widgets.MemoryDashboard(Allocator(budget=1 << 20)).refresh()
+    made = [w for k, w in _instances.items() if k not in before]
+    assert len(made) > 20
+    assert _front_end_breakers(made) == []
+    # the rule itself: it flags the Image-with-tooltip that broke the gallery's thumbnails
+    import ipywidgets
+    assert _front_end_breakers([ipywidgets.Image(tooltip="x"), ipywidgets.Button(tooltip="ok")]) == \
+        ["Image(tooltip='x')"]
+    # the thumbnail's caption says what it shows
+    assert "a cat (seed 0)" in g.gallery.children[0].children[1].value
