@@ -18,6 +18,25 @@ from ..device import array_module
 # rows on; kept at 8 because the CUDA mat-vec shares it and was not measured at more rows
 _QMATVEC_MAX_ROWS = 8
 
+# GGML types whose CPU products see x rounded to int8 per 32-value block (llama.cpp's Q8
+# activations; `kernels.qmatvec.INT8_TYPES`, by value so that this module needs no numba):
+# Q4_0, Q4_1, Q8_0, Q4_K. The GPU rounds x the same way, so both give the same tokens.
+INT8_X_TYPES = (2, 3, 8, 12)
+
+
+def round_x_q8(x):
+    """x [n, cols] f32 (cols % 32 == 0) -> the int8-rounded x as floats, xq * dx, per 32-block:
+    dx = max|x| / 127 rounded to float16, xq = rint(x * 127 / max|x|). Written against the array
+    module, so CuPy gets bit for bit what `kernels.qmatvec.quantize_x` gives the CPU kernels."""
+    xp = array_module(x)
+    n, cols = x.shape
+    xb = x.reshape(n, cols // 32, 32)                                      # [n, nb, 32]
+    amax = xp.max(xp.abs(xb), axis=-1)                                     # [n, nb]
+    dx = (amax / np.float32(127.0)).astype(xp.float16).astype(xp.float32)
+    inv = xp.where(amax > 0, np.float32(127.0) / xp.where(amax > 0, amax, np.float32(1.0)), np.float32(0.0))
+    xq = xp.rint(xb * inv[..., None])                                      # [n, nb, 32], integers in -127..127
+    return (xq * dx[..., None]).reshape(n, cols)
+
 
 def _is_quant(w) -> bool:
     return hasattr(w, "qtype")                    # a QuantTensor; arrays have no qtype
@@ -44,6 +63,8 @@ def _quant_linear(x, w, b):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)                      # [n, in]
     y = None
+    if array_module(x2) is not np and int(w.qtype) in INT8_X_TYPES and cols % 32 == 0:
+        x2 = round_x_q8(x2.astype(np.float32, copy=False))   # the numbers the CPU kernels use
     if x2.shape[0] <= _QMATVEC_MAX_ROWS:             # decode: a fused dequantize + dot, no f32 weight
         if array_module(x2) is not np:
             from . import cuda_kernels

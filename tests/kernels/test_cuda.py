@@ -110,8 +110,27 @@ def test_qmatvec_kernel(cp, ck, qname, rows, cols, n):
     x = _x((n, cols), 9)
     want = x.astype(np.float64) @ gguf.quants.dequantize(data, qtype).astype(np.float64).T
     _close(ck.qmatvec(cp.asarray(x), cp.asarray(data), int(qtype), rows, cols), want, rtol=1e-4, atol=1e-3)
+    # through linear, x is first rounded to int8 blocks as on the CPU: the CPU kernels' numbers
+    qm = pytest.importorskip("spark_lab.kernels.qmatvec")
+    host = quants.QuantTensor(data, qtype, (rows, cols))
     qt = quants.QuantTensor(cp.asarray(data), qtype, (rows, cols))
-    _close(K.linear(cp.asarray(x), qt), want, rtol=1e-4, atol=1e-3)
+    _close(K.linear(cp.asarray(x), qt), qm.reference(x, host), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_1", "Q4_0", "Q4_K", "Q6_K"])
+def test_quant_linear_gpu_equals_cpu(cp, qname):
+    """Prefill-sized and decode-sized products on the GPU give the CPU's numbers (int8-rounded x
+    for the types whose CPU kernels round it), so greedy tokens agree between the two."""
+    import gguf
+    quants = pytest.importorskip("spark_lab.quants")
+    qtype = gguf.GGMLQuantizationType[qname]
+    rows, cols = 320, 512
+    data = gguf.quants.quantize(_x((rows, cols), 10), qtype)
+    host = quants.QuantTensor(data, qtype, (rows, cols))
+    dev = quants.QuantTensor(cp.asarray(data), qtype, (rows, cols))
+    for n in (1, 3, 40):
+        x = _x((n, cols), 11 + n)
+        _close(K.linear(cp.asarray(x), dev), K.linear(x, host), rtol=2e-5, atol=2e-5)
 
 
 def test_generic_bodies_agree_on_cupy(cp):

@@ -98,3 +98,17 @@ def test_embedding_quantized_rows():
     qt = quants.QuantTensor(data, qtype, (20, 64))
     ids = np.array([19, 2, 2])
     np.testing.assert_array_equal(embedding(qt, ids), gguf.quants.dequantize(data, qtype)[ids])
+
+
+def test_round_x_q8_is_the_cpu_kernels_rounding():
+    """The GPU's x rounding (array-module code) equals the numba kernels' quantize_x bit for bit."""
+    from spark_lab.kernels import linalg
+    qm = pytest.importorskip("spark_lab.kernels.qmatvec")
+    assert sorted(int(t) for t in qm.INT8_TYPES) == sorted(linalg.INT8_X_TYPES)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 256)) * rng.uniform(1e-6, 30, (5, 1))).astype(np.float32)
+    x[1, :32] = 0.0                                                    # an all-zero block
+    xq, dx, _ = qm.quantize_x(x)
+    want = (xq.reshape(5, -1, 32) * dx[..., None]).reshape(5, 256)
+    got = linalg.round_x_q8(x)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
