@@ -40,6 +40,17 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _sampling_options(s) -> None:
+    """generate's and chat's sampling flags; unset ones take SamplingParams' defaults (llm/sampling.py)."""
+    s.add_argument("--temperature", type=float, default=None, help="default 0.7; 0 is greedy")
+    s.add_argument("--top-k", type=int, default=None, help="default 40; 0 is off")
+    s.add_argument("--top-p", type=float, default=None, help="default 0.9; 1 is off")
+    s.add_argument("--min-p", type=float, default=None, help="default 0.05; 0 is off")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="default 1.1 over the last 64 tokens when sampling, off when greedy; 1 is off")
+    s.add_argument("--seed", type=int, default=None, help="default 0 (the same answer each run); -1 draws one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spark-lab", description="A local AI lab: chat, images and summaries on spark_lab's own kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--raw", action="store_true", help="tokenize PROMPT as given (no chat template)")
     s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--min-p", type=float, default=0.05)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    _sampling_options(s)
     s.add_argument("--context", type=int, default=None, help="context length (default: the model's, capped at 4096)")
     s.add_argument("--json", action="store_true")
 
@@ -82,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--max-new-tokens", type=int, default=512)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--seed", type=int, default=None)
+    _sampling_options(s)
 
     s = sub.add_parser("summarize", help="summarize a document (.txt, .md, .html) or stdin")
     s.add_argument("file", help="FILE or - for stdin")

@@ -16,8 +16,10 @@ on who came before. Tokens travel back to the event loop one by one; between tok
 that its client is still there, so a client that hangs up frees the line within one token.
 Models load on first use and stay loaded (one engine per model name).
 
-Sampling defaults are the engine's (temperature 0.7, top_k 40, top_p 0.95, min_p 0.05); `top_k`,
-`min_p` and `repetition_penalty` may be sent as extra fields, and temperature 0 is greedy.
+Sampling defaults are the engine's (temperature 0.7, top_k 40, top_p 0.9, min_p 0.05, repetition
+penalty 1.1 over the last 64 tokens when sampling); `top_k`, `min_p` and `repetition_penalty` may be
+sent as extra fields, and temperature 0 is greedy. A request without `seed` gets a fresh one, as
+OpenAI's API does (the kit's fixed default seed is for notebooks and the command line).
 """
 from __future__ import annotations
 
@@ -199,8 +201,7 @@ def _sampling(r: _Sampling, max_tokens: int | None) -> dict:
             s[k] = float(getattr(r, k)) if k != "top_k" else int(r.top_k)
     if s.get("top_p") == 0.0:               # OpenAI allows top_p=0: only the best token survives
         s.update(temperature=0.0, top_p=1.0)
-    if r.seed is not None:
-        s["seed"] = r.seed % 2**64         # numpy seeds are non-negative
+    s["seed"] = None if r.seed is None else r.seed % 2**64   # numpy seeds are non-negative; None = fresh
     return s
 
 

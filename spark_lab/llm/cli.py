@@ -5,6 +5,7 @@ import json
 import sys
 
 from .engine import LLM
+from .sampling import SamplingParams
 
 
 def _read_prompt(p: str) -> str:
@@ -14,17 +15,37 @@ def _read_prompt(p: str) -> str:
     return text
 
 
+_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+          "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+
+
 def _sampling(args) -> dict:
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    return dict(temperature=args.temperature, top_k=getattr(args, "top_k", 40), top_p=getattr(args, "top_p", 0.95),
-                min_p=getattr(args, "min_p", 0.05), repetition_penalty=getattr(args, "repetition_penalty", 1.0),
-                seed=args.seed)
+    """The sampling flags given on the command line, checked now (before any model loads or any
+    message is typed): a bad one is one line naming the flag."""
+    chosen = {k: getattr(args, k) for k in _FLAGS if getattr(args, k, None) is not None}
+    if chosen.get("seed") == -1:
+        chosen["seed"] = None                       # a fresh seed
+    elif chosen.get("seed", 0) < 0:
+        raise ValueError(f"--seed must be >= 0 (or -1 for a random one), got {chosen['seed']}")
+    try:
+        SamplingParams(**chosen)
+    except ValueError as e:
+        msg = str(e)
+        for k, flag in _FLAGS.items():
+            if msg.startswith(k + " "):
+                msg = flag + msg[len(k):]
+        raise ValueError(msg) from None
+    return chosen
+
+
+def _max_new_tokens(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return args.max_new_tokens
 
 
 def cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _max_new_tokens(args)
     sampling = _sampling(args)
     prompt = _read_prompt(args.prompt)
     llm = LLM.load(args.model, n_ctx=args.context)
@@ -59,6 +80,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .chat import ChatSession
+    _max_new_tokens(args)
     sampling = _sampling(args)
     llm = LLM.load(args.model)
     session = ChatSession(llm, system_prompt=args.system)

@@ -4,6 +4,10 @@
     for piece in llm.stream("Why is the sky blue?", max_new_tokens=64):   # chat template applied
         print(piece, end="")
     g = llm.generate(ids, temperature=0)           # token ids in, Generation out
+
+Sampling arguments are SamplingParams' fields (sampling.py): by default temperature 0.7, top-k 40,
+top-p 0.9, min-p 0.05, a 1.1 repetition penalty over the last 64 tokens and seed 0, as Ollama and
+llama.cpp decode; temperature=0 is plain greedy decoding.
 """
 from __future__ import annotations
 
@@ -159,7 +163,7 @@ class LLM:
             t1 = time.perf_counter()
             recent = list(prompt)
             for step in range(budget):
-                tok = sample(logits, params, rng, recent)
+                tok = sample(logits, params, rng, recent, gen.token_ids)
                 if tok in stop_ids:
                     gen.finish_reason = "stop"
                     break
