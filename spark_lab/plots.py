@@ -114,17 +114,71 @@ def memory_bars(by_tag: dict, title: str = "Memory by tag", widget: bool = False
 
 # ----------------------------------------------------------------------------- roofline
 
+# the roofline's geometry in pixels (fixed, so labels can be placed without a browser)
+ROOF_SIZE = dict(width=980, height=540, l=70, r=340, t=70, b=60)
+LABEL_FONT = 11                 # px; a digit is about 0.62 em wide
+MARKER = 10                     # px, marker diameter
+_POSITIONS = ("top center", "bottom center", "middle right", "middle left",
+              "top right", "top left", "bottom right", "bottom left")
+
+
+def label_box(px: float, py: float, text: str, position: str) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) pixels of a point label that plotly draws at `position` around (px, py)."""
+    w, h, r = 0.62 * LABEL_FONT * len(text) + 2, LABEL_FONT + 2, MARKER / 2
+    vert, horiz = position.split()
+    x0 = {"center": px - w / 2, "right": px + r, "left": px - r - w}[horiz]
+    y0 = {"middle": py - h / 2, "top": py - r - h, "bottom": py + r}[vert]
+    if vert != "middle" and horiz != "center":      # corners sit diagonally off the marker
+        x0 += -r / 2 if horiz == "right" else r / 2
+    return x0, y0, x0 + w, y0 + h
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _crosses(box, line_y) -> bool:
+    """Whether a line y = line_y(x) (pixels) runs through the box."""
+    x0, y0, x1, y1 = box
+    return any(y0 < line_y(x0 + f * (x1 - x0)) < y1 for f in (0.0, 0.25, 0.5, 0.75, 1.0))
+
+
+def place_labels(xy_px, texts, line_y=None) -> list[str]:
+    """A textposition per point so no label covers another label or a marker, nor (if given) the
+    line y = line_y(x) in pixels; greedy, left to right; where every position collides, the
+    least-covered one."""
+    r = MARKER / 2
+    markers = [(x - r, y - r, x + r, y + r) for x, y in xy_px]
+    placed, out = [], [""] * len(texts)
+    for i in sorted(range(len(texts)), key=lambda i: xy_px[i]):
+        x, y = xy_px[i]
+
+        def cost(pos):
+            box = label_box(x, y, texts[i], pos)
+            hit = sum(_overlap(box, b) for b in placed + markers[:i] + markers[i + 1:])
+            return (hit > 0, line_y is not None and _crosses(box, line_y), hit)
+        out[i] = min(_POSITIONS, key=cost)          # first free position in _POSITIONS' order
+        placed.append(label_box(x, y, texts[i], out[i]))
+    return out
+
+
 def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
-             widget: bool = False):
+             widget: bool = False, peak_note: str = ""):
     """A log-log roofline: attainable GFLOP/s = min(peak, bandwidth * intensity), plus measured points.
 
     points: iterable of (name, flops_per_byte, achieved_gflops) or dicts with those keys
             ("name", "intensity", "gflops").
     bandwidth_gbs: one memory bandwidth in GB/s, or {label: GB/s} for several roofs.
+    peak_note: how the peak was measured, shown next to it (e.g. "best of 7 GEMM runs").
+    Points are numbered on the plot; the key beside it names them and hovering shows the numbers.
+    A point above the highest roof is drawn as a triangle and the key says so.
     """
     if peak_gflops <= 0:
         raise ValueError(f"peak_gflops must be > 0, got {peak_gflops}")
     roofs = bandwidth_gbs if isinstance(bandwidth_gbs, dict) else {"memory": bandwidth_gbs}
+    for label, bw in roofs.items():
+        if bw <= 0:
+            raise ValueError(f"bandwidth for {label!r} must be > 0, got {bw}")
     pts = []
     for p in points:
         if isinstance(p, dict):
@@ -132,25 +186,45 @@ def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
         else:
             name, ai, gf = p
             pts.append((str(name), float(ai), float(gf)))
+    peak, top = float(peak_gflops), max(float(b) for b in roofs.values())
     lo = min([0.01] + [ai / 4 for _, ai, _ in pts if ai > 0])
     hi = max([1000.0] + [ai * 4 for _, ai, _ in pts])
     x = np.logspace(math.log10(lo), math.log10(hi), 200)
+    ylo = min([float(min(roofs.values())) * lo] + [gf for _, _, gf in pts if gf > 0]) / 2
+    xr, yr = (math.log10(lo), math.log10(hi)), (math.log10(ylo), math.log10(peak * 4))
     fig = go.Figure()
     for label, bw in roofs.items():
-        if bw <= 0:
-            raise ValueError(f"bandwidth for {label!r} must be > 0, got {bw}")
-        fig.add_scatter(x=x, y=np.minimum(float(peak_gflops), float(bw) * x), mode="lines",
-                        name=f"{label}: {bw:g} GB/s", line=dict(width=2))
-    ridge = float(peak_gflops) / max(roofs.values())
-    fig.add_annotation(x=math.log10(ridge), y=math.log10(peak_gflops), text=f"peak {peak_gflops:g} GFLOP/s",
-                       showarrow=False, yshift=10, xanchor="left")
+        fig.add_scatter(x=x, y=np.minimum(peak, float(bw) * x), mode="lines",
+                        name=f"{label}: {bw:g} GB/s", line=dict(width=2), hoverinfo="name")
+    ridge = peak / top
+    fig.add_annotation(x=math.log10(ridge), y=math.log10(peak), xanchor="left", yshift=12, showarrow=False,
+                       text=f"peak {peak:g} GFLOP/s" + (f" ({peak_note})" if peak_note else ""))
     if pts:
-        fig.add_scatter(x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers+text",
-                        text=[p[0] for p in pts], textposition="top center", name="measured",
-                        marker=dict(size=10, color="#d62728"))
-    fig.update_layout(title=title, height=420, margin=dict(t=60, b=50),
-                      xaxis=dict(type="log", title="arithmetic intensity (FLOP / byte)"),
-                      yaxis=dict(type="log", title="GFLOP / s"))
+        S = ROOF_SIZE
+        pw, ph = S["width"] - S["l"] - S["r"], S["height"] - S["t"] - S["b"]
+        px = lambda ai: S["l"] + (math.log10(ai) - xr[0]) / (xr[1] - xr[0]) * pw
+        py = lambda gf: S["t"] + (yr[1] - math.log10(gf)) / (yr[1] - yr[0]) * ph
+        xy = [(px(ai), py(gf)) for _, ai, gf in pts]
+        # the top roof in pixels, for the labels to keep off it
+        roof_py = lambda x_px: py(min(peak, top * 10 ** (xr[0] + (x_px - S["l"]) / pw * (xr[1] - xr[0]))))
+        nums = [str(i + 1) for i in range(len(pts))]
+        above = [gf > min(peak, top * ai) * 1.0001 for _, ai, gf in pts]
+        hover = [f"{n}. {name}<br>{ai:.3g} FLOP/byte · {gf:.3g} GFLOP/s · {100 * gf / min(peak, top * ai):.0f}% of the roof"
+                 for n, (name, ai, gf) in zip(nums, pts)]
+        fig.add_scatter(x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers+text", text=nums,
+                        textposition=place_labels(xy, nums, roof_py), textfont=dict(size=LABEL_FONT),
+                        hovertext=hover, hoverinfo="text", name="measured",
+                        marker=dict(size=MARKER, color="#d62728",
+                                    symbol=["triangle-up" if a else "circle" for a in above]))
+        key = [f"{n:>2s}  {name}" + ("  ▲ above the roof" if a else "") for n, (name, _, _), a in zip(nums, pts, above)]
+        fig.add_annotation(xref="paper", yref="paper", x=1.03, y=1.0, xanchor="left", yanchor="top",
+                           align="left", showarrow=False, font=dict(size=11, family="monospace"),
+                           text="<br>".join(key))
+    fig.update_layout(title=title, width=ROOF_SIZE["width"], height=ROOF_SIZE["height"],
+                      margin=dict(l=ROOF_SIZE["l"], r=ROOF_SIZE["r"], t=ROOF_SIZE["t"], b=ROOF_SIZE["b"]),
+                      legend=dict(x=0.01, y=0.99, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.7)"),
+                      xaxis=dict(type="log", range=list(xr), title="arithmetic intensity (FLOP / byte)"),
+                      yaxis=dict(type="log", range=list(yr), title="GFLOP / s"))
     return _figure(widget, fig)
 
 

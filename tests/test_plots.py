@@ -60,9 +60,76 @@ def test_roofline_roofs_are_min_of_peak_and_bandwidth():
     np.testing.assert_allclose(y, np.minimum(1000.0, 100.0 * x))
     assert x.min() <= 0.125 and x.max() >= 200.0         # spans the points
     pts = fig.data[-1]
-    assert list(pts.text) == ["matvec", "matmul"] and list(pts.y) == [20.0, 300.0]
+    assert list(pts.text) == ["1", "2"] and list(pts.y) == [20.0, 300.0]
+    key = fig.layout.annotations[-1].text                  # the numbers' key beside the plot
+    assert " 1  matvec" in key and " 2  matmul" in key and "above the roof" not in key
+    assert list(pts.marker.symbol) == ["circle", "circle"]
     with pytest.raises(ValueError):
         plots.roofline([], peak_gflops=0, bandwidth_gbs=1.0)
+
+
+def test_roofline_marks_a_point_above_the_roof():
+    fig = plots.roofline([("fast", 1.0, 150.0), ("slow", 1.0, 50.0)], peak_gflops=1000.0, bandwidth_gbs=100.0,
+                         peak_note="best of 5 runs")
+    assert list(fig.data[-1].marker.symbol) == ["triangle-up", "circle"]
+    assert " 1  fast  ▲ above the roof" in fig.layout.annotations[-1].text
+    assert "peak 1000 GFLOP/s (best of 5 runs)" in fig.layout.annotations[0].text
+
+
+def _label_boxes(fig):
+    """Pixel boxes of the point labels and markers, from the figure's fixed size and axis ranges."""
+    S, pts = plots.ROOF_SIZE, fig.data[-1]
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    pw, ph = S["width"] - S["l"] - S["r"], S["height"] - S["t"] - S["b"]
+    assert (fig.layout.width, fig.layout.height) == (S["width"], S["height"])
+    xy = [(S["l"] + (math.log10(x) - x0) / (x1 - x0) * pw, S["t"] + (y1 - math.log10(y)) / (y1 - y0) * ph)
+          for x, y in zip(pts.x, pts.y)]
+    labels = [plots.label_box(px, py, t, pos) for (px, py), t, pos in zip(xy, pts.text, pts.textposition)]
+    r = plots.MARKER / 2
+    return labels, [(px - r, py - r, px + r, py + r) for px, py in xy]
+
+
+def _overlaps(a, b):
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_roofline_labels_never_cover_each_other_or_a_marker():
+    # (FLOP/byte, GFLOP/s) of the 20 kernels of one quick `bench kernels` run on a 2-core Xeon:
+    # decode kernels clump at 0.5 and 2-3 FLOP/byte, some at the same intensity
+    pts = [(0.499, 13.01), (14.865, 45.84), (3.152, 98.15), (1.866, 86.34), (3.152, 70.54), (1.87, 52.38),
+           (0.333, 0.16), (0.492, 1.82), (0.375, 0.53), (1.483, 9.42), (12.0, 20.55), (0.5, 2.08),
+           (0.417, 2.89), (0.499, 12.38), (0.375, 0.58), (1.969, 14.77), (1.0, 3.58), (112.347, 106.25),
+           (0.999, 16.05), (3.75, 3.92)]
+    pts = [(f"kernel {i}", ai, gf) for i, (ai, gf) in enumerate(pts)]
+    fig = plots.roofline(pts, peak_gflops=130.0, bandwidth_gbs={"DRAM": 22.1, "cache": 52.6})
+    labels, markers = _label_boxes(fig)
+    assert len(set(fig.data[-1].textposition)) > 2          # the clump's labels fan out around it
+    text = fig.data[-1].text
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels[i + 1:], i + 1):
+            assert not _overlaps(a, b), f"labels {text[i]} and {text[j]} overlap"
+        for j, m in enumerate(markers):
+            assert j == i or not _overlaps(a, m), f"label {text[i]} covers point {text[j]}"
+    # all at one spot, the old "top center" pile-up: still eight distinct places for eight labels
+    fig = plots.roofline([(f"same{i}", 1.0, 5.0) for i in range(8)], peak_gflops=500.0, bandwidth_gbs=20.0)
+    assert len(set(fig.data[-1].textposition)) == 8
+
+
+def test_kernel_roofline_has_no_point_above_its_roof(cpu_device):
+    """The real benchmark (quick): the roof is the best measured, so every point is on or under it."""
+    from spark_lab.benchmarks import kernels as B
+    res = B.run(quick=True, repeats=1, threads=1)
+    m = res["machine"]
+    assert m["repeats"] == B.REPEATS and m["peak_gflops"] >= m["gemm_gflops"]
+    assert m["peak_gflops"] >= max(r["gflops"] for r in res["kernels"])
+    fig = B.roofline_figure(res)
+    peak = max(max(t.y) for t in fig.data[:-1])              # roof lines: min(peak, bw * x)
+    bw = max(float(t.name.split(": ")[-1].split()[0]) for t in fig.data[:-1])
+    pts = fig.data[-1]
+    for n, x, y in zip(pts.text, pts.x, pts.y):
+        assert y <= min(peak, bw * x), f"point {n} ({y:.3g} GFLOP/s at {x:.3g} FLOP/B) is above the roof"
+    assert "above the roof" not in fig.layout.annotations[-1].text
+    assert "best of 5" in fig.layout.annotations[0].text or "beat the GEMM" in fig.layout.annotations[0].text
 
 
 def test_bar_chart_single_and_grouped():
