@@ -46,8 +46,9 @@ class EchoLLM:
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages) + " <|assistant|>"
 
-    def chat(self, messages, max_new_tokens=128, temperature=0.7):
+    def chat(self, messages, max_new_tokens=128, temperature=0.7, **guards):
         assert temperature == 0.0
+        assert guards.get("repetition_penalty", 1.0) > 1.0 and guards.get("no_repeat_ngram_size", 0) > 0
         prompt = self.apply_chat_template(messages)
         used = self.count_tokens(prompt)
         assert used + max_new_tokens <= self.n_ctx, f"{used} prompt + {max_new_tokens} new > {self.n_ctx}"
@@ -409,7 +410,8 @@ def test_long_document_extractive(encoder):
 # ------------------------------------------------------------------------------ CLI
 
 def test_cmd_summarize(encoder, capsys, monkeypatch):
-    monkeypatch.setattr(S, "_default_encoder", lambda name="all-minilm-l6-v2": encoder)
+    monkeypatch.setattr(sys.modules["spark_lab.summarize.extract"], "_default_encoder",
+                        lambda name="all-minilm-l6-v2": encoder)
     args = Namespace(file=str(DATA / "05_lumenfold_quarter.txt"), model=None, method="extractive",
                      max_words=60, json=True)
     assert S.cmd_summarize(args) == 0

@@ -1,0 +1,235 @@
+"""Extractive summaries: MiniLM sentence embeddings, LexRank (PageRank on the cosine graph) with a
+small lead bias per section, then MMR picks under a word budget, in document order."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .segment import Paragraph, _truncate_words, count_words, detect_language, split_paragraphs
+from .summary import Summary, _done
+from .topics import Section
+
+# ---------------------------------------------------------------------------- extractive
+
+LAMBDA_MMR = 0.7        # relevance vs redundancy in MMR
+POSITION = 0.2          # weight of "earlier in its section" in relevance (lead bias of most prose)
+DUPLICATE = 0.9         # cosine above which a sentence repeats one already picked: never taken
+DAMPING = 0.85          # PageRank damping
+SECTION_SENTENCES = 400  # above this many sentences, rank within sections first
+
+
+@lru_cache(maxsize=2)
+def _default_encoder(name: str = "all-minilm-l6-v2"):
+    from ..text import SentenceEncoder
+    return SentenceEncoder.load(name)
+
+
+def similarity(emb):
+    """emb [n, d] unit rows -> cosine similarities [n, n] (host float32)."""
+    from .. import kernels as K
+    from ..device import to_device, to_host
+    e = to_device(np.ascontiguousarray(emb, dtype=np.float32))
+    return np.asarray(to_host(K.matmul(e, e.T)), dtype=np.float32)
+
+
+def lexrank(sim, damping: float = DAMPING, tol: float = 1e-7, max_iter: int = 200):
+    """Continuous LexRank: PageRank over the graph weighted by positive cosine similarity.
+
+    sim [n, n] -> scores [n] (sum 1). Power iteration on the row-stochastic matrix.
+    """
+    n = sim.shape[0]
+    if n == 1:
+        return np.ones(1, dtype=np.float32)
+    w = np.clip(sim, 0.0, None).astype(np.float32)
+    np.fill_diagonal(w, 0.0)
+    rows = w.sum(axis=1, keepdims=True)
+    P = np.where(rows > 0, w / np.maximum(rows, 1e-12), 1.0 / n).astype(np.float32)  # [n, n]
+    r = np.full(n, 1.0 / n, dtype=np.float32)
+    for _ in range(max_iter):
+        nxt = (1.0 - damping) / n + damping * (r @ P)   # [n]
+        done = float(np.abs(nxt - r).sum()) < tol
+        r = nxt.astype(np.float32)
+        if done:
+            break
+    return r / r.sum()
+
+
+def _minmax(x):
+    lo, hi = float(x.min()), float(x.max())
+    return np.zeros_like(x) if hi - lo < 1e-12 else (x - lo) / (hi - lo)
+
+
+def _sections(section_of: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Candidate indices grouped by section, each group cut to at most `limit`."""
+    groups = []
+    for s in np.unique(section_of):
+        idx = np.flatnonzero(section_of == s)
+        groups.extend(idx[i:i + limit] for i in range(0, len(idx), limit))
+    return groups
+
+
+def rank_sentences(emb, section_of=None, limit: int = SECTION_SENTENCES):
+    """emb [n, d] -> relevance [n] in [0, 1].
+
+    Short documents: LexRank over all sentences. Long ones (n > limit): LexRank inside each
+    section keeps the graph small (O(sum s^2), not n^2); the best sentences of every section
+    then meet in one cross-section LexRank, and the two scores are averaged.
+    """
+    n = emb.shape[0]
+    if n <= limit:
+        return _minmax(lexrank(similarity(emb)))
+    section_of = np.zeros(n, dtype=np.int64) if section_of is None else np.asarray(section_of)
+    local = np.zeros(n, dtype=np.float32)
+    finalists = []
+    for idx in _sections(section_of, limit):
+        sc = _minmax(lexrank(similarity(emb[idx])))
+        local[idx] = sc
+        keep = max(3, int(math.ceil(len(idx) * 0.1)))
+        finalists.extend(idx[np.argsort(-sc, kind="stable")[:keep]].tolist())
+    finalists = np.array(sorted(finalists))
+    if len(finalists) > 4 * limit:   # extremely long input: keep the strongest locally
+        finalists = np.sort(finalists[np.argsort(-local[finalists], kind="stable")[:4 * limit]])
+    glob = np.zeros(n, dtype=np.float32)
+    glob[finalists] = _minmax(lexrank(similarity(emb[finalists])))
+    rel = 0.5 * local
+    rel[finalists] += 0.5 * glob[finalists]
+    return rel
+
+
+def mmr_select(emb, relevance, lengths, max_words: int, lam: float = LAMBDA_MMR,
+               candidates=None) -> list[int]:
+    """Greedy maximal marginal relevance under a word budget -> chosen indices (document order)."""
+    pool = list(range(len(lengths))) if candidates is None else list(candidates)
+    chosen: list[int] = []
+    used = 0
+    max_sim = np.full(len(lengths), -1.0, dtype=np.float32)  # similarity to the closest pick so far
+    while pool:
+        p = np.array(pool)
+        redundancy = max_sim[p] if chosen else 0.0
+        score = lam * relevance[p] - (1.0 - lam) * redundancy
+        best = int(p[int(np.argmax(score))])  # first maximum: ties go to the earlier sentence
+        pool.remove(best)
+        if used + lengths[best] > max_words:
+            continue
+        chosen.append(best)
+        used += lengths[best]
+        s = emb @ emb[best]                  # [n]
+        max_sim = np.maximum(max_sim, s)
+        pool = [i for i in pool if used + lengths[i] <= max_words and max_sim[i] < DUPLICATE]
+    return sorted(chosen)
+
+
+@dataclass
+class _Doc:
+    sentences: list           # all sentences, document order (headings included)
+    candidate: np.ndarray     # bool [n]: may be extracted
+    body: np.ndarray          # bool [n]: not a heading
+    section_of: np.ndarray    # int [n]
+    lengths: np.ndarray       # words [n]
+    language: str
+    level: np.ndarray = None  # int [n]: heading level (1 for `#`, ...), 0 for body text
+
+
+def _prepare(text: str, language: str | None) -> _Doc:
+    lang = language or detect_language(text)
+    paras = split_paragraphs(text, lang)
+    sents, cand, sec, level, section = [], [], [], [], 0
+    for p in paras:
+        if p.heading:
+            section += 1
+        for s in p.sentences:
+            sents.append(s)
+            cand.append(not p.heading)
+            sec.append(section)
+            level.append(p.level if p.heading else 0)
+    lengths = np.array([count_words(s) for s in sents], dtype=np.int64)
+    cand = np.array(cand, dtype=bool)
+    body = cand.copy()
+    # fragments of one or two words rarely make a summary sentence; keep them only if nothing else
+    if (cand & (lengths >= 3)).any():
+        cand &= lengths >= 3
+    sec = np.array(sec, dtype=np.int64)
+    if len(np.unique(sec)) == 1 and len(sents) > SECTION_SENTENCES:
+        # no headings: paragraphs bundled into sections of about half the limit
+        pid, starts, count = [], 0, 0
+        for p in paras:
+            if count >= SECTION_SENTENCES // 2:
+                starts += 1
+                count = 0
+            pid.extend([starts] * len(p.sentences))
+            count += len(p.sentences)
+        sec = np.array(pid, dtype=np.int64)
+    return _Doc(sents, cand, body, sec, lengths, lang, np.array(level, dtype=np.int64))
+
+
+def _rank(doc: _Doc, encoder=None, progress: bool = False):
+    """-> (candidate indices [m], embeddings [m, d], relevance [m])."""
+    cand = np.flatnonzero(doc.candidate)
+    enc = encoder or _default_encoder()
+    emb = enc.encode([doc.sentences[i] for i in cand], progress=progress)  # [m, 384]
+    sec = doc.section_of[cand]
+    rel = (1.0 - POSITION) * rank_sentences(emb, sec) + POSITION * position_prior(sec)
+    return cand, emb, rel.astype(np.float32)
+
+
+def position_prior(section_of) -> np.ndarray:
+    """[n] section ids in document order -> 1.0 for a section's first sentence, down to 0.0 for its last."""
+    out = np.zeros(len(section_of), dtype=np.float32)
+    for s in np.unique(section_of):
+        idx = np.flatnonzero(section_of == s)
+        out[idx] = 1.0 - np.arange(len(idx), dtype=np.float32) / max(len(idx) - 1, 1)
+    return out
+
+
+def _extract(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list[str]:
+    """The extractive picks (document order) for a word budget."""
+    return [t for _, t in _extract_indexed(doc, max_words, ranked, encoder, progress)]
+
+
+def _extract_indexed(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list:
+    """-> [(sentence index in doc.sentences, text)] in document order."""
+    cand, body = np.flatnonzero(doc.candidate), np.flatnonzero(doc.body)
+    if len(body) == 0:
+        raise ValueError("the text has no sentences to summarize")
+    if len(body) == 1 or int(doc.lengths[body].sum()) <= max_words:
+        return [(int(i), doc.sentences[i]) for i in body]   # nothing to choose: the text (without headings)
+    cand, emb, rel = ranked or _rank(doc, encoder, progress)
+    chosen = mmr_select(emb, rel, doc.lengths[cand], max_words)
+    if not chosen:  # every sentence is longer than the budget: the best one, cut
+        best = int(cand[int(np.argmax(rel))])
+        return [(best, _truncate_words(doc.sentences[best], max_words))]
+    return [(int(cand[i]), doc.sentences[cand[i]]) for i in chosen]
+
+
+def _chapters(doc: _Doc, picks: list) -> list[Section]:
+    """Extracted (index, sentence) pairs -> one Section per chapter they come from (chapters cut
+    at the shallowest heading level that occurs twice, as in split_sections)."""
+    heads = doc.level[doc.level > 0]
+    cut = next((lv for lv in sorted(set(heads.tolist())) if int((heads == lv).sum()) >= 2), None)
+    if cut is None:
+        return [Section("", [Paragraph([t for _, t in picks])])]
+    title_of, title = [], ""
+    for i, lv in enumerate(doc.level.tolist()):
+        if lv == cut:
+            title = doc.sentences[i]
+        title_of.append(title)
+    out: list[Section] = []
+    for i, t in picks:
+        if out and out[-1].title == title_of[i]:
+            out[-1].paragraphs[0].sentences.append(t)
+        else:
+            out.append(Section(title_of[i], [Paragraph([t])]))
+    return out
+
+
+def extractive(text: str, max_words: int = 150, encoder=None, language: str | None = None,
+               progress: bool = False) -> Summary:
+    t0 = time.perf_counter()
+    doc = _prepare(text, language)
+    sents = _extract(doc, max_words, encoder=encoder, progress=progress)
+    s = Summary(" ".join(sents), "extractive", sents, language=doc.language)
+    return _done(s, int(doc.lengths.sum()), t0)
