@@ -1,0 +1,272 @@
+"""Quantized products on the CPU in numba: a fused mat-vec for decode, dequantized tiles for prefill.
+
+    y = qmatvec(x, qt)     # x [in] or [n, in] f32 (n small), qt QuantTensor [out, in] -> [out] / [n, out]
+    y = qmatmul(x, qt)     # x [n, in], n large (a prompt): tile by tile, dequantize + BLAS GEMM
+
+Prefill. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
+beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
+tile of output rows at a time (512 KB of float32 with one thread, so it is still in L2 when the
+GEMM reads it; the whole weight with several, see TILE_BYTES) into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
+core, ~0.1 of the GEMM's time at n = 120), then BLAS multiplies x by it into its slice of y.
+The tile is stored transposed, [in, rows], which is what the row-interleaved layout yields
+with contiguous stores. Its values are bit-identical to `quants.dequantize`. Since the
+prefill reads the repacked copy too, the raw GGML blocks are not needed after `prepare`: it
+drops their pages when they are a read-only file mapping (`quants.release_raw`).
+
+Why a repack. A decode step reads every weight once, so the mat-vec is a race through memory,
+and NumPy's dequantize-then-BLAS pays for a float32 copy of each weight. The fused kernel
+never writes that copy. `prepare(qt)` repacks the GGML blocks once at load time into a
+row-interleaved layout: G output rows side by side, so byte j of a block is a vector of G
+bytes, one per row. The inner loop then runs across rows (SIMD lanes) instead of along a
+row, which needs no horizontal sum and no float reassociation: the kernels compile with
+fastmath=False and every row's sum is taken in a fixed order.
+
+    nibble types (Q4_0, Q4_1, Q4_K): qs u8 [ng, nb, 16, G], d, m [ng, nb, G]
+        value = d * q + m per 32-value block (Q4_0: m = -8 d; Q4_K: one block per sub-block)
+    Q5_0: qs u8 [ng, nb, 16, G], qh u8 [ng, nb, 4, G] (bit j = high bit of value j), d [ng, nb, G]
+    Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
+    Q6_K: qs u8 [ng, nb, 16, G] low nibbles, qh u8 [ng, nb, 8, G] 2-bit highs, s f32 [ng, nb, 2, G]
+        (one scale per 16 values: values 0..15 and 16..31 of each 32-block)
+
+Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
+(the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales that GGML stores as
+float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
+so Q4_1, Q5_0 and Q8_0 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
+products d * sc become float32 (Q4_K 1.33x, Q6_K 1.2x). See `Packed.nbytes`.
+
+Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0; llama.cpp's Q8 idea). A decode step is a race
+through ~100 MB of weights, and the float kernel above was compute-bound on unpacking nibbles
+to floats (~4.6 GB/s). So for these types x is quantized per 32-value block to int8 (scale
+dx = max|x| / 127, `quantize_x`), the weight bytes are stored as dwords of 4 consecutive values
+of one row ([words, G, 4]), and a 64-byte load is 16 rows x 4 values: VPDPBUSD adds four u8 x s8
+products per int32 lane (AVX512-VNNI; elsewhere LLVM lowers plain widening multiplies). Block
+sums are exact integers; only the per-block scaling rounds. The result is dequant(W) @ q8(x)
+(`reference`, to ~1e-7), ~5e-3 from the float32 product, as in llama.cpp; prefill rounds x the
+same way. Q5_0 and Q6_K keep the float kernels (float32 sums in a fixed order, ~1e-6 of
+`quant_matmul`). With a 2 KB software prefetch the int8 kernels stream ~8-10 GB/s on one core
+here, the rate of a plain read loop.
+
+numba is optional and imported on first use; without it (or for CuPy arrays, other quant
+types or large batches) qmatvec falls back to `quants.quant_matmul`. Kernels are compiled
+with cache=True, so only the first process on a machine pays the compile time.
+
+The parts: `simd.py` (the 16-lane block intrinsics, LLVM IR), `kernels.py` (the numba mat-vec
+and tile sources), `q8.py` (int8 activations and `reference`), `repack.py` (`prepare`, the
+layouts above); this module compiles the kernels and holds the entry points.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from ...device import array_module, num_threads
+from ...quants import QuantTensor, quant_matmul
+from . import kernels, q8, simd
+from .q8 import INT8_TYPES, _round_f16, quantize_q8, quantize_x, reference
+from .repack import FAST_TYPES, PREPARE_ROWS, Packed, prepare, prepare_stack, raw_rows
+from .simd import LANES, PREFETCH_BYTES, vnni
+
+__all__ = ["qmatvec", "qmatmul", "dequantize", "supports", "available", "prepare", "prepare_stack", "raw_rows",
+           "Packed", "quantize_x", "quantize_q8", "reference", "vnni", "FAST_TYPES", "INT8_TYPES", "MAX_BATCH",
+           "PREPARE_ROWS", "LANES", "PREFETCH_BYTES", "TILE_BYTES", "TILE_BYTES_THREADED", "_round_f16"]
+
+MAX_BATCH = 16        # above this many rows of x, dequantize-then-BLAS wins
+
+_JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
+
+
+def _jit():
+    """Compile (or load from numba's cache) the kernels on first use; None without numba."""
+    global _JIT, _round_f16, quantize_x
+    if _JIT is None:
+        try:
+            import numba
+        except ImportError:
+            _JIT = False
+            return None
+        py = lambda f: getattr(f, "py_func", f)                            # noqa: E731  (the Python source)
+        kernels.prange = numba.prange
+        vars(kernels).update(simd.intrinsics())
+        opts = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+        helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
+        # numba resolves a kernel's globals when it compiles: each module gets the jitted helpers
+        q8._round_f16 = _round_f16 = numba.njit(**helpers)(py(q8._round_f16))
+        q8.quantize_x = kernels.quantize_x = quantize_x = numba.njit(**helpers)(py(q8.quantize_x))
+        kernels._block_sums = numba.njit(**helpers)(py(kernels._block_sums))
+        kernels._store = numba.njit(**helpers)(py(kernels._store))
+        # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
+        # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box
+        _JIT = {name: numba.njit(**dict(opts, parallel=not name.startswith("t_")))(f)
+                for name, f in kernels.SOURCES.items()}
+    return _JIT or None
+
+
+def available() -> bool:
+    """True when numba is importable (the fused kernels can run)."""
+    return _jit() is not None
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def qmatvec(x, qt: QuantTensor, out=None):
+    """x @ dequant(qt).T for decode: x [in] or [n, in] f32 -> [out] or [n, out] f32.
+
+    out: optional preallocated float32 result (C-contiguous, the result's shape).
+    """
+    rows, cols = qt.shape
+    if type(x) is not np.ndarray or x.dtype != np.float32:
+        x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"qmatvec: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
+    want = (rows,) if x.ndim == 1 else (x.shape[0], rows)
+    if out is not None and (out.shape != want or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"qmatvec: out must be float32 C-contiguous of shape {want}, got {out.dtype} {tuple(out.shape)}")
+    x2 = x.reshape(-1, cols)                                               # [n, in]
+    n = x2.shape[0]
+    if n > MAX_BATCH:                                                      # prefill-sized: tiles + BLAS
+        return qmatmul(x, qt, out=out)
+    k = _jit() if type(x2) is np.ndarray else None
+    p = (qt.packed or prepare(qt)) if k else None
+    if p is not None and k.get(p.kind) is None:                            # this kernel failed to compile here
+        p = None
+    if p is None:                                                          # fallback: chunked dequantize + BLAS
+        y = quant_matmul(x2, qt, fast=False).reshape(want)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+    if not x2.flags.c_contiguous:
+        x2 = np.ascontiguousarray(x2)
+    if out is None:
+        out = np.empty(want, np.float32)
+    try:
+        k[p.kind](*p.arrays, x2, out.reshape(n, rows))
+    except _numba_error() as e:                                            # e.g. an LLVM without these vector ops
+        warnings.warn(f"qmatvec: the numba {p.kind} kernel does not compile here ({type(e).__name__}); "
+                      f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
+        k[p.kind] = None
+        out.reshape(n, rows)[...] = quant_matmul(x2, qt, fast=False)
+    return out
+
+
+# ---------------------------------------------------------------------------- prefill entry point
+
+# float32 tile per step. One thread: 512 KB, still in L2 when the GEMM reads it (measured best of
+# 256 KB..8 MB: 8 MB tiles cost 30% more). Several BLAS threads: the whole weight up to 16 MB, one
+# GEMM call per weight, because each threaded BLAS call pays a hand-off between threads (on a
+# busy 2-core box 512 KB tiles made a layer 6x slower than 8 MB ones; one call matched BLAS on
+# a float32 weight).
+TILE_BYTES = 1 << 19
+TILE_BYTES_THREADED = 1 << 24
+_scratch = threading.local()
+
+
+def supports(qt: QuantTensor) -> bool:
+    """True when `qmatmul` runs its numba path for `qt` (numba present, NumPy data, a repackable type)."""
+    return qt.qtype in FAST_TYPES and array_module(qt.data) is np and _jit() is not None
+
+
+def _tile_args(qt: QuantTensor, p: Packed):
+    """The tile kernel for `p` and its leading arguments."""
+    if p.kind == "nib":
+        return "t_nib", (*p.arrays, qt.qtype == QT.Q4_0)
+    return "t_" + p.kind, p.arrays
+
+
+def _tile_buffer(n: int):
+    """A float32 scratch of at least n values, one per thread, reused across calls."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.buf = np.empty(n, np.float32)
+    return buf
+
+
+def _tiles(qt: QuantTensor, tile_bytes: int):
+    """Yield (r0, r1, tile): tile f32 [cols, r1 - r0] = dequant(qt)[r0:r1].T, tile by tile.
+
+    None when the numba path is not available for qt. The tile is a view of a per-thread scratch
+    buffer, overwritten by the next step."""
+    k = _jit() if qt.qtype in FAST_TYPES and array_module(qt.data) is np else None
+    p = (qt.packed or prepare(qt)) if k else None
+    if p is None:
+        return None
+    name, args = _tile_args(qt, p)
+    if k.get(name) is None:                                                # failed to compile here before
+        return None
+    rows, cols, G = p.rows, p.cols, p.G
+    ng = -(-rows // G)
+    step = max(1, tile_bytes // (4 * cols * G))                            # groups per tile
+    buf = _tile_buffer(cols * min(step, ng) * G)
+
+    def gen():
+        for g0 in range(0, ng, step):
+            g1 = min(ng, g0 + step)
+            tile = buf[:cols * (g1 - g0) * G].reshape(cols, (g1 - g0) * G)
+            k[name](*args, g0, g1, tile)
+            r0, r1 = g0 * G, min(rows, g1 * G)
+            yield r0, r1, tile[:, :r1 - r0]
+    return gen()
+
+
+def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
+    """x @ dequant(qt).T for prefill: x [n, in] or [in] f32 -> [n, out] or [out] f32.
+
+    For INT8_TYPES, x is first rounded to int8 blocks as the decode kernels see it (`reference`),
+    so a prompt's tokens get the numbers they would get one by one (to float32 rounding).
+
+    The repacked weight is dequantized a tile of output rows at a time (numba, bit-identical to
+    `quants.dequantize`) into a cache-sized float32 scratch, and BLAS multiplies each tile into
+    its slice of `out`. The float32 weight never exists whole (beyond 16 MB with several threads).
+    Falls back to the NumPy `quants.quant_matmul` where numba or a kernel for the type is missing.
+    tile_bytes: default TILE_BYTES with one thread (`device.num_threads()`), else TILE_BYTES_THREADED.
+    """
+    rows, cols = qt.shape
+    if type(x) is not np.ndarray or x.dtype != np.float32:
+        x = np.asarray(x, dtype=np.float32) if array_module(x) is np else x
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"qmatmul: x of shape {tuple(x.shape)} does not match weight shape {qt.shape} (needs [..., {cols}])")
+    want = (rows,) if x.ndim == 1 else (x.shape[0], rows)
+    if out is not None and (out.shape != want or out.dtype != np.float32):
+        raise ValueError(f"qmatmul: out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
+    x2 = x.reshape(-1, cols)                                               # [n, in]
+    o2 = (np.empty(want, np.float32) if out is None else out).reshape(-1, rows)   # [n, out]
+    if tile_bytes is None:
+        tile_bytes = TILE_BYTES if num_threads() == 1 else TILE_BYTES_THREADED
+    tiles = _tiles(qt, tile_bytes) if type(x2) is np.ndarray else None
+    if tiles is None:
+        o2[...] = quant_matmul(x2, qt, fast=False)
+        return o2.reshape(want) if out is None else out
+    xr = x2
+    if qt.qtype in INT8_TYPES:                                             # the decode kernels' int8 x, as floats:
+        xq, dx, _ = quantize_x(np.ascontiguousarray(x2))                   # a token gets the same numbers whether
+        xr = (xq.reshape(len(xq), -1, 32) * dx[..., None]).reshape(x2.shape)   # it is in a prompt or decoded alone
+    try:
+        for r0, r1, tile in tiles:
+            np.matmul(xr, tile, out=o2[:, r0:r1])                          # [n, in] @ [in, r1-r0]
+    except _numba_error() as e:
+        warnings.warn(f"qmatmul: the numba {qt.qtype.name} tile kernel does not compile here ({type(e).__name__}); "
+                      f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
+        _jit()[_tile_args(qt, qt.packed)[0]] = None
+        o2[...] = quant_matmul(x2, qt, fast=False)
+    return o2.reshape(want) if out is None else out
+
+
+def dequantize(qt: QuantTensor):
+    """float32 [rows, cols] from the repacked weight through the numba tile kernels (for tests and
+    tools; bit-identical to `quants.dequantize`), or None where that path is not available."""
+    rows, cols = qt.shape
+    tiles = _tiles(qt, TILE_BYTES)
+    if tiles is None:
+        return None
+    w = np.empty((rows, cols), np.float32)
+    for r0, r1, tile in tiles:
+        w[r0:r1] = tile.T
+    return w
+
+
+def _numba_error():
+    from numba.core.errors import NumbaError
+    return NumbaError

@@ -1,0 +1,151 @@
+"""The numba sources of the quantized kernels: fused mat-vecs (decode) and tile dequantizers
+(prefill), over the row-interleaved arrays of `repack.py`, built from the block intrinsics of
+`simd.py`. The package's `_jit` compiles them (it first sets this module's `prange`, the
+intrinsics and the jitted helpers below as globals: numba resolves globals when it compiles).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .q8 import quantize_x
+from .simd import LANES
+
+prange = range        # replaced by numba.prange when the kernels are compiled
+vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = None   # the intrinsics of simd.py, set by _jit()
+deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = None
+
+
+# Shapes: ng groups of G rows (G a multiple of 16), nb 32-value blocks per row, n rows of x;
+# out f32 [n, rows] with rows <= ng * G (padding rows are not written). Threads split the
+# groups; each group keeps its G sums in `acc`. Block sums of x are taken once per call,
+# before the parallel loop.
+
+def _block_sums(x, size):
+    """x [n, cols] -> [n, cols // size]: float32 sums of each `size` consecutive values."""
+    n, cols = x.shape
+    xs = np.empty((n, cols // size), np.float32)
+    for i in range(n):
+        for b in range(cols // size):
+            s = np.float32(0.0)
+            for j in range(size):
+                s += x[i, b * size + j]
+            xs[i, b] = s
+    return xs
+
+
+def _store(out, i, r0, acc):
+    """out[i, r0:r0+G] = acc, skipping padding rows."""
+    for l in range(min(acc.shape[0], out.shape[1] - r0)):
+        out[i, r0 + l] = acc[l]
+
+
+
+def _k_nib(qs, d, m, x, out):
+    """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; x [n, nb*32] (quantized here to int8)."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
+    for g in prange(ng):
+        acc = np.empty(G, np.float32)
+        for i in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_nib(qs[g, b], G, l0, m[g, b], xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc)
+            _store(out, i, g * G, acc)
+
+
+def _k_q5_0(qs, qh, d, x, out):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
+    ng, nb, _, G = qs.shape
+    xs = _block_sums(x, 32)
+    for g in prange(ng):
+        acc = np.empty(G, np.float32)
+        for i in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot_q5_0(qs[g, b], G, l0, qh[g, b], x[i], b * 32, d[g, b], xs[i, b], acc)
+            _store(out, i, g * G, acc)
+
+
+def _k_q8_0(qs, d, x, out):
+    """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]; x [n, nb*32] (quantized here)."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
+    for g in prange(ng):
+        acc = np.empty(G, np.float32)
+        for i in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_q8_0(qs[g, b], G, l0, xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc)
+            _store(out, i, g * G, acc)
+
+
+def _k_q6_k(qs, qh, s, x, out):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s [ng, nb, 2, G]."""
+    ng, nb, _, G = qs.shape
+    xs = _block_sums(x, 16)                                                # [n, 2 * nb] half-block sums
+    for g in prange(ng):
+        acc = np.empty(G, np.float32)
+        for i in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot_q6_k(qs[g, b], G, l0, qh[g, b], x[i], b * 32, s[g, b], xs[i, 2 * b], xs[i, 2 * b + 1], acc)
+            _store(out, i, g * G, acc)
+
+
+# ---------------------------------------------------------------------------- tile dequantizers (prefill)
+# Groups g0..g1 of a repacked weight -> tile f32 [cols, (g1 - g0) * G]: the dequantized rows
+# g0*G .. g1*G, transposed, so that lane l of a group is a contiguous column and the G lanes
+# of a byte row are stored side by side (SIMD over lanes, as in the mat-vec). Every value is
+# computed with the float32 operations of `quants.dequantize`, in the same order (no fused
+# multiply-add: fastmath=False), so the tile is bit-identical to it. Threads split the groups.
+
+def _t_nib(qs, d, m, sub8, g0, g1, tile):
+    """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; sub8: Q4_0's d * (q - 8), else d * q + m."""
+    _, nb, _, G, _ = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        c0 = (g - g0) * G
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                if sub8:
+                    deq_q4_0(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
+                else:
+                    deq_nib(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
+
+
+def _t_q5_0(qs, qh, d, g0, g1, tile):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q5_0(qs[g, b], G, l0, qh[g, b], d[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+def _t_q8_0(qs, d, g0, g1, tile):
+    """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]."""
+    _, nb, _, G, _ = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q8_0(qs[g, b], G, l0, d[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+def _t_q6_k(qs, qh, s, g0, g1, tile):
+    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s f32 [ng, nb, 2, G]."""
+    _, nb, _, G = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_q6_k(qs[g, b], G, l0, qh[g, b], s[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
+SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k,
+           "t_nib": _t_nib, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k}

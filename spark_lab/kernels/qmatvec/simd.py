@@ -1,0 +1,336 @@
+"""The 16-lane block dots and tile dequantizers of the quantized kernels, as numba intrinsics
+written in LLVM IR (`intrinsics()` builds them; `kernels.py` calls them).
+
+Lanes are 16 output rows of a row-interleaved weight (`repack.py`); each intrinsic handles one
+32-value block of those 16 rows. numba's cache watches only the file of the function it
+compiles, so after editing this file clear the cached kernels
+(spark_lab/kernels/qmatvec/__pycache__/*.nbi, *.nbc) or touch kernels.py.
+"""
+from __future__ import annotations
+# ---------------------------------------------------------------------------- SIMD block dots (LLVM IR)
+# numba's auto-vectorizer leaves these loops 2x short of what the CPU can do (it will not
+# widen them past 8 lanes, and with fastmath=False it may not split a sum into several
+# chains). So each 32-value block is written once as explicit 16-lane LLVM vector code,
+# a numba intrinsic: lanes are 16 output rows, the 16 (or 32) byte rows of the block are
+# unrolled, and the products go to 4 independent fused multiply-add chains, summed at the
+# end in a fixed order. LLVM lowers <16 x float> to AVX-512, AVX2 or NEON as the CPU allows.
+
+LANES = 16
+_CHAINS = 4
+# The int8 kernels ask for the weight bytes this far ahead of the ones they read: a token streams
+# every weight from memory once, and the hardware prefetcher alone got ~5 GB/s of the ~9.7 GB/s a
+# plain read loop gets on one core here; 2 KB ahead got ~8 GB/s (1, 2, 4, 8 KB tried).
+PREFETCH_BYTES = 2048
+
+
+def vnni() -> bool:
+    """True when the host CPU has AVX512-VNNI (the int8 dots then compile to VPDPBUSD).
+    SPARK_LAB_VNNI=0 forces the portable widening-multiply code (for tests and comparisons)."""
+    import os
+    if os.environ.get("SPARK_LAB_VNNI", "1") == "0":
+        return False
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("avx512vnni", False))
+    except Exception:                                                      # an llvmlite without the query
+        return False
+
+
+def intrinsics():
+    """Build the numba intrinsics (needs numba and llvmlite; called once by `_jit`)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    L = LANES
+    VNNI = vnni()
+    AHEAD = PREFETCH_BYTES
+    fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
+    hv = ir.VectorType(ir.IntType(16), L)
+
+    def const(v):
+        return ir.Constant(iv, [v] * L)
+
+    class Block:
+        """Codegen helpers over the arrays handed to one intrinsic call."""
+
+        def __init__(self, context, builder, sig, args):
+            self.b, self.ctx, self.types = builder, context, sig.args
+            self.ptr = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
+                        for t, a in zip(sig.args, args)]
+            self.fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
+
+        def at(self, ptr, off):
+            return self.b.gep(ptr, [off])
+
+        def bytes16(self, ptr, off, signed=False):  # 16 bytes -> <16 x i32>
+            v = self.b.load(self.b.bitcast(self.at(ptr, off), bv.as_pointer()), align=1)
+            return self.b.sext(v, iv) if signed else self.b.zext(v, iv)
+
+        def floats16(self, i, off):  # 16 floats of array argument i: float32, or uint16 holding float16 bits
+            if self.types[i].dtype == types.uint16:
+                h = self.b.load(self.b.bitcast(self.at(self.ptr[i], off), hv.as_pointer()), align=1)
+                return self.b.fpext(self.b.bitcast(h, ir.VectorType(ir.HalfType(), L)), fv)
+            return self.b.load(self.b.bitcast(self.at(self.ptr[i], off), fv.as_pointer()), align=1)
+
+        def splat(self, s):
+            v = self.b.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+            return self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L))
+
+        def x(self, xoff, k):  # splat of x[xoff + k]
+            return self.splat(self.b.load(self.at(self.ptr[4], self.b.add(xoff, ir.Constant(xoff.type, k)))))
+
+        def row(self, G, l0, j):  # offset of byte row j, lane l0, in a [rows, G] block
+            return self.b.add(l0, self.b.mul(G, ir.Constant(G.type, j)))
+
+        def dot(self, chains, k, codes, xv):
+            c = self.b.uitofp(codes, fv) if codes.type == iv else codes
+            chains[k] = self.b.call(self.fma, [c, xv, chains[k]])
+
+        def total(self, chains):
+            while len(chains) > 1:
+                chains = [self.b.fadd(chains[i], chains[i + 1]) for i in range(0, len(chains), 2)]
+            return chains[0]
+
+        def update(self, i, l0, value):  # acc[l0:l0+16] += value, acc = float32 array argument i
+            p = self.b.bitcast(self.at(self.ptr[i], l0), fv.as_pointer())
+            self.b.store(self.b.fadd(self.b.load(p, align=1), value), p, align=1)
+
+    def zeros(n):
+        return [ir.Constant(fv, [0.0] * L) for _ in range(n)]
+
+    # ---- int8 dots (nibble types and Q8_0): x arrives block-quantized to int8 (`quantize_x`),
+    # and the weight bytes of a block are stored as dwords, 4 consecutive values of one row:
+    # q u8 [words, G, 4]. One 64-byte load is 16 lanes (rows) x 4 values; `dot4` adds the four
+    # u8 x s8 products of each dword to an int32 lane: one VPDPBUSD where the CPU has AVX512-VNNI,
+    # else plain widening multiplies that LLVM lowers for the CPU at hand. Integer sums are exact,
+    # so only the per-block float scaling rounds.
+    b64, w64 = ir.VectorType(ir.IntType(8), L * 4), ir.VectorType(ir.IntType(16), L * 4)
+    i32 = ir.IntType(32)
+
+    def dot4(k, c, a, w):
+        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32>."""
+        b = k.b
+        if VNNI:
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            return b.call(fn, [c, a, w])
+        p = b.mul(b.zext(b.bitcast(a, b64), w64), b.sext(b.bitcast(w, b64), w64))          # <64 x i16>, no overflow
+        for j in range(4):
+            sel = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
+            c = b.add(c, b.sext(sel, iv))
+        return c
+
+    def words16(k, ptr, G, l0, t, ahead=0):  # <16 x i32>: dword row t of a [words, G, 4] block, lanes l0..l0+15
+        off = k.b.mul(k.b.add(k.b.mul(G, ir.Constant(G.type, t)), l0), ir.Constant(G.type, 4))
+        if ahead:
+            prefetch(k, k.at(ptr, k.b.add(off, ir.Constant(G.type, ahead))))
+        return k.b.load(k.b.bitcast(k.at(ptr, off), iv.as_pointer()), align=1)
+
+    def prefetch(k, ptr):  # a read hint: the weights stream from memory once per token
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(k.b.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        k.b.call(fn, [k.b.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+    def splat_int(k, v):  # <16 x i32> splat of an i32
+        e = k.b.insert_element(ir.Constant(iv, ir.Undefined), v, ir.Constant(i32, 0))
+        return k.b.shuffle_vector(e, e, ir.Constant(ir.VectorType(i32, L), [0] * L))
+
+    def splat_word(k, ptr, off):  # <16 x i32> splat of the 4 bytes at ptr + off
+        return splat_int(k, k.b.load(k.b.bitcast(k.at(ptr, off), i32.as_pointer()), align=1))
+
+    def isum(k, chains):
+        return k.b.add(k.b.add(chains[0], chains[1]), k.b.add(chains[2], chains[3]))
+
+    # args: q [words, G, 4] bytes, G, l0, (extra arrays...), xq int8 [cols], xoff, ..., acc [G]
+    @intrinsic
+    def vdot8_nib(typingctx, q, G, l0, m, xq, xoff, d, xqs, dx, acc):
+        """acc[l0:+16] += dx * (d * sum_j (lo_j xq_j + hi_j xq_16+j) + m * xqs)   (Q4_0, Q4_1, Q4_K)."""
+        sig = types.void(q, G, l0, m, xq, xoff, d, xqs, dx, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[5], args[7], args[8]
+            low = const(0x0F0F0F0F)
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
+                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
+                ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+                ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+            d_, m_ = k.floats16(6, l0_), k.floats16(3, l0_)
+            s = builder.sitofp(isum(k, ch), fv)
+            inner = builder.call(k.fma, [m_, k.splat(builder.sitofp(xqs_, ir.FloatType())), builder.fmul(d_, s)])
+            k.update(9, l0_, builder.fmul(k.splat(dx_), inner))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot8_q8_0(typingctx, q, G, l0, xq, xoff, d, xqs, dx, acc):
+        """acc[l0:+16] += dx * d * (sum_j u_j xq_j - 128 xqs), u = q + 128 stored as u8 [8, G, 4]."""
+        sig = types.void(q, G, l0, xq, xoff, d, xqs, dx, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(8):
+                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                ch[t % 4] = dot4(k, ch[t % 4], w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 128))
+            s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
+            k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot_q5_0(typingctx, q, G, l0, qh, x, xoff, d, xs, acc):
+        """acc[l0:+16] += d * (sum_j q_j x_j - 16 xs), q_j = nibble | bit j of qh << 4."""
+        sig = types.void(q, G, l0, qh, x, xoff, d, xs, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xs_ = args[1], args[2], args[5], args[7]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(4)]   # 4 bytes = 32 high bits per lane
+            ch = zeros(_CHAINS)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    bit = builder.and_(builder.lshr(h[2 * half + (j >> 3)], const(j & 7)), const(1))
+                    code = builder.or_(code, builder.shl(bit, const(4)))
+                    k.dot(ch, (2 * j + half) % _CHAINS, code, k.x(xoff_, 16 * half + j))
+            d_ = k.floats16(6, l0_)
+            t = builder.fsub(k.total(ch), k.splat(builder.fmul(xs_, ir.Constant(ir.FloatType(), 16.0))))
+            k.update(8, l0_, builder.fmul(d_, t))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot_q6_k(typingctx, q, G, l0, qh, x, xoff, s, xs0, xs1, acc):
+        """acc[l0:+16] += s0 (sum_{j<16} q_j x_j - 32 xs0) + s1 (sum_{j>=16} q_j x_j - 32 xs1)."""
+        sig = types.void(q, G, l0, qh, x, xoff, s, xs0, xs1, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xs0_, xs1_ = args[1], args[2], args[5], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]   # 2-bit highs, 4 per byte
+            lo, hi = zeros(_CHAINS // 2), zeros(_CHAINS // 2)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                for half, code, ch in ((0, builder.and_(v, const(15)), lo), (1, builder.lshr(v, const(4)), hi)):
+                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
+                    k.dot(ch, j % len(ch), builder.or_(code, builder.shl(top, const(4))), k.x(xoff_, 16 * half + j))
+            c32 = ir.Constant(ir.FloatType(), 32.0)
+            t0 = builder.fsub(k.total(lo), k.splat(builder.fmul(xs0_, c32)))
+            t1 = builder.fsub(k.total(hi), k.splat(builder.fmul(xs1_, c32)))
+            s0, s1 = k.floats16(6, l0_), k.floats16(6, builder.add(l0_, G_))
+            k.update(9, l0_, builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)]))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    # ---- tile dequantizers: one 32-value block of 16 lanes (rows) -> tile[row0 + j, col:col+16], j < 32.
+    # The float32 operations of quants.dequantize, in its order (a multiply, then an add: no FMA).
+    # args: q [16 or 32, G] codes, G, l0, (extra arrays...), tile [cols, nc] f32, row0, col, nc
+
+    class Tile(Block):
+        def store(self, i, row, col, nc, value):  # tile[row, col:col+16] = value, tile = array argument i
+            off = self.b.add(self.b.mul(row, nc), col)
+            self.b.store(value, self.b.bitcast(self.at(self.ptr[i], off), fv.as_pointer()), align=1)
+
+        def pair(self, i, row0, col, nc, j, lo, hi):  # values j and j + 16 of the block
+            c = ir.Constant(row0.type, j)
+            self.store(i, self.b.add(row0, c), col, nc, lo)
+            self.store(i, self.b.add(row0, ir.Constant(row0.type, 16 + j)), col, nc, hi)
+
+    def fconst(v):
+        return ir.Constant(fv, [v] * L)
+
+    def bytes_of_words(k, w, j):  # <16 x i32> of byte j (0..3) of each lane's dword w
+        v = k.b.shuffle_vector(k.b.bitcast(w, b64), k.b.bitcast(w, b64), ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
+        return k.b.zext(v, iv)
+
+    def deq_nib_factory(sub8):
+        @intrinsic
+        def deq(typingctx, q, G, l0, d, m, tile, row0, col, nc):
+            """Q4_0 (sub8): d * (q - 8); Q4_1, Q4_K: d * q + m.  q u8 [4, G, 4] dwords."""
+            sig = types.void(q, G, l0, d, m, tile, row0, col, nc)
+
+            def codegen(context, builder, sg, args):
+                k = Tile(context, builder, sg, args)
+                G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+                d_, m_ = k.floats16(3, l0_), k.floats16(4, l0_)
+                for t in range(4):
+                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    for jj in range(4):
+                        v = bytes_of_words(k, w, jj)
+                        vals = []
+                        for code in (builder.and_(v, const(15)), builder.lshr(v, const(4))):
+                            f = builder.uitofp(code, fv)
+                            vals.append(builder.fmul(d_, builder.fsub(f, fconst(8.0))) if sub8
+                                        else builder.fadd(builder.fmul(d_, f), m_))
+                        k.pair(5, row0_, col_, nc_, 4 * t + jj, *vals)
+                return context.get_dummy_value()
+            return sig, codegen
+        return deq
+
+    @intrinsic
+    def deq_q5_0(typingctx, q, G, l0, qh, d, tile, row0, col, nc):
+        """d * (q - 16), q = nibble | bit j of qh << 4."""
+        sig = types.void(q, G, l0, qh, d, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(4)]
+            d_ = k.floats16(4, l0_)
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                vals = []
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    bit = builder.and_(builder.lshr(h[2 * half + (j >> 3)], const(j & 7)), const(1))
+                    f = builder.uitofp(builder.or_(code, builder.shl(bit, const(4))), fv)
+                    vals.append(builder.fmul(d_, builder.fsub(f, fconst(16.0))))
+                k.pair(5, row0_, col_, nc_, j, *vals)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def deq_q8_0(typingctx, q, G, l0, d, tile, row0, col, nc):
+        """(u - 128) * d, u = q + 128 stored as u8 [8, G, 4] dwords."""
+        sig = types.void(q, G, l0, d, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[5], args[6], args[7]
+            d_ = k.floats16(3, l0_)
+            for t in range(8):
+                w = words16(k, k.ptr[0], G_, l0_, t)
+                for jj in range(4):
+                    f = builder.sitofp(builder.sub(bytes_of_words(k, w, jj), const(128)), fv)
+                    k.store(4, builder.add(row0_, ir.Constant(row0_.type, 4 * t + jj)), col_, nc_, builder.fmul(f, d_))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def deq_q6_k(typingctx, q, G, l0, qh, s, tile, row0, col, nc):
+        """s0 * (q - 32) for values 0..15, s1 * (q - 32) for 16..31; q = nibble | 2 high bits << 4."""
+        sig = types.void(q, G, l0, qh, s, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
+            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]
+            sc = (k.floats16(4, l0_), k.floats16(4, builder.add(l0_, G_)))
+            for j in range(16):
+                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
+                vals = []
+                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
+                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
+                    q32 = builder.sub(builder.or_(code, builder.shl(top, const(4))), const(32))
+                    vals.append(builder.fmul(sc[half], builder.sitofp(q32, fv)))
+                k.pair(5, row0_, col_, nc_, j, *vals)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
+    return {"vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
+            "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0, "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k}
