@@ -197,55 +197,87 @@ class GGUFFile:
 
 @dataclass
 class LLMConfig:
-    arch: str                      # llama | qwen2 | qwen3 | gemma3
+    arch: str                      # GGUF architecture: llama | qwen2 | qwen3 | gemma3 | qwen3moe | gpt-oss
     n_vocab: int                   # vocabulary size
     n_embd: int                    # hidden width
     n_layer: int                   # transformer blocks
     n_head: int                    # query heads
     n_head_kv: int                 # key/value heads (GQA groups = n_head // n_head_kv)
     head_dim: int                  # size of one head (q/k); v uses the same here
-    n_ff: int                      # feed-forward width
+    n_ff: int                      # feed-forward width (dense layers)
     n_ctx_train: int               # trained context length
     rms_eps: float                 # RMSNorm epsilon
     rope_theta: float              # RoPE base (global layers)
     rope_dim: int                  # rotated dims per head (partial rotary when < head_dim)
     rope_neox: bool                # half-split layout (qwen, gemma) vs adjacent pairs (llama)
     rope_theta_local: float = 0.0  # gemma3 sliding-window layers use their own base
-    rope_freq_scale: float = 1.0   # linear RoPE scaling (positions / factor)
+    rope_freq_scale: float = 1.0   # linear RoPE scaling (positions / factor); YaRN's 1 / factor
+    rope_yarn: object = None       # kernels.rope.YaRN when the file asks for YaRN scaling
     sliding_window: int = 0        # 0 = none
-    swa_pattern: int = 0           # gemma3: every swa_pattern-th layer is global, the rest slide
+    swa_pattern: int = 0           # every swa_pattern-th layer is global, the rest slide
     qk_norm: bool = False          # qwen3, gemma3: RMSNorm on q and k per head
     post_norms: bool = False       # gemma3: norms after attention and after the FFN
     embed_scale: float = 1.0       # gemma: embeddings * sqrt(n_embd)
     attn_scale: float = 0.0        # 0 = 1/sqrt(head_dim)
-    act: str = "silu"              # silu (SwiGLU) | gelu_tanh (GeGLU)
-    qkv_bias: bool = False         # qwen2
+    act: str = "silu"              # silu (SwiGLU) | gelu_tanh (GeGLU) | swiglu_oai (gpt-oss experts)
+    qkv_bias: bool = False         # qwen2, gpt-oss
+    attn_sinks: bool = False       # gpt-oss: a learned logit per head in the softmax denominator
     tied_embeddings: bool = False  # no output.weight: logits use token_embd
+    n_expert: int = 0              # MoE: experts per layer (0 = dense FFN)
+    n_expert_used: int = 0         # MoE: experts each token runs (top-k)
+    n_ff_exp: int = 0              # MoE: one expert's feed-forward width
+    expert_gating: str = "softmax"  # MoE router: softmax | softmax_weight | sigmoid (llm.moe.GATINGS)
+    expert_weights_norm: bool = False  # MoE: top-k weights renormalised to sum to 1
+    expert_weights_scale: float = 1.0  # MoE: top-k weights multiplied by this
+    spec: object = None            # llm.archs.ArchSpec of `arch` (filled in from ARCHS when None)
 
     def __post_init__(self):
         if self.attn_scale == 0.0:
             self.attn_scale = self.head_dim ** -0.5
         if self.n_head % self.n_head_kv:
             raise GGUFError(f"{self.n_head} query heads are not a multiple of {self.n_head_kv} KV heads")
+        if self.spec is None:
+            from .llm.archs import ARCHS, ArchSpec
+            self.spec = ARCHS.get(self.arch, ArchSpec(self.arch))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_window) and bool(self.swa_pattern) and (layer + 1) % self.swa_pattern != 0
 
+    def _param_counts(self):
+        """(attention + norms per layer, one expert or the dense FFN, router per layer, embeddings)."""
+        attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)
+        ffn = 3 * self.n_embd * (self.n_ff_exp if self.is_moe else self.n_ff)
+        router = self.n_embd * self.n_expert
+        emb = self.n_vocab * self.n_embd * (1 if self.tied_embeddings else 2)
+        return attn, ffn, router, emb
+
     @property
     def n_params(self) -> int:
-        attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)
-        ffn = 3 * self.n_embd * self.n_ff
-        emb = self.n_vocab * self.n_embd * (1 if self.tied_embeddings else 2)
-        return self.n_layer * (attn + ffn) + emb
+        attn, ffn, router, emb = self._param_counts()
+        return self.n_layer * (attn + ffn * max(1, self.n_expert) + router) + emb
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token multiplies by (MoE: only its top-k experts; dense: all)."""
+        attn, ffn, router, emb = self._param_counts()
+        return self.n_layer * (attn + ffn * max(1, self.n_expert_used) + router) + emb
 
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "gpt-oss")
+GATING_FUNCS = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}   # {arch}.expert_gating_func (llama.cpp's enum)
 
 
 def config_from_gguf(f: GGUFFile) -> LLMConfig:
+    from .kernels.rope import YaRN
+    from .llm.archs import ARCHS
     arch = f.arch
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(f"{f.path.name}: unknown architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if arch not in ARCHS:
+        raise GGUFError(f"{f.path.name}: unknown architecture {arch!r} (supported: {', '.join(ARCHS)})")
+    spec = ARCHS[arch]
 
     def need(key):
         v = f.get(key)
@@ -257,30 +289,72 @@ def config_from_gguf(f: GGUFFile) -> LLMConfig:
     head_dim = int(f.get("{arch}.attention.key_length", n_embd // n_head))
     tokens = f.metadata.get("tokenizer.ggml.tokens")
     n_vocab = int(f.get("{arch}.vocab_size", len(tokens) if tokens is not None else f.tensors["token_embd.weight"].shape[0]))
-    scaling = f.get("{arch}.rope.scaling.type", "none")
+    scaling = f.get("{arch}.rope.scaling.type", "none") or "none"
     factor = float(f.get("{arch}.rope.scaling.factor", 1.0) or 1.0)
+    n_ctx_train = int(f.get("{arch}.context_length", 2048))
+    if scaling not in ("none", "linear", "yarn"):
+        raise GGUFError(f"{f.path.name}: RoPE scaling {scaling!r} is not supported (none, linear, yarn)")
+    yarn = None
+    if scaling == "yarn" and factor != 1.0:
+        yarn = YaRN(orig_ctx=int(f.get("{arch}.rope.scaling.original_context_length", n_ctx_train)),
+                    beta_fast=float(f.get("{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                    beta_slow=float(f.get("{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                    attn_factor=float(f.get("{arch}.rope.scaling.yarn_attn_factor", f.get("{arch}.rope.scaling.attn_factor", 0.0)) or 0.0),
+                    ext_factor=float(f.get("{arch}.rope.scaling.yarn_ext_factor", 1.0)),
+                    truncate=spec.yarn_truncate)
     cfg = dict(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(need("{arch}.block_count")),
+        arch=arch, spec=spec, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(need("{arch}.block_count")),
         n_head=n_head, n_head_kv=int(f.get("{arch}.attention.head_count_kv", n_head)), head_dim=head_dim,
-        n_ff=int(need("{arch}.feed_forward_length")), n_ctx_train=int(f.get("{arch}.context_length", 2048)),
+        n_ff=int(f.get("{arch}.feed_forward_length", 0) if spec.ffn == "moe" else need("{arch}.feed_forward_length")),
+        n_ctx_train=n_ctx_train,
         rms_eps=float(f.get("{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(f.get("{arch}.rope.freq_base", 10000.0)),
         rope_dim=int(f.get("{arch}.rope.dimension_count", head_dim)),
-        rope_neox=arch in ("qwen2", "qwen3", "gemma3"),
-        rope_freq_scale=1.0 / factor if scaling == "linear" else 1.0,
+        rope_neox=spec.rope_neox,
+        rope_freq_scale=1.0 / factor if scaling in ("linear", "yarn") else 1.0,
+        rope_yarn=yarn,
+        rope_theta_local=spec.rope_theta_local,
+        qk_norm=spec.qk_norm, post_norms=spec.post_norms, act=spec.act, attn_sinks=spec.sinks,
+        embed_scale=float(np.sqrt(np.float32(n_embd))) if spec.embed_scale_sqrt else 1.0,
+        qkv_bias="blk.0.attn_q.bias" in f.tensors,
         tied_embeddings="output.weight" not in f.tensors,
     )
-    if arch == "qwen2":
-        cfg["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
-    if arch == "qwen3":
-        cfg["qk_norm"] = True
-    if arch == "gemma3":
-        cfg.update(qk_norm=True, post_norms=True, embed_scale=float(np.sqrt(np.float32(n_embd))), act="gelu_tanh",
-                   sliding_window=int(f.get("{arch}.attention.sliding_window", 0)), swa_pattern=6,
-                   rope_theta_local=10000.0, attn_scale=head_dim ** -0.5)
-    if scaling not in ("none", "linear", None):
-        raise GGUFError(f"{f.path.name}: RoPE scaling {scaling!r} is not supported")
+    if spec.sliding:
+        cfg.update(sliding_window=int(f.get("{arch}.attention.sliding_window", 0)), swa_pattern=spec.swa_pattern)
+    if spec.ffn == "moe":
+        cfg.update(_moe_config(f, spec))
     return LLMConfig(**cfg)
+
+
+def _moe_config(f: GGUFFile, spec) -> dict:
+    """Expert counts and routing of an MoE architecture, checked (one line per problem)."""
+    name = f.path.name
+    n_expert, n_used = f.get("{arch}.expert_count"), f.get("{arch}.expert_used_count")
+    if n_expert is None or n_used is None:
+        missing = f"{f.arch}.expert_count" if n_expert is None else f"{f.arch}.expert_used_count"
+        raise GGUFError(f"{name}: missing metadata {missing!r} for a {f.arch} (mixture-of-experts) model")
+    n_expert, n_used = int(n_expert), int(n_used)
+    if not 0 < n_used <= n_expert:
+        raise GGUFError(f"{name}: {f.arch}.expert_used_count = {n_used} must be between 1 and "
+                        f"{f.arch}.expert_count = {n_expert}")
+    gating = spec.gating
+    code = f.get("{arch}.expert_gating_func")
+    if code is not None:
+        gating = GATING_FUNCS.get(int(code))
+        if gating is None:
+            known = ", ".join(f"{k} ({v})" for k, v in GATING_FUNCS.items())
+            raise GGUFError(f"{name}: unknown expert gating function {f.arch}.expert_gating_func = {int(code)} "
+                            f"(spark_lab knows {known})")
+    n_ff_exp = f.get("{arch}.expert_feed_forward_length")
+    if n_ff_exp is None:
+        t = f.tensors.get("blk.0.ffn_gate_exps.weight")
+        if t is None:
+            raise GGUFError(f"{name}: missing metadata {f.arch + '.expert_feed_forward_length'!r}")
+        n_ff_exp = t.shape[1]
+    scale = float(f.get("{arch}.expert_weights_scale", 0.0) or 0.0)
+    return dict(n_expert=n_expert, n_expert_used=n_used, n_ff_exp=int(n_ff_exp), expert_gating=gating,
+                expert_weights_norm=bool(f.get("{arch}.expert_weights_norm", spec.expert_weights_norm)),
+                expert_weights_scale=scale or 1.0)
 
 
 def read_shape(name_or_path):

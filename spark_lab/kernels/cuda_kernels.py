@@ -1,6 +1,8 @@
 """CuPy fast paths: the CUDA C sources in `cuda/*.cu`, compiled with `cupy.RawModule` on first use.
 
 Only imported when arrays are CuPy arrays, so a CPU machine never touches CuPy or NVRTC.
+Under SPARK_LAB_DEVICE=strict the arrays are `device_strict` stand-ins and `RawModule` runs the
+NumPy twin of each kernel from `TWINS` (below), so these wrappers run on a CPU as on a GPU.
 Each wrapper takes and returns CuPy float32 arrays and has a NumPy twin in the kernel modules
 (rmsnorm -> norms.rmsnorm, softmax -> activations.softmax, rope -> rope.rope,
 attention_decode -> attention.attention with Tq = 1, qmatvec -> quants.quant_matmul);
@@ -20,19 +22,42 @@ _QBLOCK = {_Q4_1: (32, 20), _Q8_0: (32, 34)}   # qtype -> (weights per block, by
 _MAX_DV = 256                          # attention.cu keeps 8 values per lane
 
 
+def _cp(a):
+    """The array module of `a`: cupy, or the strict stand-in (device_strict) under SPARK_LAB_DEVICE=strict."""
+    from ..device import array_module
+    xp = array_module(a)
+    if xp is np:                       # a host array given to a CUDA wrapper: CuPy itself decides
+        import cupy as xp
+    return xp
+
+
 @functools.lru_cache(maxsize=None)
-def _module(name: str):
-    import cupy
+def _module(cupy, name: str):
     src = (CUDA_DIR / f"{name}.cu").read_text()
     return cupy.RawModule(code=src, options=(f"-I{CUDA_DIR}",))
 
 
-def _fn(module: str, kernel: str):
-    return _module(module).get_function(kernel)
+def _fn(cupy, module: str, kernel: str):
+    return _module(cupy, module).get_function(kernel)
+
+
+_CONSTANTS: dict = {}                  # (array module, dtype, bytes) -> device copy
+
+
+def _constant(cupy, host, dtype):
+    """A small host table (rope's inv_freq) on the device, copied once, not once per layer."""
+    host = np.ascontiguousarray(host, dtype=dtype)
+    key = (cupy, host.dtype.str, host.shape, host.tobytes())
+    dev = _CONSTANTS.get(key)
+    if dev is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        dev = _CONSTANTS[key] = cupy.asarray(host)
+    return dev
 
 
 def _f32(a):
-    import cupy
+    cupy = _cp(a)
     return cupy.ascontiguousarray(a, dtype=cupy.float32)
 
 
@@ -43,46 +68,50 @@ def _threads(n: int) -> int:
 
 def rmsnorm(x, w, eps: float, offset: float):
     """x [..., d], w [d] -> [..., d]; see rmsnorm.cu."""
-    import cupy
+    cupy = _cp(x)
     x, w = _f32(x), _f32(w)
     d = x.shape[-1]
     y = cupy.empty_like(x)
     rows = x.size // d if d else 0
     if rows:
-        _fn("rmsnorm", "rmsnorm_f32")((rows,), (_threads(d),), (x, w, y, np.int32(d), np.float32(eps), np.float32(offset)))
+        _fn(cupy, "rmsnorm", "rmsnorm_f32")((rows,), (_threads(d),), (x, w, y, np.int32(d), np.float32(eps), np.float32(offset)))
     return y
 
 
 def softmax(x):
     """Softmax over the last axis of x [..., n]; see softmax.cu."""
-    import cupy
+    cupy = _cp(x)
     x = _f32(x)
     n = x.shape[-1]
     y = cupy.empty_like(x)
     rows = x.size // n if n else 0
     if rows:
-        _fn("softmax", "softmax_f32")((rows,), (_threads(n),), (x, y, np.int32(n)))
+        _fn(cupy, "softmax", "softmax_f32")((rows,), (_threads(n),), (x, y, np.int32(n)))
     return y
 
 
-def rope(x, positions, theta: float, rotary_dim: int, neox: bool, freq_scale: float):
-    """x [T, H, D], positions [T] -> rotated [T, H, D]; see rope.cu."""
-    import cupy
+def rope(x, positions, theta: float, rotary_dim: int, neox: bool, freq_scale: float, inv_freq=None, mscale: float = 1.0):
+    """x [T, H, D], positions [T] -> rotated [T, H, D]; see rope.cu. inv_freq [rotary_dim/2] float64
+    (host): the scaled frequencies from rope.rope_freqs; default theta^(-2i/rd) * freq_scale."""
+    cupy = _cp(x)
     x = _f32(x)
     T, H, D = x.shape
     pos = cupy.ascontiguousarray(positions, dtype=cupy.int64)
+    if inv_freq is None:
+        inv_freq = float(freq_scale) * float(theta) ** (-(np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
+    inv = _constant(cupy, inv_freq, np.float64)
     y = cupy.empty_like(x)
     n = T * H * (D // 2)
     if n:
-        _fn("rope", "rope_f32")(((n + 255) // 256,), (256,),
-                                (x, pos, y, np.int32(T), np.int32(H), np.int32(D), np.int32(rotary_dim),
-                                 np.int32(1 if neox else 0), np.float64(theta), np.float64(freq_scale)))
+        _fn(cupy, "rope", "rope_f32")(((n + 255) // 256,), (256,),
+                                (x, pos, inv, y, np.int32(T), np.int32(H), np.int32(D), np.int32(rotary_dim),
+                                 np.int32(1 if neox else 0), np.float64(mscale)))
     return y
 
 
 def _rows_view(a):
     """a [T, H, D] with a unit stride on D -> (a, stride_T, stride_H) in elements."""
-    import cupy
+    cupy = _cp(a)
     if a.dtype != cupy.float32 or a.strides[2] != 4 or any(s % 4 for s in a.strides):
         a = _f32(a)
     return a, a.strides[0] // 4, a.strides[1] // 4
@@ -90,7 +119,7 @@ def _rows_view(a):
 
 def attention_decode(q, k, v, causal: bool, q_offset: int, window, scale: float):
     """One query q [1, Hq, D] against k/v [Tk, Hkv, D] -> [1, Hq, Dv], or None when unsupported."""
-    import cupy
+    cupy = _cp(q)
     _, Hq, D = q.shape
     Tk, Hkv, _ = k.shape
     Dv = v.shape[2]
@@ -106,7 +135,7 @@ def attention_decode(q, k, v, causal: bool, q_offset: int, window, scale: float)
     scores = cupy.empty((Hq, n_scores), dtype=cupy.float32)
     threads = 256
     smem = (D + (threads // 32) * Dv) * 4
-    _fn("attention", "attn_decode_f32")(
+    _fn(cupy, "attention", "attn_decode_f32")(
         (Hq,), (threads,),
         (q, k, v, out, scores, np.int32(n_scores), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(Dv),
          np.int64(k_st), np.int64(k_sh), np.int64(v_st), np.int64(v_sh),
@@ -124,7 +153,7 @@ def qmatvec(x, data, qtype: int, rows: int, cols: int):
 
     Returns None when the weight is not a Q4_1/Q8_0 CuPy array (the caller then falls back).
     """
-    import cupy
+    cupy = _cp(x)
     if qtype not in _QBLOCK or not isinstance(data, cupy.ndarray) or cols % 32:
         return None
     qk, bs = _QBLOCK[qtype]
@@ -136,5 +165,59 @@ def qmatvec(x, data, qtype: int, rows: int, cols: int):
     y = cupy.empty((n, rows), dtype=cupy.float32)
     warps = 8
     name = "qmatvec_q8_0" if qtype == _Q8_0 else "qmatvec_q4_1"
-    _fn("qmatvec", name)(((rows + warps - 1) // warps, n), (32 * warps,), (data, x, y, np.int32(rows), np.int32(cols)))
+    _fn(cupy, "qmatvec", name)(((rows + warps - 1) // warps, n), (32 * warps,), (data, x, y, np.int32(rows), np.int32(cols)))
     return y
+
+
+# ---------------------------------------------------------------------------- NumPy twins
+# What each CUDA kernel computes, over the same launch arguments (NumPy buffers standing in for
+# device pointers; outputs written in place). device_strict's RawModule runs these, so the
+# wrappers above (packing, strides, output allocation) are exercised on a CPU; on a GPU,
+# tests/kernels/test_cuda.py holds the real kernels to the same NumPy bodies.
+
+def _twin_rmsnorm(x, w, y, d, eps, offset):
+    from .norms import rmsnorm
+    y.reshape(-1, d)[...] = rmsnorm(x.reshape(-1, d), w, float(eps), offset=float(offset))
+
+
+def _twin_softmax(x, y, n):
+    from .activations import softmax
+    y.reshape(-1, n)[...] = softmax(x.reshape(-1, n))
+
+
+def _twin_rope(x, pos, inv_freq, y, T, H, D, rd, neox, mscale):
+    from .rope import rope
+    ang = pos.astype(np.float64)[:, None] * inv_freq[None, :]                     # [T, rd/2]
+    cos, sin = np.cos(ang), np.sin(ang)
+    if float(mscale) != 1.0:
+        cos, sin = cos * float(mscale), sin * float(mscale)
+    table = cos.astype(np.float32)[:, None, :], sin.astype(np.float32)[:, None, :]
+    y.reshape(T, H, D)[...] = rope(x.reshape(T, H, D), pos, rotary_dim=int(rd), neox=bool(neox), table=table)
+
+
+def _twin_attn_decode(q, k, v, out, scores, n_scores, Hq, Hkv, D, Dv, k_st, k_sh, v_st, v_sh, lo, hi, scale):
+    from numpy.lib.stride_tricks import as_strided
+    from .attention import attention
+    ks = as_strided(k, (int(hi), int(Hkv), int(D)), (int(k_st) * 4, int(k_sh) * 4, 4))[lo:hi]   # [hi-lo, Hkv, D]
+    vs = as_strided(v, (int(hi), int(Hkv), int(Dv)), (int(v_st) * 4, int(v_sh) * 4, 4))[lo:hi]
+    if hi > lo:
+        out[...] = attention(q.reshape(1, int(Hq), int(D)), ks, vs, causal=False, scale=float(scale))
+    else:
+        out[...] = 0.0
+
+
+def _twin_qmatvec(qtype):
+    def twin(W, x, y, rows, cols):
+        from ..quants import QuantTensor, quant_matmul
+        y[...] = quant_matmul(x, QuantTensor(W, qtype, (int(rows), int(cols))), fast=False)
+    return twin
+
+
+TWINS = {
+    "rmsnorm_f32": _twin_rmsnorm,
+    "softmax_f32": _twin_softmax,
+    "rope_f32": _twin_rope,
+    "attn_decode_f32": _twin_attn_decode,
+    "qmatvec_q8_0": _twin_qmatvec(_Q8_0),
+    "qmatvec_q4_1": _twin_qmatvec(_Q4_1),
+}

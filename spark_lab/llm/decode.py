@@ -20,7 +20,9 @@ import numpy as np
 
 from .. import kernels as K
 from ..kernels.decode_attention import attention_into
+from ..kernels.sink_attention import attention_sinks_into
 from ..quants import QuantTensor
+from .moe import moe_ffn
 
 _GLUE = None  # {name: compiled function}; False when numba is missing
 
@@ -120,11 +122,13 @@ class Decoder:
         self.logits = row(m.output.shape[0])
         self.layers = []
         for L in m.layers:                                      # (no q|k|v stack where there are biases)
-            mv = dict(o=_matvec(L.wo), down=_matvec(L.w_down))
+            mv = dict(o=_matvec(L.wo))
             qkv = None if L.bq is not None else _fused(L.wq, L.wk, L.wv)
             mv.update(dict(qkv=qkv) if qkv else dict(q=_matvec(L.wq), k=_matvec(L.wk), v=_matvec(L.wv)))
-            gu = _fused(L.w_gate, L.w_up)
-            mv.update(dict(gu=gu) if gu else dict(gate=_matvec(L.w_gate), up=_matvec(L.w_up)))
+            if L.moe is None:                                   # MoE layers: llm.moe picks the experts per token
+                mv["down"] = _matvec(L.w_down)
+                gu = _fused(L.w_gate, L.w_up)
+                mv.update(dict(gu=gu) if gu else dict(gate=_matvec(L.w_gate), up=_matvec(L.w_up)))
             self.layers.append(mv)
         self.out = _matvec(m.output)
         self.eps = np.float32(c.rms_eps)
@@ -133,7 +137,8 @@ class Decoder:
     def _table(self, theta, n_ctx):
         t = self.tables.get(theta)
         if t is None or t[0].shape[0] < n_ctx:
-            cos, sin = K.rope_table(np.arange(n_ctx, dtype=np.int64), self.c.rope_dim, theta, self.c.rope_freq_scale)
+            cos, sin = K.rope_table(np.arange(n_ctx, dtype=np.int64), self.c.rope_dim, theta, self.c.rope_freq_scale,
+                                    self.model.rope_freqs, self.c.rope_yarn)
             t = self.tables[theta] = (np.ascontiguousarray(cos[:, 0]), np.ascontiguousarray(sin[:, 0]))
         return t
 
@@ -163,18 +168,29 @@ class Decoder:
                 q3[...] = K.rmsnorm(q3, L.q_norm, c.rms_eps)
                 k3[...] = K.rmsnorm(k3, L.k_norm, c.rms_eps)
             sliding = c.is_sliding(i)
-            theta = c.rope_theta_local if sliding else c.rope_theta
+            theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
             cos, sin = self._table(theta, cache.n_ctx)
             g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
             g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
             cache.k[i, pos], cache.v[i, pos] = k3, v3
             lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
-            attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3)
+            if L.sinks is not None:
+                attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
+            else:
+                attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3)
             mv["o"](self.att, o)
+            if L.bo is not None:
+                o += L.bo
             if c.post_norms:
                 g["rms_row"](o[0], L.post_attn_norm, eps, o[0])
             x += o
             g["rms_row"](x[0], L.ffn_norm, eps, h[0])
+            if L.moe is not None:
+                f[...] = moe_ffn(h, L.moe, c, m.moe_stats)
+                if c.post_norms:
+                    g["rms_row"](f[0], L.post_ffn_norm, eps, f[0])
+                x += f
+                continue
             if "gu" in mv:
                 mv["gu"](h, self.gu)
             else:

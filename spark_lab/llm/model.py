@@ -1,8 +1,10 @@
-"""Decoder-only transformers (llama, qwen2, qwen3, gemma3) as plain functions over kernels.
+"""Decoder-only transformers (llama, qwen2, qwen3, gemma3, qwen3moe, gpt-oss) as plain functions over kernels.
 
 One `Transformer` holds the weights (placed through the allocator, quantized ones kept as
 `QuantTensor`s) and a `forward(tokens, pos, cache)` that runs T tokens starting at absolute
-position `pos`, writes their keys/values into the cache, and returns logits.
+position `pos`, writes their keys/values into the cache, and returns logits. What differs
+between families (norms, biases, sinks, sliding layers, dense or MoE FFN) is the config's
+`spec` (llm/archs.py), read here as data; MoE layers run through llm/moe.py.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from .. import kernels as K
 from ..gguf import GGUFError, GGUFFile, LLMConfig
 from ..memory import get_allocator
 from ..device import array_module
+from ..kernels.sink_attention import attention_sinks
 from ..quants import QuantTensor, BLOCK_SIZES, concat_rows
 from .cache import KVCache
+from .moe import Experts, moe_ffn
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 SMALL_COPY = 1 << 20  # float tensors under this size are copied out of the file mapping at load
@@ -30,12 +34,15 @@ class Layer:
     wv: object                       # [n_kv*hd, d]
     wo: object                       # [d, n_head*hd]
     ffn_norm: np.ndarray             # [d]
-    w_gate: object                   # [ff, d]
+    w_gate: object                   # [ff, d] (None in MoE layers)
     w_up: object                     # [ff, d]
     w_down: object                   # [d, ff]
-    bq: np.ndarray | None = None     # qwen2 biases [n_head*hd], [n_kv*hd]
+    bq: np.ndarray | None = None     # qwen2/gpt-oss biases [n_head*hd], [n_kv*hd]
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
+    bo: np.ndarray | None = None     # gpt-oss attn_output bias [d]
+    sinks: np.ndarray | None = None  # gpt-oss attention sinks [n_head]
+    moe: Experts | None = None       # MoE layers: router + experts (w_gate/w_up/w_down unused)
     q_norm: np.ndarray | None = None # qwen3/gemma3 per-head norms [hd]
     k_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None  # gemma3 [d]
@@ -83,26 +90,31 @@ class Transformer:
                 raise GGUFError(f"{f.path.name}: tensor {name!r} uses quant type {t.qtype.name}, which spark_lab does not support")
             return QuantTensor(alloc.place(raw, tag="weights", what=name), t.qtype, t.shape)
 
+        self._tensor = tensor
         self.tok_embd = tensor("token_embd.weight")
         self.output_norm = tensor("output_norm.weight")
         out = tensor("output.weight", required=False)
         self.output = self.tok_embd if out is None else out  # tied embeddings
-        gemma = c.arch == "gemma3"
+        # Llama 3.1/3.2 "llama3" rope scaling: per-pair frequency divisors [rope_dim/2]
+        self.rope_freqs = tensor("rope_freqs.weight", required=False)
+        spec = c.spec
         fuse = self._fusion_pays()
         self.layers = []
         for i in range(c.n_layer):
             p = f"blk.{i}."
+            moe = self._experts(p) if c.is_moe else None
             self.layers.append(Layer(
                 attn_norm=tensor(p + "attn_norm.weight"),
                 wq=tensor(p + "attn_q.weight"), wk=tensor(p + "attn_k.weight"), wv=tensor(p + "attn_v.weight"),
-                wo=tensor(p + "attn_output.weight"), ffn_norm=tensor(p + "ffn_norm.weight"),
-                w_gate=tensor(p + "ffn_gate.weight"), w_up=tensor(p + "ffn_up.weight"),
-                w_down=tensor(p + "ffn_down.weight"),
+                wo=tensor(p + "attn_output.weight"), ffn_norm=tensor(p + spec.ffn_norm + ".weight"),
+                w_gate=None if moe else tensor(p + "ffn_gate.weight"), w_up=None if moe else tensor(p + "ffn_up.weight"),
+                w_down=None if moe else tensor(p + "ffn_down.weight"),
                 bq=tensor(p + "attn_q.bias", False), bk=tensor(p + "attn_k.bias", False),
-                bv=tensor(p + "attn_v.bias", False),
+                bv=tensor(p + "attn_v.bias", False), bo=tensor(p + "attn_output.bias", spec.out_bias),
+                sinks=tensor(p + "attn_sinks.weight", c.attn_sinks) if c.attn_sinks else None, moe=moe,
                 q_norm=tensor(p + "attn_q_norm.weight", c.qk_norm), k_norm=tensor(p + "attn_k_norm.weight", c.qk_norm),
-                post_attn_norm=tensor(p + "post_attention_norm.weight", gemma),
-                post_ffn_norm=tensor(p + "post_ffw_norm.weight", gemma),
+                post_attn_norm=tensor(p + "post_attention_norm.weight", c.post_norms) if c.post_norms else None,
+                post_ffn_norm=tensor(p + "post_ffw_norm.weight", c.post_norms) if c.post_norms else None,
             ))
             if fuse:
                 self._fuse_layer(self.layers[-1])
@@ -110,6 +122,66 @@ class Transformer:
                 self._repack_layer(self.layers[-1], i)
         if not fuse:
             self._repack(self.output, "output")
+
+    def _experts(self, p: str) -> Experts:
+        """A layer's router and experts; each expert a view of the 3-D `ffn_*_exps` tensors."""
+        c, f, alloc = self.config, self.file, get_allocator()
+        E, ff, d = c.n_expert, c.n_ff_exp, c.n_embd
+        want = {"ffn_gate_exps": (E, ff, d), "ffn_up_exps": (E, ff, d), "ffn_down_exps": (E, d, ff)}
+        stacks, views = [], {}
+        for name, shape in want.items():
+            t = f.tensors.get(p + name + ".weight")
+            if t is None:
+                raise GGUFError(f"{f.path.name}: missing expert tensor {p + name + '.weight'!r} for a {c.arch} model")
+            if tuple(t.shape) != shape:
+                raise GGUFError(f"{f.path.name}: expert tensor {t.name!r} has shape {t.shape}, expected {shape} "
+                                f"({E} experts of [{shape[1]}, {shape[2]}])")
+            raw = f.raw(t)
+            rows = shape[1]
+            if t.qtype in FLOAT_TYPES:
+                if t.qtype == Q.BF16:
+                    raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                placed = alloc.place(raw.reshape(shape), tag="weights", what=t.name, dtype=np.float32)
+                views[name] = [placed[e] for e in range(E)]                        # E x [rows, cols]
+            else:
+                if t.qtype not in BLOCK_SIZES:
+                    raise GGUFError(f"{f.path.name}: tensor {t.name!r} uses quant type {t.qtype.name}, which spark_lab does not support")
+                placed = alloc.place(raw, tag="weights", what=t.name)              # [E*rows, row_bytes]
+                views[name] = [QuantTensor(placed[e * rows:(e + 1) * rows], t.qtype, shape[1:]) for e in range(E)]
+            stacks.append(placed)
+        spec = c.spec
+
+        def bias(name):
+            return self._tensor(p + name + ".bias", True) if spec.expert_bias else None
+        return Experts(router=self._tensor(p + "ffn_gate_inp.weight"),
+                       router_b=self._tensor(p + "ffn_gate_inp.bias", True) if spec.router_bias else None,
+                       gate=views["ffn_gate_exps"], up=views["ffn_up_exps"], down=views["ffn_down_exps"],
+                       gate_b=bias("ffn_gate_exps"), up_b=bias("ffn_up_exps"), down_b=bias("ffn_down_exps"),
+                       stacks=tuple(stacks))
+
+    def weight_bytes(self) -> dict:
+        """Bytes of weights: `total` in the model, `per_token` read to decode one token (MoE: the
+        router and only the top-k experts, at the average expert size; dense: everything but the
+        embedding table, of which one row is read)."""
+        def nb(w):
+            return 0 if w is None else int(w.nbytes)
+        total = nb(self.tok_embd) + nb(self.output_norm) + (0 if self.output is self.tok_embd else nb(self.output))
+        per_token = nb(self.output) + nb(self.output_norm)
+        k = self.config.n_expert_used
+        for L in self.layers:
+            dense = sum(nb(getattr(L, n)) for n in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up",
+                                                    "w_down", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm",
+                                                    "post_attn_norm", "post_ffn_norm", "wqkv", "w_gu", "bqkv"))
+            total += dense
+            per_token += dense
+            if L.moe is not None:
+                ex = L.moe
+                router = nb(ex.router) + nb(ex.router_b)
+                experts = sum(ex.expert_nbytes(e) for e in range(ex.n_expert))
+                biases = nb(ex.gate_b) + nb(ex.up_b) + nb(ex.down_b)
+                total += router + experts + biases
+                per_token += router + (experts + biases) * k // ex.n_expert
+        return dict(total=total, per_token=per_token)
 
     @staticmethod
     def _fusion_pays() -> bool:
@@ -135,9 +207,12 @@ class Transformer:
         from ..kernels import qmatvec
         if L.bq is None:
             qmatvec.prepare_stack([L.wq, L.wk, L.wv], what=f"blk.{i} q|k|v")
-        qmatvec.prepare_stack([L.w_gate, L.w_up], what=f"blk.{i} gate|up")
+        if L.moe is None:                   # experts are repacked on first use: an unused one never is
+            qmatvec.prepare_stack([L.w_gate, L.w_up], what=f"blk.{i} gate|up")
         for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
-            self._repack(getattr(L, name), f"blk.{i}.{name}")
+            w = getattr(L, name)
+            if w is not None:
+                self._repack(w, f"blk.{i}.{name}")
 
     @staticmethod
     def _fuse_layer(L: Layer) -> None:
@@ -152,12 +227,24 @@ class Transformer:
 
     # ------------------------------------------------------------------ forward
     _dec = None       # decode.Decoder once built; False where it does not apply (GPU arrays, no numba)
+    moe_stats = None  # a dict to count expert bytes read and expert hits (llm.moe.moe_ffn), None = off
 
     def _decoder(self):
         if self._dec is None:
             from . import decode
             self._dec = decode.Decoder(self) if decode.available(self) else False
         return self._dec or None
+
+    def _dense_ffn(self, h, L: Layer):
+        """h [T, d] -> down(act(gate(h)) * up(h)) [T, d]."""
+        c = self.config
+        if L.w_gu is not None:
+            gu = K.linear(h, L.w_gu)                                # [T, 2*ff]
+            g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
+        else:
+            g, u = K.linear(h, L.w_gate), K.linear(h, L.w_up)       # [T, ff]
+        a = K.swiglu(g, u) if c.act == "silu" else K.gelu(g, approximate="tanh") * u
+        return K.linear(a, L.w_down)                                # [T, d]
 
     def forward(self, tokens: np.ndarray, pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """tokens [T] at positions pos..pos+T-1 -> logits [T, vocab] (or [1, vocab], the last)."""
@@ -168,8 +255,8 @@ class Transformer:
         if pos + T > cache.n_ctx:
             raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
         positions = np.arange(pos, pos + T, dtype=np.int64)
-        tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale)   # shared by all layers
-                  for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}
+        tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale, self.rope_freqs, c.rope_yarn)
+                  for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}      # shared by all layers
         nq, nkv = c.n_head * hd, c.n_head_kv * hd
         x = K.embedding(self.tok_embd, tokens)                      # [T, d]
         if c.embed_scale != 1.0:
@@ -189,26 +276,27 @@ class Transformer:
                 q = K.rmsnorm(q, L.q_norm, c.rms_eps)
                 k = K.rmsnorm(k, L.k_norm, c.rms_eps)
             sliding = c.is_sliding(i)
-            theta = c.rope_theta_local if sliding else c.rope_theta
-            rk = dict(theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale, table=tables[theta])
+            theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
+            rk = dict(theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale, table=tables[theta],
+                      freq_factors=self.rope_freqs, yarn=c.rope_yarn)
             q, k = K.rope(q, positions, **rk), K.rope(k, positions, **rk)
             cache.write(i, pos, k, v)
             ks, vs = cache.view(i, pos + T)                         # [pos+T, Hkv, hd]
-            o = K.attention(q, ks, vs, causal=True, q_offset=pos,
-                            window=c.sliding_window if sliding else None, scale=c.attn_scale)  # [T, H, hd]
-            o = K.linear(o.reshape(T, c.n_head * hd), L.wo)         # [T, d]
+            window = c.sliding_window if sliding else None
+            if L.sinks is not None:
+                o = attention_sinks(q, ks, vs, L.sinks, q_offset=pos, window=window, scale=c.attn_scale)
+            else:
+                o = K.attention(q, ks, vs, causal=True, q_offset=pos, window=window, scale=c.attn_scale)  # [T, H, hd]
+            o = K.linear(o.reshape(T, c.n_head * hd), L.wo, L.bo)   # [T, d]
             if c.post_norms:
                 o = K.rmsnorm(o, L.post_attn_norm, c.rms_eps)
             x = x + o
             # --- feed-forward
             h = K.rmsnorm(x, L.ffn_norm, c.rms_eps)
-            if L.w_gu is not None:
-                gu = K.linear(h, L.w_gu)                            # [T, 2*ff]
-                g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
+            if L.moe is not None:
+                f = moe_ffn(h, L.moe, c, self.moe_stats)            # [T, d]: only the routed experts run
             else:
-                g, u = K.linear(h, L.w_gate), K.linear(h, L.w_up)   # [T, ff]
-            a = K.swiglu(g, u) if c.act == "silu" else K.gelu(g, approximate="tanh") * u
-            f = K.linear(a, L.w_down)                               # [T, d]
+                f = self._dense_ffn(h, L)                           # [T, d]
             if c.post_norms:
                 f = K.rmsnorm(f, L.post_ffn_norm, c.rms_eps)
             x = x + f
