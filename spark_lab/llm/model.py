@@ -157,7 +157,7 @@ class Transformer:
                        router_b=self._tensor(p + "ffn_gate_inp.bias", True) if spec.router_bias else None,
                        gate=views["ffn_gate_exps"], up=views["ffn_up_exps"], down=views["ffn_down_exps"],
                        gate_b=bias("ffn_gate_exps"), up_b=bias("ffn_up_exps"), down_b=bias("ffn_down_exps"),
-                       stacks=tuple(stacks))
+                       stacks=tuple(stacks), layer=int(p.split(".")[1]))
 
     def weight_bytes(self) -> dict:
         """Bytes of weights: `total` in the model, `per_token` read to decode one token (MoE: the

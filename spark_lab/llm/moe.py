@@ -43,6 +43,7 @@ class Experts:
     up_b: object = None              # [E, ff]
     down_b: object = None            # [E, d]
     stacks: tuple = ()               # the placed 3-D tensors the expert views come from (kept alive)
+    layer: int = -1                  # block index (for stats)
 
     @property
     def n_expert(self) -> int:
@@ -122,8 +123,8 @@ def _expert(h, ex: Experts, e: int, act: str, spec):
 def moe_ffn(h, ex: Experts, config, stats: dict | None = None):
     """h [T, d] (after the FFN norm) -> the experts' weighted sum [T, d].
 
-    stats: optional dict; `expert_bytes` grows by the expert weight bytes read and `hits[e]` by
-    the rows expert e ran (the bench and the notebook's expert heatmap read them)."""
+    stats: optional dict; `expert_bytes` grows by the expert weight bytes read, and `routes`
+    gets (layer, expert ids [T, k]) appended (the bench and an expert heatmap read them)."""
     xp = array_module(h)
     T = h.shape[0]
     logits = K.linear(h, ex.router, ex.router_b)                              # [T, E]
@@ -144,6 +145,14 @@ def moe_ffn(h, ex: Experts, config, stats: dict | None = None):
         out[r] += y * wf[xp.asarray(pairs)][:, None]
         if stats is not None:
             stats["expert_bytes"] = stats.get("expert_bytes", 0) + ex.expert_nbytes(e)
-            hits = stats.setdefault("hits", np.zeros(ex.n_expert, np.int64))
-            hits[e] += len(rows)
+    if stats is not None:
+        stats.setdefault("routes", []).append((ex.layer, ids_h.copy()))
     return out
+
+
+def expert_hits(stats: dict, n_layer: int, n_expert: int) -> np.ndarray:
+    """[n_layer, n_expert] rows each expert ran, from the `routes` that moe_ffn recorded."""
+    hits = np.zeros((n_layer, n_expert), np.int64)
+    for layer, ids in stats.get("routes", []):
+        np.add.at(hits[layer], ids.reshape(-1), 1)
+    return hits
