@@ -37,6 +37,19 @@ BLOCK_SIZES: dict[QT, tuple[int, int]] = {
     QT.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # d, dmin, scales, high bits, 4-bit q
     QT.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # low 4 bits, high 2 bits, int8 scales, d
     QT.Q8_K: (QK_K, 4 + QK_K + QK_K // 8),                # d f32, 256 x int8, 16 int16 block sums
+    QT.MXFP4: (32, 1 + 16),                               # E8M0 scale byte, 32 x E2M1 (4-bit float)
+    QT.NVFP4: (64, 4 + 32),                               # 4 UE4M3 scale bytes (one per 16), 64 x E2M1
+    QT.IQ4_NL: (32, 2 + 16),                              # d, 32 x 4-bit index into a non-linear table
+    QT.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),    # d, 6-bit scales (2 high bits | 4 low), 4-bit idx
+    QT.IQ2_XXS: (QK_K, 2 + QK_K // 4),                    # d, 8 x (4 grid bytes, u32 of signs + scale)
+    QT.IQ2_XS: (QK_K, 2 + QK_K // 4 + QK_K // 32),        # d, 32 x u16 (9-bit grid | 7-bit signs), scales
+    QT.IQ2_S: (QK_K, 2 + QK_K // 4 + QK_K // 16),         # d, grid low bytes, sign bytes, grid high bits, scales
+    QT.IQ3_XXS: (QK_K, 2 + QK_K // 4 + QK_K // 8),        # d, 64 grid bytes, 8 x u32 signs + scale
+    QT.IQ3_S: (QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + 4),  # d, grid low, grid high bits, signs, scales
+    QT.IQ1_S: (QK_K, 2 + QK_K // 8 + QK_K // 16),         # d, grid low bytes, 8 x u16 (high bits, scale, delta)
+    QT.IQ1_M: (QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # grid low, high bits|delta, 3-bit scales + d
+    QT.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # base-3 packed trits (5 per byte), d
+    QT.TQ2_0: (QK_K, QK_K // 4 + 2),                      # 2-bit trits, d
 }
 
 
@@ -202,11 +215,240 @@ def _deq_q8_k(b, xp):
     return d * q
 
 
+# ---------------------------------------------------------------------------- 4-bit floats and trits
+
+def _e2m1_doubled():
+    """The 16 E2M1 codes (sign, 2-bit exponent, 1-bit mantissa, bias 1) as twice their value:
+    integers {0, 1, 2, 3, 4, 6, 8, 12} and their negatives. GGML stores the values doubled
+    and halves the block scale instead, so the codes stay integers (int8 dots work)."""
+    out = []
+    for c in range(16):
+        e, m = (c >> 1) & 3, c & 1
+        v = m if e == 0 else (2 + m) << (e - 1)                    # 2 * (1 + m/2) * 2^(e-1)
+        out.append(-v if c & 8 else v)
+    return np.array(out, np.int8)
+
+
+E2M1_X2 = _e2m1_doubled()
+# E8M0 scale byte e -> 2^(e - 127), halved for the doubled codes (e = 0 gives the subnormal 2^-128)
+E8M0_HALF = np.ldexp(np.ones(256, np.float32), np.arange(256) - 128).astype(np.float32)
+
+
+def _ue4m3_half():
+    """UE4M3 scale byte (unsigned, 4-bit exponent with bias 7, 3-bit mantissa) -> float32 value / 2,
+    as gguf-py reads it: bit 7 ignored, 0x7F (the NaN code) read as 0."""
+    x = np.arange(256)
+    e, m = (x >> 3) & 15, (x & 7).astype(np.float64)
+    v = np.where(e == 0, m * 2.0 ** -9, (8 + m) * 2.0 ** (e - 10))
+    return np.where(x == 0x7F, 0.0, v * 0.5).astype(np.float32)
+
+
+UE4M3_HALF = _ue4m3_half()
+
+
+def _deq_mxfp4(b, xp):
+    d = xp.asarray(E8M0_HALF)[b[:, 0]][:, None]                    # [n, 1]
+    q = _nibbles(b[:, 1:], xp).reshape(len(b), 32)                 # low nibbles = values 0..15
+    return d * xp.asarray(E2M1_X2)[q].astype(xp.float32)
+
+
+def _deq_nvfp4(b, xp):
+    n = len(b)
+    d = xp.asarray(UE4M3_HALF)[b[:, 0:4]][:, :, None]              # [n, 4 sub-blocks, 1]
+    q = _nibbles(b[:, 4:].reshape(n, 4, 8), xp).reshape(n, 4, 16)  # per 16: 8 low nibbles, 8 high
+    return (d * xp.asarray(E2M1_X2)[q].astype(xp.float32)).reshape(n, 64)
+
+
+def _trits_base3(p, k, xp):
+    """uint8 bytes holding k base-3 digits as a fraction of 256 -> the digits 0..2 in order:
+    digit i of byte c is (c * 3^i mod 256) * 3 >> 8.  p [n, m] -> int8 [n, k, m]."""
+    pow3 = xp.asarray([1, 3, 9, 27, 81][:k], dtype=xp.uint8)
+    t = p[:, None, :] * pow3[None, :, None]                         # uint8: wraps mod 256
+    return ((t.astype(xp.uint16) * 3) >> 8).astype(xp.int8)
+
+
+def _deq_tq1_0(b, xp):
+    n = len(b)
+    d = _f16(b[:, 52:54], xp)
+    q = xp.concatenate([_trits_base3(b[:, 0:32], 5, xp).reshape(n, 160), _trits_base3(b[:, 32:48], 5, xp).reshape(n, 80),
+                        _trits_base3(b[:, 48:52], 4, xp).reshape(n, 16)], axis=1)
+    return d * (q - 1).astype(xp.float32)
+
+
+def _deq_tq2_0(b, xp):
+    n = len(b)
+    d = _f16(b[:, 64:66], xp)
+    shifts = xp.asarray([0, 2, 4, 6], dtype=xp.uint8).reshape(1, 1, 4, 1)
+    q = ((b[:, 0:64].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, QK_K).astype(xp.int8)
+    return d * (q - 1).astype(xp.float32)
+
+
+# ---------------------------------------------------------------------------- IQ types
+# Lattice codebooks ("grids") are data: read from gguf-py's tables (hex-packed indices into a
+# short list of levels) once, decoded here. Sign patterns: a 7-bit index i gives 8 signs, bit 7
+# set so that the number of minus signs is even (the parity of i).
+
+def _ksigns():
+    """[128, 8] float32 +-1: sign pattern of each 7-bit index (bit j set = value j negative)."""
+    i = np.arange(128)
+    parity = np.array([bin(v).count("1") & 1 for v in i])
+    bits = ((i | (parity << 7))[:, None] >> np.arange(8)) & 1
+    return np.where(bits == 1, -1.0, 1.0).astype(np.float32)
+
+
+def _grid(name):
+    """gguf-py's packed lattice table of type `name` -> float32 [points, values per point]."""
+    import gguf.quants as gq
+    cls = getattr(gq, name)
+    levels = np.asarray(cls.grid_map, np.float32)
+    bits = max(1, int(len(levels) - 1).bit_length())               # 3 levels: 2 bits; 8: 3
+    step = 8 // (8 // bits)                                          # indices sit at 2- or 4-bit strides
+    packed = np.frombuffer(bytes.fromhex(cls.grid_hex.decode()), np.uint8)
+    idx = (packed[:, None] >> np.arange(0, 8, step, dtype=np.uint8)) & ((1 << bits) - 1)
+    return levels[idx.reshape(-1)].reshape(cls.grid_shape)
+
+
+_TABLES: dict = {}
+
+
+def _table(name, xp):
+    """Decoded IQ tables, cached per array module: 'ksigns', a grid name, or 'iq4nl'."""
+    key = (name, xp.__name__)
+    t = _TABLES.get(key)
+    if t is None:
+        if name == "ksigns":
+            host = _ksigns()
+        elif name == "iq4nl":
+            import gguf.quants as gq
+            host = np.asarray(gq.IQ4_NL.kvalues, np.int8).astype(np.float32)
+        else:
+            host = _grid(name)
+        t = _TABLES[key] = xp.asarray(host)
+    return t
+
+
+def _sign_bits(s, xp):
+    """uint8 [...] sign bytes -> float32 [..., 8] +-1 (bit j set = value j negative)."""
+    bits = (s[..., None] >> xp.arange(8, dtype=xp.uint8)) & 1
+    return 1.0 - 2.0 * bits.astype(xp.float32)
+
+
+def _u32(b, xp):
+    return xp.ascontiguousarray(b).view(xp.uint32)
+
+
+def _u16(b, xp):
+    return xp.ascontiguousarray(b).view(xp.uint16)
+
+
+def _low_high_nibbles(s, xp):
+    """uint8 [n, m] -> [n, 2m]: byte j's low nibble, then its high nibble, byte by byte."""
+    return xp.stack([s & 0x0F, s >> 4], axis=-1).reshape(len(s), -1)
+
+
+def _deq_iq4_nl(b, xp):
+    d = _f16(b[:, :2], xp)
+    q = _nibbles(b[:, 2:], xp).reshape(len(b), 32)
+    return d * _table("iq4nl", xp)[q]
+
+
+def _deq_iq4_xs(b, xp):
+    n = len(b)
+    d = _f16(b[:, 0:2], xp)
+    hi = (_u16(b[:, 2:4], xp) >> xp.arange(0, 16, 2, dtype=xp.uint16)) & 3    # [n, 8] 2 high bits
+    lo = _low_high_nibbles(b[:, 4:8], xp)                                       # [n, 8] 4 low bits
+    sc = (lo | (hi.astype(xp.uint8) << 4)).astype(xp.int8) - 32
+    dl = (d * sc.astype(xp.float32))[:, :, None]                               # [n, 8, 1]
+    q = _nibbles(b[:, 8:].reshape(n, 8, 16), xp).reshape(n, 8, 32)
+    return (dl * _table("iq4nl", xp)[q]).reshape(n, QK_K)
+
+
+def _deq_iq2_xxs(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    w = _u32(b[:, 2:], xp).reshape(n, 8, 2)                          # per 32 values: grid bytes, signs|scale
+    db = (d * (0.5 + (w[:, :, 1] >> 28).astype(xp.float32)) * 0.25)[:, :, None, None]   # [n, 8, 1, 1]
+    grid = _table("IQ2_XXS", xp)[b[:, 2:].reshape(n, 8, 8)[:, :, 0:4]]        # [n, 8, 4, 8]
+    s = (w[:, :, 1, None] >> xp.asarray([0, 7, 14, 21], dtype=xp.uint32)) & 127
+    return (db * grid * _table("ksigns", xp)[s]).reshape(n, QK_K)
+
+
+def _deq_iq2_xs(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    qs = _u16(b[:, 2:66], xp).reshape(n, 16, 2)                      # 9-bit grid index | 7-bit signs
+    sc = _low_high_nibbles(b[:, 66:74], xp)                          # [n, 16], one per 16 values
+    db = (d * (0.5 + sc.astype(xp.float32)) * 0.25)[:, :, None, None]
+    grid = _table("IQ2_XS", xp)[qs & 511]                            # [n, 16, 2, 8]
+    return (db * grid * _table("ksigns", xp)[qs >> 9]).reshape(n, QK_K)
+
+
+def _deq_iq2_s(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    qs, signs, qh, s = b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
+    high = (qh[:, :, None] >> xp.asarray([0, 2, 4, 6], dtype=xp.uint8)) & 3       # [n, 8, 4]
+    idx = qs.astype(xp.uint16) | (high.reshape(n, 32).astype(xp.uint16) << 8)
+    db = (d * (0.5 + _low_high_nibbles(s, xp).astype(xp.float32)) * 0.25)[:, :, None, None]
+    grid = _table("IQ2_S", xp)[idx].reshape(n, 16, 2, 8)
+    return (db * grid * _sign_bits(signs, xp).reshape(n, 16, 2, 8)).reshape(n, QK_K)
+
+
+def _deq_iq3_xxs(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    w = _u32(b[:, 66:98], xp)                                        # [n, 8]: 4 x 7-bit signs | scale
+    db = (d * (0.5 + (w >> 28).astype(xp.float32)) * 0.5)[:, :, None, None]
+    grid = _table("IQ3_XXS", xp)[b[:, 2:66]].reshape(n, 8, 4, 8)      # 8 points of 4 per 32 values
+    s = (w[:, :, None] >> xp.asarray([0, 7, 14, 21], dtype=xp.uint32)) & 127
+    return (db * grid * _table("ksigns", xp)[s]).reshape(n, QK_K)
+
+
+def _deq_iq3_s(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    qs, qh, signs, s = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    idx = qs.astype(xp.uint16) | (_bits(qh, 8, xp).transpose(0, 2, 1).reshape(n, 64).astype(xp.uint16) << 8)
+    db = (d * (1 + 2 * _low_high_nibbles(s, xp)).astype(xp.float32))[:, :, None, None]   # [n, 8, 1, 1]
+    grid = _table("IQ3_S", xp)[idx].reshape(n, 8, 4, 8)
+    return (db * grid * _sign_bits(signs, xp).reshape(n, 8, 4, 8)).reshape(n, QK_K)
+
+
+def _deq_iq1_s(b, xp):
+    n = len(b)
+    d = _f16(b[:, :2], xp)
+    qh = _u16(b[:, 34:50], xp)                                       # [n, 8]: 4 x 3 high bits, scale, delta sign
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).astype(xp.float32))[:, :, None, None]
+    delta = xp.where(qh & 0x8000, -0.125, 0.125).astype(xp.float32)[:, :, None, None]
+    high = (qh[:, :, None] >> xp.asarray([0, 3, 6, 9], dtype=xp.uint16)) & 7
+    idx = b[:, 2:34].astype(xp.uint16) | (high.reshape(n, 32) << 8)
+    grid = _table("IQ1_S", xp)[idx].reshape(n, 8, 4, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
+def _deq_iq1_m(b, xp):
+    n = len(b)
+    qs, qh, s = b[:, 0:32], b[:, 32:48], _u16(b[:, 48:56], xp)   # s [n, 4]: 4 x 3-bit scales | 4 bits of d
+    top = (s >> 12).astype(xp.uint16) << xp.asarray([0, 4, 8, 12], dtype=xp.uint16)
+    d = (top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]).view(xp.float16).astype(xp.float32)[:, None]
+    sc = ((s[:, :, None] >> xp.asarray([0, 3, 6, 9], dtype=xp.uint16)) & 7).reshape(n, 16)
+    dl = (d * (2 * sc + 1).astype(xp.float32)).reshape(n, 8, 2, 1, 1)
+    nib = _low_high_nibbles(qh, xp)                                  # [n, 32]: one per point
+    idx = qs.astype(xp.uint16) | ((nib & 7).astype(xp.uint16) << 8)
+    delta = xp.where(nib & 8, -0.125, 0.125).astype(xp.float32).reshape(n, 8, 2, 2, 1)
+    grid = _table("IQ1_S", xp)[idx].reshape(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
 _DEQUANT = {
     QT.F32: _deq_f32, QT.F16: _deq_f16, QT.BF16: _deq_bf16,
     QT.Q4_0: _deq_q4_0, QT.Q4_1: _deq_q4_1, QT.Q5_0: _deq_q5_0, QT.Q5_1: _deq_q5_1,
     QT.Q8_0: _deq_q8_0, QT.Q2_K: _deq_q2_k, QT.Q3_K: _deq_q3_k, QT.Q4_K: _deq_q4_k,
     QT.Q5_K: _deq_q5_k, QT.Q6_K: _deq_q6_k, QT.Q8_K: _deq_q8_k,
+    QT.MXFP4: _deq_mxfp4, QT.NVFP4: _deq_nvfp4, QT.TQ1_0: _deq_tq1_0, QT.TQ2_0: _deq_tq2_0,
+    QT.IQ4_NL: _deq_iq4_nl, QT.IQ4_XS: _deq_iq4_xs, QT.IQ2_XXS: _deq_iq2_xxs, QT.IQ2_XS: _deq_iq2_xs,
+    QT.IQ2_S: _deq_iq2_s, QT.IQ3_XXS: _deq_iq3_xxs, QT.IQ3_S: _deq_iq3_s, QT.IQ1_S: _deq_iq1_s,
+    QT.IQ1_M: _deq_iq1_m,
 }
 
 

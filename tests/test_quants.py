@@ -12,7 +12,12 @@ from spark_lab.quants import BLOCK_SIZES, QuantTensor, dequantize, quant_matmul
 F16_FIELDS = {
     QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
     QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
+    QT.IQ4_NL: [0], QT.IQ4_XS: [0], QT.IQ2_XXS: [0], QT.IQ2_XS: [0], QT.IQ2_S: [0], QT.IQ3_XXS: [0],
+    QT.IQ3_S: [0], QT.IQ1_S: [0], QT.TQ1_0: [52], QT.TQ2_0: [64],
 }
+# NVFP4's UE4M3 scale bytes are small whatever their value; MXFP4's E8M0 byte e means 2^(e-127)
+# (kept near 1 in random_blocks); IQ1_M's float16 scale is spread over the top nibbles of its
+# four scale words (set in random_blocks)
 HAS_REF = [q for q in BLOCK_SIZES if q != QT.Q8_K]  # gguf-py has no Q8_K dequantizer
 
 
@@ -32,6 +37,14 @@ def random_blocks(q, n_blocks, rng):
         b[:, off:off + 2] = s.view(np.uint8).reshape(n_blocks, 2)
     if q == QT.Q8_K:
         b[:, 0:4] = rng.uniform(-0.1, 0.1, n_blocks).astype(np.float32).view(np.uint8).reshape(n_blocks, 4)
+    if q == QT.MXFP4:
+        b[:, 0] = rng.integers(118, 131, n_blocks)                      # scales 2^-9 .. 2^3
+    if q == QT.IQ1_M:
+        d = rng.uniform(-0.1, 0.1, n_blocks).astype(np.float16).view(np.uint16)
+        w = b[:, 48:56].copy().view(np.uint16)                          # [n, 4]
+        for k in range(4):
+            w[:, k] = (w[:, k] & 0x0FFF) | (((d >> (4 * k)) & 15) << 12)
+        b[:, 48:56] = w.view(np.uint8)
     return b
 
 
@@ -72,6 +85,24 @@ def test_q8_k_by_hand():
     d = b[:, :4].copy().view(np.float32)                 # [3, 1]
     q = b[:, 4:260].copy().view(np.int8).astype(np.float32)
     assert same_bits(dequantize(b, QT.Q8_K), d * q)
+
+
+def test_mxfp4_and_nvfp4_by_their_definition():
+    # OCP MX: E2M1 codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6 (bit 3 the sign), times 2^(e - 127)
+    e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    codes = np.arange(32) % 16
+    b = np.zeros((3, 17), np.uint8)
+    b[:, 0] = [127, 130, 0]                                             # scales 1, 8, 2^-127
+    b[:, 1:] = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)        # value j: low nibble, j + 16: high
+    want = np.array([(-1.0 if c & 8 else 1.0) * e2m1[c & 7] for c in codes])
+    got = dequantize(b, QT.MXFP4)
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], want * 8) and np.array_equal(got[2], want * 2.0 ** -127)
+    # NVFP4: 16-value sub-blocks, each with an unsigned E4M3 scale (bias 7); 0x38 = 1.0, 0x40 = 2.0
+    b = np.zeros((1, 36), np.uint8)
+    b[0, :4] = [0x38, 0x40, 0x01, 0x00]                                 # 1, 2, 2^-9 (subnormal), 0
+    b[0, 4:] = np.tile((codes[:8] | (codes[8:16] << 4)).astype(np.uint8), 4)
+    got = dequantize(b, QT.NVFP4).reshape(4, 16)
+    assert np.array_equal(got, want[:16] * np.array([[1.0], [2.0], [2.0 ** -9], [0.0]]))
 
 
 def test_qtype_names_and_ints():
@@ -179,6 +210,27 @@ def test_quant_matmul_matches_dequantized(q):
     assert y1.shape == (rows,) and np.allclose(y1, ref[0], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("q", [q for q in HAS_REF if BLOCK_SIZES[q][0] > 1], ids=lambda q: q.name)
+def test_quant_matmul_every_type(q):
+    # tile dequantize + BLAS for every block type (MXFP4: x rounded to int8 blocks on the numba path)
+    rng = np.random.default_rng(30 + int(q))
+    rows, cols = 40, 512
+    qt = QuantTensor(random_blocks(q, rows * cols // BLOCK_SIZES[q][0], rng), q, (rows, cols))
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ qt.dequantize().T.astype(np.float64)
+    y = quant_matmul(x, qt, chunk_values=3000, fast=False)            # several chunks of rows
+    assert y.dtype == np.float32 and y.shape == (3, rows)
+    assert np.max(np.abs(y - ref)) <= 1e-5 * np.max(np.abs(ref))
+    try:
+        from spark_lab.kernels import qmatvec as qm
+        if qm.supports(qt) and q in qm.INT8_TYPES:
+            ref = qm.reference(x, qt).astype(np.float64)
+    except ImportError:
+        pass
+    y = quant_matmul(x, qt)
+    assert y.dtype == np.float32 and np.max(np.abs(y - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
 # ---------------------------------------------------------------------------- errors
 
 def test_wrong_buffer_length_names_bytes():
@@ -194,8 +246,8 @@ def test_wrong_buffer_length_names_bytes():
 def test_unknown_and_unsupported_types():
     with pytest.raises(ValueError, match="unknown GGML quant type 'Q9_9'"):
         dequantize(np.zeros(18, np.uint8), "Q9_9")
-    with pytest.raises(ValueError, match="IQ2_XXS is not supported"):
-        dequantize(np.zeros(66, np.uint8), QT.IQ2_XXS)
+    with pytest.raises(ValueError, match="Q8_1 is not supported"):
+        dequantize(np.zeros(36, np.uint8), QT.Q8_1)
 
 
 def test_shape_errors():
