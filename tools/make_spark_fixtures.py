@@ -15,7 +15,7 @@ Weights are rounded to what the GGUF stores before transformers runs (float16 ma
 F16 experts are the default: spark_lab's quantized products round activations to int8 blocks
 (llama.cpp's semantics), which is ~1e-2 from float32 activations, so a 1e-3 comparison with
 transformers needs float experts; the tests requantize the experts themselves for that path. The vocabulary is the
-256 byte tokens plus a few specials, which keeps each file at a few hundred KB.
+256 byte tokens plus a few merges and specials, which keeps each file at a few hundred KB.
 
 The converter runs in a subprocess with its vendored gguf-py. Two of its hooks are set there:
 the BPE pre-tokenizer check (it hashes a test string's tokens against a list of known released
@@ -64,20 +64,24 @@ conv.main()
 """
 
 
+MERGES = [("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+
+
 def _tokenizer(folder: Path, specials: list[str]):
-    """A byte-level BPE with the 256 byte tokens (GPT-2's printable alphabet) and no merges."""
+    """A byte-level BPE: the 256 byte tokens (GPT-2's printable alphabet), a few merges, specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     sys.path.insert(0, str(ROOT))
     from tests.llm.tiny import byte_vocab
     vocab = {ch: i for i, ch in enumerate(byte_vocab())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for x, y in MERGES:
+        vocab[x + y] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1])
     fast.add_special_tokens({"additional_special_tokens": specials[2:]})
     fast.save_pretrained(folder)
-    return 256 + len(specials)
 
 
 def _q8_roundtrip(w):
@@ -148,7 +152,7 @@ def make_all(lcpp: Path):
 
     torch.manual_seed(0)
     specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>"]
-    V = 256 + len(specials)
+    V = 256 + len(MERGES) + len(specials)
     cfg = tf.Qwen3MoeConfig(vocab_size=V, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
                             num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, rms_norm_eps=1e-6,
                             rope_theta=1000000.0, **common)
@@ -159,7 +163,7 @@ def make_all(lcpp: Path):
 
     torch.manual_seed(1)
     specials = ["<|startoftext|>", "<|return|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>"]
-    V = 256 + len(specials)
+    V = 256 + len(MERGES) + len(specials)
     cfg = tf.GptOssConfig(vocab_size=V, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                           num_hidden_layers=4, sliding_window=4, rms_norm_eps=1e-5, rope_theta=150000.0,
                           rope_scaling={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -173,7 +177,7 @@ def make_all(lcpp: Path):
 
     torch.manual_seed(2)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-    V = 256 + len(specials)
+    V = 256 + len(MERGES) + len(specials)
     cfg = tf.LlamaConfig(vocab_size=V, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-5,
                          rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
@@ -185,7 +189,7 @@ def make_all(lcpp: Path):
 
     torch.manual_seed(3)
     specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>"]
-    V = 256 + len(specials)
+    V = 256 + len(MERGES) + len(specials)
     cfg = tf.Qwen3Config(vocab_size=V, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-6,
                          rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                            "original_max_position_embeddings": 256}, **common)

@@ -220,3 +220,15 @@ def test_unknown_architecture(tmp_path):
     with pytest.raises(GGUFError) as e:
         config_from_gguf(GGUFFile(bad))
     _one_line(e, "unknown architecture 'mamba9'", "gpt-oss", "qwen3moe")
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "qwen3moe"])
+def test_engine_generates_greedy_token_of_transformers(name):
+    """LLM.load on a converted file (its tokenizer and all): the greedy next token is transformers' argmax."""
+    from spark_lab.llm import LLM
+    tokens, ref = _ref(name)
+    llm = LLM.load(str(FIX / f"{name}.gguf"), n_ctx=64)
+    assert llm.config.arch == name and llm.tokenizer.decode(llm.tokenizer.encode("in the")) == "in the"
+    j = int(np.argmax(np.sort(ref, -1)[:, -1] - np.sort(ref, -1)[:, -2]))   # the clearest next token
+    g = llm.generate([int(t) for t in tokens[:j + 1]], max_new_tokens=1, temperature=0)
+    assert g.token_ids[0] == int(ref[j].argmax())
