@@ -119,7 +119,7 @@ def run(model=None, threads: int = 2, repeats: int = 3, n_new: int = 64) -> dict
     import numpy as np
     read = measure_limits(np, quick=False, repeats=3)["read_gbs"]        # one core, NumPy max-reduce, 512 MB
     return {
-        "weight_bytes_per_token": wbytes, "one_core_read_gbs": read,
+        "weight_bytes_per_token": wbytes, "weight_bytes_total": weight_bytes(path, total=True), "one_core_read_gbs": read,
         "decode_weight_gbs": {e: wbytes * m["decode_tps"] / 1e9 for e, m in med.items()},
         "model": model or "smollm2-135m-instruct", "threads": threads, "prompt_tokens": len(prompt_ids),
         "new_tokens": n_new, "repeats": repeats, "spark_lab": s, "llama.cpp": l,
@@ -129,13 +129,21 @@ def run(model=None, threads: int = 2, repeats: int = 3, n_new: int = 64) -> dict
     }
 
 
-def weight_bytes(path) -> int:
+def weight_bytes(path, total: bool = False) -> int:
     """Bytes of weights one decoded token reads: every tensor once (the embedding table only as
-    the output matrix when it is tied: a lookup reads one row)."""
+    the output matrix when it is tied: a lookup reads one row), and of a mixture-of-experts
+    layer's experts (`*_exps` tensors) only its top-k: expert_used_count / expert_count of them.
+    total=True: every byte of every tensor (what the file holds)."""
     from ..gguf import GGUFFile
-    t = GGUFFile(path).tensors
+    f = GGUFFile(path)
+    t = f.tensors
+    if total:
+        return sum(v.nbytes for v in t.values())
     tied = "output.weight" not in t
-    return sum(v.nbytes for k, v in t.items() if k != "token_embd.weight" or tied)
+    n_exp, k = f.get("{arch}.expert_count"), f.get("{arch}.expert_used_count")
+    frac = int(k) / int(n_exp) if n_exp and k else 1.0
+    return int(sum(v.nbytes * (frac if "_exps." in k_ else 1.0) for k_, v in t.items()
+                   if k_ != "token_embd.weight" or tied))
 
 
 def report(res: dict) -> str:
@@ -150,7 +158,9 @@ def report(res: dict) -> str:
              f"greedy tokens identical for the first {res['greedy_tokens_matching_prefix']} of {res['new_tokens']}"]
     if "decode_weight_gbs" in res:
         g = res["decode_weight_gbs"]
-        lines.append(f"decode streams {res['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
+        active = (f" (active; the file holds {res['weight_bytes_total'] / 1e6:.0f} MB)"
+                  if res.get("weight_bytes_total", 0) > 1.2 * res["weight_bytes_per_token"] else "")
+        lines.append(f"decode streams {res['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token{active}: "
                      f"spark_lab {g['spark_lab']:.1f} GB/s, llama.cpp {g['llama.cpp']:.1f} GB/s "
                      f"(one core reads {res['one_core_read_gbs']:.1f} GB/s here)")
     return "\n".join(lines)

@@ -232,3 +232,16 @@ def test_engine_generates_greedy_token_of_transformers(name):
     j = int(np.argmax(np.sort(ref, -1)[:, -1] - np.sort(ref, -1)[:, -2]))   # the clearest next token
     g = llm.generate([int(t) for t in tokens[:j + 1]], max_new_tokens=1, temperature=0)
     assert g.token_ids[0] == int(ref[j].argmax())
+
+
+def test_bench_counts_active_expert_bytes():
+    """bench llm's bytes per token: top-k of E experts per MoE layer, everything once for dense."""
+    from spark_lab.benchmarks.llm import weight_bytes
+    path = FIX / "qwen3moe.gguf"
+    t = GGUFFile(path).tensors
+    experts = sum(v.nbytes for k, v in t.items() if "_exps." in k)
+    total = sum(v.nbytes for v in t.values())
+    assert weight_bytes(path, total=True) == total
+    assert weight_bytes(path) == total - t["token_embd.weight"].nbytes - experts + experts * 2 // 8
+    dense = GGUFFile(FIX / "llama31.gguf").tensors
+    assert weight_bytes(FIX / "llama31.gguf") == sum(v.nbytes for k, v in dense.items() if k != "token_embd.weight")
