@@ -1,6 +1,8 @@
 """Which array module runs the work: CuPy when a usable GPU is present, else NumPy.
 
-`SPARK_LAB_DEVICE=auto|cpu|cuda` (default auto) picks the backend once per process.
+`SPARK_LAB_DEVICE=auto|cpu|cuda|strict` (default auto) picks the backend once per process;
+`strict` is the CPU stand-in for CuPy in `device_strict.py` (tests: it refuses implicit host
+conversions and counts every transfer), imported only here and only when asked for.
 A machine with CuPy installed but no driver is a CPU machine: importing CuPy works there,
 `cupy.cuda.is_available()` is False and the first allocation would raise, so auto falls back.
 Moves between host and device are always explicit: `to_device`, `to_host`.
@@ -22,19 +24,20 @@ class DeviceError(RuntimeError):
 
 @dataclass(frozen=True)
 class Device:
-    kind: str                      # "cpu" or "cuda"
-    xp: object = field(repr=False)  # the array module: numpy or cupy
+    kind: str                      # "cpu", "cuda" or "strict" (CuPy's stand-in on the CPU)
+    xp: object = field(repr=False)  # the array module: numpy, cupy or device_strict.xp
     name: str = ""                 # e.g. "NVIDIA GB10" or the CPU model
 
     @property
     def is_gpu(self) -> bool:
-        return self.kind == "cuda"
+        """True where arrays live apart from the host: a GPU, or the strict stand-in of one."""
+        return self.kind in ("cuda", "strict")
 
 
 def _requested() -> str:
     want = os.environ.get("SPARK_LAB_DEVICE", "auto").strip().lower() or "auto"
-    if want not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"SPARK_LAB_DEVICE={want!r} is not one of auto, cpu, cuda")
+    if want not in ("auto", "cpu", "cuda", "strict"):
+        raise DeviceError(f"SPARK_LAB_DEVICE={want!r} is not one of auto, cpu, cuda, strict")
     return want
 
 
@@ -60,6 +63,9 @@ def get_device() -> Device:
     want = _requested()
     if want == "cpu":
         return Device("cpu", np, _cpu_name())
+    if want == "strict":
+        from .device_strict import xp as strict_xp
+        return Device("strict", strict_xp, "strict CuPy stand-in on " + _cpu_name())
     cupy, why = _probe_cuda()
     if cupy is None:
         if want == "cuda":
@@ -88,7 +94,15 @@ def array_module(*arrays):
         if mod.startswith("cupy"):
             import cupy
             return cupy
+        if mod == "spark_lab.device_strict":
+            return sys.modules[mod].xp
     return np
+
+
+def transfers():
+    """The strict device's transfer counter (`reset()`, `snapshot()`), or None on other devices."""
+    dev = get_device()
+    return dev.xp.transfers if dev.kind == "strict" else None
 
 
 def to_device(a, dtype=None):
@@ -196,10 +210,20 @@ def _blas_info() -> list[dict]:
     ]
 
 
+def _cuda_api():
+    """cupy, or the strict stand-in's copy of the bits of cupy.cuda the kit reads (not get_device():
+    the managed pool asks for these while get_device() probes)."""
+    if _requested() == "strict":
+        from .device_strict import xp as strict_xp
+        return strict_xp
+    import cupy
+    return cupy
+
+
 @functools.lru_cache(maxsize=None)
 def gpu_properties() -> dict:
     """cudaGetDeviceProperties of the current GPU (cached: it does not change)."""
-    import cupy as cp  # not get_device(): the managed pool asks this while get_device() probes
+    cp = _cuda_api()
     return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
 
 
@@ -210,7 +234,7 @@ def gpu_memory() -> dict:
     cudaMemGetInfo does not count what the page cache could give back, so "available" is
     MemAvailable from /proc/meminfo; on a discrete card it is cudaMemGetInfo's free.
     """
-    import cupy as cp  # not get_device(): its probe allocates through the pool that calls this
+    cp = _cuda_api()  # not get_device(): its probe allocates through the pool that calls this
     free, total = cp.cuda.runtime.memGetInfo()
     unified = bool(gpu_properties().get("integrated", 0))
     available = meminfo().get("MemAvailable", free) if unified else free

@@ -82,7 +82,7 @@ class Allocator:
         self.peak = 0
         self.by_tag: dict[str, int] = dict.fromkeys(TAGS, 0)
         self._trackers: list[Tracker] = []
-        self._pool = _managed_pool() if self.device.is_gpu else None
+        self._pool = _managed_pool() if self.device.kind == "cuda" else None   # strict: host memory, no pool
         self.budget = int(budget) if budget is not None else int(self.capacity() * fraction)
 
     @property

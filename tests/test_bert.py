@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from spark_lab.device import to_host
 from spark_lab.models import ModelNotFound, resolve
 from spark_lab.text import BertModel, SentenceEncoder
 from spark_lab.text.bert import BertConfig
@@ -75,7 +76,7 @@ def test_matches_transformers_mean_pooling(encoder, hf):
 def test_hidden_states_match_transformers(encoder, hf):
     torch, _, ref = hf
     ids, mask = encoder.tokenize(SENTENCES[:6])
-    h = np.asarray(encoder.model(ids, mask))
+    h = to_host(encoder.model(ids, mask))
     with torch.no_grad():
         r = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
     keep = mask.astype(bool)
@@ -137,7 +138,7 @@ def test_tiny_random_bert_matches_transformers(tmp_path, act):
     with torch.no_grad():
         r = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                 token_type_ids=torch.from_numpy(tt)).last_hidden_state.numpy()
-    h = np.asarray(ours(ids, mask, tt))
+    h = to_host(ours(ids, mask, tt))
     keep = mask.astype(bool)
     np.testing.assert_allclose(h[keep], r[keep], atol=1e-5, rtol=0)
 

@@ -116,7 +116,7 @@ class UNet2DModel:
         c, p = self.config, self.params
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"UNet2DModel: sample {tuple(sample.shape)} should be [N, {c.in_channels}, H, W]")
-        sample = sample.astype(np.float32, copy=False)
+        sample = to_device(sample, np.float32)            # host inputs move once, explicitly (no-op on the device)
         N = sample.shape[0]
         if c.center_input_sample:
             sample = 2.0 * sample - 1.0

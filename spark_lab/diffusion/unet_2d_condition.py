@@ -218,8 +218,8 @@ class UNet2DConditionModel:
             raise ValueError(f"UNet2DConditionModel: encoder_hidden_states {shape} should be [{N * repeat}, L, ctx]")
         if repeat > 1 and (class_labels is not None or np.ndim(timestep) > 0 and np.size(timestep) > 1):
             raise ValueError("UNet2DConditionModel: repeat > 1 needs one shared timestep and no class labels")
-        sample = sample.astype(np.float32, copy=False)
-        context = encoder_hidden_states.astype(np.float32, copy=False)
+        sample = to_device(sample, np.float32)            # host inputs move once, explicitly (no-op on the device)
+        context = to_device(encoder_hidden_states, np.float32)
         xp = array_module(sample)
         tile = (lambda a: xp.concatenate([a] * repeat, axis=0)) if repeat > 1 else (lambda a: a)  # noqa: E731
         # upsample to the skip's size when H or W is not a multiple of 2**num_upsamplers

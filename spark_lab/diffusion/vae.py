@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module
+from ..device import array_module, to_device
 from ..kernels import silu
 from .attention import SpatialAttention
 from .blocks import DownBlock, MidBlock, UpBlock, check_block_type
@@ -106,7 +106,7 @@ class AutoencoderKL:
         c, e = self.config, self.params.sub("encoder")
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"AutoencoderKL.encode: x {tuple(x.shape)} should be [N, {c.in_channels}, H, W]")
-        h = conv(e.sub("conv_in"), x.astype(np.float32, copy=False))
+        h = conv(e.sub("conv_in"), to_device(x, np.float32))             # host images move once, explicitly
         for blk in self.enc_down:
             h, _ = blk(h)
         h = self.enc_mid(h)
@@ -123,7 +123,7 @@ class AutoencoderKL:
         c, d = self.config, self.params.sub("decoder")
         if z.ndim != 4 or z.shape[1] != c.latent_channels:
             raise ValueError(f"AutoencoderKL.decode: z {tuple(z.shape)} should be [N, {c.latent_channels}, h, w]")
-        z = z.astype(np.float32, copy=False)
+        z = to_device(z, np.float32)
         if c.use_post_quant_conv and "post_quant_conv.weight" in self.params:
             z = conv(self.params.sub("post_quant_conv"), z)
         h = conv(d.sub("conv_in"), z)

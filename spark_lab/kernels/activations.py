@@ -80,7 +80,9 @@ def gelu(x, approximate="none"):
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     if xp.__name__ == "cupy":
-        from cupyx.scipy.special import erf
+        erf = getattr(xp, "erf", None)             # device_strict (SPARK_LAB_DEVICE=strict) carries one
+        if erf is None:
+            from cupyx.scipy.special import erf
         return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
     return x * _phi(x)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spark_lab.device import to_host
 from spark_lab.diffusion import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from spark_lab.text.clip import CLIPTextModel, CLIPTokenizer
 
@@ -18,6 +19,7 @@ REF = np.load(FIX / "reference.npz")
 
 
 def close(a, b, atol=1e-4):
+    a = to_host(a)                                       # GPU / strict-device outputs come back explicitly
     assert a.dtype == np.float32, a.dtype
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
@@ -128,8 +130,8 @@ def test_safetensors_bf16_and_fp16_read_as_float32(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + bf16 + f16)
     w = load_safetensors(tmp_path / "w.safetensors")
     assert w["a"].dtype == np.float32 and w["a"].shape == (2, 2)
-    np.testing.assert_array_equal(w["a"].reshape(-1), vals)
-    np.testing.assert_array_equal(w["b"], vals)
+    np.testing.assert_array_equal(to_host(w["a"]).reshape(-1), vals)
+    np.testing.assert_array_equal(to_host(w["b"]), vals)
 
 
 @pytest.mark.parametrize("kw", [
@@ -165,6 +167,6 @@ def test_repeat_for_guidance_equals_the_doubled_batch():
     m = UNet2DConditionModel.from_pretrained(FIX / "tiny-pixel" / "unet")   # DownBlock2D first: shared prefix
     x, ctx = REF["pix_in"][:1], REF["pix_ehs"]
     full = m(np.concatenate([x, x]), 250, ctx)
-    np.testing.assert_allclose(m(x, 250, ctx, repeat=2), full, atol=1e-6)
+    np.testing.assert_allclose(to_host(m(x, 250, ctx, repeat=2)), to_host(full), atol=1e-6)
     with pytest.raises(ValueError, match="should be \\[2, L, ctx\\]"):
         m(x, 250, ctx[:1], repeat=2)

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spark_lab.device import to_host
 from spark_lab.diffusion import DDIMScheduler, TextToImagePipeline
 from spark_lab.memory import get_allocator, reset_allocator
 from spark_lab.models import is_present
@@ -172,7 +173,7 @@ def test_real_sentence_encoder_conditioning():
     from spark_lab.text.bert import SentenceEncoder
     pipe = TextToImagePipeline.from_pretrained(FIX / "tiny-pixel")
     assert pipe.default_guidance == 4.0
-    cond = pipe.encode_prompt(["a red heart", "a dog"])
+    cond = to_host(pipe.encode_prompt(["a red heart", "a dog"]))        # on the device (or strict stand-in)
     assert cond.shape == (2, 1, 384) and cond.dtype == np.float32
     want = SentenceEncoder.load("all-minilm-l6-v2").encode(["a red heart", "a dog"])
     np.testing.assert_allclose(cond[:, 0], want, atol=1e-6)
