@@ -100,16 +100,17 @@ def _dequantize_experts(src, dst):
     return rewrite_gguf(src, dst, tensors=tensors)
 
 
-@pytest.mark.parametrize("name", ["qwen3moe", "gpt-oss"])
-def test_quantized_experts(tmp_path, name):
-    """Q8_0 experts (quantized products: int8-rounded activations, as llama.cpp) against the same
-    experts dequantized to float32: the noise of that rounding, the same greedy tokens."""
+@pytest.mark.parametrize("name, qtype", [("qwen3moe", "Q8_0"), ("gpt-oss", "Q8_0"), ("gpt-oss", "MXFP4")])
+def test_quantized_experts(tmp_path, name, qtype):
+    """Quantized experts (Q8_0: int8-rounded activations, as llama.cpp; MXFP4 as gpt-oss ships)
+    against the same experts dequantized to float32: that rounding's noise, the same greedy tokens."""
     tokens, _ = _ref(name)
-    q8 = _requantize_experts(FIX / f"{name}.gguf", tmp_path / "q8.gguf")
+    qt = gguf.GGMLQuantizationType[qtype]
+    q8 = _requantize_experts(FIX / f"{name}.gguf", tmp_path / "q.gguf", qt)
     f32 = _dequantize_experts(q8, tmp_path / "f32.gguf")
     mq, c = _load(q8)
     mf, _ = _load(f32)
-    assert GGUFFile(q8).tensors["blk.0.ffn_up_exps.weight"].qtype == gguf.GGMLQuantizationType.Q8_0
+    assert GGUFFile(q8).tensors["blk.0.ffn_up_exps.weight"].qtype == qt
     new = lambda: KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim)  # noqa: E731
     want = mf.forward(tokens, 0, new(), all_logits=True)
     got = mq.forward(tokens, 0, new(), all_logits=True)
