@@ -142,6 +142,9 @@ def cmd_info(args) -> int:
           f"{' (unified with the GPU)' if info['device'] == 'cuda' and info.get('unified_memory') else ''}; budget {fb(st.budget)}")
     if info["device"] == "cuda":
         print(f"gpu        compute {info['compute_capability']}, CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}")
+    cx = info["cupy_extra"]
+    print(f"cupy       {cx['extra'] or 'none'} ({cx['source']}: {cx['reason']})"
+          f"{'' if cx['cupy_installed'] or not cx['extra'] else '; CuPy is not installed: make setup installs it'}")
     print(f"cpu        {info['cpu_cores']} cores, {info['threads']} thread{'s' if info['threads'] != 1 else ''} for the kit")
     for b in info["blas"]:
         print(f"blas       {b['library']} {b['version']} ({b['threads']} threads)")

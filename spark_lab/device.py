@@ -241,6 +241,23 @@ def gpu_memory() -> dict:
     return {"total": int(total), "available": int(available), "unified": unified}
 
 
+def cupy_choice() -> dict:
+    """Which CuPy extra (`cuda13`, `cuda12` or none) `make setup` chose for this environment and why
+    (`cuda_setup.py`); detected now where setup recorded nothing (a pip install by hand)."""
+    import importlib.util
+    from . import cuda_setup
+    found = cuda_setup.recorded()
+    source = "make setup"
+    if found is None:
+        source = "detected now"
+        try:
+            found = cuda_setup.detect()
+        except ValueError as e:
+            found = {"extra": None, "reason": str(e)}
+    return {"extra": found.get("extra"), "reason": found.get("reason", ""), "source": source,
+            "cupy_installed": importlib.util.find_spec("cupy") is not None}
+
+
 def device_info() -> dict:
     """Everything `spark-lab info` reports about the device, as plain JSON-able values."""
     dev = get_device()
@@ -248,6 +265,7 @@ def device_info() -> dict:
     info = {
         "device": dev.kind,
         "name": dev.name,
+        "cupy_extra": cupy_choice(),
         "numpy": np.__version__,
         "host_memory_total": mem.get("MemTotal"),
         "host_memory_available": mem.get("MemAvailable"),

@@ -169,6 +169,93 @@ def test_spark_lab_threads_pins_blas():
     assert r["after"] and all(n == 1 for n in r["after"].values()), r
 
 
+# ---------------------------------------------------------------------------- which CuPy to install
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI {drv}              Driver Version: {drv}      CUDA Version: {cuda}     |
+|-----------------------------------------+------------------------+----------------------+
+|   0  NVIDIA GB10                    On  |   0000000F:01:00.0 Off |                  N/A |
+"""
+
+
+def _fake_smi(folder, cuda: str, drv: str = "580.95.05"):
+    """An `nvidia-smi` that prints a driver's header (nothing real is asked, nothing installed)."""
+    folder.mkdir(exist_ok=True)
+    exe = folder / "nvidia-smi"
+    exe.write_text("#!/bin/sh\ncat <<'EOF'\n" + SMI_HEADER.format(drv=drv, cuda=cuda) + "EOF\n")
+    exe.chmod(0o755)
+    return str(folder)
+
+
+def _detect_script(path_dirs, **env):
+    full = {k: v for k, v in os.environ.items() if k != "SPARK_LAB_CUDA"}
+    full.update(env, PATH=os.pathsep.join(path_dirs + [os.environ.get("PATH", "")]))
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "detect_gpu.sh"), "--why"], env=full,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("cuda, want", [("13.0", "cuda13"), ("12.8", "cuda12"), ("11.4", "none")])
+def test_detect_gpu_reads_the_drivers_cuda_version(tmp_path, cuda, want):
+    out = _detect_script([_fake_smi(tmp_path / "bin", cuda)])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(want + ":") and f"CUDA {cuda}" in out.stdout and "NVIDIA GB10" in out.stdout
+
+
+def test_detect_gpu_override_and_bad_value(tmp_path):
+    fake = _fake_smi(tmp_path / "bin", "13.0")
+    assert _detect_script([fake], SPARK_LAB_CUDA="none").stdout.startswith("none: SPARK_LAB_CUDA=none")
+    assert _detect_script([fake], SPARK_LAB_CUDA="cuda12").stdout.startswith("cuda12:")
+    bad = _detect_script([fake], SPARK_LAB_CUDA="rocm")
+    assert bad.returncode == 2 and bad.stderr.strip() == "cuda_setup: SPARK_LAB_CUDA='rocm' is not one of cuda13, cuda12, none"
+
+
+def test_no_gpu_selects_nothing(monkeypatch):
+    from spark_lab import cuda_setup
+    monkeypatch.delenv("SPARK_LAB_CUDA", raising=False)
+    monkeypatch.setattr(cuda_setup.shutil, "which", lambda name: None)            # no nvidia-smi
+    monkeypatch.setattr(cuda_setup, "_from_driver", lambda: None)                  # no /proc/driver/nvidia
+    assert cuda_setup.detect() == {"extra": None, "reason": "no NVIDIA GPU found (no nvidia-smi, no /proc/driver/nvidia)"}
+    assert cuda_setup.main([]) == 0
+
+
+def test_arm_and_x86_get_wheels_other_machines_none(tmp_path, monkeypatch):
+    from spark_lab import cuda_setup
+    monkeypatch.delenv("SPARK_LAB_CUDA", raising=False)
+    monkeypatch.setenv("PATH", _fake_smi(tmp_path / "bin", "13.0") + os.pathsep + os.environ["PATH"])
+    for arch, want in (("aarch64", "cuda13"), ("x86_64", "cuda13"), ("ppc64le", None)):
+        monkeypatch.setattr(cuda_setup.platform, "machine", lambda arch=arch: arch)
+        assert cuda_setup.detect()["extra"] == want
+
+
+def test_info_says_which_cupy_and_why(tmp_path, monkeypatch, cpu_device):
+    from spark_lab import cuda_setup
+    (tmp_path / cuda_setup.RECORD).write_text(json.dumps({"extra": "cuda13", "reason": "nvidia-smi reports CUDA 13.0"}))
+    monkeypatch.setattr(cuda_setup.sys, "prefix", str(tmp_path))
+    got = device.cupy_choice()
+    assert (got["extra"], got["source"], got["reason"]) == ("cuda13", "make setup", "nvidia-smi reports CUDA 13.0")
+    assert device.device_info()["cupy_extra"]["extra"] == "cuda13"
+
+
+def test_make_setup_installs_the_detected_extra_and_no_torch(tmp_path):
+    """`make -n` (nothing runs): with a CUDA 13 driver the lab gets .[lab,cuda13]; without a GPU .[lab];
+    torch and the test tools only come with `make test`."""
+    mk = open(os.path.join(ROOT, "Makefile")).read()
+    if "cuda_setup.py" not in mk:
+        pytest.skip("Makefile does not detect the GPU yet (notes/makefile_gpu.patch)")
+    def dry(target, path_dirs):
+        env = {k: v for k, v in os.environ.items() if k not in ("SPARK_LAB_CUDA", "MAKEFLAGS")}
+        env["PATH"] = os.pathsep.join(path_dirs + ["/usr/local/bin", "/usr/bin", "/bin"])
+        return subprocess.run(["make", "-n", "-B", "-C", ROOT, target, "VENV=" + str(tmp_path / "venv")],
+                              env=env, capture_output=True, text=True, timeout=60).stdout
+    gpu = dry("setup", [_fake_smi(tmp_path / "bin", "13.0")])
+    assert '.[lab,cuda13]"' in gpu and "torch" not in gpu
+    if not os.path.exists("/proc/driver/nvidia"):
+        cpu = dry("setup", [])
+        assert '.[lab]"' in cpu and "cupy" not in cpu and "cuda1" not in cpu and "torch" not in cpu
+    assert "torch" in dry("test-setup", [])
+
+
 # ---------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
