@@ -114,12 +114,13 @@ def test_quantized_experts(tmp_path, name, qtype):
     new = lambda: KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim)  # noqa: E731
     want = mf.forward(tokens, 0, new(), all_logits=True)
     got = mq.forward(tokens, 0, new(), all_logits=True)
-    _close(got, want, tol=2e-2)
+    # int8 activations cost ~5e-3 per product (kernels/qmatvec's reference semantics), compounded over layers
+    _close(got, want, tol=5e-2)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     cache = new()
     mq.forward(tokens[:5], 0, cache)
     for j in range(5, 12):
-        _close(mq.forward(tokens[j:j + 1], j, cache), want[j:j + 1], tol=2e-2)
+        _close(mq.forward(tokens[j:j + 1], j, cache), want[j:j + 1], tol=5e-2)
 
 
 def test_decode_reads_only_the_selected_experts():
@@ -246,3 +247,24 @@ def test_bench_counts_active_expert_bytes():
     assert weight_bytes(path) == total - t["token_embd.weight"].nbytes - experts + experts * 2 // 8
     dense = GGUFFile(FIX / "llama31.gguf").tensors
     assert weight_bytes(FIX / "llama31.gguf") == sum(v.nbytes for k, v in dense.items() if k != "token_embd.weight")
+
+
+def test_prefill_runs_each_picked_expert_once_per_layer():
+    """Prefill groups tokens by expert: one product per picked expert per layer, whatever T is."""
+    tokens, ref = _ref("qwen3moe")
+    m, c = _load(FIX / "qwen3moe.gguf")
+    m.moe_stats = {}
+    _close(m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True), ref)
+    hits = expert_hits(m.moe_stats, c.n_layer, c.n_expert)
+    assert hits.sum() == len(tokens) * c.n_layer * c.n_expert_used
+    assert m.moe_stats["expert_bytes"] == (hits > 0).sum() * m.layers[0].moe.expert_nbytes(0)
+
+
+def test_expert_weights_norm_from_the_file(tmp_path):
+    """qwen3moe renormalises its top-k unless the file says expert_weights_norm = false."""
+    tokens, ref = _ref("qwen3moe")
+    plain = rewrite_gguf(FIX / "qwen3moe.gguf", tmp_path / "plain.gguf", metadata={"qwen3moe.expert_weights_norm": False})
+    m, c = _load(plain)
+    assert not c.expert_weights_norm
+    out = m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True)
+    assert np.abs(out - ref).max() > 1e-2 * np.abs(ref).max()       # transformers' norm_topk_prob=True no longer
