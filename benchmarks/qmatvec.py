@@ -3,11 +3,17 @@
     .venv/bin/python benchmarks/qmatvec.py [--threads 1 2] [--repeats 30] [--types Q4_1 Q8_0] [--json]
     .venv/bin/python benchmarks/qmatvec.py --model smollm2-135m-instruct   # one decode token's mat-vecs
     .venv/bin/python benchmarks/qmatvec.py --prefill 120 [--model ...]      # a 120-token prompt's products
+    .venv/bin/python benchmarks/qmatvec.py --moe [--types MXFP4 Q4_0]       # gpt-oss-20b expert gather
 
 Times one decode-sized product (x [1, in]) per call: median (and best) of `repeats` runs after
 a warm-up. GB/s counts the bytes of the raw GGML weight read per call (for BLAS too, although it reads
 4 bytes per value), so the columns compare time per call. The weights are random
 blocks with valid scales, so the numbers do not depend on a model download.
+
+--moe: one token through 4 of 32 experts of gpt-oss-20b's shape (2880 x 2880 each) with
+`moe_matvec`, for each type in --types (default MXFP4 and Q4_0); a 512 MB read between calls
+evicts the caches (the machine's L3 could hold a whole stack), and each call picks 4 experts
+at random. GB/s counts the raw bytes of the 4 experts read.
 
 --prefill N: x [N, in] instead; columns qmatmul (numba tiles + BLAS), quant_matmul's NumPy
 reference (fast=False) and BLAS on a float32 weight; GFLOP/s = 2 N out in / time. Times are
@@ -40,10 +46,55 @@ def random_weight(q, rows, cols, rng):
     """Random blocks whose float16 scales are finite and small."""
     bs, ts = BLOCK_SIZES[q]
     b = rng.integers(0, 256, (rows * cols // bs, ts), dtype=np.uint8)
-    scales = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q8_0: [0], QT.Q4_K: [0, 2], QT.Q6_K: [208]}[q]
+    scales = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q8_0: [0], QT.Q4_K: [0, 2], QT.Q6_K: [208]}.get(q, [])
     for off in scales:
         b[:, off:off + 2] = rng.uniform(-0.02, 0.02, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if q == QT.MXFP4:
+        b[:, 0] = rng.integers(117, 123, len(b))                           # E8M0 scales 2^-10 .. 2^-5
     return QuantTensor(b.reshape(rows, -1), q, (rows, cols))
+
+
+def moe(types, threads, repeats, as_json, n_expert=32, k=4, rows=2880, cols=2880, flush_mb=512):
+    """One token's expert gather at gpt-oss-20b's expert shape: moe_matvec over k of n_expert."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(cols).astype(np.float32)
+    flush = np.ones(flush_mb << 18, np.float32)                            # flush_mb MB, read between calls
+    res = []
+    for tname in types:
+        q = QT[tname]
+        stack = qm.ExpertStack(np.stack([random_weight(q, rows, cols, rng).data for _ in range(n_expert)]),
+                               q, (n_expert, rows, cols))
+        for w in stack.experts:                                            # repack every expert up front
+            qm.prepare(w)
+        out = np.empty((k, rows), np.float32)
+        nbytes = k * stack.expert_nbytes()
+        for nt in threads:
+            numba.set_num_threads(min(nt, numba.config.NUMBA_NUM_THREADS))
+            with threadpool_limits(limits=nt):
+                qm.moe_matvec(x, stack, np.arange(k), out=out)             # warm-up (compile)
+                ts = []
+                for _ in range(repeats):
+                    ids = rng.choice(n_expert, k, replace=False)
+                    float(flush.sum())                                     # evict the stack from the caches
+                    t0 = time.perf_counter()
+                    qm.moe_matvec(x, stack, ids, out=out)
+                    ts.append(time.perf_counter() - t0)
+            med, best = float(np.median(ts)), float(np.min(ts))
+            r = {"type": tname, "experts": f"{k} of {n_expert}", "shape": f"{rows}x{cols}", "threads": nt,
+                 "bytes_per_token": nbytes, "packed_bytes_per_expert": stack[0].packed.nbytes,
+                 "ms": med * 1e3, "best_ms": best * 1e3, "GBps": nbytes / med / 1e9, "best_GBps": nbytes / best / 1e9}
+            res.append(r)
+            if not as_json:
+                print(f"{tname:6s} moe_matvec {k} of {n_expert} experts {rows}x{cols} t={nt}: {med * 1e3:6.2f} ms "
+                      f"{nbytes / med / 1e9:5.1f} GB/s (best {best * 1e3:.2f} ms {nbytes / best / 1e9:.1f} GB/s), "
+                      f"{nbytes / 1e6:.1f} MB read", flush=True)
+        del stack
+    if as_json:
+        print(json.dumps({"rows": res}))
+    return 0
 
 
 def timeit(fn, repeats):
@@ -161,12 +212,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0"])
+    ap.add_argument("--types", nargs="+", default=None, help="default Q4_1 Q8_0 (--moe: MXFP4 Q4_0)")
     ap.add_argument("--no-blas", action="store_true", help="skip the float32 BLAS column (its weight is 4 bytes/value)")
     ap.add_argument("--model", help="time one decode token's mat-vecs over this GGUF's real weights instead")
     ap.add_argument("--prefill", type=int, default=0, help="time x [N, in] products (prompt processing) instead")
+    ap.add_argument("--moe", action="store_true", help="time gpt-oss-20b's expert gather (4 of 32, 2880x2880) instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.moe:
+        return moe(args.types or ["MXFP4", "Q4_0"], args.threads, args.repeats, args.json)
+    args.types = args.types or ["Q4_1", "Q8_0"]
     if args.prefill:
         return prefill(args.model, args.prefill, args.threads, args.repeats, args.types, args.json)
     if args.model:

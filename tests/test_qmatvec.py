@@ -18,8 +18,10 @@ RTOL = 2e-6  # of max|y|: float32 sums in another order than BLAS
 def random_weight(q, rows, cols, rng):
     bs, ts = BLOCK_SIZES[q]
     b = rng.integers(0, 256, (rows * cols // bs, ts), dtype=np.uint8)
-    for off in F16_FIELDS[q]:
+    for off in F16_FIELDS.get(q, []):
         b[:, off:off + 2] = rng.uniform(-0.05, 0.05, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if q == QT.MXFP4:
+        b[:, 0] = rng.integers(117, 125, len(b))                       # E8M0 scales 2^-10 .. 2^-3
     return QuantTensor(b.reshape(rows, -1), q, (rows, cols))
 
 
@@ -58,7 +60,7 @@ def test_repacked_size():
     for q in qm.FAST_TYPES:
         qt = random_weight(q, 128, 512, rng)
         ratio[q] = qm.prepare(qt).nbytes / qt.nbytes
-    assert ratio[QT.Q4_1] == ratio[QT.Q5_0] == ratio[QT.Q8_0] == 1.0
+    assert ratio[QT.Q4_1] == ratio[QT.Q5_0] == ratio[QT.Q8_0] == ratio[QT.MXFP4] == 1.0
     assert max(ratio.values()) <= 4 / 3 + 1e-9
 
 
@@ -202,8 +204,10 @@ def test_tile_dequantize_extreme_scales():
         bs, ts = BLOCK_SIZES[q]
         b = qt.data.reshape(-1, ts)
         scales = np.array([60000.0, -8000.0, 6e-8, -3e-5, 0.0, -0.0, 1.0, 2.0], np.float16)
-        for off in F16_FIELDS[q]:
+        for off in F16_FIELDS.get(q, []):
             b[:, off:off + 2] = rng.choice(scales, len(b)).view(np.uint8).reshape(-1, 2)
+        if q == QT.MXFP4:                                               # E8M0: subnormal, tiny, 1, huge, overflow
+            b[:, 0] = rng.choice(np.array([0, 1, 2, 127, 254, 255], np.uint8), len(b))
         with np.errstate(over="ignore", invalid="ignore"):
             assert same_bits(qm.dequantize(qt), qt.dequantize()), q.name
 
@@ -356,7 +360,7 @@ def test_prepare_stack_is_the_parts_side_by_side():
     assert qm.prepare_stack(odd) is None                               # 40 rows: padding inside the stack
 
 
-@pytest.mark.parametrize("q", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("q", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.MXFP4], ids=lambda q: q.name)
 def test_embedding_rows_from_the_repacked_copy(q):
     rng = np.random.default_rng(9)
     qt = random_weight(q, 100, 256, rng)
@@ -372,3 +376,55 @@ def test_embedding_rows_from_the_repacked_copy(q):
     qt.data[...] = 0                                                   # rows now come from the repack
     if q != QT.Q4_K:
         assert np.array_equal(qt.rows(ids), want)
+
+
+# ---------------------------------------------------------------------------- MXFP4 and the expert gather
+
+def test_mxfp4_is_the_int8_product_of_its_dequantized_weight():
+    # reference semantics pinned by hand: dequant(W) @ q8(x), q8 = the int8 blocks of quantize_q8
+    from spark_lab.quants import dequantize
+    rng = np.random.default_rng(20)
+    qt = random_weight(QT.MXFP4, 100, 1024, rng)
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    xq, dx, _ = qm.quantize_q8(x)
+    xr = (xq.reshape(2, -1, 32).astype(np.float64) * dx[..., None]).reshape(2, 1024)
+    want = xr @ dequantize(qt.data, QT.MXFP4).astype(np.float64).T       # [2, 100]
+    y = qm.qmatvec(x, qt)
+    assert y.dtype == np.float32 and np.max(np.abs(y - want)) <= 1e-6 * np.max(np.abs(want))
+    assert np.max(np.abs(y - x @ qt.dequantize().T)) <= 3e-2 * np.max(np.abs(want))   # int8 x: ~1e-2 of f32 x
+
+
+def _stack(rng, E, rows, cols):
+    from spark_lab.kernels.qmatvec import ExpertStack
+    parts = [random_weight(QT.MXFP4, rows, cols, rng).data for _ in range(E)]
+    return ExpertStack(np.stack(parts), QT.MXFP4, (E, rows, cols))
+
+
+def test_moe_matvec_reads_only_the_picked_experts():
+    rng = np.random.default_rng(21)
+    stack = _stack(rng, 8, 96, 256)
+    ids = np.array([5, 2, 7])
+    x = rng.standard_normal(256).astype(np.float32)
+    y = qm.moe_matvec(x, stack, ids)                                    # one x for every expert (gate, up)
+    assert y.shape == (3, 96) and y.dtype == np.float32
+    for j, e in enumerate(ids):
+        assert close(y[j], qm.reference(x, stack[e]), rtol=1e-6)
+    assert [w.packed is not None for w in stack.experts] == [e in ids for e in range(8)]   # others untouched
+    xs = rng.standard_normal((3, 256)).astype(np.float32)              # one row per expert (down)
+    out = np.empty((3, 96), np.float32)
+    assert qm.moe_matvec(xs, stack, ids, out=out) is out
+    for j, e in enumerate(ids):
+        assert close(out[j], qm.reference(xs[j], stack[e]), rtol=1e-6)
+    assert close(qm.moe_matvec(xs, stack.experts, ids), out, rtol=0)   # a list of QuantTensors works the same
+
+
+def test_moe_matvec_errors():
+    from spark_lab.kernels.qmatvec import ExpertStack
+    rng = np.random.default_rng(22)
+    stack = _stack(rng, 4, 32, 64)
+    with pytest.raises(ValueError, match=r"expert ids must be integers in \[0, 4\), got \[1, 4\]"):
+        qm.moe_matvec(np.zeros(64, np.float32), stack, [1, 4])
+    with pytest.raises(ValueError, match=r"x of shape \(3, 64\) does not match 2 experts"):
+        qm.moe_matvec(np.zeros((3, 64), np.float32), stack, [0, 1])
+    with pytest.raises(ValueError, match=r"needs 4352 bytes, got 4351"):
+        ExpertStack(np.zeros(4351, np.uint8), QT.MXFP4, (4, 32, 64))

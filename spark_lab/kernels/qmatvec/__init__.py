@@ -27,14 +27,15 @@ fastmath=False and every row's sum is taken in a fixed order.
     Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
     Q6_K: qs u8 [ng, nb, 16, G] low nibbles, qh u8 [ng, nb, 8, G] 2-bit highs, s f32 [ng, nb, 2, G]
         (one scale per 16 values: values 0..15 and 16..31 of each 32-block)
+    MXFP4: qs u8 [ng, nb, 4, G, 4] E2M1 codes (nibble layout, dwords), e u8 [ng, nb, G] E8M0 scales
 
 Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
 (the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales that GGML stores as
 float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
-so Q4_1, Q5_0 and Q8_0 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
+so Q4_1, Q5_0, Q8_0 and MXFP4 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
 products d * sc become float32 (Q4_K 1.33x, Q6_K 1.2x). See `Packed.nbytes`.
 
-Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0; llama.cpp's Q8 idea). A decode step is a race
+Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0, MXFP4; llama.cpp's Q8 idea). A decode step is a race
 through ~100 MB of weights, and the float kernel above was compute-bound on unpacking nibbles
 to floats (~4.6 GB/s). So for these types x is quantized per 32-value block to int8 (scale
 dx = max|x| / 127, `quantize_x`), the weight bytes are stored as dwords of 4 consecutive values
@@ -42,7 +43,9 @@ of one row ([words, G, 4]), and a 64-byte load is 16 rows x 4 values: VPDPBUSD a
 products per int32 lane (AVX512-VNNI; elsewhere LLVM lowers plain widening multiplies). Block
 sums are exact integers; only the per-block scaling rounds. The result is dequant(W) @ q8(x)
 (`reference`, to ~1e-7), ~5e-3 from the float32 product, as in llama.cpp; prefill rounds x the
-same way. Q5_0 and Q6_K keep the float kernels (float32 sums in a fixed order, ~1e-6 of
+same way. MXFP4's E2M1 values doubled are integers (0, 1, 2, 3, 4, 6, 8, 12 and negatives):
+its codes become 12 + that integer in registers (a few byte ops), dotted as unsigned bytes, and
+12 sum(xq) and the halved scale 2^(e-128) are applied per block. Q5_0 and Q6_K keep the float kernels (float32 sums in a fixed order, ~1e-6 of
 `quant_matmul`). With a 2 KB software prefetch the int8 kernels stream ~8-10 GB/s on one core
 here, the rate of a plain read loop.
 
@@ -52,7 +55,8 @@ with cache=True, so only the first process on a machine pays the compile time.
 
 The parts: `simd.py` (the 16-lane block intrinsics, LLVM IR), `kernels.py` (the numba mat-vec
 and tile sources), `q8.py` (int8 activations and `reference`), `repack.py` (`prepare`, the
-layouts above); this module compiles the kernels and holds the entry points.
+layouts above), `experts.py` (`moe_matvec`: a token through the k experts its router picked);
+this module compiles the kernels and holds the entry points.
 """
 from __future__ import annotations
 
@@ -66,10 +70,12 @@ from ...device import array_module, num_threads
 from ...quants import QuantTensor, quant_matmul
 from . import kernels, q8, simd
 from .q8 import INT8_TYPES, _round_f16, quantize_q8, quantize_x, reference
+from .experts import ExpertStack, moe_matvec
 from .repack import FAST_TYPES, PREPARE_ROWS, Packed, prepare, prepare_stack, raw_rows
 from .simd import LANES, PREFETCH_BYTES, vnni
 
 __all__ = ["qmatvec", "qmatmul", "dequantize", "supports", "available", "prepare", "prepare_stack", "raw_rows",
+           "moe_matvec", "ExpertStack",
            "Packed", "quantize_x", "quantize_q8", "reference", "vnni", "FAST_TYPES", "INT8_TYPES", "MAX_BATCH",
            "PREPARE_ROWS", "LANES", "PREFETCH_BYTES", "TILE_BYTES", "TILE_BYTES_THREADED", "_round_f16"]
 

@@ -11,8 +11,8 @@ from .q8 import quantize_x
 from .simd import LANES
 
 prange = range        # replaced by numba.prange when the kernels are compiled
-vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = None   # the intrinsics of simd.py, set by _jit()
-deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = None
+vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = None   # the intrinsics of simd.py, set by _jit()
+deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = deq_mxfp4 = None
 
 
 # Shapes: ng groups of G rows (G a multiple of 16), nb 32-value blocks per row, n rows of x;
@@ -51,6 +51,20 @@ def _k_nib(qs, d, m, x, out):
             for b in range(nb):
                 for l0 in range(0, G, LANES):
                     vdot8_nib(qs[g, b], G, l0, m[g, b], xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc)
+            _store(out, i, g * G, acc)
+
+
+def _k_mxfp4(qs, e, x, out):
+    """qs u8 [ng, nb, 4, G, 4] dwords of E2M1 codes; e u8 [ng, nb, G] E8M0 scales; x quantized here."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
+    for g in prange(ng):
+        acc = np.empty(G, np.float32)
+        for i in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_mxfp4(qs[g, b], G, l0, xq[i], b * 32, e[g, b], xqs[i, b], dx[i, b], acc)
             _store(out, i, g * G, acc)
 
 
@@ -117,6 +131,16 @@ def _t_nib(qs, d, m, sub8, g0, g1, tile):
                     deq_nib(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
 
 
+def _t_mxfp4(qs, e, g0, g1, tile):
+    """qs u8 [ng, nb, 4, G, 4] dwords of E2M1 codes; e u8 [ng, nb, G]."""
+    _, nb, _, G, _ = qs.shape
+    nc = tile.shape[1]
+    for g in prange(g0, g1):
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                deq_mxfp4(qs[g, b], G, l0, e[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+
+
 def _t_q5_0(qs, qh, d, g0, g1, tile):
     """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
     _, nb, _, G = qs.shape
@@ -147,5 +171,5 @@ def _t_q6_k(qs, qh, s, g0, g1, tile):
                 deq_q6_k(qs[g, b], G, l0, qh[g, b], s[g, b], tile, b * 32, (g - g0) * G + l0, nc)
 
 
-SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k,
-           "t_nib": _t_nib, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k}
+SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4,
+           "t_nib": _t_nib, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k, "t_mxfp4": _t_mxfp4}

@@ -54,7 +54,7 @@ def quantize_x(x):
     return xq, dx, xqs
 
 
-INT8_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0)   # their decode dots take x quantized to int8
+INT8_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0, QT.MXFP4)   # their decode dots take x quantized to int8
 
 
 def quantize_q8(x):

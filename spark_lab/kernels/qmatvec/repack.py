@@ -12,13 +12,13 @@ from gguf import GGMLQuantizationType as QT
 from ...device import array_module
 from ...quants import BLOCK_SIZES, QuantTensor, _k_scale_min, release_raw
 
-FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K)
+FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K, QT.MXFP4)
 
 
 @dataclass
 class Packed:
     """A QuantTensor repacked for the kernels: `arrays` in the kernel's argument order."""
-    kind: str          # "nib", "q5_0", "q8_0" or "q6_k"
+    kind: str          # "nib", "q5_0", "q8_0", "q6_k" or "mxfp4"
     rows: int          # real output rows (the last group may be padded with zero rows)
     cols: int
     G: int             # rows per group (SIMD lanes)
@@ -105,6 +105,8 @@ def _repack(q, blocks, G):
         d = _h16(blocks[..., 0:2])
         m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
         return "nib", (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G))
+    if q == QT.MXFP4:                                                      # the E8M0 byte stays a byte
+        return "mxfp4", (_words(blocks[..., 1:], G), _lanes(np.ascontiguousarray(blocks[..., 0]), G))
     if q == QT.Q4_K:
         codes, d, m = _unpack_q4_k(blocks)
         return "nib", (_words(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G))
@@ -208,7 +210,7 @@ def raw_rows(qt: QuantTensor, ids) -> np.ndarray | None:
     reads these instead of the released raw pages: touching those would map them back in, with
     the kernel's fault-around neighbours (~12 MB of RSS for a prompt's rows)."""
     p = qt.packed
-    if p is None or qt.qtype not in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+    if p is None or qt.qtype not in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.MXFP4):
         return None
     ids = np.asarray(ids, np.int64).reshape(-1)
     g, l = ids // p.G, ids % p.G
@@ -217,6 +219,8 @@ def raw_rows(qt: QuantTensor, ids) -> np.ndarray | None:
     body = qs.reshape(n, nb, -1)
     if p.kind == "q8_0":
         body = body ^ np.uint8(128)
+    if p.kind == "mxfp4":                                                  # the E8M0 byte, then the codes
+        return np.concatenate([p.arrays[1][g, :, l].reshape(n, nb, 1), body], axis=-1).reshape(n, -1)
     heads = [p.arrays[1][g, :, l]]                                         # d [n, nb] float16 bits
     if qt.qtype == QT.Q4_1:
         heads.append(p.arrays[2][g, :, l])                                 # m

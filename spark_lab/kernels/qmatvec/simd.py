@@ -182,6 +182,52 @@ def intrinsics():
             return context.get_dummy_value()
         return sig, codegen
 
+    # ---- MXFP4: 4-bit E2M1 codes in the nibble layout, their values doubled are the integers
+    # {0, 1, 2, 3, 4, 6, 8, 12} and negatives, so the int8 dots above apply once a code is turned
+    # into 12 + its doubled value (0..24, a u8 for VPDPBUSD; 12 xqs comes off the sum afterwards).
+    # Plain vector integer ops, so LLVM lowers them for any CPU (AVX-512, AVX2, NEON).
+
+    def e2m1_biased(k, c, vt):
+        """Codes 0..15 in the elements of vector type vt (bytes or i32) -> 12 + 2 * E2M1 value."""
+        b, n, w = k.b, vt.count, vt.element
+        c_ = lambda v: ir.Constant(vt, [ir.Constant(w, v)] * n)          # noqa: E731
+        m = b.and_(c, c_(7))                                            # magnitude code: 0 1 2 3 4 5 6 7
+        over = b.select(b.icmp_unsigned(">", m, c_(4)), b.sub(m, c_(4)), c_(0))
+        top = b.select(b.icmp_unsigned("==", m, c_(7)), c_(2), c_(0))
+        v = b.add(b.add(m, over), top)                                  # doubled:       0 1 2 3 4 6 8 12
+        neg = b.icmp_unsigned("!=", b.and_(c, c_(8)), c_(0))
+        return b.select(neg, b.sub(c_(12), v), b.add(c_(12), v))
+
+    def e8m0_half(k, ptr, l0):
+        """<16 x float>: 2^(e - 128) of the 16 scale bytes at ptr + l0 (the E8M0 scale, halved)."""
+        b = k.b
+        e = k.bytes16(ptr, l0)
+        sub = b.shl(const(0x00200000), e)                               # e = 0, 1: float32 subnormals
+        norm = b.shl(b.sub(e, const(1)), const(23))
+        return b.bitcast(b.select(b.icmp_unsigned("<", e, const(2)), sub, norm), fv)
+
+    @intrinsic
+    def vdot8_mxfp4(typingctx, q, G, l0, xq, xoff, e, xqs, dx, acc):
+        """acc[l0:+16] += dx * 2^(e-128) * (sum_j u_j xq_j - 12 xqs), u = 12 + doubled E2M1 value."""
+        sig = types.void(q, G, l0, xq, xoff, e, xqs, dx, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
+            low = const(0x0F0F0F0F)
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
+                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                for half, codes in ((0, builder.and_(w, low)), (1, builder.and_(builder.lshr(w, const(4)), low))):
+                    u = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
+                    xw = splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 16 * half + 4 * t)))
+                    ch[2 * half + t % 2] = dot4(k, ch[2 * half + t % 2], u, xw)
+            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 12))
+            s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
+            k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(e8m0_half(k, k.ptr[5], l0_), s)))
+            return context.get_dummy_value()
+        return sig, codegen
+
     @intrinsic
     def vdot_q5_0(typingctx, q, G, l0, qh, x, xoff, d, xs, acc):
         """acc[l0:+16] += d * (sum_j q_j x_j - 16 xs), q_j = nibble | bit j of qh << 4."""
@@ -331,6 +377,26 @@ def intrinsics():
             return context.get_dummy_value()
         return sig, codegen
 
+    @intrinsic
+    def deq_mxfp4(typingctx, q, G, l0, e, tile, row0, col, nc):
+        """2^(e-128) * doubled E2M1 value; q u8 [4, G, 4] dwords of nibble codes."""
+        sig = types.void(q, G, l0, e, tile, row0, col, nc)
+
+        def codegen(context, builder, sg, args):
+            k = Tile(context, builder, sg, args)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[5], args[6], args[7]
+            d_ = e8m0_half(k, k.ptr[3], l0_)
+            for t in range(4):
+                w = words16(k, k.ptr[0], G_, l0_, t)
+                for jj in range(4):
+                    v = bytes_of_words(k, w, jj)
+                    vals = [builder.fmul(d_, builder.sitofp(builder.sub(e2m1_biased(k, code, iv), const(12)), fv))
+                            for code in (builder.and_(v, const(15)), builder.lshr(v, const(4)))]
+                    k.pair(4, row0_, col_, nc_, 4 * t + jj, *vals)
+            return context.get_dummy_value()
+        return sig, codegen
+
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
     return {"vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
-            "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0, "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k}
+            "vdot8_mxfp4": vdot8_mxfp4, "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0,
+            "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k, "deq_mxfp4": deq_mxfp4}
