@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
-CACHE_VERSION = 1  # bump when the way a tokenizer is built changes: old cache entries are then ignored
+CACHE_VERSION = 2  # bump when the way a tokenizer is built changes: old cache entries are then ignored
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -185,6 +185,12 @@ def _resolve_types(texts: list[str], types: np.ndarray, s: dict) -> tuple[dict[i
     for k in ("eos_id", "eot_id", "eom_id"):
         if s[k] is not None:
             eog.add(s[k])
+    # gpt-oss (harmony): <|end|> closes a message, not the answer, when <|return|> and <|call|> exist
+    # (llama.cpp drops it from the end-of-generation set the same way and renders it as user-defined)
+    eog_texts = {texts[i]: i for i in eog}
+    if {"<|return|>", "<|call|>", "<|end|>"} <= eog_texts.keys():
+        eog.discard(eog_texts["<|end|>"])
+        out[eog_texts["<|end|>"]] = USER_DEFINED
     return out, sorted(eog)
 
 

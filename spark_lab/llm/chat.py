@@ -5,8 +5,10 @@ from .engine import LLM, ContextOverflow
 
 
 class ChatSession:
-    def __init__(self, llm: LLM, system_prompt: str | None = None, reserve: int = 256):
+    def __init__(self, llm: LLM, system_prompt: str | None = None, reserve: int = 256,
+                 template_options: dict | None = None):
         self.llm = llm
+        self.template_options = dict(template_options or {})   # e.g. {"enable_thinking": False} (Qwen3)
         self.system_prompt = system_prompt
         self.history: list[dict] = []      # user/assistant turns, oldest first
         self.reserve = reserve             # tokens kept free for the answer
@@ -23,7 +25,7 @@ class ChatSession:
         """Token ids of the conversation, dropping the oldest turns until it fits the context."""
         room = self.llm.n_ctx - min(max_new_tokens, self.reserve)
         while True:
-            ids = self.llm.encode_chat(self.messages(user))
+            ids = self.llm.encode_chat(self.messages(user), **self.template_options)
             if len(ids) <= room:
                 return ids
             if not self.history:
@@ -35,6 +37,7 @@ class ChatSession:
             self.history = self.history[2:] if len(self.history) >= 2 else []
 
     def stream(self, user: str, max_new_tokens: int = 256, **sampling):
+        """Yield pieces of the answer (str) and of the reasoning (llm.reasoning.ReasoningPiece)."""
         ids = self._fit(user, max_new_tokens)
         it = self.llm.stream_tokens(ids, max_new_tokens, **sampling)
         while True:
@@ -45,6 +48,7 @@ class ChatSession:
                 break
             if piece:
                 yield piece
+        # the answer only: templates drop earlier turns' reasoning (gpt-oss's refuses it in content)
         self.history += [{"role": "user", "content": user},
                          {"role": "assistant", "content": self.last.text.strip()}]
 

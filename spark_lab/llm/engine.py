@@ -8,6 +8,10 @@
 Sampling arguments are SamplingParams' fields (sampling.py): by default temperature 0.7, top-k 40,
 top-p 0.9, min-p 0.05, a 1.1 repetition penalty over the last 64 tokens and seed 0, as Ollama and
 llama.cpp decode; temperature=0 is plain greedy decoding.
+
+Reasoning models (Qwen3's <think> blocks, gpt-oss's analysis channel; the format is read from the
+model's chat template, llm/reasoning.py) stream their reasoning as `ReasoningPiece`s, and a
+Generation carries `reasoning` apart from the answer `text`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ..gguf import GGUFFile, config_from_gguf
 from ..models import resolve
 from .cache import KVCache
 from .model import Transformer
+from .reasoning import ReasoningPiece, ReasoningSplitter, reasoning_format
 from .sampling import SamplingParams, sample
 from .template import render_chat
 
@@ -41,6 +46,7 @@ class Generation:
     token_ids: list                  # generated tokens only
     prompt_token_ids: list
     finish_reason: str               # "stop" (EOS or stop string) or "length"
+    reasoning: str = ""              # the model's thinking, apart from the answer (reasoning models)
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     reused_prompt_tokens: int = 0    # prompt tokens served from the KV cache of the previous call
@@ -88,6 +94,7 @@ class LLM:
         self._cached: list[int] = []       # the tokens whose K/V sit in the cache, in order
         self._prompt_logits = None         # (prompt, logits after it) of the last prefill
         self.lock = threading.Lock()       # one generation at a time per engine
+        self.reasoning_format = reasoning_format(self.tokenizer.chat_template)  # "think" | "harmony" | None
 
     @classmethod
     def load(cls, name_or_path=None, n_ctx: int | None = None, **kw) -> "LLM":
@@ -101,11 +108,19 @@ class LLM:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_bos=False))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.tokenizer, messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> str:
+        """options: template variables such as enable_thinking=False (Qwen3), reasoning_effort="low" (gpt-oss)."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt, **options)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode(self.apply_chat_template(messages), add_bos=None, parse_special=True)
+    def encode_chat(self, messages: list[dict], **options) -> list[int]:
+        return self.tokenizer.encode(self.apply_chat_template(messages, **options), add_bos=None, parse_special=True)
+
+    def reasoning_splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:
+        """A splitter for a generation after prompt_ids (None: the model does not reason); the prompt's
+        last tokens say whether it starts inside a thinking block."""
+        if self.reasoning_format is None:
+            return None
+        return ReasoningSplitter(self.reasoning_format, self.tokenizer.decode(list(prompt_ids[-32:])))
 
     # ------------------------------------------------------------------ core loop
     def _logits(self, tokens: list[int], pos: int) -> np.ndarray:
@@ -137,8 +152,11 @@ class LLM:
         return logits, reuse
 
     def stream_tokens(self, prompt_ids: list[int], max_new_tokens: int = 128, stop=None,
-                      stop_at_eos: bool = True, **sampling):
-        """Yield (token_id, text_piece) as tokens are produced; the return value is a Generation."""
+                      stop_at_eos: bool = True, reasoning: bool = True, **sampling):
+        """Yield (token_id, text_piece) as tokens are produced; the return value is a Generation.
+
+        For a reasoning model (and reasoning=True) pieces of thinking come as ReasoningPiece and the
+        markers around it are not yielded; reasoning=False yields the raw text, markers and all."""
         if max_new_tokens is None or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(**sampling)
@@ -156,6 +174,12 @@ class LLM:
         rng = np.random.default_rng(params.seed)
         gen = Generation("", [], prompt, "length")
         detok, text, emitted = _Detokenizer(self.tokenizer), "", 0
+        splitter = self.reasoning_splitter(prompt) if reasoning else None
+
+        def parts(s):                               # raw text -> (kind-tagged) pieces
+            if splitter is None:
+                return [s]
+            return [ReasoningPiece(p) if kind == "reasoning" else p for kind, p in splitter.push(s)]
         t0 = time.perf_counter()
         with self.lock:
             logits, gen.reused_prompt_tokens = self.prefill(prompt)
@@ -176,14 +200,16 @@ class LLM:
                     text = text[:text.index(hit)]
                     gen.finish_reason = "stop"
                     if len(text) > emitted:
-                        yield tok, text[emitted:]
+                        for p in parts(text[emitted:]):
+                            yield tok, p
                         emitted = len(text)
                     break
                 # hold back a tail that could still become a stop string
                 hold = max((len(s) - 1 for s in stops), default=0)
                 safe = len(text) - hold if hold else len(text)
                 if safe > emitted:
-                    yield tok, text[emitted:safe]
+                    for p in parts(text[emitted:safe]):
+                        yield tok, p
                     emitted = safe
                 if step + 1 < budget:
                     logits = self._logits([tok], len(self._cached))
@@ -191,31 +217,38 @@ class LLM:
             gen.decode_seconds = time.perf_counter() - t1
         if gen.finish_reason != "stop" or not stops or not any(s in text for s in stops):
             text += detok.flush()
-        if len(text) > emitted:
-            yield None, text[emitted:]
-        gen.text = text
+        rest = parts(text[emitted:]) if len(text) > emitted else []
+        if splitter is not None:
+            rest += [ReasoningPiece(p) if kind == "reasoning" else p for kind, p in splitter.flush()]
+        for p in rest:
+            yield None, p
+        gen.reasoning, gen.text = splitter.result if splitter is not None else ("", text)
         return gen
 
     # ------------------------------------------------------------------ public API
-    def _prompt_ids(self, prompt) -> list[int]:
+    def _prompt_ids(self, prompt, options=None) -> list[int]:
         if isinstance(prompt, str):
-            return self.encode_chat([{"role": "user", "content": prompt}])
+            return self.encode_chat([{"role": "user", "content": prompt}], **(options or {}))
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-            return self.encode_chat(list(prompt))
+            return self.encode_chat(list(prompt), **(options or {}))
         return [int(t) for t in prompt]
 
-    def generate(self, prompt, max_new_tokens: int = 128, stop=None, **sampling) -> Generation:
-        """prompt: token ids, a user message (str, chat template applied) or a list of messages."""
-        it = self.stream_tokens(self._prompt_ids(prompt), max_new_tokens, stop, **sampling)
+    def generate(self, prompt, max_new_tokens: int = 128, stop=None, template_options: dict | None = None,
+                 **sampling) -> Generation:
+        """prompt: token ids, a user message (str, chat template applied) or a list of messages;
+        template_options: chat template variables ({"enable_thinking": False} for Qwen3)."""
+        it = self.stream_tokens(self._prompt_ids(prompt, template_options), max_new_tokens, stop, **sampling)
         while True:
             try:
                 next(it)
             except StopIteration as done:
                 return done.value
 
-    def stream(self, prompt, max_new_tokens: int = 128, stop=None, **sampling):
-        """Yield text pieces as they form (same prompt forms as generate)."""
-        for _, piece in self.stream_tokens(self._prompt_ids(prompt), max_new_tokens, stop, **sampling):
+    def stream(self, prompt, max_new_tokens: int = 128, stop=None, template_options: dict | None = None,
+               **sampling):
+        """Yield text pieces as they form (same prompt forms as generate; reasoning as ReasoningPiece)."""
+        for _, piece in self.stream_tokens(self._prompt_ids(prompt, template_options), max_new_tokens, stop,
+                                           **sampling):
             if piece:
                 yield piece
 

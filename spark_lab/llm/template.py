@@ -1,8 +1,15 @@
-"""Chat templates: the model's own Jinja template from `tokenizer.chat_template`, ChatML otherwise."""
+"""Chat templates: the model's own Jinja template from `tokenizer.chat_template`, ChatML otherwise.
+
+Rendered in jinja2's sandbox with what real templates expect besides `messages` and
+`add_generation_prompt`: `raise_exception`, `strftime_now` (gpt-oss puts today's date in its system
+message), `tojson` as transformers defines it (plain JSON, no HTML escaping), and any template
+options the caller passes on (`enable_thinking` for Qwen3, `reasoning_effort` for gpt-oss, `tools`).
+"""
 from __future__ import annotations
 
 import datetime
 import functools
+import json
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -28,7 +35,12 @@ def _compile(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env.from_string(source)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def check_messages(messages) -> None:
@@ -43,7 +55,9 @@ def check_messages(messages) -> None:
             raise TemplateError(f"message {i} content must be a string")
 
 
-def render_chat(tokenizer, messages, add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, **options) -> str:
+    """messages -> the prompt text; options go to the template as variables (enable_thinking=False,
+    reasoning_effort="high", tools=[...]); a template ignores the ones it does not know."""
     check_messages(messages)
     source = getattr(tokenizer, "chat_template", None) or CHATML
     tok = tokenizer
@@ -53,7 +67,7 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True) -> str:
 
     try:
         return _compile(source).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            **options, messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=piece(getattr(tok, "bos_id", None)), eos_token=piece(getattr(tok, "eos_id", None)))
     except TemplateError:
         raise
