@@ -23,6 +23,8 @@ psutil = pytest.importorskip("psutil")
 
 from spark_lab.models import is_present  # noqa: E402
 
+from .llm.thinking_model import write_thinking_gguf  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not is_present("smollm2-135m-instruct"),
                                 reason="SmolLM2 is not installed (make setup)")
 
@@ -33,18 +35,20 @@ TINY_SD = Path(__file__).parent / "fixtures" / "diffusion" / "tiny-sd"   # a ful
 SERVER = """
 import sys
 from spark_lab.serve import ServerConfig, serve
-config = ServerConfig(api_key=sys.argv[1], n_ctx=int(sys.argv[2]), models={"tiny-sd": ("diffusion", sys.argv[3])})
+config = ServerConfig(api_key=sys.argv[1], n_ctx=int(sys.argv[2]),
+                      models={"tiny-sd": ("diffusion", sys.argv[3]), "tiny-think": ("llm", sys.argv[4])})
 serve(config, host="127.0.0.1", port=0, ready=lambda url: print("READY", url, flush=True))
 """
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     """-> (base url, server pid). A subprocess, so its memory can be measured on its own."""
+    think = write_thinking_gguf(tmp_path_factory.mktemp("serve") / "tiny-think.gguf")   # a Qwen3 that thinks
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                SPARK_LAB_THREADS=os.environ.get("SPARK_LAB_THREADS", "1"))
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, KEY, str(N_CTX), str(TINY_SD)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, KEY, str(N_CTX), str(TINY_SD), str(think)], env=env,
                             stdout=subprocess.PIPE, stderr=log, text=True)
     line = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
@@ -114,6 +118,33 @@ def test_chat_and_stream_agree(client):
     assert streamed == text                                       # greedy: the same tokens, streamed
     assert finish == r.choices[0].finish_reason
     assert usage.prompt_tokens == r.usage.prompt_tokens and usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_reasoning_content(client, server):
+    """A reasoning model's thinking comes back as `reasoning_content` beside `content` (llama-server
+    and vLLM's field), streamed as delta.reasoning_content; the tiny Qwen3 walks <think>Hm</think>OK."""
+    msgs = [{"role": "user", "content": "Hi?"}]
+    m = client.chat.completions.create(model="tiny-think", messages=msgs, max_tokens=16, temperature=0).choices[0].message
+    assert (m.content, m.reasoning_content) == ("OK", "Hm")
+    deltas = []
+    for chunk in client.chat.completions.create(model="tiny-think", messages=msgs, max_tokens=16, temperature=0,
+                                                stream=True):
+        for c in chunk.choices:
+            deltas += [(k, getattr(c.delta, k, None)) for k in ("reasoning_content", "content")
+                       if getattr(c.delta, k, None)]
+    assert deltas == [("reasoning_content", "H"), ("reasoning_content", "m"), ("content", "O"), ("content", "K")]
+    off = client.chat.completions.create(model="tiny-think", messages=msgs, max_tokens=16, temperature=0,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert (off.choices[0].message.content, off.choices[0].message.reasoning_content) == ("OK", None)
+    raw = client.completions.create(model="tiny-think", prompt="<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n",
+                                    max_tokens=16, temperature=0)
+    assert raw.choices[0].text == "<think>Hm</think>\n\nOK"            # /v1/completions: the text as generated
+    plain = httpx.post(server[0] + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                       json={"model": CHAT, "messages": msgs, "max_tokens": 2, "temperature": 0}).json()
+    assert "reasoning_content" not in plain["choices"][0]["message"]       # a model that does not reason: no field
+    bad = httpx.post(server[0] + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                     json={"model": "tiny-think", "messages": msgs, "chat_template_kwargs": {"messages": []}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs"
 
 
 def test_stop_and_seed(client):

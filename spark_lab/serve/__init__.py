@@ -21,6 +21,11 @@ penalty 1.1 over the last 64 tokens when sampling); `top_k`, `min_p` and `repeti
 sent as extra fields, and temperature 0 is greedy. A request without `seed` gets a fresh one, as
 OpenAI's API does (the kit's fixed default seed is for notebooks and the command line).
 
+Reasoning models (Qwen3 thinking, gpt-oss) answer with `reasoning_content` beside `content`, and stream
+it as `delta.reasoning_content`, as llama-server and vLLM do; `chat_template_kwargs` (e.g.
+{"enable_thinking": false}) and `reasoning_effort` reach the model's chat template. /v1/completions
+returns the text as generated, markers included.
+
 The parts, by job: config (ServerConfig), schemas (request bodies, validation, OpenAI-shaped errors),
 worker (a model's thread, its jobs, the registry that loads models), jobs (what runs on that thread),
 stream (one generation as JSON or server-sent events), app (the routes and the key/size guard),

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from .. import __version__
+from ..llm.reasoning import ReasoningPiece
 from .config import FINGERPRINT, ServerConfig
 from .jobs import embed_job, imagine_job
 from .schemas import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest, ImageRequest, chat_messages,
@@ -82,8 +83,15 @@ def create_app(config: ServerConfig | None = None):
         worker = await registry.get(r.model, "llm")
         llm = worker.model
         messages = chat_messages(r.messages)
+        options = dict(r.chat_template_kwargs or {})
+        if r.reasoning_effort is not None:
+            options["reasoning_effort"] = r.reasoning_effort
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & options.keys()
+        if reserved:
+            raise APIError(400, f"'chat_template_kwargs' may not set {sorted(reserved)[0]!r}",
+                           param="chat_template_kwargs", code="invalid_value")
         try:
-            prompt_ids = await asyncio.to_thread(llm.encode_chat, messages)
+            prompt_ids = await asyncio.to_thread(llm.encode_chat, messages, **options)
         except ValueError as e:                   # the chat template refused the messages
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         check_context(llm, prompt_ids, "messages")
@@ -97,14 +105,18 @@ def create_app(config: ServerConfig | None = None):
                 delta, finish = {}, gen.finish_reason
             elif piece is None:
                 delta, finish = {"role": "assistant", "content": ""}, None
-            else:
-                delta, finish = {"content": piece}, None
+            else:                                  # reasoning beside content, as llama-server and vLLM send it
+                key = "reasoning_content" if isinstance(piece, ReasoningPiece) else "content"
+                delta, finish = {key: str(piece)}, None
             return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         def body(gen):
+            message = {"role": "assistant", "content": gen.text, "refusal": None}
+            if llm.reasoning_format is not None:
+                message["reasoning_content"] = gen.reasoning or None
             return {"id": cid, "object": "chat.completion", "created": created, "model": worker.id,
                     "system_fingerprint": FINGERPRINT,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text, "refusal": None},
+                    "choices": [{"index": 0, "message": message,
                                  "logprobs": None, "finish_reason": gen.finish_reason}],
                     "usage": usage_of(gen), "timings": timings_of(gen)}
 
@@ -122,6 +134,7 @@ def create_app(config: ServerConfig | None = None):
                 raise unsupported("prompt", f"one prompt per request, got {len(prompt)}")
             prompt = prompt[0]
         sampling = sampling_args(r, r.max_tokens)
+        sampling["reasoning"] = False            # a raw completion is text as generated, markers and all
         worker = await registry.get(r.model, "llm")
         llm = worker.model
         if isinstance(prompt, str):    # raw text: special tokens such as <|im_start|> are parsed

@@ -77,6 +77,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
     response_format: dict | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None   # gpt-oss's template reads it
+    chat_template_kwargs: dict | None = None  # as vLLM and llama-server: {"enable_thinking": false} for Qwen3
 
 
 class CompletionRequest(_Sampling):
