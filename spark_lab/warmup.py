@@ -33,11 +33,13 @@ PARTS = ("kernels", "llm", "images", "text")
 # ----------------------------------------------------------------------------- the stamp
 
 def fingerprint() -> str:
-    """What numba's cache depends on: numba and Python versions, and every source file's size and
-    modification time (numba drops a cached kernel when its file's stat changes)."""
+    """What numba's cache depends on: numba and Python versions, and the size and modification time
+    of every source file that uses numba (numba drops a cached kernel when its file's stat changes)."""
     import numba
     h = hashlib.sha256(f"{numba.__version__} {sys.version} {platform.machine()}".encode())
     for p in sorted(PACKAGE.rglob("*.py")):
+        if "numba" not in p.read_text(encoding="utf-8", errors="replace"):
+            continue
         st = p.stat()
         h.update(f"{p.relative_to(PACKAGE)} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -149,7 +151,7 @@ def warmup(parts=PARTS, verbose: bool = True) -> dict:
         if part not in WARMERS:
             raise ValueError(f"no warm-up part {part!r} (choose from {', '.join(PARTS)})")
         if verbose:
-            print(f"compiling kernels (first run only): {part}…", end=" ", flush=True)
+            print(f"numba warm-up: {part}…", end=" ", flush=True)
         t0 = time.perf_counter()
         try:
             what = WARMERS[part]()

@@ -1,20 +1,27 @@
-"""A newcomer's path in a real browser: JupyterLab, 00_welcome.ipynb, Run All Cells, then a chat.
+"""A newcomer's path in a real browser: JupyterLab, every notebook, Run All Cells; a chat in 00.
 
 Headless Debian Chromium driven by Playwright (Playwright's own browser download is not used).
-JupyterLab runs on a free local port with a token, on a *copy* of the notebook so autosave
-never writes outputs into the committed file. The screenshot goes to docs/screenshot.png
-(or $SPARK_LAB_SCREENSHOT). Run it with scripts/browser_test.sh.
+JupyterLab runs on a free local port with a token, on *copies* of the notebooks so autosave
+never writes outputs into the committed files. Every notebook must run with no error output,
+no widget that failed to render ("Click to show javascript error", "Error displaying widget",
+"Failed to create view") and no console error from the widget manager. Hindi text must render
+with a real Devanagari font (not boxes).
+
+Nothing is written into the repository: screenshots go to out/browser/ (ignored), the welcome
+one to $SPARK_LAB_SCREENSHOT when set (`scripts/browser_test.sh --screenshot` sets it to
+docs/screenshot.png, to refresh the README's picture on purpose). Run it with
+scripts/browser_test.sh.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,8 +36,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
 NOTEBOOK = "00_welcome.ipynb"
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+OUT = Path(os.environ.get("SPARK_LAB_BROWSER_OUT", ROOT / "out" / "browser"))   # ignored by git
+# what the widget manager shows or logs when a widget cannot be drawn
+WIDGET_ERRORS = ("Click to show javascript error", "Error displaying widget", "Failed to create view",
+                 "Could not create a view", "Error rendering widget")
+WIDGET_CONSOLE = re.compile(r"widget|Failed to create view|Could not create|model not found", re.I)
 QUESTION = "What is the capital of France?"
-RUN_ALL_TIMEOUT = float(os.environ.get("SPARK_LAB_RUN_ALL_TIMEOUT", 900))   # seconds
+RUN_ALL_TIMEOUT = float(os.environ.get("SPARK_LAB_RUN_ALL_TIMEOUT", 600))   # seconds, per notebook
 CHAT_TIMEOUT = float(os.environ.get("SPARK_LAB_CHAT_TIMEOUT", 300))
 
 
@@ -53,7 +66,7 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"
     root.mkdir()
-    for name in (NOTEBOOK, "01_device_and_memory.ipynb"):
+    for name in NOTEBOOKS:
         shutil.copy(ROOT / "notebooks" / name, root / name)
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, CI=os.environ.get("CI", "1"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
@@ -111,6 +124,9 @@ def page(lab, tmp_path_factory):
             viewport={"width": 1400, "height": 1000})
         pg = ctx.pages[0] if ctx.pages else ctx.new_page()
         pg.set_default_timeout(60_000)
+        pg.console_errors = []      # (kind, text) of console errors and uncaught page errors
+        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(("console", m.text)))
+        pg.on("pageerror", lambda e: pg.console_errors.append(("pageerror", str(e))))
         try:
             yield pg
         finally:
@@ -119,6 +135,16 @@ def page(lab, tmp_path_factory):
 
 def _kernel_states(base, token):
     return [k.get("execution_state") for k in _get_json(f"{base}/api/kernels?token={token}")]
+
+
+def _shut_down_kernels(base, token):
+    """Stop every kernel, so the next notebook starts alone (CI has two cores)."""
+    for k in _get_json(f"{base}/api/kernels?token={token}"):
+        req = urllib.request.Request(f"{base}/api/kernels/{k['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
+    deadline = time.time() + 30
+    while _kernel_states(base, token) and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def _wait_until_idle(page, base, token, timeout):
@@ -138,7 +164,7 @@ def _wait_until_idle(page, base, token, timeout):
 
 
 def _shot(page, name="screenshot.png"):
-    out = Path(os.environ.get("SPARK_LAB_SCREENSHOT", ROOT / "docs" / name))
+    out = Path(os.environ.get("SPARK_LAB_SCREENSHOT") or OUT / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out))
     return out
@@ -156,6 +182,8 @@ def _tidy(page):
 
 def _open_and_run_all(page, base, token, name):
     """Open notebooks/<name>, Run → Run All Cells, wait until done: (seconds, stderr text, prompts, panel)."""
+    _shut_down_kernels(base, token)
+    page.console_errors.clear()
     t0 = time.time()
     page.goto(f"{base}/lab/tree/{name}?reset&token={token}")     # reset: a fresh workspace, this notebook only
     page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current", has_text=name).wait_for()
@@ -176,13 +204,37 @@ def _open_and_run_all(page, base, token, name):
     errors = panel.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     error_text = "\n".join(errors.all_inner_texts())[-3000:]
     prompts = panel.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
-    page.screenshot(path=str(Path(tempfile.gettempdir()) / f"spark-lab-browser-{name}.png"))  # for diagnosis
+    OUT.mkdir(parents=True, exist_ok=True)                             # for diagnosis: the last view,
+    panel.screenshot(path=str(OUT / f"{Path(name).stem}.png"))          # and each plot as it was drawn
+    for i, plot in enumerate(panel.locator(".js-plotly-plot").all()):
+        plot.screenshot(path=str(OUT / f"{Path(name).stem}-plot{i + 1}.png"))
     return time.time() - t0, error_text, prompts, panel
 
 
-def _assert_ran_cleanly(name, error_text, prompts):
+def _widget_problems(page, panel) -> list[str]:
+    """Widgets that failed to render, and the widget manager's console errors."""
+    problems = [f"{n} error widget(s) (.jupyter-widgets-error-widget)"
+                for n in [panel.locator(".jupyter-widgets-error-widget").count()] if n]
+    text = panel.inner_text()
+    problems += [f"the notebook shows {marker!r}" for marker in WIDGET_ERRORS if marker in text]
+    deadline = time.time() + 10         # a widget view still loading after the run is one that never draws
+    while "Loading widget..." in panel.inner_text() and time.time() < deadline:
+        time.sleep(0.5)
+    if "Loading widget..." in panel.inner_text():
+        problems.append("a widget stayed at 'Loading widget...'")
+    problems += [f"{kind}: {msg[:300]}" for kind, msg in page.console_errors if WIDGET_CONSOLE.search(msg)]
+    return problems
+
+
+def _assert_ran_cleanly(name, error_text, prompts, page=None, panel=None):
     assert "Error" not in error_text and "Traceback" not in error_text, f"a cell of {name} failed:\n{error_text}"
     assert prompts and all(any(ch.isdigit() for ch in p) for p in prompts), f"{name}: cells not run: {prompts}"
+    if page is not None:
+        others = [m for m in page.console_errors if not WIDGET_CONSOLE.search(m[1])]
+        if others:
+            print(f"\n{name}: other console errors (not failing): {others[:5]}")
+        problems = _widget_problems(page, panel)
+        assert not problems, f"{name}: widgets did not render:\n" + "\n".join(problems)
 
 
 def test_welcome_runs_and_chat_streams(lab, page):
@@ -218,17 +270,74 @@ def test_welcome_runs_and_chat_streams(lab, page):
     shot = _shot(page)
     print(f"\nrun all: {run_all_s:.1f} s; chat answer grew through {len(lengths)} lengths: {final!r}; "
           f"status: {status.inner_text()}; screenshot: {shot}")
-    _assert_ran_cleanly(NOTEBOOK, error_text, prompts)
+    _assert_ran_cleanly(NOTEBOOK, error_text, prompts, page, panel)
+    # the gallery drew its picture and its thumbnail (a failed ImageView shows no <img>)
+    assert panel.locator(".widget-image").count() >= 2, "the ImageGallery's preview and thumbnail are missing"
 
 
 def test_memory_notebook_draws_its_figures(lab, page):
     """01_device_and_memory: every plot renders, the live dashboard (a plotly FigureWidget) included."""
     base, token, root, log_path = lab
     run_s, error_text, prompts, panel = _open_and_run_all(page, base, token, "01_device_and_memory.ipynb")
-    _assert_ran_cleanly("01_device_and_memory.ipynb", error_text, prompts)
+    _assert_ran_cleanly("01_device_and_memory.ipynb", error_text, prompts, page, panel)
     plots = panel.locator(".js-plotly-plot")
     assert plots.count() >= 3, f"expected the timeline, the dashboard and the plan table; saw {plots.count()} plots"
     # the dashboard's traces reached the browser: one line per tag plus "in use"
     legend = panel.locator(".js-plotly-plot", has_text="in use").first.inner_text()
     assert "weights" in legend and "kv_cache" in legend
     print(f"\n01_device_and_memory: run all {run_s:.1f} s, {plots.count()} plots drawn")
+
+
+OTHERS = [n for n in NOTEBOOKS if n not in (NOTEBOOK, "01_device_and_memory.ipynb")]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_notebook_runs_in_jupyterlab(lab, page, name):
+    """Every other notebook: Run All Cells, no error output, every widget drawn."""
+    base, token, root, log_path = lab
+    run_s, error_text, prompts, panel = _open_and_run_all(page, base, token, name)
+    _assert_ran_cleanly(name, error_text, prompts, page, panel)
+    print(f"\n{name}: run all {run_s:.1f} s, {len(prompts)} code cells, "
+          f"{panel.locator('.jupyter-widgets').count()} widget views, {panel.locator('.js-plotly-plot').count()} plots")
+
+
+# Hindi: a conjunct such as "क्ष" (three code points: ka, virama, ssa) is one glyph about as wide
+# as "क" in a Devanagari font; without one, every code point is a same-width box (tofu).
+_MEASURE = """([text, family]) => {
+    const s = document.createElement("span");
+    s.style.fontFamily = family; s.style.fontSize = "40px"; s.style.whiteSpace = "pre";
+    s.textContent = text; document.body.appendChild(s);
+    const w = s.getBoundingClientRect().width; s.remove(); return w;
+}"""
+
+
+def test_hindi_renders_with_a_devanagari_font(lab, page):
+    """Notebook 05 prints Hindi; the page's fonts must have Devanagari glyphs, not boxes."""
+    base, token, root, log_path = lab
+    page.goto(f"{base}/lab?token={token}")
+    page.locator(".jp-LabShell").wait_for()
+    for family in ("var(--jp-content-font-family)", "var(--jp-code-font-family)"):
+        ka = page.evaluate(_MEASURE, ["\u0915", family])                    # क
+        ksa = page.evaluate(_MEASURE, ["\u0915\u094d\u0937", family])      # क्ष
+        hi = page.evaluate(_MEASURE, ["\u092d\u093e\u0930\u0924", family])  # भारत: four letters
+        boxes = page.evaluate(_MEASURE, ["\u0378\u0378\u0378\u0378", family])  # unassigned: four boxes
+        assert ka > 0 and ksa < 1.8 * ka, \
+            (f"Devanagari renders as boxes in {family} (क {ka:.0f}px, क्ष {ksa:.0f}px): install a Devanagari "
+             f"font (Debian: fonts-noto-core; scripts/browser_test.sh does)")
+        assert abs(hi - boxes) > 1, f"Hindi is as wide as four boxes in {family} ({hi:.0f}px)"
+
+
+def test_a_broken_widget_is_caught(lab, page):
+    """The checks themselves: a widget the installed front end cannot draw (an Image with a tooltip,
+    as ImageGallery's thumbnails once were) must be reported, so a pass above means something."""
+    import nbformat
+    base, token, root, log_path = lab
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import ipywidgets as w\nw.Image(value=b'', format='png', tooltip='x')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "zz_broken_widget.ipynb")
+    run_s, error_text, prompts, panel = _open_and_run_all(page, base, token, "zz_broken_widget.ipynb")
+    problems = _widget_problems(page, panel)
+    assert any("error widget" in p for p in problems) and any("Click to show javascript error" in p for p in problems), problems
+    assert any(p.startswith("console: Could not create a view") for p in problems), problems
+    _shut_down_kernels(base, token)
