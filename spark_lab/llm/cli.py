@@ -5,7 +5,33 @@ import json
 import sys
 
 from .engine import LLM
+from .reasoning import ReasoningPiece
 from .sampling import SamplingParams
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class PieceWriter:
+    """Writes streamed pieces; reasoning dimmed on a terminal, set off by 'thinking:' lines otherwise."""
+
+    def __init__(self, out, tty: bool | None = None):
+        self.out, self.tty = out, out.isatty() if tty is None else tty
+        self.thinking = False
+
+    def write(self, piece: str) -> None:
+        reasoning = isinstance(piece, ReasoningPiece)
+        if reasoning and not self.thinking:
+            self.out.write(DIM if self.tty else "[thinking] ")
+        elif self.thinking and not reasoning:
+            self.out.write(RESET + "\n\n" if self.tty else "\n[answer] ")
+        self.thinking = reasoning
+        self.out.write(piece)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.thinking and self.tty:
+            self.out.write(RESET)
+        self.thinking = False
 
 
 def _read_prompt(p: str) -> str:
@@ -53,7 +79,8 @@ def cmd_generate(args) -> int:
         ids = llm.tokenizer.encode(prompt, add_bos=None, parse_special=True)
     else:
         ids = llm.encode_chat([{"role": "user", "content": prompt}])
-    it = llm.stream_tokens(ids, args.max_new_tokens, **sampling)
+    it = llm.stream_tokens(ids, args.max_new_tokens, reasoning=not args.raw, **sampling)
+    writer = PieceWriter(sys.stdout)
     while True:
         try:
             _, piece = next(it)
@@ -61,12 +88,12 @@ def cmd_generate(args) -> int:
             g = done.value
             break
         if not args.json and piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            writer.write(piece)
+    writer.close()
     if args.json:
         print(json.dumps({
             "model": llm.name, "prompt_token_ids": g.prompt_token_ids, "token_ids": g.token_ids,
-            "text": g.text, "finish_reason": g.finish_reason,
+            "text": g.text, "reasoning": g.reasoning, "finish_reason": g.finish_reason,
             "prompt_tokens": len(g.prompt_token_ids), "completion_tokens": len(g.token_ids),
             "prompt_tokens_per_second": round(g.prompt_tokens_per_second, 2),
             "tokens_per_second": round(g.tokens_per_second, 2),
@@ -85,7 +112,8 @@ def cmd_chat(args) -> int:
     llm = LLM.load(args.model)
     session = ChatSession(llm, system_prompt=args.system)
     print(f"spark-lab chat with {llm.name} ({llm.config.arch}, context {llm.n_ctx}). "
-          "Empty line or Ctrl-D to quit, /reset to forget the conversation.", file=sys.stderr)
+          "Empty line or Ctrl-D to quit, /reset to forget the conversation"
+          + (", /think on|off to switch thinking." if llm.reasoning_format == "think" else "."), file=sys.stderr)
     while True:
         try:
             user = input("you> ")
@@ -97,10 +125,14 @@ def cmd_chat(args) -> int:
         if user.strip() == "/reset":
             session.reset()
             continue
+        if user.strip() in ("/think on", "/think off"):     # Qwen3's switch (enable_thinking in its template)
+            session.template_options["enable_thinking"] = user.strip() == "/think on"
+            continue
         sys.stdout.write("bot> ")
+        writer = PieceWriter(sys.stdout)                 # reasoning models: the thinking dimmed
         for piece in session.stream(user, max_new_tokens=args.max_new_tokens, **sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            writer.write(piece)
+        writer.close()
         g = session.last
         sys.stdout.write("\n")
         print(f"[{g.tokens_per_second:.1f} tok/s]", file=sys.stderr)

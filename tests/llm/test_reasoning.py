@@ -3,12 +3,15 @@ the streaming splitter on every way a text can arrive in pieces, and a tiny Qwen
 from __future__ import annotations
 
 import codecs
+import io
 import itertools
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from spark_lab.llm import LLM, ChatSession
+from spark_lab.llm.cli import DIM, RESET, PieceWriter
 from spark_lab.llm.reasoning import ReasoningPiece, ReasoningSplitter, reasoning_format, split_reasoning
 from spark_lab.llm.template import CHATML, TemplateError, render_chat
 
@@ -175,3 +178,35 @@ def test_chat_session_keeps_answers_only(models):
     quiet = ChatSession(llm, template_options={"enable_thinking": False})
     quiet.send("Hi?", max_new_tokens=16, temperature=0)
     assert (quiet.last.reasoning, quiet.last.text) == ("", "OK")
+
+
+def test_terminal_shows_reasoning_dimmed():
+    out = io.StringIO()
+    w = PieceWriter(out, tty=True)
+    for p in (ReasoningPiece("H"), ReasoningPiece("m"), "O", "K"):
+        w.write(p)
+    w.close()
+    assert out.getvalue() == f"{DIM}Hm{RESET}\n\nOK"
+    out = io.StringIO()
+    w = PieceWriter(out, tty=True)
+    w.write(ReasoningPiece("cut off"))                       # max_new_tokens inside the thinking
+    w.close()
+    assert out.getvalue() == f"{DIM}cut off{RESET}"
+
+
+def test_cli_chat_and_generate(models, monkeypatch, capsys):
+    from spark_lab.cli import main
+    path = str(models["think"].path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi?\n/think off\nHi?\n\n"))
+    assert main(["chat", "--model", path, "--temperature", "0", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("bot> ") == 2
+    assert "bot> [thinking] Hm\n[answer] OK\n" in out.out and "bot> OK\n" in out.out   # not a TTY: marked in words
+    assert "/think on|off" in out.err
+    assert main(["generate", "--model", path, "--temperature", "0", "--max-new-tokens", "16", "--json", "Hi?"]) == 0
+    g = json.loads(capsys.readouterr().out)
+    assert (g["reasoning"], g["text"]) == ("Hm", "OK")
+    assert main(["generate", "--model", path, "--temperature", "0", "--max-new-tokens", "16", "--json", "--raw",
+                 "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"]) == 0
+    g = json.loads(capsys.readouterr().out)
+    assert (g["reasoning"], g["text"]) == ("", "<think>Hm</think>\n\nOK")
