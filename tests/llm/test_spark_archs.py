@@ -268,3 +268,23 @@ def test_expert_weights_norm_from_the_file(tmp_path):
     assert not c.expert_weights_norm
     out = m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True)
     assert np.abs(out - ref).max() > 1e-2 * np.abs(ref).max()       # transformers' norm_topk_prob=True no longer
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_frequencies_match_transformers(truncate):
+    """gpt-oss-120b's YaRN (theta 150000, factor 32, 4096 original context) against transformers'
+    own inv_freq and attention factor, with and without the rounded correction range."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from spark_lab.kernels.rope import YaRN, rope_freqs
+    cfg = transformers.Qwen3Config(head_dim=64, hidden_size=64, num_attention_heads=1, rope_theta=150000.0,
+                                   max_position_embeddings=131072,
+                                   rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                 "original_max_position_embeddings": 4096, "truncate": truncate})
+    inv, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    mine, mscale = rope_freqs(64, 150000.0, 1 / 32, yarn=YaRN(orig_ctx=4096, truncate=truncate))
+    np.testing.assert_allclose(mine, inv.double().numpy(), rtol=1e-6)
+    assert mscale == pytest.approx(attention_factor, rel=1e-7)
+    plain, _ = rope_freqs(64, 150000.0)
+    assert mine[0] == plain[0] and mine[-1] == pytest.approx(plain[-1] / 32)   # fast pairs kept, slow ones / factor
