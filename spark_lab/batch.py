@@ -413,7 +413,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, threads: i
     if address:
         from distributed import Client
         try:
-            return Client(address, timeout="10s")
+            return Client(address)   # waits distributed.comm.timeouts.connect (30 s by default)
         except OSError as e:
             raise ValueError(f"cannot reach the Dask scheduler at {address}: {_one_line(e)}") from None
     return local_cluster(workers, threads)
@@ -499,11 +499,15 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
     todo = [it for it in items if it.id not in done]
     img_dir = Path(images) if images else Path(out).with_name(Path(out).stem + "_images")
 
+    report = BatchReport(str(out), task, len(items), 0, len(items) - len(todo), 0, 0.0, 0.0, 0)
+    if not todo and client is None:
+        log.finish()
+        return report                                   # all done already: no cluster needed
     own = client is None
     if own:
         client = connect(scheduler, workers, threads)
-    report = BatchReport(str(out), task, len(items), 0, len(items) - len(todo), 0, 0.0, 0.0,
-                         len(client.scheduler_info()["workers"]), dashboard_link(client))
+    report.workers = len(client.scheduler_info()["workers"])
+    report.dashboard = dashboard_link(client)
     pending: dict = {}
     bar = None
     try:

@@ -266,7 +266,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"spark-lab batch: error: no such file or folder: {tmp_path / 'missing'}"]
     j = _jsonl(tmp_path, 1)
-    r = _run("batch", "embed", str(j), "--out", str(tmp_path / "o.jsonl"), "--scheduler", "tcp://127.0.0.1:9")
+    r = _run("batch", "embed", str(j), "--out", str(tmp_path / "o.jsonl"), "--scheduler", "tcp://127.0.0.1:9",
+             env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"})
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in r.stderr
 
@@ -312,11 +313,13 @@ def test_cli_batch_on_a_scheduler_and_two_workers_started_apart(reference, tmp_p
         assert {x["id"]: x["output"] for x in rows} == {f"p{i}": reference[str(i)] for i in range(6)}
         assert {x["worker"] for x in rows} <= set(rep["per_worker"]) and len(rep["per_worker"]) >= 1
         # the same address through the environment, and the cluster outlives the run
-        r = subprocess.run([SPARK_LAB, "batch", "summarize", str(j), "--out", str(tmp_path / "o2.jsonl"),
+        one = tmp_path / "one.jsonl"
+        one.write_text(j.read_text().splitlines()[0] + "\n")
+        r = subprocess.run([SPARK_LAB, "batch", "summarize", str(one), "--out", str(tmp_path / "o2.jsonl"),
                             "--max-words", "30", "--json"], stdin=subprocess.DEVNULL, capture_output=True,
                            text=True, timeout=120, env=dict(env, DASK_SCHEDULER_ADDRESS=addr))
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["workers"] == 2
+        assert (json.loads(r.stdout)["workers"], json.loads(r.stdout)["computed"]) == (2, 1)
     finally:
         for p in reversed(procs):
             p.terminate()
