@@ -55,7 +55,16 @@ def _error_html(e: Exception) -> str:
 _CHAT_CSS = ("<style>.spark-msg{white-space:pre-wrap;padding:6px 10px;margin:4px 0;border-radius:8px;"
              "font-family:var(--jp-content-font-family, sans-serif);line-height:1.4}"
              ".spark-user{background:#e3f2fd;margin-left:15%}"
-             ".spark-assistant{background:#f5f5f5;margin-right:15%}</style>")
+             ".spark-assistant{background:#f5f5f5;margin-right:15%}"
+             ".spark-reasoning{color:#777;font-size:90%;margin-top:4px}</style>")
+
+
+def _reasoning_html(reasoning: str, open_: bool = False) -> str:
+    """A reasoning model's thinking as a collapsed section under its answer (open while it streams)."""
+    if not reasoning:
+        return ""
+    return (f'<details class="spark-reasoning"{" open" if open_ else ""}><summary>reasoning</summary>'
+            f'{html.escape(reasoning)}</details>')
 
 
 def _as_session(llm_or_session, system_prompt):
@@ -81,6 +90,7 @@ class ChatBox(widgets.VBox):
         self.session = _as_session(llm_or_session, system_prompt)
         self.gen = dict(max_new_tokens=max_new_tokens, **gen)   # generate() arguments for every turn
         self.turns: list[tuple[str, str]] = []                  # (user, assistant) shown so far
+        self.reasoning: list[str] = []                          # each turn's thinking ("" for most models)
         self.last_times: list[float] = []                       # piece arrival times of the last answer
         self.busy = False
         self.transcript = widgets.HTML(_CHAT_CSS, layout=widgets.Layout(width="100%"))
@@ -104,14 +114,15 @@ class ChatBox(widgets.VBox):
             self.text.value = ""
             self.send(msg)
 
-    def _render(self, pending_user: str | None = None, partial: str = ""):
+    def _render(self, pending_user: str | None = None, partial: str = "", thinking: str = ""):
         parts = [_CHAT_CSS]
-        for user, answer in self.turns:
+        for (user, answer), reasoning in zip(self.turns, self.reasoning):
             parts.append(f'<div class="spark-msg spark-user">{html.escape(user)}</div>')
-            parts.append(f'<div class="spark-msg spark-assistant">{html.escape(answer)}</div>')
+            parts.append(f'<div class="spark-msg spark-assistant">{html.escape(answer)}{_reasoning_html(reasoning)}</div>')
         if pending_user is not None:
             parts.append(f'<div class="spark-msg spark-user">{html.escape(pending_user)}</div>')
-            parts.append(f'<div class="spark-msg spark-assistant">{html.escape(partial)}&#9646;</div>')
+            parts.append(f'<div class="spark-msg spark-assistant">{html.escape(partial)}&#9646;'
+                         f'{_reasoning_html(thinking, open_=not partial)}</div>')
         self.transcript.value = "".join(parts)
 
     def _count_tokens(self, text: str, pieces: int) -> int:
@@ -130,25 +141,31 @@ class ChatBox(widgets.VBox):
         self.busy = True
         self.send_button.disabled = True
         self.status.value = "<i>thinking…</i>"
-        answer = ""
+        from .llm.reasoning import ReasoningPiece
+        answer = thinking = ""
         timer = StreamTimer(self.session.stream(msg, **self.gen))
         self._render(msg)
         try:
             for piece in timer:
-                answer += piece
-                self._render(msg, answer)
+                if isinstance(piece, ReasoningPiece):
+                    thinking += piece
+                else:
+                    answer += piece
+                self._render(msg, answer, thinking)
         except Exception as e:  # shown in the widget: an exception in a callback is otherwise invisible
             self.status.value = _error_html(e)
             self.turns.append((msg, answer))
+            self.reasoning.append(thinking)
             self._render()
             return answer
         finally:
             self.busy = False
             self.send_button.disabled = False
         self.turns.append((msg, answer))
+        self.reasoning.append(thinking)
         self._render()
         self.last_times = timer.times
-        n = self._count_tokens(answer, len(timer.times))
+        n = self._count_tokens(thinking + answer, len(timer.times))
         if timer.times:
             first, total = timer.times[0], timer.times[-1]
             rate = (len(timer.times) - 1) / (total - first) if total > first else 0.0

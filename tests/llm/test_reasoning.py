@@ -210,3 +210,17 @@ def test_cli_chat_and_generate(models, monkeypatch, capsys):
                  "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"]) == 0
     g = json.loads(capsys.readouterr().out)
     assert (g["reasoning"], g["text"]) == ("", "<think>Hm</think>\n\nOK")
+
+
+def test_chatbox_shows_reasoning_collapsed(models):
+    pytest.importorskip("ipywidgets")
+    from spark_lab.widgets import ChatBox
+    box = ChatBox(models["think"], max_new_tokens=16, temperature=0)
+    assert box.send("Hi?") == "OK"
+    html = box.transcript.value
+    answer = html[html.rindex('<div class="spark-msg spark-assistant">'):]
+    assert answer.startswith('<div class="spark-msg spark-assistant">OK<details class="spark-reasoning">'
+                             '<summary>reasoning</summary>Hm</details>')          # collapsed, under the answer
+    assert box.reasoning == ["Hm"] and box.turns == [("Hi?", "OK")]
+    box._render("next", "", "thinking so far")                                  # while it thinks: open
+    assert '<details class="spark-reasoning" open><summary>reasoning</summary>thinking so far' in box.transcript.value
