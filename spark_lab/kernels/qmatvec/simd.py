@@ -23,17 +23,27 @@ _CHAINS = 4
 PREFETCH_BYTES = 2048
 
 
-def vnni() -> bool:
-    """True when the host CPU has AVX512-VNNI (the int8 dots then compile to VPDPBUSD).
-    SPARK_LAB_VNNI=0 forces the portable widening-multiply code (for tests and comparisons)."""
+def _cpu_has(feature: str) -> bool:
     import os
     if os.environ.get("SPARK_LAB_VNNI", "1") == "0":
         return False
     try:
         from llvmlite import binding
-        return bool(binding.get_host_cpu_features().get("avx512vnni", False))
+        return bool(binding.get_host_cpu_features().get(feature, False))
     except Exception:                                                      # an llvmlite without the query
         return False
+
+
+def vnni() -> bool:
+    """True when the host CPU has AVX512-VNNI (the int8 dots then compile to VPDPBUSD).
+    SPARK_LAB_VNNI=0 forces the portable widening-multiply code (for tests and comparisons)."""
+    return _cpu_has("avx512vnni")
+
+
+def byte_table() -> bool:
+    """True when the host CPU has AVX512-BW: MXFP4's 16-entry code table is then one VPSHUFB per
+    64 codes (else a few portable byte ops). SPARK_LAB_VNNI=0 turns it off too."""
+    return _cpu_has("avx512bw")
 
 
 def intrinsics():
@@ -43,7 +53,7 @@ def intrinsics():
     from numba.extending import intrinsic
 
     L = LANES
-    VNNI = vnni()
+    VNNI, PSHUFB = vnni(), byte_table()
     AHEAD = PREFETCH_BYTES
     fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
     hv = ir.VectorType(ir.IntType(16), L)
@@ -187,9 +197,14 @@ def intrinsics():
     # into 12 + its doubled value (0..24, a u8 for VPDPBUSD; 12 xqs comes off the sum afterwards).
     # Plain vector integer ops, so LLVM lowers them for any CPU (AVX-512, AVX2, NEON).
 
+    E2M1_BIASED = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0]    # 12 + doubled value, by code
+
     def e2m1_biased(k, c, vt):
         """Codes 0..15 in the elements of vector type vt (bytes or i32) -> 12 + 2 * E2M1 value."""
         b, n, w = k.b, vt.count, vt.element
+        if PSHUFB and vt == b64:                                        # a table look-up per 16-byte lane
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(b64, [b64, b64]), "llvm.x86.avx512.pshuf.b.512")
+            return b.call(fn, [ir.Constant(b64, [ir.Constant(w, v) for v in E2M1_BIASED * 4]), c])
         c_ = lambda v: ir.Constant(vt, [ir.Constant(w, v)] * n)          # noqa: E731
         m = b.and_(c, c_(7))                                            # magnitude code: 0 1 2 3 4 5 6 7
         over = b.select(b.icmp_unsigned(">", m, c_(4)), b.sub(m, c_(4)), c_(0))
