@@ -608,6 +608,32 @@ def warm_sequential(task: str, items, **params) -> list[dict]:
     return rows
 
 
+def scaling(task: str, inputs, workers=(1, 2), threads: int = 1, folder=None, **params) -> list[dict]:
+    """Throughput of the same job on LocalClusters of `workers` processes x `threads` threads.
+
+    Models are loaded before the clock starts; each run writes a fresh file in `folder` (a
+    temporary one by default). -> [{"workers", "items", "seconds", "items_per_second",
+    "speedup", "same_outputs"}], speedup against the first entry, same_outputs: every output
+    equals the first run's."""
+    import tempfile
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in workers:
+            out = Path(folder or tmp) / f"{task}-{n}-workers.jsonl"
+            client = local_cluster(workers=n, threads=threads, dashboard=False)
+            try:
+                rep = run_batch(task, inputs, out, client=client, resume=False, progress=None, **params)
+            finally:
+                close(client)
+            outputs = {r["id"]: r["output"] for r in read_results(out)}
+            first = first or (rep, outputs)
+            rows.append({"workers": n, "items": rep.computed, "seconds": rep.seconds,
+                         "items_per_second": rep.items_per_second,
+                         "speedup": rep.items_per_second / first[0].items_per_second,
+                         "same_outputs": outputs == first[1]})
+    return rows
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def cmd_batch(args) -> int:
