@@ -8,7 +8,7 @@ from spark_lab.kernels.cuda_kernels import CUDA_DIR, SOURCES
 
 
 def test_there_are_cuda_sources():
-    assert {"rmsnorm.cu", "softmax.cu", "rope.cu", "attention.cu", "qmatvec.cu"} <= set(SOURCES)
+    assert {"rmsnorm.cu", "softmax.cu", "rope.cu", "attention.cu", "qmatvec.cu", "mxfp4.cu"} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -24,6 +24,7 @@ def test_cu_compiles_to_ptx(name, tmp_path):
     ptx = out.read_text()
     stem = name[:-3]
     wanted = {"rmsnorm": ["rmsnorm_f32"], "softmax": ["softmax_f32"], "rope": ["rope_f32"],
-              "attention": ["attn_decode_f32"], "qmatvec": ["qmatvec_q8_0", "qmatvec_q4_1"]}.get(stem, [])
+              "attention": ["attn_decode_f32"], "qmatvec": ["qmatvec_q8_0", "qmatvec_q4_1"],
+              "mxfp4": ["mxfp4_matvec", "mxfp4_moe_matvec"]}.get(stem, [])
     for kernel in wanted:
         assert f".entry {kernel}(" in ptx, f"{kernel} missing from {name}'s PTX"

@@ -428,3 +428,40 @@ def test_moe_matvec_errors():
         qm.moe_matvec(np.zeros((3, 64), np.float32), stack, [0, 1])
     with pytest.raises(ValueError, match=r"needs 4352 bytes, got 4351"):
         ExpertStack(np.zeros(4351, np.uint8), QT.MXFP4, (4, 32, 64))
+
+
+@pytest.fixture
+def strict_device(monkeypatch):
+    """SPARK_LAB_DEVICE=strict: CuPy's rules on the CPU, CUDA kernels run as their NumPy twins."""
+    from spark_lab import device, memory
+    monkeypatch.setenv("SPARK_LAB_DEVICE", "strict")
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
+    yield device.get_device()
+    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
+
+
+def test_cuda_mxfp4_wrappers_on_the_strict_device(strict_device):
+    # the wrappers' argument packing and checks (the kernels themselves: tests/kernels/test_cuda.py on a GPU)
+    from spark_lab.device import to_host
+    from spark_lab.kernels import cuda_kernels as ck
+    xp = strict_device.xp
+    rng = np.random.default_rng(23)
+    stack = _stack(rng, 6, 40, 128)
+    ids = np.array([4, 0])
+    x1, xk = rng.standard_normal(128).astype(np.float32), rng.standard_normal((2, 128)).astype(np.float32)
+    for x in (x1, xk):
+        want = qm.moe_matvec(x, stack, ids)                            # the CPU's numbers (int8-rounded x)
+        got = to_host(ck.moe_matvec_mxfp4(xp.asarray(x), xp.asarray(stack.data), ids))
+        assert close(got, want, rtol=1e-6)
+        plain = to_host(ck.moe_matvec_mxfp4(xp.asarray(x), xp.asarray(stack.data), xp.asarray(ids), round_x=False))
+        w = [stack[e].dequantize() for e in ids]
+        assert close(plain, np.stack([wj @ (x if x.ndim == 1 else x[j]) for j, wj in enumerate(w)]), rtol=1e-6)
+    y = to_host(ck.qmatvec(xp.asarray(xk), xp.asarray(stack[3].data), int(QT.MXFP4), 40, 128))
+    assert close(y, xk @ stack[3].dequantize().T, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"expert ids must be integers in \[0, 6\), got \[6\]"):
+        ck.moe_matvec_mxfp4(xp.asarray(x1), xp.asarray(stack.data), [6])
+    with pytest.raises(ValueError, match=r"x of shape \(3, 128\) does not match 2 experts"):
+        ck.moe_matvec_mxfp4(xp.asarray(np.zeros((3, 128), np.float32)), xp.asarray(stack.data), ids)

@@ -5,7 +5,8 @@ Under SPARK_LAB_DEVICE=strict the arrays are `device_strict` stand-ins and `RawM
 NumPy twin of each kernel from `TWINS` (below), so these wrappers run on a CPU as on a GPU.
 Each wrapper takes and returns CuPy float32 arrays and has a NumPy twin in the kernel modules
 (rmsnorm -> norms.rmsnorm, softmax -> activations.softmax, rope -> rope.rope,
-attention_decode -> attention.attention with Tq = 1, qmatvec -> quants.quant_matmul);
+attention_decode -> attention.attention with Tq = 1, qmatvec -> quants.quant_matmul,
+moe_matvec_mxfp4 -> kernels.qmatvec.moe_matvec);
 tests/kernels/test_cuda.py checks each pair on a GPU.
 """
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
-_Q4_1, _Q8_0 = 3, 8                    # gguf.GGMLQuantizationType values
-_QBLOCK = {_Q4_1: (32, 20), _Q8_0: (32, 34)}   # qtype -> (weights per block, bytes per block)
+_Q4_1, _Q8_0, _MXFP4 = 3, 8, 39        # gguf.GGMLQuantizationType values
+_QBLOCK = {_Q4_1: (32, 20), _Q8_0: (32, 34), _MXFP4: (32, 17)}   # qtype -> (weights per block, bytes per block)
+_QKERNEL = {_Q4_1: ("qmatvec", "qmatvec_q4_1"), _Q8_0: ("qmatvec", "qmatvec_q8_0"), _MXFP4: ("mxfp4", "mxfp4_matvec")}
 _MAX_DV = 256                          # attention.cu keeps 8 values per lane
 
 
@@ -151,7 +153,7 @@ def supports_qtype(qtype) -> bool:
 def qmatvec(x, data, qtype: int, rows: int, cols: int):
     """x [n, cols] f32 @ dequant(data).T -> [n, rows]; data uint8 [rows, row_bytes] on the GPU.
 
-    Returns None when the weight is not a Q4_1/Q8_0 CuPy array (the caller then falls back).
+    Returns None when the weight is not a Q4_1/Q8_0/MXFP4 CuPy array (the caller then falls back).
     """
     cupy = _cp(x)
     if qtype not in _QBLOCK or not isinstance(data, cupy.ndarray) or cols % 32:
@@ -164,8 +166,47 @@ def qmatvec(x, data, qtype: int, rows: int, cols: int):
     n = x.shape[0]
     y = cupy.empty((n, rows), dtype=cupy.float32)
     warps = 8
-    name = "qmatvec_q8_0" if qtype == _Q8_0 else "qmatvec_q4_1"
-    _fn(cupy, "qmatvec", name)(((rows + warps - 1) // warps, n), (32 * warps,), (data, x, y, np.int32(rows), np.int32(cols)))
+    _fn(cupy, *_QKERNEL[qtype])(((rows + warps - 1) // warps, n), (32 * warps,), (data, x, y, np.int32(rows), np.int32(cols)))
+    return y
+
+
+def moe_matvec_mxfp4(x, stack, expert_ids, round_x: bool = True):
+    """The expert gather on the GPU: -> [k, rows] f32, row j = x (or x[j]) @ dequant(stack[expert_ids[j]]).T.
+
+    x [cols] (one input for all k experts: gate, up) or [k, cols] (row j for expert j: down), f32;
+    stack uint8 [n_expert, rows, cols/32 * 17]: MXFP4 blocks on the GPU (a GGUF's ffn_*_exps);
+    expert_ids [k] ints (host or device; host ids are checked here, a device id out of range
+    gives a NaN row). round_x: first round x to int8 blocks as the CPU kernels do
+    (`linalg.round_x_q8`), so the GPU gives `kernels.qmatvec.moe_matvec`'s numbers. See mxfp4.cu.
+    """
+    cupy = _cp(x)
+    if stack.ndim != 3 or stack.dtype != np.uint8 or stack.shape[2] % 17:
+        raise ValueError(f"moe_matvec_mxfp4: stack must be uint8 [n_expert, rows, row_bytes] of 17-byte MXFP4 "
+                         f"blocks, got {stack.dtype} {tuple(stack.shape)}")
+    E, rows, row_bytes = (int(s) for s in stack.shape)
+    cols = row_bytes // 17 * 32
+    if isinstance(expert_ids, cupy.ndarray):
+        ids = cupy.ascontiguousarray(expert_ids.reshape(-1), dtype=cupy.int32)
+    else:
+        host = np.asarray(expert_ids).reshape(-1)
+        if host.size == 0 or not np.issubdtype(host.dtype, np.integer) or host.min() < 0 or host.max() >= E:
+            raise ValueError(f"moe_matvec_mxfp4: expert ids must be integers in [0, {E}), got {host.tolist()}")
+        ids = cupy.asarray(host.astype(np.int32))
+    k = int(ids.size)
+    x = _f32(x)
+    if x.shape not in ((cols,), (k, cols)):
+        raise ValueError(f"moe_matvec_mxfp4: x of shape {tuple(x.shape)} does not match {k} experts of "
+                         f"[{rows}, {cols}] (needs [{cols}] or [{k}, {cols}])")
+    x2 = x.reshape(-1, cols)                                                  # [1 or k, cols]
+    if round_x:
+        from .linalg import round_x_q8
+        x2 = cupy.ascontiguousarray(round_x_q8(x2), dtype=cupy.float32)
+    stack = cupy.ascontiguousarray(stack)
+    y = cupy.empty((k, rows), dtype=cupy.float32)
+    warps = 8
+    _fn(cupy, "mxfp4", "mxfp4_moe_matvec")(
+        ((rows + warps - 1) // warps, k), (32 * warps,),
+        (stack, x2, ids, y, np.int32(rows), np.int32(cols), np.int32(0 if x.ndim == 1 else cols), np.int32(E)))
     return y
 
 
@@ -213,6 +254,15 @@ def _twin_qmatvec(qtype):
     return twin
 
 
+def _twin_mxfp4_moe(W, x, ids, y, rows, cols, x_stride, n_expert):
+    from ..quants import dequantize
+    rows, cols, x_stride, E = int(rows), int(cols), int(x_stride), int(n_expert)
+    W, xs, out = W.reshape(E, rows, -1), x.reshape(-1), y.reshape(-1, rows)
+    for j, e in enumerate(ids.reshape(-1).tolist()):
+        xj = xs[j * x_stride:j * x_stride + cols]
+        out[j] = dequantize(W[e], _MXFP4, (rows, cols)) @ xj if 0 <= e < E else np.nan
+
+
 TWINS = {
     "rmsnorm_f32": _twin_rmsnorm,
     "softmax_f32": _twin_softmax,
@@ -220,4 +270,6 @@ TWINS = {
     "attn_decode_f32": _twin_attn_decode,
     "qmatvec_q8_0": _twin_qmatvec(_Q8_0),
     "qmatvec_q4_1": _twin_qmatvec(_Q4_1),
+    "mxfp4_matvec": _twin_qmatvec(_MXFP4),
+    "mxfp4_moe_matvec": _twin_mxfp4_moe,
 }

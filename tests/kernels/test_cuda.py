@@ -154,3 +154,49 @@ def test_generic_bodies_agree_on_cupy(cp):
     _close(K.timestep_embedding(g(t), 64, True, 0.0), K.timestep_embedding(t, 64, True, 0.0), 1e-5, 1e-4)
     table = _x((100, 8), 11)
     _close(K.embedding(g(table), g(np.array([5, 99, 0]))), table[[5, 99, 0]], 0, 0)
+
+
+def _mxfp4_blocks(rows, cols, seed):
+    """Random MXFP4 blocks u8 [rows, cols/32 * 17]: every code, E8M0 scales 2^-6 .. 2^1."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (rows * cols // 32, 17), dtype=np.uint8)
+    b[:, 0] = rng.integers(121, 129, len(b))
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("rows,cols,n", [(2880, 2880, 1), (300, 96, 3), (37, 64, 2)])
+def test_mxfp4_matvec_kernel(cp, ck, rows, cols, n):
+    from spark_lab.kernels.linalg import round_x_q8
+    from spark_lab.quants import QuantTensor, dequantize
+    data, x = _mxfp4_blocks(rows, cols, 40), _x((n, cols), 41)
+    want = x.astype(np.float64) @ dequantize(data, 39).astype(np.float64).T
+    _close(ck.qmatvec(cp.asarray(x), cp.asarray(data), 39, rows, cols), want, rtol=1e-4, atol=1e-3)
+    # with x rounded to int8 blocks first: the CPU kernel's numbers (kernels.qmatvec.reference)
+    qm = pytest.importorskip("spark_lab.kernels.qmatvec")
+    xr = round_x_q8(cp.asarray(x))
+    _close(ck.qmatvec(xr, cp.asarray(data), 39, rows, cols), qm.reference(x, QuantTensor(data, 39, (rows, cols))),
+           rtol=1e-5, atol=1e-4)
+
+
+def test_mxfp4_moe_matvec_kernel(cp, ck):
+    """The expert gather: k of n_expert experts, one x for all or one row per expert, against
+    dequantize on the host and against the CPU's moe_matvec (x rounded to int8 as there)."""
+    from spark_lab.quants import dequantize
+    E, rows, cols = 8, 2880, 2880
+    stack = np.stack([_mxfp4_blocks(rows, cols, 50 + e) for e in range(E)])        # [E, rows, 1530]
+    ids = np.array([6, 1, 3, 0])
+    x1, xk = _x(cols, 60), _x((4, cols), 61)
+    w = {e: dequantize(stack[e], 39).astype(np.float64) for e in set(ids.tolist())}
+    dstack = cp.asarray(stack)
+    for x, dev_ids in ((x1, ids), (xk, cp.asarray(ids))):
+        want = np.stack([w[e] @ (x if x.ndim == 1 else x[j]).astype(np.float64) for j, e in enumerate(ids)])
+        got = ck.moe_matvec_mxfp4(cp.asarray(x), dstack, dev_ids, round_x=False)
+        assert got.shape == (4, rows)
+        _close(got, want, rtol=1e-4, atol=1e-3)
+    qm = pytest.importorskip("spark_lab.kernels.qmatvec")
+    cpu = qm.moe_matvec(xk, qm.ExpertStack(stack, 39, (E, rows, cols)), ids)
+    _close(ck.moe_matvec_mxfp4(cp.asarray(xk), dstack, ids), cpu, rtol=1e-5, atol=1e-4)
+    bad = ck.moe_matvec_mxfp4(cp.asarray(x1), dstack, cp.asarray(np.array([2, E], np.int32)), round_x=False)
+    assert not bool(cp.isnan(bad[0]).any()) and bool(cp.isnan(bad[1]).all())     # a device id out of range: NaN row
+    with pytest.raises(ValueError, match=r"expert ids must be integers in \[0, 8\)"):
+        ck.moe_matvec_mxfp4(cp.asarray(x1), dstack, [E])
