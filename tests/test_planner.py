@@ -89,3 +89,107 @@ def test_report_and_dict():
     d = p.to_dict()
     assert json.loads(json.dumps(d))["weights"] == 100 * 10**9
     assert "(100.0 GB)" in p.report() and "fits Spark   yes" in p.report()
+
+
+# ------------------------------------------------------------------------------ mixture of experts
+
+def test_named_moe_shapes_match_the_published_counts():
+    """Parameter counts from the configs' numbers, against what OpenAI and Qwen publish. OpenAI's
+    "active" leaves out the embedding table (gpt-oss-120b 5.13B, -20b 3.61B); Qwen's A3B/A22B keep it."""
+    from spark_lab.planner import known_shape
+    published = {"gpt-oss-120b": (116.83e9, 5.13e9, False), "gpt-oss-20b": (20.91e9, 3.61e9, False),
+                 "qwen3-30b-a3b": (30.5e9, 3.3e9, True), "qwen3-235b-a22b": (235e9, 22e9, True)}
+    for name, (total, active, with_embedding) in published.items():
+        s = known_shape(name)
+        assert abs(s.params - total) / total < 0.005, name
+        got = s.active_params + (s.embed_params if with_embedding else 0)
+        assert abs(got - active) / active < 0.02, name
+        assert s.is_moe and s.n_expert_used < s.n_expert
+
+
+def test_gpt_oss_120b_fits_one_spark_and_decodes_from_its_active_bytes():
+    from spark_lab.planner import SPARK_BANDWIDTH, active_bytes, known_shape
+    s = known_shape("gpt-oss-120b")
+    p = plan(s, context=4096, available=10**9)
+    # experts: 36 layers x 128 x (gate 2880x2880 + up + down) in MXFP4 (17 bytes per 32 weights), the rest BF16
+    experts = 36 * 128 * 3 * 2880 * 2880
+    assert s.expert_params == experts
+    assert p.weights == int((s.params - experts) * 2 + experts * 17 / 32)
+    assert 64e9 < p.weights < 66e9                                   # ~65 GB, as the MXFP4 checkpoint
+    assert p.fits_spark and p.sparks == 1 and p.max_context_spark == 131072
+    # a token reads 4 of 128 experts, all attention and lm_head (BF16), one embedding row (ignored)
+    per_token = int((s.params - experts - 201088 * 2880) * 2 + experts * 4 / 128 * 17 / 32)
+    assert active_bytes(s) == p.active_bytes == per_token
+    # sliding layers (every other one) keep 128 tokens of K/V: 18 x 4096 + 18 x 128 tokens x 8 heads x 64 x f16
+    assert p.kv_cache == 2 * (18 * 4096 + 18 * 128) * 8 * 64 * 2
+    assert p.decode_tps_spark == pytest.approx(SPARK_BANDWIDTH / (per_token + p.kv_cache))
+    assert 45 < p.decode_tps_spark < 60
+    assert "4 of 128 per token" in p.report() and f"{p.decode_tps_spark:.0f} tok/s" in p.report()
+
+
+def test_qwen3_235b_at_4_bits_needs_two_sparks():
+    from spark_lab.planner import known_shape
+    p = plan(known_shape("qwen3-235b-a22b"), context=4096, available=10**9)
+    assert 125e9 < p.weights < 140e9                                 # 4.5 bits per weight (Q4_K blocks)
+    assert not p.fits_spark and p.max_context_spark == 0 and p.sparks == 2
+    assert "2 Sparks hold it" in p.report()
+    q = plan(known_shape("qwen3-30b-a3b"), context=4096, available=10**9)
+    assert q.fits_spark and q.sparks == 1
+
+
+def test_moe_decodes_as_fast_as_its_active_size():
+    """Same total size, same bits: the MoE reads ~1/10 of the dense model's bytes per token."""
+    from spark_lab.planner import known_shape
+    moe = known_shape("qwen3-30b-a3b")
+    dense = ModelShape("dense-30b", params=moe.params, bits_per_weight=moe.bits_per_weight, layers=48,
+                       kv_heads=4, head_dim=128, hidden=2048, n_heads=32, vocab=151936)
+    pm, pd = plan(moe, context=1024, available=10**9), plan(dense, context=1024, available=10**9)
+    assert pm.weights == pd.weights
+    assert 8 < pm.decode_tps_spark / pd.decode_tps_spark < 11
+
+
+def test_moe_shape_from_a_gguf_is_exact():
+    """Counts from the GGUF metadata, bytes from its tensor table (checked with gguf-py's reader)."""
+    import gguf
+    from pathlib import Path
+    from spark_lab.planner import active_bytes, shape_from_model
+    for name in ("qwen3moe", "gpt-oss"):
+        path = Path(__file__).parent / "fixtures" / "spark" / f"{name}.gguf"
+        r = gguf.GGUFReader(str(path))
+        arch = str(r.fields["general.architecture"].contents())
+        n, k = r.fields[f"{arch}.expert_count"].contents(), r.fields[f"{arch}.expert_used_count"].contents()
+        sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+        exps = sum(b for t, b in sizes.items() if "_exps" in t)
+        want = sum(sizes.values()) - exps + exps * k // n - sizes["token_embd.weight"]
+        s = shape_from_model(str(path))
+        assert (s.n_expert, s.n_expert_used) == (n, k) and s.weight_bytes == sum(sizes.values())
+        assert active_bytes(s) == want < s.weight_bytes
+    assert s.sliding_window == 4 and s.sliding_layers == 2          # gpt-oss: every other layer slides
+
+
+def test_moe_bad_input(tmp_path):
+    from spark_lab.planner import known_shape, shape_from_model
+    from tests.llm.gguf_edit import rewrite_gguf
+    with pytest.raises(ValueError, match=r"expert_used_count \(9\) must be between 1 and expert_count \(8\)"):
+        ModelShape("m", params=1e9, n_expert=8, n_expert_used=9)
+    with pytest.raises(ValueError, match="unknown model 'gpt-oss-7b'"):
+        known_shape("gpt-oss-7b")
+    with pytest.raises(ValueError, match="unknown weight format 'FP3'"):
+        known_shape("gpt-oss-20b", expert_format="FP3")
+    from pathlib import Path
+    src = Path(__file__).parent / "fixtures" / "spark" / "qwen3moe.gguf"
+    bad = tmp_path / "bad.gguf"
+    rewrite_gguf(src, bad, metadata={"qwen3moe.expert_used_count": 9})
+    with pytest.raises(ValueError, match="bad.gguf: qwen3moe.expert_used_count .*9.* must be between 1 and "
+                                         "qwen3moe.expert_count .*8"):      # one line naming the file and keys
+        shape_from_model(str(bad))
+
+
+def test_cli_plan_names_the_real_models(capsys):
+    from spark_lab.cli import main
+    assert main(["plan", "gpt-oss-120b"]) == 0
+    out = capsys.readouterr().out
+    assert "fits Spark   yes" in out and "116.8B parameters" in out and "tok/s on a Spark" in out
+    assert main(["plan", "qwen3-235b-a22b", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["sparks"] == 2 and not d["fits_spark"] and d["n_expert"] == 128 and d["n_expert_used"] == 8
