@@ -542,9 +542,10 @@ class QuantTensor:
     def rows(self, ids):
         """Embedding lookup: ids [n] int -> float32 [n, cols], dequantizing only those rows."""
         xp = array_module(self.data)
-        ids = xp.asarray(ids).reshape(-1)
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+        ids = ids.reshape(-1) if hasattr(ids, "reshape") else np.asarray(ids).reshape(-1)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):   # checked where the ids are:
             raise ValueError(f"row ids must be in [0, {self.shape[0]}), got min {int(ids.min())} max {int(ids.max())}")
+        ids = xp.asarray(ids)                                       # host ids cost no device round trip
         raw = None
         if self.packed is not None and xp is np:                    # repacked: its raw pages may be released
             from .kernels.qmatvec import raw_rows

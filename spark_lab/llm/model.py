@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from .. import kernels as K
 from ..gguf import GGUFError, GGUFFile, LLMConfig
 from ..memory import get_allocator
-from ..device import array_module
+from ..device import array_module, to_host
 from ..kernels.sink_attention import attention_sinks
 from ..quants import QuantTensor, BLOCK_SIZES, concat_rows
 from .cache import KVCache
@@ -96,7 +96,8 @@ class Transformer:
         out = tensor("output.weight", required=False)
         self.output = self.tok_embd if out is None else out  # tied embeddings
         # Llama 3.1/3.2 "llama3" rope scaling: per-pair frequency divisors [rope_dim/2]
-        self.rope_freqs = tensor("rope_freqs.weight", required=False)
+        rf = tensor("rope_freqs.weight", required=False)     # kept on the host, where rope reads it (a device
+        self.rope_freqs = None if rf is None else to_host(rf)  # copy would come back for every layer on a GPU)
         spec = c.spec
         fuse = self._fusion_pays()
         self.layers = []
@@ -254,7 +255,7 @@ class Transformer:
             return self._dec.step(int(tokens[0]), pos, cache)
         if pos + T > cache.n_ctx:
             raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
-        positions = np.arange(pos, pos + T, dtype=np.int64)
+        positions = array_module(cache.k).arange(pos, pos + T, dtype=np.int64)   # on the cache's device: no copy per layer
         tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale, self.rope_freqs, c.rope_yarn)
                   for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}      # shared by all layers
         nq, nkv = c.n_head * hd, c.n_head_kv * hd

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from spark_lab.device import to_host
 from spark_lab.gguf import GGUFFile, config_from_gguf  # noqa: E402
 from spark_lab.llm.cache import KVCache  # noqa: E402
 from spark_lab.llm.model import Transformer  # noqa: E402
@@ -94,14 +95,14 @@ def _check(path, hf_model, n_ctx=64):
     model = Transformer(f, cfg)
     cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
     ids = np.array(TOKENS, dtype=np.int64)
-    out = model.forward(ids, 0, cache, all_logits=True)
+    out = to_host(model.forward(ids, 0, cache, all_logits=True))       # explicit on a GPU / the strict device
     assert out.dtype == np.float32 and out.shape == ref.shape
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
     # the cache path: a prompt of 7, then one token at a time
     cache2 = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
     model.forward(ids[:7], 0, cache2)
     for j in range(7, len(TOKENS)):
-        step = model.forward(ids[j:j + 1], j, cache2)
+        step = to_host(model.forward(ids[j:j + 1], j, cache2))
         np.testing.assert_allclose(step[0], ref[j], atol=1e-4, rtol=1e-4)
     return cfg
 

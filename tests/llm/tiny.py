@@ -19,8 +19,10 @@ def byte_vocab() -> list[str]:
 
 
 def write_tiny_gguf(path, arch: str = "llama", n_layer: int = 2, d: int = 32, n_head: int = 4, n_kv: int = 2,
-                    ff: int = 64, qtype=gguf.GGMLQuantizationType.F32, seed: int = 0, n_ctx_train: int = 256):
-    """A random llama-shaped model with a byte-level vocabulary (+ <s>, </s>, <|im_start|>, <|im_end|>)."""
+                    ff: int = 64, qtype=gguf.GGMLQuantizationType.F32, seed: int = 0, n_ctx_train: int = 256,
+                    quant_embd: bool = False):
+    """A random llama-shaped model with a byte-level vocabulary (+ <s>, </s>, <|im_start|>, <|im_end|>);
+    quant_embd: token_embd in `qtype` too (as SmolLM2's GGUFs have it), else float32."""
     rng = np.random.default_rng(seed)
     tokens = byte_vocab() + ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "xy"]
     types = [1] * 256 + [3, 3, 3, 3, 1]
@@ -54,7 +56,10 @@ def write_tiny_gguf(path, arch: str = "llama", n_layer: int = 2, d: int = 32, n_
             q = gguf.quants.quantize(a, qtype)
             w.add_tensor(name, q, raw_dtype=qtype)
 
-    w.add_tensor("token_embd.weight", rand(V, d))
+    if quant_embd:
+        mat("token_embd.weight", V, d)
+    else:
+        w.add_tensor("token_embd.weight", rand(V, d))
     w.add_tensor("output_norm.weight", 1.0 + rand(d))
     for i in range(n_layer):
         b = f"blk.{i}."
