@@ -270,9 +270,10 @@ def phase_kernels(w):
     xp = array_module(w)
     out = {}
     for a in (0, 1):
-        rows = [w[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[a]]                  # 2 x [O, C, 3]
+        # each group is a run of taps: a slice, not a list index (on a GPU a list is a host->device copy)
+        rows = [w[:, :, g[0]:g[-1] + 1].sum(axis=2) for g in _TAP_GROUPS[a]]           # 2 x [O, C, 3]
         for b in (0, 1):
-            k = [[r[:, :, list(g)].sum(axis=2) for g in _TAP_GROUPS[b]] for r in rows]  # 2 x 2 x [O, C]
+            k = [[r[:, :, g[0]:g[-1] + 1].sum(axis=2) for g in _TAP_GROUPS[b]] for r in rows]  # 2 x 2 x [O, C]
             out[a, b] = xp.stack([xp.stack(row, axis=-1) for row in k], axis=-2)
     return out
 
