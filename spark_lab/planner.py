@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, asdict, replace
 
 from .memory import fmt_bytes
+from .quants import BLOCK_SIZES
 
 SPARK_MEMORY = 128 * 10**9          # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU
 SPARK_RESERVED = 8 * 10**9          # what the OS, desktop and CUDA context keep for themselves
@@ -246,9 +247,10 @@ def _gguf_moe(f, layers: int) -> dict:
 
 # ------------------------------------------------------------------------------ the models Spark owners run
 
-# Bits per weight of the formats the named shapes are stored in (GGML block sizes: Q4_K 144 bytes per
-# 256 weights, MXFP4 17 bytes per 32, Q8_0 34 per 32).
-FORMAT_BITS = {"BF16": 16.0, "F16": 16.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q4_0": 4.5, "MXFP4": 4.25}
+# Bits per weight of every GGML format spark_lab reads, from its block table (quants.BLOCK_SIZES:
+# Q4_K 144 bytes per 256 weights = 4.5, MXFP4 17 per 32 = 4.25, NVFP4 36 per 64 = 4.5, Q8_0 34 per
+# 32 = 8.5, IQ2_XXS 66 per 256 = 2.0625, IQ1_S 50 per 256 = 1.5625, ...).
+FORMAT_BITS = {q.name: 8.0 * ts / bs for q, (bs, ts) in BLOCK_SIZES.items()}
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,13 @@ def test_q8_k_by_hand():
     assert same_bits(dequantize(b, QT.Q8_K), d * q)
 
 
+def test_planner_bits_per_weight_of_every_format():
+    from spark_lab.planner import FORMAT_BITS
+    assert set(FORMAT_BITS) == {q.name for q in BLOCK_SIZES}
+    assert (FORMAT_BITS["MXFP4"], FORMAT_BITS["NVFP4"], FORMAT_BITS["Q4_K"], FORMAT_BITS["Q8_0"]) == (4.25, 4.5, 4.5, 8.5)
+    assert (FORMAT_BITS["IQ2_XXS"], FORMAT_BITS["IQ1_S"], FORMAT_BITS["IQ4_XS"], FORMAT_BITS["BF16"]) == (2.0625, 1.5625, 4.25, 16.0)
+
+
 def test_mxfp4_and_nvfp4_by_their_definition():
     # OCP MX: E2M1 codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6 (bit 3 the sign), times 2^(e - 127)
     e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
