@@ -465,3 +465,20 @@ def test_cuda_mxfp4_wrappers_on_the_strict_device(strict_device):
         ck.moe_matvec_mxfp4(xp.asarray(x1), xp.asarray(stack.data), [6])
     with pytest.raises(ValueError, match=r"x of shape \(3, 128\) does not match 2 experts"):
         ck.moe_matvec_mxfp4(xp.asarray(np.zeros((3, 128), np.float32)), xp.asarray(stack.data), ids)
+
+
+def test_expert_stack_from_a_gguf_tensor(tmp_path):
+    import gguf
+    from spark_lab.kernels.qmatvec import ExpertStack
+    rng = np.random.default_rng(24)
+    stack = _stack(rng, 3, 32, 64)                                      # [3, 32, 34] bytes
+    w = gguf.GGUFWriter(tmp_path / "e.gguf", "test")
+    w.add_tensor("blk.0.ffn_up_exps.weight", stack.data, raw_dtype=QT.MXFP4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = gguf.GGUFReader(tmp_path / "e.gguf").tensors[0]
+    got = ExpertStack.from_gguf(t)
+    assert got.shape == (3, 32, 64) and got.qtype == QT.MXFP4 and got.expert_nbytes() == 32 * 34
+    assert all(np.array_equal(got[e].dequantize(), stack[e].dequantize()) for e in range(3))
