@@ -20,8 +20,8 @@ _QMATVEC_MAX_ROWS = 8
 
 # GGML types whose CPU products see x rounded to int8 per 32-value block (llama.cpp's Q8
 # activations; `kernels.qmatvec.INT8_TYPES`, by value so that this module needs no numba):
-# Q4_0, Q4_1, Q8_0, Q4_K. The GPU rounds x the same way, so both give the same tokens.
-INT8_X_TYPES = (2, 3, 8, 12)
+# Q4_0, Q4_1, Q8_0, Q4_K, MXFP4. The GPU rounds x the same way, so both give the same tokens.
+INT8_X_TYPES = (2, 3, 8, 12, 39)
 
 
 def round_x_q8(x):
