@@ -67,15 +67,15 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_unsupported_quant_type(tmp_path):
-    p = tmp_path / "iq.gguf"
+    p = tmp_path / "q8_1.gguf"      # Q8_1: llama.cpp's activation-only type, never a weight spark_lab runs
     w = gguf.GGUFWriter(str(p), "llama")
-    w.add_tensor("token_embd.weight", np.zeros((8, 66), np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    w.add_tensor("token_embd.weight", np.zeros((8, 80), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     f = GGUFFile(p)  # the header is fine ...
     from spark_lab.llm.model import Transformer
     from spark_lab.gguf import LLMConfig
     cfg = LLMConfig("llama", 8, 256, 1, 4, 4, 64, 256, 64, 1e-5, 1e4, 64, False)
-    with pytest.raises(GGUFError, match="IQ2_XXS"):  # ... the weights are not something we can run
+    with pytest.raises(GGUFError, match="Q8_1"):  # ... the weights are not something we can run
         Transformer(f, cfg)
 
 
