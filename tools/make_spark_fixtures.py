@@ -17,6 +17,10 @@ F16 experts are the default: spark_lab's quantized products round activations to
 transformers needs float experts; the tests requantize the experts themselves for that path. The vocabulary is the
 256 byte tokens plus a few merges and specials, which keeps each file at a few hundred KB.
 
+--llamacpp-greedy (run with a Python that has llama-cpp-python, never the kit's venv) records
+llama.cpp's own greedy run on each fixture instead: llamacpp_greedy.json holds, per model, the
+prompt ids, 16 greedy tokens and the top-2 logits and their gap at every step.
+
 The converter runs in a subprocess with its vendored gguf-py. Two of its hooks are set there:
 the BPE pre-tokenizer check (it hashes a test string's tokens against a list of known released
 tokenizers, which a random byte-level one is not; "default" is the plain byte-level GPT-2
@@ -203,13 +207,49 @@ def make_all(lcpp: Path):
         "transformers' `logits` for it.\n")
 
 
+def llamacpp_greedy(n_prompt: int = 8, n_new: int = 16) -> dict:
+    """llama.cpp's greedy tokens on every fixture, with its top-2 gap at each step."""
+    import llama_cpp.llama_cpp as C
+    from llama_cpp import Llama
+    default = C.llama_model_default_params
+
+    def plain():                      # plain ggml-cpu buffers (no AMX/repacked types a sandbox may refuse)
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = plain
+    out = {"llama_cpp_python": __import__("llama_cpp").__version__, "models": {}}
+    for name in ("qwen3moe", "gpt-oss", "llama31", "qwen3-yarn"):
+        tokens = [int(t) for t in np.load(OUT / f"{name}.npz")["tokens"][:n_prompt]]
+        llm = Llama(model_path=str(OUT / f"{name}.gguf"), n_ctx=64, n_threads=1, n_batch=64, logits_all=True,
+                    seed=0, verbose=False)
+        llm.reset()
+        llm.eval(tokens)
+        steps = []
+        for _ in range(n_new):
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            t1, t2 = (int(i) for i in np.argsort(-logits, kind="stable")[:2])
+            steps.append({"id": t1, "second_id": t2, "gap": round(float(logits[t1] - logits[t2]), 4)})
+            llm.eval([t1])
+        last = np.array(llm.scores[n_prompt - 1], dtype=np.float32)
+        out["models"][name] = {"prompt_token_ids": tokens, "token_ids": [st["id"] for st in steps], "steps": steps,
+                               "last_prompt_logits": [round(float(v), 5) for v in last]}
+        print(name, [st["id"] for st in steps], "min gap", min(st["gap"] for st in steps))
+    (OUT / "llamacpp_greedy.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source folder (has convert_hf_to_gguf.py)")
+    ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source folder (has convert_hf_to_gguf.py)")
+    ap.add_argument("--llamacpp-greedy", action="store_true", help="record llama.cpp's greedy runs on the fixtures")
     ap.add_argument("--experts", default="F16", choices=["F16", "Q8_0"], help="expert tensor type (default F16)")
     args = ap.parse_args()
     EXPERTS = args.experts
-    if not (args.llama_cpp / "convert_hf_to_gguf.py").exists():
+    if args.llamacpp_greedy:
+        llamacpp_greedy()
+        sys.exit(0)
+    if args.llama_cpp is None or not (args.llama_cpp / "convert_hf_to_gguf.py").exists():
         sys.exit(f"no convert_hf_to_gguf.py in {args.llama_cpp}")
     make_all(args.llama_cpp)
     print(json.dumps({"out": str(OUT)}))
