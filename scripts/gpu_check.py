@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("numpy", "cupy", "numba", "gguf", "torch", "transformers", "diffusers", "safetensors", "tokenizers",
             "pytest", "threadpoolctl", "psutil", "jinja2", "tqdm", "plotly", "PIL")
 SMOL = dict(n_layer=30, d=576, n_head=9, n_kv=3, ff=1536, vocab=49152)   # SmolLM2-135M's shape
+TORCH_DEV = os.environ.get("GPU_CHECK_TORCH_DEVICE", "cuda")              # "cpu" to dry-run the torch parts
 PROMPT, NEW = 128, 32                                                     # prefill tokens, decoded tokens
 if os.environ.get("GPU_CHECK_TINY"):                                      # a quick dry run of this script
     SMOL, PROMPT, NEW = dict(SMOL, n_layer=2, vocab=2048), 16, 6
@@ -42,7 +43,12 @@ def part_env(args) -> dict:
         except Exception as e:  # missing, or broken (e.g. a CuPy without its CUDA libraries)
             out["packages"][name] = f"missing ({type(e).__name__})"
     from spark_lab import device
-    info = device.device_info()
+    try:
+        info = device.device_info()
+    except Exception as e:                                   # e.g. threadpoolctl missing: report what we can
+        out["device_info_error"] = f"{type(e).__name__}: {e}"
+        info = {"device": device.get_device().kind, "name": device.get_device().name,
+                "cupy_extra": device.cupy_choice()}
     out["device"] = {k: info.get(k) for k in ("device", "name", "compute_capability", "memory_total", "cupy",
                                               "cuda_runtime", "cuda_driver", "unified_memory", "cupy_extra")}
     return out
@@ -209,25 +215,30 @@ def part_torch_llm(args) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         m = transformers.LlamaForCausalLM(cfg)
         m.load_state_dict({k: w(v) for k, v in names.items()}, strict=False)
-        m = m.to("cuda", dtype).eval()
-        ids = prompt.to("cuda")
+        m = m.to(TORCH_DEV, dtype).eval()
+        ids = prompt.to(TORCH_DEV)
         with torch.no_grad():
             m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)         # warm-up
-            torch.cuda.synchronize()
+            _sync(torch)
             t = time.perf_counter()
             m(ids)
-            torch.cuda.synchronize()
+            _sync(torch)
             tp = time.perf_counter() - t
             t = time.perf_counter()
             m.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-            torch.cuda.synchronize()
+            _sync(torch)
             tg = time.perf_counter() - t
         td = max(tg - tp, 1e-9)                                                # generate = prefill + NEW-1 steps
         out[str(dtype).split(".")[-1]] = {"prefill_tokens_per_second": round(PROMPT / tp, 1),
                                           "decode_tokens_per_second": round((NEW - 1) / td, 1)}
         del m
-        torch.cuda.empty_cache()
+        _sync(torch)
     return out
+
+
+def _sync(torch):
+    if TORCH_DEV.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _emoji_embeds():
@@ -267,23 +278,23 @@ def part_diffusers_image(args) -> dict:
     import diffusers
     from spark_lab.models import resolve
     folder = resolve("spark-emoji", "diffusion")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").to("cuda").eval()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").to(TORCH_DEV).eval()
     sched = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
     size = unet.config.sample_size
-    ctx = torch.from_numpy(np.concatenate([np.zeros_like(_emoji_embeds()), _emoji_embeds()])).to("cuda")
+    ctx = torch.from_numpy(np.concatenate([np.zeros_like(_emoji_embeds()), _emoji_embeds()])).to(TORCH_DEV)
     out = {"diffusers": diffusers.__version__, "torch": torch.__version__}
     for steps in (2, 25):
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, unet.config.in_channels, size, size),
-                                                                       dtype=np.float32)).to("cuda")
+                                                                       dtype=np.float32)).to(TORCH_DEV)
         sched.set_timesteps(steps)
-        torch.cuda.synchronize()
+        _sync(torch)
         t = time.perf_counter()
         with torch.no_grad():
             for ts in sched.timesteps:
                 o = unet(torch.cat([x, x]), ts, encoder_hidden_states=ctx).sample
                 o = o[:1] + 2.0 * (o[1:] - o[:1])
                 x = sched.step(o, ts, x).prev_sample
-        torch.cuda.synchronize()
+        _sync(torch)
         out[f"seconds_{steps}_steps"] = round(time.perf_counter() - t, 3)
     return out
 
@@ -320,7 +331,7 @@ PARTS = {"env": part_env, "pytest_gpu": part_pytest_gpu, "llm_make": part_llm_ma
          "diffusers_image": part_diffusers_image, "compare": part_compare}
 # (part, device it runs on, its own time limit in seconds), most important first
 PLAN = [("env", "gpu", 60), ("pytest_gpu", "gpu", 200), ("llm_make", "cpu", 90), ("llm_gpu", "gpu", 90),
-        ("image_gpu", "gpu", 60), ("llm_cpu", "cpu", 120), ("image_cpu", "cpu", 90), ("torch_llm", "gpu", 120),
+        ("image_gpu", "gpu", 60), ("llm_cpu", "cpu", 150), ("image_cpu", "cpu", 90), ("torch_llm", "gpu", 120),
         ("diffusers_image", "gpu", 60), ("compare", "cpu", 30)]
 
 
