@@ -156,3 +156,18 @@ def expert_hits(stats: dict, n_layer: int, n_expert: int) -> np.ndarray:
     for layer, ids in stats.get("routes", []):
         np.add.at(hits[layer], ids.reshape(-1), 1)
     return hits
+
+
+def expert_choices(stats: dict, n_layer: int, n_expert: int) -> np.ndarray:
+    """[n_layer, n_tokens, n_expert] bool: which experts each token ran in each layer, from the `routes`
+    that moe_ffn recorded (tokens in the order they went through: the prompt, then each decoded one)."""
+    per_layer = [[] for _ in range(n_layer)]
+    for layer, ids in stats.get("routes", []):
+        per_layer[layer].append(ids)                                          # [T_call, k]
+    n_tokens = max((sum(len(i) for i in parts) for parts in per_layer), default=0)
+    out = np.zeros((n_layer, n_tokens, n_expert), bool)
+    for layer, parts in enumerate(per_layer):
+        if parts:
+            ids = np.concatenate(parts)                                       # [T, k]
+            out[layer, np.arange(len(ids))[:, None], ids] = True
+    return out
