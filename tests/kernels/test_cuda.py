@@ -200,3 +200,16 @@ def test_mxfp4_moe_matvec_kernel(cp, ck):
     assert not bool(cp.isnan(bad[0]).any()) and bool(cp.isnan(bad[1]).all())     # a device id out of range: NaN row
     with pytest.raises(ValueError, match=r"expert ids must be integers in \[0, 8\)"):
         ck.moe_matvec_mxfp4(cp.asarray(x1), dstack, [E])
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_mxfp4_linear_gpu_equals_cpu(cp, n):
+    """linear on CuPy with an MXFP4 weight (mat-vec kernel for a few rows, dequantize + GEMM for
+    more) gives the CPU kernels' numbers: x rounded to int8 blocks on both."""
+    from spark_lab.quants import QuantTensor
+    qm = pytest.importorskip("spark_lab.kernels.qmatvec")
+    rows, cols = 320, 512
+    data, x = _mxfp4_blocks(rows, cols, 70), _x((n, cols), 71)
+    want = qm.reference(x, QuantTensor(data, 39, (rows, cols)))
+    _close(K.linear(cp.asarray(x), QuantTensor(cp.asarray(data), 39, (rows, cols))), want, rtol=1e-5, atol=1e-4)
+    _close(K.linear(x, QuantTensor(data, 39, (rows, cols))), want, rtol=1e-5, atol=1e-4)

@@ -9,10 +9,9 @@
 #include "common.cuh"
 
 __device__ __forceinline__ float e2m1_x2(unsigned int c) {
-    // sign bit 3; magnitude codes 0..7 -> 0 1 2 3 4 6 8 12
-    const unsigned int m = c & 7u;
-    const unsigned int v = m < 5u ? m : (m == 5u ? 6u : (m == 6u ? 8u : 12u));
-    return (c & 8u) ? -(float)v : (float)v;
+    // sign bit 3; magnitude codes 0..7 -> 0 1 2 3 4 6 8 12: byte (c & 7) of the 8-byte table
+    const float v = (float)(__byte_perm(0x03020100u, 0x0C080604u, c & 7u) & 0xFFu);
+    return (c & 8u) ? -v : v;
 }
 
 __device__ __forceinline__ float e8m0_half(unsigned int e) {
@@ -25,7 +24,8 @@ __device__ __forceinline__ float mxfp4_row_dot(const unsigned char* __restrict__
                                                int nb, int lane) {
     const int sub = lane & 7;
     float acc = 0.0f;
-    for (int b = lane >> 3; b < nb; b += 4) {
+#pragma unroll 4
+    for (int b = lane >> 3; b < nb; b += 4) {                           // unrolled: loads of 4 steps in flight
         const unsigned char* blk = wr + (long long)b * 17;
         const float d = e8m0_half(blk[0]);
         const unsigned int q0 = blk[1 + 2 * sub], q1 = blk[2 + 2 * sub];
