@@ -8,6 +8,7 @@ import itertools
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from spark_lab.llm import LLM, ChatSession
@@ -139,7 +140,7 @@ def test_harmony_token_stream(models):
            "<|channel|>final<|message|>Très bien : 4.")
     ids = tok.encode(out, add_bos=False, parse_special=True)
     assert tok.encode("<|channel|>", add_bos=False, parse_special=True) == [tok.special_tokens["<|channel|>"]]
-    assert len(ids) > len(out) // 2                                        # byte tokens: é is two of them
+    assert len(tok.encode("é", add_bos=False)) == 2                        # byte tokens: é comes in two pieces
     prompt = models["harmony"].apply_chat_template([{"role": "user", "content": "2+2?"}])
     s, dec, parts = ReasoningSplitter("harmony", prompt[-200:]), codecs.getincrementaldecoder("utf-8")(), []
     for i in ids:
@@ -224,3 +225,33 @@ def test_chatbox_shows_reasoning_collapsed(models):
     assert box.reasoning == ["Hm"] and box.turns == [("Hi?", "OK")]
     box._render("next", "", "thinking so far")                                  # while it thinks: open
     assert '<details class="spark-reasoning" open><summary>reasoning</summary>thinking so far' in box.transcript.value
+
+
+def test_gpt_oss_template_end_to_end(models):
+    """The tiny model with gpt-oss's real template (strftime_now in the system message) walks
+    <|channel|>final<|message|>OK and stops at <|return|>: the header is structure, not text."""
+    llm = models["harmony"]
+    msgs = [{"role": "user", "content": "2+2?"}]
+    prompt = llm.apply_chat_template(msgs, reasoning_effort="low")
+    assert "Reasoning: low\n" in prompt and prompt.endswith("<|start|>user<|message|>2+2?<|end|><|start|>assistant")
+    g = llm.generate(msgs, max_new_tokens=16, temperature=0)
+    assert llm.tokenizer.decode(g.token_ids) == "<|channel|>final<|message|>OK" and g.finish_reason == "stop"
+    assert (g.reasoning, g.text) == ("", "OK")
+    assert [str(p) for p in llm.stream(msgs, max_new_tokens=16, temperature=0)] == ["O", "K"]
+
+
+def test_expert_choices_from_recorded_routes():
+    """llm.moe.expert_choices: per layer, the experts each token ran (the notebook's heatmap)."""
+    from pathlib import Path
+    from spark_lab.llm.moe import expert_choices, expert_hits
+    llm = LLM.load(str(Path(__file__).parents[1] / "fixtures" / "spark" / "qwen3moe.gguf"), n_ctx=64)
+    c = llm.config
+    llm.model.moe_stats = {}
+    g = llm.generate(list(range(40, 49)), max_new_tokens=5, temperature=0)
+    chosen = expert_choices(llm.model.moe_stats, c.n_layer, c.n_expert)
+    assert chosen.shape == (c.n_layer, 9 + len(g.token_ids) - 1, c.n_expert)    # prompt + forwarded new tokens
+    assert (chosen.sum(axis=2) == c.n_expert_used).all()
+    assert (chosen.sum(axis=1) == expert_hits(llm.model.moe_stats, c.n_layer, c.n_expert)).all()
+    layer0 = [ids for layer, ids in llm.model.moe_stats["routes"] if layer == 0]
+    assert chosen[0, :9][np.arange(9)[:, None], layer0[0]].all()               # the prompt's row block
+    assert expert_choices({}, 2, 8).shape == (2, 0, 8)

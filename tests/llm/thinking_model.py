@@ -2,11 +2,14 @@
 
 Random weights think nothing, so `write_thinking_gguf` gives the model a fixed walk to follow: the
 residual stream stays close to the token's embedding (the attention and FFN weights are small), and
-the output matrix maps each token of `CHAIN` to the next one's logit. The engine runs it as any
+the output matrix maps each token of `CHAINS[fmt]` to the next one's logit. The engine runs it as any
 Qwen3 (q/k norms, GQA, RoPE, SwiGLU) and greedy decoding walks the chain:
 
     think:   prompt "...assistant\\n" -> <think>Hm</think>\\n\\nOK<|im_end|>
              with enable_thinking=False the template ends the prompt in "</think>\\n\\n" -> OK<|im_end|>
+    harmony: prompt "...<|start|>assistant" -> <|channel|>final<|message|>OK<|return|>
+             (a walk cannot visit a token twice, so the analysis channel, which needs a second
+             <|channel|>, is tested on token streams instead)
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ SPECIALS = {   # text -> token type, as convert_hf_to_gguf writes them (special=
               "<think>": USER_DEFINED, "</think>": USER_DEFINED},
     "harmony": {"<|startoftext|>": CONTROL, "<|endoftext|>": CONTROL, "<|start|>": CONTROL, "<|end|>": CONTROL,
                 "<|message|>": CONTROL, "<|channel|>": CONTROL, "<|return|>": CONTROL, "<|call|>": CONTROL,
-                "<|constrain|>": CONTROL},
+                "<|constrain|>": CONTROL, "assistant": USER_DEFINED, "final": USER_DEFINED,
+                "analysis": USER_DEFINED},
 }
 NL, NLNL = "Ċ", "ĊĊ"             # byte-level pieces of "\n" and "\n\n" (one merge)
-CHAIN = [NL, "<think>", "H", "m", "</think>", NLNL, "O", "K", "<|im_end|>"]
+CHAINS = {"think": [NL, "<think>", "H", "m", "</think>", NLNL, "O", "K", "<|im_end|>"],
+          "harmony": ["assistant", "<|channel|>", "final", "<|message|>", "O", "K", "<|return|>"]}
+CHAIN = CHAINS["think"]
 
 
 def vocab(fmt: str) -> tuple[list[str], list[int]]:
@@ -72,9 +78,9 @@ def write_thinking_gguf(path, fmt: str = "think", d: int = 64, n_head: int = 4, 
     emb = rng.standard_normal((V, d)).astype(np.float32)                  # [V, d], rms ~1
     unit = emb / np.sqrt((emb ** 2).mean(axis=1, keepdims=True))          # what the final RMSNorm makes of it
     out = small(V, d)                                                     # [V, d]
-    if fmt == "think":
-        for a, b in zip(CHAIN, CHAIN[1:]):                                # token a's row points at b
-            out[ids[b]] += 0.5 * unit[ids[a]] / np.sqrt(d)
+    chain = CHAINS[fmt]
+    for a, b in zip(chain, chain[1:]):                                    # token a's row points at b
+        out[ids[b]] += 0.5 * unit[ids[a]] / np.sqrt(d)
     w.add_tensor("token_embd.weight", emb)
     w.add_tensor("output_norm.weight", np.ones(d, np.float32))
     w.add_tensor("output.weight", out)
