@@ -5,18 +5,21 @@ sampler's repetition penalty and n-gram ban (sampling.py) make loops rare; these
 what is left (tests, benchmarks) and trim a loop from an answer after the fact (the summarizer).
 
     max_ngram_repeats("a b c d a b c d a b c d", n=4)   # -> ('a b c d', 3)
-    trim_loop("The keepers: The keepers: The keepers: The keepers: the light.")   # -> "The keepers:"
+    has_loop("The keepers: The keepers The keepers: The lights")   # -> True
+    trim_loop("Paris is the capital. The keepers: The keepers The keepers")   # -> "Paris is the capital."
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 
-_WORD_RE = re.compile(r"\w+", re.UNICODE)
+# words, and sentence ends as tokens of their own: "la femme au roi, la femme au roi" repeats a
+# phrase, "... part of the text. The text is ..." does not
+_WORD_RE = re.compile(r"\w+|[.!?।。]+", re.UNICODE)
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens (punctuation dropped): "The keepers:" and "the keepers" are the same."""
+    """Lower-cased word tokens and sentence ends (other punctuation dropped)."""
     return [w.lower() for w in _WORD_RE.findall(text)]
 
 
@@ -33,28 +36,60 @@ def max_ngram_repeats(text: str, n: int = 4) -> tuple[str, int]:
     return " ".join(gram), k
 
 
-def has_loop(text: str, n: int = 4, k: int = 2) -> bool:
-    """True when some word n-gram occurs more than k times."""
-    return max_ngram_repeats(text, n)[1] > k
+# What counts as a loop (each found in real SmolLM2-135M output decoded greedily):
+#   a 4-word phrase a third time      "la femme au roi, la femme au roi, la femme au roi"
+#   a 10-word run a second time       a whole sentence written again further on
+#   a phrase of 2-8 words at once again "The keepers: The keepers The keepers:"
+PHRASE, PHRASE_TIMES = 4, 2
+RUN = 10
+STUTTER = range(2, 9)
 
 
-def trim_loop(text: str, n: int = 4, k: int = 2) -> str:
-    """Cut `text` just before the (k+1)-th occurrence of a repeated word n-gram, then back to the last
-    sentence end (or clause mark) before the cut when there is one; a text without a loop comes back
-    unchanged. The first k occurrences stay: a summary may name "the harbour authority" twice."""
-    spans = [m.span() for m in _WORD_RE.finditer(text)]
-    w = [text[a:b].lower() for a, b in spans]
+def _loop_start(w: list[str], n: int = PHRASE, k: int = PHRASE_TIMES) -> int | None:
+    """Index of the first word where the text starts to loop, or None."""
     seen: Counter = Counter()
-    cut = None
-    for i in range(len(w) - n + 1):
-        g = tuple(w[i:i + n])
-        seen[g] += 1
-        if seen[g] > k:
-            cut = spans[i][0]
-            break
-    if cut is None:
+    runs: set = set()
+    for i in range(len(w)):
+        if not w[i][0].isalnum():         # a loop starts at a word, not at a sentence end
+            continue
+        # a phrase repeated back to back, with letters in it ("3.0, 3.0" is data)
+        if any(w[i - m:i] == w[i:i + m] and any(x.isalpha() for x in w[i:i + m])
+               for m in STUTTER if i >= m and i + m <= len(w)):
+            return i
+        if i + n <= len(w):
+            g = tuple(w[i:i + n])
+            seen[g] += 1
+            if seen[g] > k:
+                return i
+        if i + RUN <= len(w):
+            r = tuple(w[i:i + RUN])
+            if r in runs:
+                return i
+            runs.add(r)
+    return None
+
+
+def has_loop(text: str, n: int = PHRASE, k: int = PHRASE_TIMES) -> bool:
+    """True when some word n-gram occurs more than k times, a RUN-word stretch occurs twice, or a
+    phrase of 2-8 words comes twice in a row."""
+    return _loop_start(words(text), n, k) is not None
+
+
+def loop_report(text: str, n: int = PHRASE, k: int = PHRASE_TIMES) -> str:
+    """"" when there is no loop, else a few words from where the loop starts (for assert messages)."""
+    w = words(text)
+    i = _loop_start(w, n, k)
+    return "" if i is None else f"loops at word {i}: {' '.join(w[max(0, i - 4):i + 8])!r}"
+
+
+def trim_loop(text: str, n: int = PHRASE, k: int = PHRASE_TIMES) -> str:
+    """Cut `text` where it starts to loop (see has_loop), then back to the last sentence end (or
+    clause mark) before the cut when there is one; a text without a loop comes back unchanged."""
+    spans = [m.span() for m in _WORD_RE.finditer(text)]
+    i = _loop_start([text[a:b].lower() for a, b in spans], n, k)
+    if i is None:
         return text
-    head = text[:cut].rstrip()
+    head = text[:spans[i][0]].rstrip()
     end = max((head.rfind(c) for c in ".!?।。"), default=-1)
     if end >= len(head) // 3:
         return head[:end + 1]

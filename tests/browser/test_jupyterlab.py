@@ -42,7 +42,7 @@ OUT = Path(os.environ.get("SPARK_LAB_BROWSER_OUT", ROOT / "out" / "browser"))   
 WIDGET_ERRORS = ("Click to show javascript error", "Error displaying widget", "Failed to create view",
                  "Could not create a view", "Error rendering widget")
 WIDGET_CONSOLE = re.compile(r"widget|Failed to create view|Could not create|model not found", re.I)
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of Japan?"   # in tests/data/demo_questions.json: answered at seed 0
 RUN_ALL_TIMEOUT = float(os.environ.get("SPARK_LAB_RUN_ALL_TIMEOUT", 600))   # seconds, per notebook
 CHAT_TIMEOUT = float(os.environ.get("SPARK_LAB_CHAT_TIMEOUT", 300))
 
