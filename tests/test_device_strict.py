@@ -249,3 +249,27 @@ def test_spark_emoji_on_strict_equals_numpy(monkeypatch):
     monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
     device.reset_device_cache()
     memory._ALLOCATOR = None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_present("smollm2-135m-instruct"), reason="smollm2-135m-instruct not installed")
+def test_smollm2_on_strict_same_tokens_one_copy_per_token(monkeypatch):
+    """The shipped SmolLM2-135M (Q4_1, quantized embedding): the same greedy tokens as NumPy, one
+    device-to-host copy per generated token (its 49152 logits), two small host-to-device copies
+    (the token id, rope's frequencies). About 15 s: each stand-in mat-vec dequantizes in NumPy."""
+    from spark_lab.llm.engine import LLM
+    kw = dict(max_new_tokens=3, temperature=0, stop_at_eos=False)
+    _use(monkeypatch, "cpu")
+    want = LLM.load("smollm2-135m-instruct", n_ctx=64).generate("Hi", **kw).token_ids
+    _use(monkeypatch, "strict")
+    llm = LLM.load("smollm2-135m-instruct", n_ctx=64)
+    tr = device.transfers()
+    tr.reset()
+    got = llm.generate("Hi", **kw).token_ids
+    snap = tr.snapshot()
+    assert got == want
+    assert (snap.d2h, snap.d2h_bytes) == (3, 3 * llm.config.n_vocab * 4)
+    assert snap.h2d <= 2 * 3 + 1                             # + rope's kernel table, once
+    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
