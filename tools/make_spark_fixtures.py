@@ -19,7 +19,12 @@ transformers needs float experts; the tests requantize the experts themselves fo
 
 --llamacpp-greedy (run with a Python that has llama-cpp-python, never the kit's venv) records
 llama.cpp's own greedy run on each fixture instead: llamacpp_greedy.json holds, per model, the
-prompt ids, 16 greedy tokens and the top-2 logits and their gap at every step.
+prompt ids, 16 greedy tokens and the top-2 logits and their gap at every step, and the logits
+after the prompt. Without an installed llama-cpp-python, its source's `llama_cpp/` folder and a
+built libllama do (recorded that way, llama-cpp-python 0.3.36's own build):
+
+    PYTHONPATH=/tmp/llpkg LLAMA_CPP_LIB_PATH=$BUILD/bin LD_LIBRARY_PATH=$BUILD/bin \
+        .venv/bin/python tools/make_spark_fixtures.py --llamacpp-greedy
 
 The converter runs in a subprocess with its vendored gguf-py. Two of its hooks are set there:
 the BPE pre-tokenizer check (it hashes a test string's tokens against a list of known released
@@ -133,7 +138,8 @@ def _save(name: str, model, specials, lcpp: Path, tokens):
 
 
 def _randomize(model, std: float = 0.3):
-    """Norm weights and sinks away from their init (1 / 0), so that reading them wrong shows."""
+    """Norm weights and sinks away from their init (1 / 0), so that reading them wrong shows;
+    routers and biases large enough to matter; the output head at a real model's logit scale."""
     import torch
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -143,6 +149,8 @@ def _randomize(model, std: float = 0.3):
                 p.copy_(torch.randn_like(p))
             elif name.endswith("bias") or "router" in name or name.endswith("mlp.gate.weight"):
                 p.copy_(0.5 * torch.randn_like(p))
+            elif name == "lm_head.weight":     # logits on a real model's scale (top-2 gaps of a logit or more)
+                p.copy_(torch.randn_like(p))
 
 
 def make_all(lcpp: Path):

@@ -6,6 +6,7 @@ llama.cpp's own convert_hf_to_gguf.py, beside the logits transformers gives for 
 logits for the whole prompt, for cached decoding one token at a time (past gpt-oss's sliding
 window of 4) and for a prompt fed in two chunks.
 """
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -305,7 +306,13 @@ def test_greedy_tokens_match_llamacpp(name):
     equal its tokens up to the first step below that margin."""
     rec = _llamacpp()[name]
     prompt, toks, steps = rec["prompt_token_ids"], rec["token_ids"], rec["steps"]
-    m, c = _load(FIX / f"{name}.gguf")
+    f = GGUFFile(FIX / f"{name}.gguf")
+    c = config_from_gguf(f)
+    if c.rope_yarn is not None and not c.rope_yarn.truncate:
+        # llama.cpp rounds YaRN's correction range to whole dims for every model; gpt-oss (and
+        # transformers, which the tests above hold us to) do not. Held to llama.cpp, use its rounding.
+        c.rope_yarn = dataclasses.replace(c.rope_yarn, truncate=True)
+    m = Transformer(f, c)
     ids = np.array(prompt + toks[:-1], np.int64)
     out = m.forward(ids, 0, KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim), all_logits=True)
     ours = out[len(prompt) - 1:].argmax(-1)
@@ -315,7 +322,7 @@ def test_greedy_tokens_match_llamacpp(name):
     cache = KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim)
     logits = m.forward(np.array(prompt, np.int64), 0, cache)
     last = np.array(rec["last_prompt_logits"], np.float32)
-    assert np.abs(logits[0] - last).max() < 0.05 * np.abs(last).max()     # llama.cpp rounds activations to f16
+    assert np.abs(logits[0] - last).max() < 2e-3 * np.abs(last).max()     # llama.cpp rounds activations to f16
     for j, s in enumerate(steps):
         if s["gap"] < 0.3:
             assert int(logits[0].argmax()) in (s["id"], s["second_id"])
