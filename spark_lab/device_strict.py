@@ -160,6 +160,7 @@ class DeviceArray:
     T = property(lambda self: DeviceArray(self._a.T))
     real = property(lambda self: DeviceArray(self._a.real))
     device = property(lambda self: types.SimpleNamespace(id=0))
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.__array_interface__["data"][0]))  # not a host buffer
 
     @property
     def __cuda_array_interface__(self):   # what code probes to tell device arrays from host ones
@@ -422,6 +423,9 @@ class _StrictXP:
 
     def __getattr__(self, name):
         attr = getattr(np, name)
+        if name in ("linalg", "fft"):                 # submodules: their functions run on the device too
+            return types.SimpleNamespace(**{k: _device_fn(v, k) for k, v in vars(attr).items()
+                                            if callable(v) and not isinstance(v, type) and not k.startswith("_")})
         if isinstance(attr, type) or not callable(attr) or name in _PASS:
             return attr                      # dtypes, constants, type helpers
         if name in _CREATE:
