@@ -68,6 +68,11 @@ def lab(tmp_path_factory):
     root.mkdir()
     for name in NOTEBOOKS:
         shutil.copy(ROOT / "notebooks" / name, root / name)
+    # beside the copies, the rest of the checkout (read-only use: tests/fixtures, docs, ...), so a
+    # notebook that finds the repository from its folder finds it here as in `make lab`
+    for entry in ROOT.iterdir():
+        if entry.name not in ("notebooks", ".git", ".venv", "out") and not (tmp / entry.name).exists():
+            (tmp / entry.name).symlink_to(entry)
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, CI=os.environ.get("CI", "1"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                SPARK_LAB_THREADS=os.environ.get("SPARK_LAB_THREADS", "1"),
