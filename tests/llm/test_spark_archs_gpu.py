@@ -78,3 +78,28 @@ def test_fixture_on_gpu(cp, name):
     for j in range(3, len(tokens)):
         step = m.forward(tokens[j:j + 1], j, cache)
         assert np.abs(step.get()[0] - ref[j]).max() <= 1e-3 * scale
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "MXFP4"])
+def test_quantized_experts_on_gpu(cp, tmp_path, qtype):
+    """gpt-oss with its experts requantized, on the GPU, against the same experts dequantized."""
+    import gguf
+    from spark_lab.device import get_device
+    from spark_lab.gguf import GGUFFile, config_from_gguf
+    from spark_lab.llm.cache import KVCache
+    from spark_lab.llm.model import Transformer
+    from tests.llm.test_spark_archs import _dequantize_experts, _requantize_experts
+    if not get_device().is_gpu:
+        pytest.skip("SPARK_LAB_DEVICE is not cuda")
+    tokens = np.load(FIX / "gpt-oss.npz")["tokens"]
+    q = _requantize_experts(FIX / "gpt-oss.gguf", tmp_path / "q.gguf", gguf.GGMLQuantizationType[qtype])
+    f32 = _dequantize_experts(q, tmp_path / "f32.gguf")
+    outs = []
+    for path in (q, f32):
+        f = GGUFFile(path)
+        c = config_from_gguf(f)
+        m = Transformer(f, c)
+        outs.append(m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True).get())
+    got, want = outs
+    assert np.abs(got - want).max() <= 5e-2 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
