@@ -123,7 +123,13 @@ def _read(item: Item, max_input_words: int) -> str:
     """The item's text, read on the client; raises ValueError/OSError with one line for bad inputs."""
     if item.path is not None:
         from .summarize import read_document
-        text = read_document(item.path)
+        try:
+            text = read_document(item.path)
+        except ValueError:
+            if item.path.lower().endswith(".pdf"):   # taken as soon as the readers learn PDF
+                raise ValueError("PDF is not supported by spark_lab.summarize's readers yet; "
+                                 "convert it to text first (e.g. pdftotext)") from None
+            raise
     else:
         text = item.text or ""
     if not text.strip():
@@ -477,7 +483,7 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
               workers: int | None = None, threads: int | None = None, resume: bool = True,
               retry_errors: bool = False, progress="tqdm", on_row=None, window: int | None = None,
               max_input_words: int = MAX_INPUT_WORDS, images: str | None = None,
-              **params) -> BatchReport:
+              pattern: str = "**/*", **params) -> BatchReport:
     """Map `task` over `inputs` on a Dask cluster, writing one row per input to `out` as each completes.
 
     client       a distributed.Client; else `scheduler`/DASK_SCHEDULER_ADDRESS, else a LocalCluster
@@ -486,12 +492,13 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
     progress     "tqdm" (a bar), "dask" (Dask's progress widget/bar over the submitted tasks) or None
     on_row       called with each row as it is written (tests, live displays)
     window       tasks in flight at once (default: all); inputs are read as they are submitted
+    pattern      which files of a folder input (a glob; the suffix must still be a document's)
     images       folder for `imagine`'s PNGs (default: OUT's name + "_images" beside it)
     params       the task's options: method, max_words, model, encoder, max_new_tokens,
                  temperature, seed, raw, steps, guidance
     """
     _check_params(task, params)
-    items = load_inputs(inputs)
+    items = load_inputs(inputs, pattern)
     log = ResultLog(out)
     if not resume:
         log.reset()
@@ -567,7 +574,8 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
         first = [f for f in (submit_next() for _ in range(window or len(todo))) if f is not None]
         if progress == "dask" and first:
             from distributed import progress as dask_progress
-            dask_progress(first, multi=False)   # a widget in a notebook (non-blocking)
+            from IPython.display import display
+            display(dask_progress(first, multi=False, notebook=True))   # a widget, updated by the client
         ac = as_completed(first)
         for f in ac:
             _, item_id = pending.pop(f.key)

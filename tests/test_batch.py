@@ -158,17 +158,19 @@ def test_bad_inputs_get_error_rows_and_the_rest_goes_on(client, tmp_path):
     (folder / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
     (folder / "long.txt").write_text("word " * 500)
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (folder / "scan.pdf").write_bytes(b"%PDF-1.4\n%\xe2\xe3\n1 0 obj\n<< /Length 3 >>\nstream\n\x00\x01\x02\nendstream")
     out = tmp_path / "s.jsonl"
     rep = B.run_batch("summarize", folder, out, client=client, max_words=30, progress=None,
                       max_input_words=400)
     rows = {r["id"]: r for r in B.read_results(out)}
-    assert sorted(rows) == sorted(["doc0.txt", "doc1.txt", "doc2.txt", "empty.md", "binary.txt", "long.txt", "latin1.txt"])
+    assert sorted(rows) == sorted(["doc0.txt", "doc1.txt", "doc2.txt", "empty.md", "binary.txt", "long.txt", "latin1.txt", "scan.pdf"])
     assert all(rows[f"doc{i}.txt"]["ok"] and rows[f"doc{i}.txt"]["output"] for i in range(3))
     assert "empty" in rows["empty.md"]["error"]
     assert "binary" in rows["binary.txt"]["error"]
     assert rows["long.txt"]["error"] == "ValueError: input is too long: 500 words (limit 400)"
     assert "not UTF-8" in rows["latin1.txt"]["error"]
-    assert (rep.computed, rep.errors) == (7, 4)
+    assert rows["scan.pdf"]["error"].startswith("ValueError: PDF is not supported")
+    assert (rep.computed, rep.errors) == (8, 5)
     # a model that cannot load stops the run up front, with one line, before any item
     with pytest.raises(ModelNotFound, match="no model 'no-such-encoder'"):
         B.run_batch("summarize", ["One sentence here."], tmp_path / "e.jsonl", client=client,
