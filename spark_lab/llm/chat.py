@@ -53,7 +53,10 @@ class ChatSession:
                          {"role": "assistant", "content": self.last.text.strip()}]
 
     def send(self, user: str, **gen) -> str:
-        return "".join(self.stream(user, **gen))
+        """The answer (a reasoning model's thinking stays in self.last.reasoning)."""
+        for _ in self.stream(user, **gen):
+            pass
+        return self.last.text
 
     def reset(self) -> None:
         self.history = []
