@@ -214,8 +214,11 @@ def shape_from_model(name_or_path: str) -> ModelShape:
     if key in KNOWN_MODELS:
         return known_shape(key)
     from .gguf import GGUFFile, read_shape
-    from .models import resolve
-    shape = read_shape(name_or_path)
+    from .models import ModelNotFound, resolve
+    try:
+        shape = read_shape(name_or_path)
+    except ModelNotFound as e:
+        raise ModelNotFound(f"{e}; the planner also knows {', '.join(KNOWN_MODELS)} by name") from None
     return replace(shape, **_gguf_moe(GGUFFile(resolve(name_or_path, "llm")), shape.layers))
 
 

@@ -204,3 +204,10 @@ def test_gpt_oss_as_llama_cpp_ships_it():
         p = plan(known_shape(name, other_format="Q8_0"), context=4096, available=10**9)
         assert abs(p.weights / 2**30 - gib) / gib < 0.01, name
     assert 59 < plan(known_shape("gpt-oss-120b", other_format="Q8_0"), context=4096, available=10**9).decode_tps_spark < 90
+
+
+def test_cli_plan_unknown_name_lists_the_named_shapes(capsys):
+    from spark_lab.cli import main
+    assert main(["plan", "gpt-oss-7b"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gpt-oss-7b" in err and "gpt-oss-120b, gpt-oss-20b" in err
