@@ -10,7 +10,8 @@
 # Nothing is downloaded or installed: the script reports which packages are missing (the parts
 # that need them fail alone). Budget: GPU_CHECK_BUDGET seconds in all (default 450, under 8 min).
 # Usage: bash scripts/gpu_check.sh          PY=/path/to/python to choose the interpreter;
-#        SPARK_LAB_VENDOR=dir adds a folder of pure-Python packages (gguf, jinja2, ...) to the path.
+#        SPARK_LAB_VENDOR=dir (default out/gpu_vendor, made by scripts/gpu_vendor.sh): pure-Python
+#        packages (gguf, yaml, tqdm, ...) put on the path where this Python lacks them.
 #        bash scripts/gpu_check.sh --device strict     a dry run on the CPU stand-in (no GPU needed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,18 @@ if [ -z "${PY:-}" ]; then
   done
   PY=${PY:-python3}
 fi
-export PYTHONPATH="$PWD${SPARK_LAB_VENDOR:+:$SPARK_LAB_VENDOR}${PYTHONPATH:+:$PYTHONPATH}"
+# pure-Python packages this Python lacks, from a vendor folder (scripts/gpu_vendor.sh makes out/gpu_vendor)
+VENDOR=${SPARK_LAB_VENDOR:-out/gpu_vendor}
+EXTRA=""
+if [ -d "$VENDOR" ]; then
+  PICK=$(mktemp -d)
+  for p in "$VENDOR"/*; do
+    mod=$(basename "$p" .py)
+    if ! "$PY" -c "import $mod" >/dev/null 2>&1; then ln -s "$(cd "$(dirname "$p")" && pwd)/$(basename "$p")" "$PICK/"; echo "gpu_check: using vendored $mod"; fi
+  done
+  EXTRA=":$PICK"
+fi
+export PYTHONPATH="$PWD$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 REPORT="${OUT:-out}/gpu_report.json"
 mkdir -p "$(dirname "$REPORT")"
