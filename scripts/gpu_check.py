@@ -334,8 +334,8 @@ PARTS = {"env": part_env, "pytest_gpu": part_pytest_gpu, "llm_make": part_llm_ma
          "llm_cpu": part_llm, "torch_llm": part_torch_llm, "image_gpu": part_image, "image_cpu": part_image,
          "diffusers_image": part_diffusers_image, "compare": part_compare}
 # (part, device it runs on, its own time limit in seconds), most important first
-PLAN = [("env", "gpu", 60), ("pytest_gpu", "gpu", 200), ("llm_make", "cpu", 90), ("llm_gpu", "gpu", 90),
-        ("image_gpu", "gpu", 60), ("llm_cpu", "cpu", 150), ("image_cpu", "cpu", 90), ("torch_llm", "gpu", 120),
+PLAN = [("env", "gpu", 60), ("pytest_gpu", "gpu", 220), ("llm_make", "cpu", 90), ("llm_gpu", "gpu", 90),
+        ("image_gpu", "gpu", 120), ("llm_cpu", "cpu", 150), ("image_cpu", "cpu", 90), ("torch_llm", "gpu", 120),
         ("diffusers_image", "gpu", 60), ("compare", "cpu", 30)]
 
 
