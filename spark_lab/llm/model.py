@@ -149,7 +149,7 @@ class Transformer:
                     raise GGUFError(f"{f.path.name}: tensor {t.name!r} uses quant type {t.qtype.name}, which spark_lab does not support")
                 placed = alloc.place(raw, tag="weights", what=t.name)              # [E*rows, row_bytes]
                 views[name] = [QuantTensor(placed[e * rows:(e + 1) * rows], t.qtype, shape[1:]) for e in range(E)]
-            stacks.append(placed)
+            stacks.append(placed if t.qtype in FLOAT_TYPES else placed.reshape(E, rows, -1))   # quantized: [E, rows, row_bytes]
         spec = c.spec
 
         def bias(name):

@@ -14,8 +14,10 @@ Routing ("gating"), as the families define it:
     sigmoid         sigmoid of each logit, then top-k (optionally renormalised)
 
 Execution reads only the selected experts' weights: `moe_ffn` walks the experts that some token
-picked, gathers those tokens' rows, and runs each expert once on its group (decode: k experts,
-one row each; prefill: one matmul per expert over all its tokens). Expert weights stay in their
+picked, gathers those tokens' rows, and runs each expert once on its group (prefill: one matmul
+per expert over all its tokens). One token with quantized experts takes the expert gather
+instead (`kernels.qmatvec.moe_matvec` on the CPU; `cuda_kernels.moe_matvec_mxfp4` on the GPU,
+one launch per projection, the router's picks staying on the device). Expert weights stay in their
 file format (views into the GGUF's 3-D `ffn_*_exps` tensors; quantized ones are `QuantTensor`s
 repacked on first use), so an expert never picked is never read.
 """
@@ -42,7 +44,8 @@ class Experts:
     gate_b: object = None            # [E, ff] (gpt-oss)
     up_b: object = None              # [E, ff]
     down_b: object = None            # [E, d]
-    stacks: tuple = ()               # the placed 3-D tensors the expert views come from (kept alive)
+    stacks: tuple = ()               # the placed gate, up, down tensors the expert views come from
+                                     # (quantized: uint8 [E, rows, row_bytes], the GPU gather reads them)
     layer: int = -1                  # block index (for stats)
 
     @property
@@ -120,6 +123,41 @@ def _expert(h, ex: Experts, e: int, act: str, spec):
     return K.linear(a, ex.down[e], None if ex.down_b is None else ex.down_b[e])  # [n, d]
 
 
+def _gather(h, ex: Experts, ids, w, config):
+    """One token, quantized experts: each projection as one gather over its k picked experts.
+    h [1, d], ids/w [1, k] -> [1, d], or None where no gather kernel applies (float experts,
+    no numba, a GPU type without one)."""
+    from ..quants import QuantTensor
+    xp = array_module(h)
+    if not all(isinstance(t[0], QuantTensor) for t in (ex.gate, ex.up, ex.down)):
+        return None
+    if xp is np:
+        from ..kernels import qmatvec as qm
+        if not qm.available():
+            return None
+        picks = ids[0]
+        mats = (ex.gate, ex.up, ex.down)
+        mv = qm.moe_matvec                                                   # (x, experts, ids) -> [k, rows]
+    else:
+        from gguf import GGMLQuantizationType as QT
+        if len(ex.stacks) != 3 or any(t[0].qtype != QT.MXFP4 for t in (ex.gate, ex.up, ex.down)):
+            return None
+        from ..kernels import cuda_kernels as ck
+        picks = ids[0]                                                       # stays on the device
+        mats = ex.stacks
+        mv = ck.moe_matvec_mxfp4
+    g = mv(h[0], mats[0], picks)                                             # [k, ff]
+    u = mv(h[0], mats[1], picks)
+    if ex.gate_b is not None:
+        g = g + ex.gate_b[picks]
+        u = u + ex.up_b[picks]
+    a = swiglu_oai(g, u, config.spec.swiglu_alpha, config.spec.swiglu_limit) if config.act == "swiglu_oai" else K.swiglu(g, u)
+    y = mv(xp.ascontiguousarray(a, dtype=xp.float32), mats[2], picks)      # [k, d]: row j through expert picks[j]
+    if ex.down_b is not None:
+        y = y + ex.down_b[picks]
+    return (w[0][:, None] * y).sum(axis=0, keepdims=True)                    # [1, d]
+
+
 def moe_ffn(h, ex: Experts, config, stats: dict | None = None):
     """h [T, d] (after the FFN norm) -> the experts' weighted sum [T, d].
 
@@ -130,6 +168,14 @@ def moe_ffn(h, ex: Experts, config, stats: dict | None = None):
     logits = K.linear(h, ex.router, ex.router_b)                              # [T, E]
     ids, w = route(logits, config.n_expert_used, config.expert_gating, config.expert_weights_norm,
                    config.expert_weights_scale)                                # [T, k]
+    if T == 1 and config.act in ("silu", "swiglu_oai"):
+        out = _gather(h, ex, ids, w, config)
+        if out is not None:
+            if stats is not None:
+                stats["expert_bytes"] = stats.get("expert_bytes", 0) + ex.expert_nbytes(0) * ids.shape[1]
+                host = ids.copy() if array_module(ids) is np else array_module(ids).asnumpy(ids)   # stats only
+                stats.setdefault("routes", []).append((ex.layer, host))
+            return out
     out = xp.zeros((T, h.shape[1]), dtype=xp.float32)
     ids_h = ids if xp is np else xp.asnumpy(ids)                               # the grouping is host work
     flat = ids_h.reshape(-1)
