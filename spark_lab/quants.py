@@ -313,7 +313,7 @@ _TABLES: dict = {}
 
 def _table(name, xp):
     """Decoded IQ tables, cached per array module: 'ksigns', a grid name, or 'iq4nl'."""
-    key = (name, xp.__name__)
+    key = (name, xp)          # the module itself: the strict stand-in calls itself "cupy" too
     t = _TABLES.get(key)
     if t is None:
         if name == "ksigns":
