@@ -341,7 +341,8 @@ class ResultLog:
             import pyarrow as pa
             import pyarrow.parquet as pq
             buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows), buf)
+            keys = list(dict.fromkeys(k for r in rows for k in r))   # error rows lack the task's extras
+            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), buf)
             _atomic_write(self.out, buf.getvalue())
         return rows
 
