@@ -482,7 +482,7 @@ def _check_params(task: str, params: dict) -> None:
 
 def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = None,
               workers: int | None = None, threads: int | None = None, resume: bool = True,
-              retry_errors: bool = False, progress="tqdm", on_row=None, window: int | None = None,
+              retry_errors: bool = False, progress="tqdm", on_row=None, window: int | None = 1024,
               max_input_words: int = MAX_INPUT_WORDS, images: str | None = None,
               pattern: str = "**/*", **params) -> BatchReport:
     """Map `task` over `inputs` on a Dask cluster, writing one row per input to `out` as each completes.
@@ -492,7 +492,8 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
     resume       skip ids already in `out` (error rows too, unless `retry_errors`); False starts over
     progress     "tqdm" (a bar), "dask" (Dask's progress widget/bar over the submitted tasks) or None
     on_row       called with each row as it is written (tests, live displays)
-    window       tasks in flight at once (default: all); inputs are read as they are submitted
+    window       tasks in flight at once (None: all); inputs are read as they are submitted, so a
+                 corpus never sits in memory whole; Dask's widget follows the first window
     pattern      which files of a folder input (a glob; the suffix must still be a document's)
     images       folder for `imagine`'s PNGs (default: OUT's name + "_images" beside it)
     params       the task's options: method, max_words, model, encoder, max_new_tokens,
@@ -523,7 +524,8 @@ def run_batch(task: str, inputs, out, *, client=None, scheduler: str | None = No
             t0 = time.perf_counter()
             # every worker loads the models before the clock starts (as tasks, in the worker's
             # task thread: a long load inside client.run would block its heartbeats)
-            loads = [client.submit(load_models, task, params, workers=[w], allow_other_workers=False,
+            # (loose placement: a worker that dies meanwhile must not leave its load waiting forever)
+            loads = [client.submit(load_models, task, params, workers=[w], allow_other_workers=True,
                                    pure=False, key=f"load-{task}-{uuid.uuid4().hex[:8]}")
                      for w in client.scheduler_info()["workers"]]
             client.gather(loads)

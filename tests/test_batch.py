@@ -238,7 +238,7 @@ def test_a_killed_worker_s_tasks_finish_elsewhere(client, reference, tmp_path):
         killed["pid"], killed["keys"], killed["at"] = pids[victim], busy and client.processing()[victim], time.time()
 
     rep = B.run_batch("summarize", paragraphs(N), out, client=client, max_words=30, progress=None,
-                      on_row=kill_a_busy_worker)
+                      on_row=kill_a_busy_worker, window=4)   # 4 in flight: later inputs go to the survivors
     assert killed["keys"], "the killed worker was running something"
     assert (rep.computed, rep.errors) == (N, 0)
     assert sorted(_ids(out), key=int) == [str(i) for i in range(N)]
