@@ -57,8 +57,8 @@ rc=$?
 after="$(git status --porcelain --untracked-files=no 2>/dev/null)"
 # (in a tree that others edit during the run, their edits show here too: SPARK_LAB_GIT_CHECK=0 skips it)
 if [ "${SPARK_LAB_GIT_CHECK:-1}" != 0 ] && [ "$before" != "$after" ]; then
-    echo "browser test FAILED: the run changed tracked files:"
-    diff <(echo "$before") <(echo "$after") | sed -n 's/^> /  /p'
+    echo "browser test FAILED: the run changed tracked files (git status before '<', after '>'):"
+    diff <(echo "$before") <(echo "$after") | grep '^[<>]'
     [ "$rc" = 0 ] && rc=1
 fi
 exit "$rc"
