@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import gguf
 
+from spark_lab.device import to_host
 from spark_lab.gguf import GGUFError, GGUFFile, config_from_gguf
 from spark_lab.llm.cache import KVCache
 from spark_lab.llm.model import Transformer
@@ -36,6 +37,7 @@ def _ref(name):
 
 def _close(out, ref, tol=1e-3):
     """Relative to the logits' scale: |out - ref| <= tol * (|ref| + max |ref|)."""
+    out, ref = to_host(out), to_host(ref)                 # GPU / strict-device logits come back explicitly
     assert out.dtype == np.float32 and out.shape == ref.shape
     err = np.abs(out - ref) / (np.abs(ref) + np.abs(ref).max())
     assert err.max() <= tol, f"max relative error {err.max():.2e}"
@@ -80,7 +82,7 @@ def test_rope_scaling_is_what_makes_them_match(name, drop):
         m.rope_freqs = None
     else:
         c.rope_yarn, c.rope_freq_scale = None, 1.0
-    out = m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True)
+    out = to_host(m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True))
     assert np.abs(out - ref).max() > 1e-2 * np.abs(ref).max()
 
 
@@ -113,8 +115,8 @@ def test_quantized_experts(tmp_path, name, qtype):
     mf, _ = _load(f32)
     assert GGUFFile(q8).tensors["blk.0.ffn_up_exps.weight"].qtype == qt
     new = lambda: KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim)  # noqa: E731
-    want = mf.forward(tokens, 0, new(), all_logits=True)
-    got = mq.forward(tokens, 0, new(), all_logits=True)
+    want = to_host(mf.forward(tokens, 0, new(), all_logits=True))
+    got = to_host(mq.forward(tokens, 0, new(), all_logits=True))
     # int8 activations cost ~5e-3 per product (kernels/qmatvec's reference semantics), compounded over layers
     _close(got, want, tol=5e-2)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
@@ -267,7 +269,7 @@ def test_expert_weights_norm_from_the_file(tmp_path):
     plain = rewrite_gguf(FIX / "qwen3moe.gguf", tmp_path / "plain.gguf", metadata={"qwen3moe.expert_weights_norm": False})
     m, c = _load(plain)
     assert not c.expert_weights_norm
-    out = m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True)
+    out = to_host(m.forward(tokens, 0, KVCache(c.n_layer, 32, c.n_head_kv, c.head_dim), all_logits=True))
     assert np.abs(out - ref).max() > 1e-2 * np.abs(ref).max()       # transformers' norm_topk_prob=True no longer
 
 
@@ -314,13 +316,13 @@ def test_greedy_tokens_match_llamacpp(name):
         c.rope_yarn = dataclasses.replace(c.rope_yarn, truncate=True)
     m = Transformer(f, c)
     ids = np.array(prompt + toks[:-1], np.int64)
-    out = m.forward(ids, 0, KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim), all_logits=True)
+    out = to_host(m.forward(ids, 0, KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim), all_logits=True))
     ours = out[len(prompt) - 1:].argmax(-1)
     clear = [j for j, s in enumerate(steps) if s["gap"] >= 0.3]
     assert len(clear) >= len(steps) // 2
     assert [int(ours[j]) for j in clear] == [toks[j] for j in clear]
     cache = KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim)
-    logits = m.forward(np.array(prompt, np.int64), 0, cache)
+    logits = to_host(m.forward(np.array(prompt, np.int64), 0, cache))
     last = np.array(rec["last_prompt_logits"], np.float32)
     assert np.abs(logits[0] - last).max() < 2e-3 * np.abs(last).max()     # llama.cpp rounds activations to f16
     for j, s in enumerate(steps):
