@@ -152,11 +152,14 @@ class LLM:
         return logits, reuse
 
     def stream_tokens(self, prompt_ids: list[int], max_new_tokens: int = 128, stop=None,
-                      stop_at_eos: bool = True, reasoning: bool = True, **sampling):
+                      stop_at_eos: bool = True, reasoning: bool = True, json_schema=None, grammar=None,
+                      regex=None, constraint=None, **sampling):
         """Yield (token_id, text_piece) as tokens are produced; the return value is a Generation.
 
         For a reasoning model (and reasoning=True) pieces of thinking come as ReasoningPiece and the
-        markers around it are not yielded; reasoning=False yields the raw text, markers and all."""
+        markers around it are not yielded; reasoning=False yields the raw text, markers and all.
+        json_schema (dict or JSON text) / grammar (Lark or GBNF) / regex constrain the output token by
+        token (llm/constrain.py; or pass a built `constraint`); it stops when the grammar is complete."""
         if max_new_tokens is None or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(**sampling)
@@ -172,6 +175,9 @@ class LLM:
         stops = [s for s in (stop or []) if s]
         stop_ids = set(self.tokenizer.eot_ids or [self.tokenizer.eos_id]) if stop_at_eos else set()
         rng = np.random.default_rng(params.seed)
+        if constraint is None and (json_schema is not None or grammar is not None or regex is not None):
+            from .constrain import Constraint
+            constraint = Constraint.build(self.tokenizer, json_schema=json_schema, grammar=grammar, regex=regex)
         gen = Generation("", [], prompt, "length")
         detok, text, emitted = _Detokenizer(self.tokenizer), "", 0
         splitter = self.reasoning_splitter(prompt) if reasoning else None
@@ -187,12 +193,15 @@ class LLM:
             t1 = time.perf_counter()
             recent = list(prompt)
             for step in range(budget):
-                tok = sample(logits, params, rng, recent, gen.token_ids)
+                allowed = constraint.mask() if constraint is not None else None   # bool [vocab]
+                tok = sample(logits, params, rng, recent, gen.token_ids, allowed)
                 if tok in stop_ids:
                     gen.finish_reason = "stop"
                     break
                 gen.token_ids.append(tok)
                 recent.append(tok)
+                if constraint is not None:
+                    constraint.advance(tok)            # the next mask is computed during the forward pass
                 text += detok.push(tok)
                 gen.timeline.append((time.perf_counter() - t0, len(gen.token_ids)))
                 hit = next((s for s in stops if s in text), None) if stops else None
@@ -211,6 +220,9 @@ class LLM:
                     for p in parts(text[emitted:safe]):
                         yield tok, p
                     emitted = safe
+                if constraint is not None and constraint.done:
+                    gen.finish_reason = "stop"         # the grammar is complete: nothing may follow
+                    break
                 if step + 1 < budget:
                     logits = self._logits([tok], len(self._cached))
                     self._cached.append(tok)

@@ -71,8 +71,11 @@ def banned_by_ngrams(generated: list[int], n: int) -> list[int]:
 
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, recent: list[int] = (),
-           generated: list[int] = ()) -> int:
-    """logits [vocab] (float32, host) -> token id. recent: prompt + output so far; generated: output only."""
+           generated: list[int] = (), allowed: np.ndarray | None = None) -> int:
+    """logits [vocab] (float32, host) -> token id. recent: prompt + output so far; generated: output only;
+    allowed: bool [vocab] from a grammar (llm/constrain.py), the only tokens that may be drawn."""
+    if allowed is not None:
+        logits = np.where(allowed, logits, -np.inf).astype(np.float32, copy=False)
     if p.repeat_last_n:
         logits = apply_repetition_penalty(logits, list(recent)[-p.repeat_last_n:], p.repetition_penalty)
     ban = banned_by_ngrams(generated, p.no_repeat_ngram_size)
