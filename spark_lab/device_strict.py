@@ -254,8 +254,7 @@ class DeviceArray:
     # ---- NumPy protocols: NumPy does the arithmetic, on unwrapped buffers
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         out = kwargs.get("out")
-        if out is not None:
-            kwargs["out"] = tuple(_unwrap(o, f"{ufunc.__name__}(out=)") for o in out)
+        kwargs = {k: _unwrap(v, f"{ufunc.__name__}({k}=)") for k, v in kwargs.items()}   # where=, out=, ...
         raw = [_unwrap(x, f"{ufunc.__name__}()") for x in inputs]
         r = getattr(ufunc, method)(*raw, **kwargs)
         if out is not None:
