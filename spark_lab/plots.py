@@ -118,6 +118,7 @@ def memory_bars(by_tag: dict, title: str = "Memory by tag", widget: bool = False
 ROOF_SIZE = dict(width=980, height=540, l=70, r=340, t=70, b=60)
 LABEL_FONT = 11                 # px; a digit is about 0.62 em wide
 MARKER = 10                     # px, marker diameter
+PEAK_FONT = 12                  # px, the "peak ... GFLOP/s" note on the roof
 _POSITIONS = ("top center", "bottom center", "middle right", "middle left",
               "top right", "top left", "bottom right", "bottom left")
 
@@ -143,13 +144,13 @@ def _crosses(box, line_y) -> bool:
     return any(y0 < line_y(x0 + f * (x1 - x0)) < y1 for f in (0.0, 0.25, 0.5, 0.75, 1.0))
 
 
-def place_labels(xy_px, texts, line_y=None) -> list[str]:
-    """A textposition per point so no label covers another label or a marker, nor (if given) the
-    line y = line_y(x) in pixels; greedy, left to right; where every position collides, the
-    least-covered one."""
+def place_labels(xy_px, texts, line_y=None, keep_clear=()) -> list[str]:
+    """A textposition per point so no label covers another label, a marker or a `keep_clear` box,
+    nor (if given) the line y = line_y(x) in pixels; greedy, left to right; where every position
+    collides, the least-covered one."""
     r = MARKER / 2
     markers = [(x - r, y - r, x + r, y + r) for x, y in xy_px]
-    placed, out = [], [""] * len(texts)
+    placed, out = list(keep_clear), [""] * len(texts)
     for i in sorted(range(len(texts)), key=lambda i: xy_px[i]):
         x, y = xy_px[i]
 
@@ -169,7 +170,7 @@ def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
     points: iterable of (name, flops_per_byte, achieved_gflops) or dicts with those keys
             ("name", "intensity", "gflops").
     bandwidth_gbs: one memory bandwidth in GB/s, or {label: GB/s} for several roofs.
-    peak_note: how the peak was measured, shown next to it (e.g. "best of 7 GEMM runs").
+    peak_note: how the peak was measured, shown under the title (e.g. "best of 7 GEMM runs").
     Points are numbered on the plot; the key beside it names them and hovering shows the numbers.
     A point above the highest roof is drawn as a triangle and the key says so.
     """
@@ -197,8 +198,9 @@ def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
         fig.add_scatter(x=x, y=np.minimum(peak, float(bw) * x), mode="lines",
                         name=f"{label}: {bw:g} GB/s", line=dict(width=2), hoverinfo="name")
     ridge = peak / top
-    fig.add_annotation(x=math.log10(ridge), y=math.log10(peak), xanchor="left", yshift=12, showarrow=False,
-                       text=f"peak {peak:g} GFLOP/s" + (f" ({peak_note})" if peak_note else ""))
+    peak_text = f"peak {peak:g} GFLOP/s"
+    fig.add_annotation(x=math.log10(ridge), y=math.log10(peak), xanchor="left", yanchor="bottom", yshift=2,
+                       showarrow=False, text=peak_text, font=dict(size=PEAK_FONT))
     if pts:
         S = ROOF_SIZE
         pw, ph = S["width"] - S["l"] - S["r"], S["height"] - S["t"] - S["b"]
@@ -211,8 +213,9 @@ def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
         above = [gf > min(peak, top * ai) * 1.0001 for _, ai, gf in pts]
         hover = [f"{n}. {name}<br>{ai:.3g} FLOP/byte · {gf:.3g} GFLOP/s · {100 * gf / min(peak, top * ai):.0f}% of the roof"
                  for n, (name, ai, gf) in zip(nums, pts)]
+        peak_box = (px(ridge), py(peak) - 2 - PEAK_FONT - 4, px(ridge) + 0.62 * PEAK_FONT * len(peak_text), py(peak) - 2)
         fig.add_scatter(x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers+text", text=nums,
-                        textposition=place_labels(xy, nums, roof_py), textfont=dict(size=LABEL_FONT),
+                        textposition=place_labels(xy, nums, roof_py, [peak_box]), textfont=dict(size=LABEL_FONT),
                         hovertext=hover, hoverinfo="text", name="measured",
                         marker=dict(size=MARKER, color="#d62728",
                                     symbol=["triangle-up" if a else "circle" for a in above]))
@@ -220,6 +223,8 @@ def roofline(points, peak_gflops: float, bandwidth_gbs, title: str = "Roofline",
         fig.add_annotation(xref="paper", yref="paper", x=1.03, y=1.0, xanchor="left", yanchor="top",
                            align="left", showarrow=False, font=dict(size=11, family="monospace"),
                            text="<br>".join(key))
+    if peak_note:
+        title = f"{title}<br><sup>{peak_note}</sup>"
     fig.update_layout(title=title, width=ROOF_SIZE["width"], height=ROOF_SIZE["height"],
                       margin=dict(l=ROOF_SIZE["l"], r=ROOF_SIZE["r"], t=ROOF_SIZE["t"], b=ROOF_SIZE["b"]),
                       legend=dict(x=0.01, y=0.99, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.7)"),
