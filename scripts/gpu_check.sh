@@ -13,6 +13,7 @@
 #        SPARK_LAB_VENDOR=dir (default out/gpu_vendor, made by scripts/gpu_vendor.sh): pure-Python
 #        packages (gguf, yaml, tqdm, ...) put on the path where this Python lacks them.
 #        bash scripts/gpu_check.sh --device strict     a dry run on the CPU stand-in (no GPU needed)
+#        bash scripts/gpu_check.sh --skip pytest_gpu  on a short budget (--only a,b for chosen parts)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
