@@ -22,7 +22,7 @@ STRICT_TESTS := tests/test_device_strict.py tests/test_device.py tests/llm/test_
           tests/llm/test_transformers_parity.py tests/diffusion/test_pipeline.py tests/diffusion/test_models.py \
           tests/test_bert.py
 
-.PHONY: setup test-setup lab test test-unit test-strict test-notebooks test-browser bench models clean lock
+.PHONY: screenshot setup test-setup lab test test-unit test-strict test-notebooks test-browser bench models clean lock
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ test-notebooks: test-setup
 
 test-browser: test-setup
 	bash scripts/browser_test.sh
+
+# the README's screenshot, refreshed on purpose (make test never writes tracked files)
+screenshot: test-setup
+	bash scripts/browser_test.sh --screenshot
 
 bench: setup
 	$(VENV)/bin/spark-lab bench kernels
