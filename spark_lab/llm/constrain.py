@@ -97,7 +97,7 @@ def grammar_text(json_schema=None, grammar: str | None = None, regex: str | None
         _check_schema(json_schema)
         # compact output: no free whitespace between tokens (a small model fills it with newlines)
         return llg.LLMatcher.grammar_from_json_schema(
-            json_schema, defaults={"whitespace_flexible": False, "coerce_one_of": True})
+            _bound_numbers(json_schema), defaults={"whitespace_flexible": False, "coerce_one_of": True})
     if regex is not None:
         return llg.LLMatcher.grammar_from_regex(regex)
     if grammar is not None:
@@ -107,6 +107,31 @@ def grammar_text(json_schema=None, grammar: str | None = None, regex: str | None
         except ValueError as e:
             raise GrammarError(f"the grammar could not be read: {e}") from None
     raise GrammarError("no constraint given (json_schema, grammar or regex)")
+
+
+NUMBER_LIMIT = 1e15          # |numbers| the grammar lets a model write when the schema sets no bound
+FRACTION_STEP = 1e-6         # ... and at most 6 decimals: greedy decoding otherwise writes 1.250000000... forever
+
+
+def _bound_numbers(schema):
+    """A copy of the schema for the grammar only (outputs are still checked against the caller's schema):
+    numbers without bounds get +-NUMBER_LIMIT, non-integers without multipleOf get FRACTION_STEP, so every
+    number ends within ~22 characters."""
+    if isinstance(schema, list):
+        return [_bound_numbers(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples") else _bound_numbers(v)) for k, v in schema.items()}
+    types = out.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    if "number" in types or "integer" in types:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -NUMBER_LIMIT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = NUMBER_LIMIT
+        if "number" in types and "multipleOf" not in out:
+            out["multipleOf"] = FRACTION_STEP
+    return out
 
 
 def _check_schema(schema) -> None:
