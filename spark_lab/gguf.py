@@ -14,6 +14,7 @@ Gemma's 262k tokens on a small CPU, against well under a second here. Tensor dat
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -25,6 +26,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4            # ggml tensors have at most 4 dimensions
+MAX_NESTING = 4         # arrays of arrays: deeper nesting is refused (no real file nests at all)
 
 
 class GGUFError(ValueError):
@@ -38,6 +41,9 @@ _SCALAR = {
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _NUMPY = {k: np.dtype(v) for k, v in _SCALAR.items()}
+# the fewest bytes one value of a type takes: a claimed count is checked against the bytes left
+# before anything is allocated (a header that claims 2^40 entries fails at once, not after a long loop)
+_MIN_BYTES = {**{k: d.itemsize for k, d in _NUMPY.items()}, GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,13 @@ class _Cursor:
             raise GGUFError(f"truncated GGUF {self.path}: {what} runs past the end of the file "
                             f"({len(self.buf)} bytes)")
 
+    def count(self, n: int, each: int, what: str):
+        """A claimed number of entries of at least `each` bytes: must fit in the bytes left."""
+        left = len(self.buf) - self.pos
+        if n * each > left:
+            raise GGUFError(f"bad GGUF {self.path}: {what} claims {n} entries, more than the {left} bytes "
+                            f"left in the file can hold")
+
     def scalar(self, fmt: str, what: str = "header"):
         n = struct.calcsize(fmt)
         self.need(n, what)
@@ -78,12 +91,17 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int, key: str):
+    def value(self, vtype: int, key: str, depth: int = 0):
         if vtype == GGUFValueType.STRING:
             return self.string(key)
         if vtype == GGUFValueType.ARRAY:
             itype = self.scalar("<I", key)
             count = self.scalar("<Q", key)
+            if itype not in _MIN_BYTES:
+                raise GGUFError(f"bad GGUF {self.path}: unknown value type {itype} in the array {key!r}")
+            if itype == GGUFValueType.ARRAY and depth >= MAX_NESTING:
+                raise GGUFError(f"bad GGUF {self.path}: arrays nested more than {MAX_NESTING} deep in {key!r}")
+            self.count(count, _MIN_BYTES[itype], f"the array {key!r}")
             if itype == GGUFValueType.STRING:
                 out, buf, pos, end = [], self.buf, self.pos, len(self.buf)
                 for _ in range(count):  # the one hot loop of header parsing: keep it tight
@@ -105,7 +123,7 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
                 self.pos += dt.itemsize * count
                 return arr
-            return [self.value(itype, key) for _ in range(count)]
+            return [self.value(itype, key, depth + 1) for _ in range(count)]
         if vtype in _SCALAR:
             return self.scalar(_SCALAR[vtype], key)
         raise GGUFError(f"bad GGUF {self.path}: unknown value type {vtype} for key {key!r}")
@@ -124,6 +142,15 @@ class GGUFFile:
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         with open(self.path, "rb") as fh:  # header parsing: mmap slices are plain bytes (fast)
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse(buf, size)
+        finally:
+            try:
+                buf.close()
+            except BufferError:       # a metadata view still points into the map (an error path): the GC closes it
+                pass
+
+    def _parse(self, buf, size: int):
         if bytes(buf[:4]) != GGUF_MAGIC:
             raise GGUFError(f"{self.path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
         c = _Cursor(buf, str(self.path))
@@ -132,45 +159,66 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3)")
         n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
-        if n_tensors > 1_000_000 or n_kv > 1_000_000:
-            raise GGUFError(f"bad GGUF {self.path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
+        # every key takes >= 13 bytes (name length, type, one byte of value), every tensor >= 24
+        if n_kv * 13 + n_tensors * 24 > size - c.pos:
+            raise GGUFError(f"bad GGUF {self.path}: the header claims {n_tensors} tensors and {n_kv} keys, "
+                            f"more than a {size}-byte file can hold")
         self.metadata: dict = {}
         for _ in range(n_kv):
             key = c.string("metadata key")
             vtype = c.scalar("<I", key)
+            if key in self.metadata:
+                raise GGUFError(f"bad GGUF {self.path}: metadata key {key!r} appears twice")
             self.metadata[key] = c.value(vtype, key)
         infos = []
         for _ in range(n_tensors):
             name = c.string("tensor name")
             n_dims = c.scalar("<I", name)
+            if n_dims > MAX_DIMS:
+                raise GGUFError(f"bad GGUF {self.path}: tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
             dims = [c.scalar("<Q", name) for _ in range(n_dims)]
             qtype = c.scalar("<I", name)
             offset = c.scalar("<Q", name)
             infos.append((name, dims, qtype, offset))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(align, (bool, np.ndarray, list, str, float)) or not 0 < align <= 1 << 20 or align & (align - 1):
+            raise GGUFError(f"bad GGUF {self.path}: general.alignment = {align!r:.40} is not a power of two "
+                            f"up to 1 MiB")
+        align = int(align)
         data_start = (c.pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
+        spans = []
         for name, dims, qtype, offset in infos:
+            if name in self.tensors:
+                raise GGUFError(f"bad GGUF {self.path}: tensor {name!r} appears twice")
             try:
                 qt = GGMLQuantizationType(qtype)
-            except ValueError:
+                block, type_size = GGML_QUANT_SIZES[qt]
+            except (ValueError, KeyError):
                 raise GGUFError(f"{self.path}: tensor {name!r} has unknown quant type {qtype}") from None
-            block, type_size = GGML_QUANT_SIZES[qt]
             shape = tuple(int(d) for d in reversed(dims))
-            n = int(np.prod(dims, dtype=np.int64))
+            n = math.prod(dims)       # Python ints: a forged 2^63 dimension cannot overflow into a small size
             if dims and dims[0] % block:
                 raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of the {qt.name} block ({block})")
+            if offset % align:
+                raise GGUFError(f"bad GGUF {self.path}: tensor {name!r} data offset {offset} is not a multiple "
+                                f"of the alignment ({align})")
             nbytes = n // block * type_size
             start = data_start + offset
             if start + nbytes > size:
                 raise GGUFError(f"truncated GGUF {self.path}: tensor {name!r} needs bytes up to {start + nbytes}, "
                                 f"the file has {size}")
             self.tensors[name] = TensorInfo(name, shape, qt, start, nbytes)
-        # metadata arrays were views into the header map: copy the numeric ones out, then close it
+            spans.append((start, nbytes, name))
+        spans.sort()
+        for (a, na, an), (b, nb, bn) in zip(spans, spans[1:]):
+            if na and nb and b < a + na:
+                raise GGUFError(f"bad GGUF {self.path}: tensors {an!r} and {bn!r} overlap "
+                                f"(bytes {a}..{a + na} and {b}..{b + nb})")
+        # metadata arrays were views into the header map: copy the numeric ones out before it closes
         for k, v in self.metadata.items():
             if isinstance(v, np.ndarray):
                 self.metadata[k] = v.copy()
-        buf.close()
 
     @property
     def arch(self) -> str:
@@ -232,6 +280,13 @@ class LLMConfig:
     spec: object = None            # llm.archs.ArchSpec of `arch` (filled in from ARCHS when None)
 
     def __post_init__(self):
+        for k in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ctx_train"):
+            if not 0 < getattr(self, k) < 1 << 31:
+                raise GGUFError(f"{self.arch} model: {k} = {getattr(self, k)} is out of range")
+        if not 0 < self.rope_dim <= self.head_dim or self.rope_dim % 2:
+            raise GGUFError(f"{self.arch} model: rope_dim = {self.rope_dim} must be even and in 1..head_dim ({self.head_dim})")
+        if not all(map(math.isfinite, (self.rms_eps, self.rope_theta, self.rope_freq_scale))) or self.rope_theta <= 0:
+            raise GGUFError(f"{self.arch} model: rms_eps, rope_theta or the RoPE scale is not a finite positive number")
         if self.attn_scale == 0.0:
             self.attn_scale = self.head_dim ** -0.5
         if self.n_head % self.n_head_kv:
@@ -272,6 +327,31 @@ GATING_FUNCS = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}   # {arch}.expe
 
 
 def config_from_gguf(f: GGUFFile) -> LLMConfig:
+    """The LLMConfig a GGUF describes; GGUFError (one line) for metadata of the wrong type or out of
+    range, and for attention/embedding tensors whose shapes disagree with it."""
+    try:
+        c = _config_from_gguf(f)
+    except GGUFError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError) as e:
+        raise GGUFError(f"{f.path.name}: bad model metadata ({type(e).__name__}: {str(e)[:120]})") from None
+    _check_shapes(f, c)
+    return c
+
+
+def _check_shapes(f: GGUFFile, c: LLMConfig) -> None:
+    """The sizes the engine allocates by (KV cache, activations) must match the tensors in the file,
+    so a forged head count cannot ask for more memory than the weights justify."""
+    want = {"token_embd.weight": (c.n_vocab, c.n_embd),
+            "blk.0.attn_q.weight": (c.n_head * c.head_dim, c.n_embd),
+            "blk.0.attn_k.weight": (c.n_head_kv * c.head_dim, c.n_embd)}
+    for name, shape in want.items():
+        t = f.tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise GGUFError(f"{f.path.name}: tensor {name!r} has shape {tuple(t.shape)}, the metadata says {shape}")
+
+
+def _config_from_gguf(f: GGUFFile) -> LLMConfig:
     from .kernels.rope import YaRN
     from .llm.archs import ARCHS
     arch = f.arch
