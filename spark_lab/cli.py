@@ -23,6 +23,7 @@ HANDLERS = {
     "imagine": "spark_lab.diffusion.cli:cmd_imagine",
     "bench": "spark_lab.bench:cmd_bench",
     "serve": "spark_lab.serve:cmd_serve",
+    "batch": "spark_lab.batch:cmd_batch",
 }
 
 
@@ -121,6 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None)
     s.add_argument("--model", default=None)
+
+    s = sub.add_parser("batch", help="map a job over many inputs on a Dask cluster (local or remote)")
+    s.add_argument("task", choices=["summarize", "embed", "generate", "imagine"])
+    s.add_argument("input", help="a folder of documents, a .jsonl ({id, text|prompt}) or .parquet file")
+    s.add_argument("--out", required=True, help="results: .jsonl, or .parquet (journaled to OUT.jsonl)")
+    s.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
+    s.add_argument("--threads", type=_positive_int, default=None, help="compute threads per worker (default: cores // workers)")
+    s.add_argument("--scheduler", default=None, help="tcp://HOST:8786 of an existing cluster (or DASK_SCHEDULER_ADDRESS)")
+    s.add_argument("--model", default=None)
+    s.add_argument("--method", default=None, choices=["abstractive", "extractive", "hybrid"], help="summarize (default extractive)")
+    s.add_argument("--max-words", type=_positive_int, default=None, help="summarize (default 150)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generate (default 128)")
+    s.add_argument("--temperature", type=_nonneg_float, default=None, help="generate (default 0: greedy)")
+    s.add_argument("--raw", action="store_true", help="generate: the prompt as given, no chat template")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--steps", type=_positive_int, default=None, help="imagine (default 25)")
+    s.add_argument("--guidance", type=float, default=None, help="imagine (default: the model's)")
+    s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip inputs already in OUT (default on; --no-resume starts over)")
+    s.add_argument("--retry-errors", action="store_true", help="with --resume: redo the inputs that failed")
+    s.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    s.add_argument("--json", action="store_true", help="print the run's report as JSON")
     return p
 
 
