@@ -180,6 +180,7 @@ class Constraint:
         self.wait_seconds = 0.0        # time decoding waited for a mask
         self.steps = 0
         self._pending = None
+        self._done = False
         self._start()
 
     @classmethod
@@ -216,17 +217,14 @@ class Constraint:
         self.steps += 1
         if not self.matcher.consume_token(int(token)):
             raise GrammarError(f"token {token} breaks the {self.what}: {_first_line(self.matcher.get_error())}")
-        if not self.matcher.is_stopped():
+        self._done = self.matcher.is_stopped()    # read now: the matcher is busy on the helper thread next
+        if not self._done:
             self._start()
 
     @property
     def done(self) -> bool:
         """The grammar is complete and nothing more may follow."""
-        return self.matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        return self.matcher.is_accepting()
+        return self._done
 
     def close(self):
         if self._pending is not None:

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from .. import __version__
+from ..llm import tools as toolcalls
 from ..llm.reasoning import ReasoningPiece
 from .config import FINGERPRINT, ServerConfig
 from .jobs import embed_job, imagine_job
@@ -75,15 +76,30 @@ def create_app(config: ServerConfig | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         r = await parse_body(request, ChatRequest)
-        if r.tools:
-            raise unsupported("tools", "tool calling is not implemented")
-        if r.response_format and r.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only plain text answers")
+        constrain, tools, forced = _constraint_request(r)
         sampling = sampling_args(r, r.max_completion_tokens or r.max_tokens)
         worker = await registry.get(r.model, "llm")
         llm = worker.model
         messages = chat_messages(r.messages)
-        options = dict(r.chat_template_kwargs or {})
+        for m, src in zip(messages, r.messages):     # tool calls and results travel as extra fields
+            for k in ("tool_calls", "tool_call_id", "name"):
+                if (src.model_extra or {}).get(k) is not None:
+                    m[k] = src.model_extra[k]
+        fmt = toolcalls.tool_format(llm.tokenizer.chat_template)
+        try:
+            messages, tool_options = toolcalls.prepare(messages, tools, fmt)
+            if forced:
+                constrain = toolcalls.constraint_args(tools, fmt, None if forced is True else forced)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+        if constrain:
+            from ..llm.constrain import Constraint
+            try:
+                sampling["constraint"] = await asyncio.to_thread(Constraint.build, llm.tokenizer, **constrain)
+            except ValueError as e:
+                raise APIError(400, f"'{'tools' if forced else 'response_format'}': {e}",
+                               param="tools" if forced else "response_format", code="invalid_value") from None
+        options = dict(r.chat_template_kwargs or {}, **tool_options)
         if r.reasoning_effort is not None:
             options["reasoning_effort"] = r.reasoning_effort
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & options.keys()
@@ -103,6 +119,15 @@ def create_app(config: ServerConfig | None = None):
         def chunk(piece, gen):
             if gen is not None:
                 delta, finish = {}, gen.finish_reason
+                if tools:                          # the answer was held back: content or calls, at once
+                    content, calls = toolcalls.parse(gen.text, fmt, tools)
+                    if content:
+                        delta["content"] = content
+                    if calls:
+                        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                        finish = "tool_calls"
+            elif tools and not isinstance(piece, ReasoningPiece) and piece is not None:
+                return None
             elif piece is None:
                 delta, finish = {"role": "assistant", "content": ""}, None
             else:                                  # reasoning beside content, as llama-server and vLLM send it
@@ -112,12 +137,18 @@ def create_app(config: ServerConfig | None = None):
 
         def body(gen):
             message = {"role": "assistant", "content": gen.text, "refusal": None}
+            finish = gen.finish_reason
+            if tools:
+                content, calls = toolcalls.parse(gen.text, fmt, tools)
+                message["content"] = content or None
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
             if llm.reasoning_format is not None:
                 message["reasoning_content"] = gen.reasoning or None
             return {"id": cid, "object": "chat.completion", "created": created, "model": worker.id,
                     "system_fingerprint": FINGERPRINT,
                     "choices": [{"index": 0, "message": message,
-                                 "logprobs": None, "finish_reason": gen.finish_reason}],
+                                 "logprobs": None, "finish_reason": finish}],
                     "usage": usage_of(gen), "timings": timings_of(gen)}
 
         include_usage = bool((r.stream_options or {}).get("include_usage"))
@@ -210,6 +241,48 @@ def create_app(config: ServerConfig | None = None):
                 "model": worker.id, "size": native}
 
     return _Guard(app, config.api_key, config.max_body_bytes)
+
+
+def _constraint_request(r: ChatRequest):
+    """-> (constraint kwargs from response_format, the tools to render, forced: False | True | a name)."""
+    constrain, rf = {}, r.response_format
+    if rf:
+        kind = rf.get("type", "text")
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, (dict, bool)):
+                raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
+                               param="response_format", code="invalid_value")
+            constrain = {"json_schema": schema}
+        elif kind == "json_object":
+            constrain = {"json_schema": {"type": "object"}}
+        elif kind != "text":
+            raise APIError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format", code="invalid_value")
+    choice = r.tool_choice if r.tool_choice is not None else "auto"
+    if not r.tools:
+        if choice not in ("auto", "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice", code="invalid_value")
+        return constrain, None, False
+    if choice == "none":
+        return constrain, None, False
+    if choice == "auto":
+        forced = False
+    elif choice == "required":
+        forced = True
+    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+        forced = choice["function"]["name"]
+        if forced not in {(t.get("function") or {}).get("name") for t in r.tools if isinstance(t, dict)}:
+            raise APIError(400, f"'tool_choice' names {forced!r}, which is not in 'tools'", param="tool_choice",
+                           code="invalid_value")
+    else:
+        raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or a named function, got {choice!r}",
+                       param="tool_choice", code="invalid_value")
+    if forced and constrain:
+        raise APIError(400, "'response_format' and a required tool call cannot both constrain the answer",
+                       param="response_format", code="invalid_value")
+    return constrain, list(r.tools), forced
 
 
 class _Guard:

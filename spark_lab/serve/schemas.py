@@ -76,6 +76,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
+    tool_choice: str | dict | None = None     # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
     response_format: dict | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None   # gpt-oss's template reads it
     chat_template_kwargs: dict | None = None  # as vLLM and llama-server: {"enable_thinking": false} for Qwen3

@@ -45,7 +45,9 @@ async def generation_response(request, worker, prompt_ids, sampling, stream, inc
                         yield sse(u)
                     yield "data: [DONE]\n\n"
                 else:
-                    yield sse(make_chunk(item, None))
+                    c = make_chunk(item, None)                 # None: held back (a tool call forming)
+                    if c is not None:
+                        yield sse(c)
         except Exception as e:                                # headers are gone: report in-band
             err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
             yield sse(err.body())
