@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=128)
     _sampling_options(s)
     s.add_argument("--context", type=int, default=None, help="context length (default: the model's, capped at 4096)")
+    s.add_argument("--json-schema", default=None, metavar="FILE", help="constrain the answer to this JSON Schema")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("chat", help="streaming terminal chat")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mkdir", action="store_true", help="create --out's folder if it does not exist")
 
     s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
-    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions"])
+    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--model", default=None)

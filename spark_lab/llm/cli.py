@@ -34,6 +34,18 @@ class PieceWriter:
         self.thinking = False
 
 
+def _read_schema(path: str):
+    """--json-schema FILE -> the schema (dict); one clear line when the file is missing or not JSON."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--json-schema: no such file {path!r}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"--json-schema: {path} is not JSON: {e}") from None
+
+
 def _read_prompt(p: str) -> str:
     text = sys.stdin.read() if p == "-" else p
     if not text.strip():
@@ -74,6 +86,8 @@ def cmd_generate(args) -> int:
     _max_new_tokens(args)
     sampling = _sampling(args)
     prompt = _read_prompt(args.prompt)
+    if getattr(args, "json_schema", None):
+        sampling["json_schema"] = _read_schema(args.json_schema)
     llm = LLM.load(args.model, n_ctx=args.context)
     if args.raw:
         ids = llm.tokenizer.encode(prompt, add_bos=None, parse_special=True)
