@@ -29,3 +29,24 @@ def test_real_size_files_match_their_published_sizes():
 def test_unknown_synthetic_name_is_one_line():
     with pytest.raises(ValueError, match="unknown synthetic model 'llama-9000'"):
         synthetic.synthetic_path("llama-9000")
+
+
+def test_gpt_oss_shape_loads_through_the_gpt_oss_loader(tmp_path):
+    # the 20B's layout (MXFP4 experts, Q8_0 rest, sinks, biases, sliding window, YaRN) at toy size
+    from dataclasses import replace
+    from spark_lab.llm.engine import LLM
+    big = synthetic.SHAPES["gpt-oss-20b-mxfp4"]
+    assert synthetic.n_bytes("gpt-oss-20b-mxfp4") / 1e9 == pytest.approx(12.1, abs=0.1)   # ggml-org's file: 12.1 GB
+    s = replace(big, n_layer=2, d=64, n_head=4, n_kv=2, head_dim=32, ff=64, vocab=300, n_expert=4, n_expert_used=2,
+                sliding_window=4, n_ctx_train=1024)
+    path = synthetic.write_synthetic("tiny-gpt-oss", tmp_path / "g.gguf", shape=s)
+    f = GGUFFile(path)
+    assert f.tensors["blk.0.ffn_gate_exps.weight"].qtype.name == "MXFP4"
+    assert f.tensors["blk.0.attn_q.weight"].qtype.name == "Q8_0"
+    assert sum(t.nbytes for t in f.tensors.values()) == synthetic.n_bytes("", shape=s)
+    llm = LLM.load(str(path), n_ctx=64)
+    c = llm.config
+    assert (c.arch, c.n_expert, c.n_expert_used, c.sliding_window, c.attn_sinks) == ("gpt-oss", 4, 2, 4, True)
+    assert c.rope_yarn is not None
+    g = llm.generate("some bytes", max_new_tokens=3, temperature=0)
+    assert len(g.token_ids) == 3 and np.isfinite(llm._prompt_logits[1]).all()

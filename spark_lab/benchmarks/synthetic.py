@@ -40,6 +40,10 @@ class Shape:
     more_bits: str = "Q6_K"   # attn_v / ffn_down in llama.cpp's "use more bits" layers, and output
     embd: str = "Q4_K"
     source: str = ""          # where the real numbers come from
+    n_expert: int = 0         # MoE (gpt-oss layout): experts per layer, 0 = dense FFN
+    n_expert_used: int = 0
+    experts: str = "MXFP4"    # the *_exps tensors' type
+    sliding_window: int = 0   # gpt-oss: every other layer slides over this many tokens
     extra: dict = field(default_factory=dict)
 
     @property
@@ -56,6 +60,14 @@ SHAPES: dict[str, Shape] = {
                               source="meta-llama/Meta-Llama-3-8B config.json"),
     "qwen2.5-7b-q4_k_m": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064, rope_theta=1000000.0, qkv_bias=True,
                                source="Qwen/Qwen2.5-7B-Instruct config.json"),
+    # ggml-org/gpt-oss-20b-GGUF (mxfp4): experts MXFP4, attention/embeddings/output Q8_0, router,
+    # biases, sinks and norms F32; attention sinks, q/k/v/o biases, sliding window 128 every other layer
+    "gpt-oss-20b-mxfp4": Shape("gpt-oss", 24, 2880, 64, 8, 2880, 201088, rope_theta=150000.0, n_ctx_train=131072,
+                               head_dim=64, qkv_bias=True, quant="Q8_0", more_bits="Q8_0", embd="Q8_0",
+                               n_expert=32, n_expert_used=4, sliding_window=128,
+                               extra=dict(add_rope_scaling_type="yarn",
+                                          add_rope_scaling_factor=32.0, add_rope_scaling_orig_ctx_len=4096),
+                               source="openai/gpt-oss-20b config.json"),
 }
 
 
@@ -95,6 +107,8 @@ def random_blocks(qname: str, rows: int, cols: int, rng: np.random.Generator) ->
 def _tensors(s: Shape):
     """(name, rows, cols, qname) for every tensor, in file order (torch order: [out, in])."""
     hd, L = s.hd, s.n_layer
+    if s.n_expert:
+        return _moe_tensors(s)
     out = [("token_embd.weight", s.vocab, s.d, s.embd)]
     for i in range(L):
         b, more = f"blk.{i}.", _use_more_bits(i, L)
@@ -118,13 +132,39 @@ def _tensors(s: Shape):
     return out
 
 
-def write_synthetic(name: str, path: Path, seed: int = 0) -> Path:
-    """Write the synthetic GGUF `name` (a key of SHAPES) to `path`, one tensor at a time."""
+def _moe_tensors(s: Shape):
+    """gpt-oss's tensors as llama.cpp's converter names them ([E, rows, cols] experts as rows = E*rows)."""
+    hd, E, ff = s.hd, s.n_expert, s.ff
+    out = [("token_embd.weight", s.vocab, s.d, s.embd)]
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        out += [(b + "attn_norm.weight", 1, s.d, "F32"),
+                (b + "attn_q.weight", s.n_head * hd, s.d, s.quant), (b + "attn_q.bias", 1, s.n_head * hd, "F32"),
+                (b + "attn_k.weight", s.n_kv * hd, s.d, s.quant), (b + "attn_k.bias", 1, s.n_kv * hd, "F32"),
+                (b + "attn_v.weight", s.n_kv * hd, s.d, s.quant), (b + "attn_v.bias", 1, s.n_kv * hd, "F32"),
+                (b + "attn_output.weight", s.d, s.n_head * hd, s.quant), (b + "attn_output.bias", 1, s.d, "F32"),
+                (b + "attn_sinks.weight", 1, s.n_head, "F32"),
+                (b + "post_attention_norm.weight", 1, s.d, "F32"),
+                (b + "ffn_gate_inp.weight", E, s.d, "F32"), (b + "ffn_gate_inp.bias", 1, E, "F32"),
+                (b + "ffn_gate_exps.weight", (E, ff), s.d, s.experts), (b + "ffn_gate_exps.bias", E, ff, "F32"),
+                (b + "ffn_up_exps.weight", (E, ff), s.d, s.experts), (b + "ffn_up_exps.bias", E, ff, "F32"),
+                (b + "ffn_down_exps.weight", (E, s.d), ff, s.experts), (b + "ffn_down_exps.bias", E, s.d, "F32")]
+    out += [("output_norm.weight", 1, s.d, "F32"), ("output.weight", s.vocab, s.d, s.embd)]
+    return out
+
+
+def _rows(rows) -> int:
+    return rows[0] * rows[1] if isinstance(rows, tuple) else rows
+
+
+def write_synthetic(name: str, path: Path, seed: int = 0, shape: Shape | None = None) -> Path:
+    """Write the synthetic GGUF `name` (a key of SHAPES, or any name with `shape` given) to `path`,
+    one tensor at a time."""
     import gguf
     from ..tokenizer import _bytes_to_unicode
-    if name not in SHAPES:
+    if shape is None and name not in SHAPES:
         raise ValueError(f"unknown synthetic model {name!r}; choose from {', '.join(SHAPES)}")
-    s = SHAPES[name]
+    s = shape or SHAPES[name]
     rng = np.random.default_rng(seed)
     path = Path(path)
     tmp = path.with_suffix(".part")
@@ -141,8 +181,13 @@ def write_synthetic(name: str, path: Path, seed: int = 0) -> Path:
         w.add_value_length(s.head_dim)
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        w.add_expert_feed_forward_length(s.ff)
+        w.add_sliding_window(s.sliding_window)
     for k, v in s.extra.items():
-        getattr(w, k)(v)
+        getattr(w, k)(gguf.RopeScalingType(v) if k == "add_rope_scaling_type" else v)
     # a byte-level vocabulary (every text encodes), padded with control tokens to the real size
     b2u = _bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)] + ["<s>", "</s>", "xy"]
@@ -158,24 +203,28 @@ def write_synthetic(name: str, path: Path, seed: int = 0) -> Path:
     plan = _tensors(s)
     for tname, rows, cols, q in plan:
         qt = gguf.GGMLQuantizationType[q]
+        lead = rows if isinstance(rows, tuple) else (rows,)        # experts: (E, rows)
         if q in ("F32", "F16"):
             dt = np.float32 if q == "F32" else np.float16
-            shape = (cols,) if rows == 1 else (rows, cols)
-            w.add_tensor_info(tname, shape, np.dtype(dt), rows * cols * np.dtype(dt).itemsize)
+            shape = (cols,) if rows == 1 else (*lead, cols)
+            w.add_tensor_info(tname, shape, np.dtype(dt), _rows(rows) * cols * np.dtype(dt).itemsize)
         else:
             bs, ts = gguf.GGML_QUANT_SIZES[qt]
-            nbytes = rows * cols // bs * ts
-            w.add_tensor_info(tname, (rows, cols * ts // bs), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+            nbytes = _rows(rows) * cols // bs * ts
+            w.add_tensor_info(tname, (*lead, cols * ts // bs), np.dtype(np.uint8), nbytes, raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for tname, rows, cols, q in plan:
+        n = _rows(rows)
         if tname.endswith("norm.weight"):
             a = (1.0 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
-        elif tname.endswith(".bias"):
-            a = (0.02 * rng.standard_normal(cols)).astype(np.float32)
+        elif tname.endswith(".bias") or tname.endswith("sinks.weight"):
+            a = (0.02 * rng.standard_normal((n, cols))).astype(np.float32)
         else:
-            a = random_blocks(q, rows, cols, rng)
+            a = random_blocks(q, n, cols, rng)
+        if isinstance(rows, tuple):
+            a = a.reshape(*rows, -1)
         w.write_tensor_data(a.reshape(-1) if rows == 1 else a)
     w.close()
     tmp.replace(path)
@@ -196,11 +245,12 @@ def synthetic_path(name: str) -> Path:
     return path
 
 
-def n_bytes(name: str) -> int:
+def n_bytes(name: str, shape: Shape | None = None) -> int:
     """Bytes of tensor data the synthetic file holds (without writing it)."""
     import gguf
     total = 0
-    for _, rows, cols, q in _tensors(SHAPES[name]):
+    for _, rows, cols, q in _tensors(shape or SHAPES[name]):
+        rows = _rows(rows)
         if q in ("F32", "F16"):
             total += rows * cols * (4 if q == "F32" else 2)
         else:
