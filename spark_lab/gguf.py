@@ -93,7 +93,7 @@ class _Cursor:
 
     def value(self, vtype: int, key: str, depth: int = 0):
         if vtype == GGUFValueType.STRING:
-            return self.string(key)
+            return self.string(f"the string {key!r}")
         if vtype == GGUFValueType.ARRAY:
             itype = self.scalar("<I", key)
             count = self.scalar("<Q", key)
@@ -198,6 +198,8 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: tensor {name!r} has unknown quant type {qtype}") from None
             shape = tuple(int(d) for d in reversed(dims))
             n = math.prod(dims)       # Python ints: a forged 2^63 dimension cannot overflow into a small size
+            if n == 0:
+                raise GGUFError(f"bad GGUF {self.path}: tensor {name!r} has an empty dimension {dims}")
             if dims and dims[0] % block:
                 raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of the {qt.name} block ({block})")
             if offset % align:
