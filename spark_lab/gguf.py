@@ -129,6 +129,15 @@ class _Cursor:
         raise GGUFError(f"bad GGUF {self.path}: unknown value type {vtype} for key {key!r}")
 
 
+def _owned(v):
+    """A metadata value with its NumPy arrays copied out of the header map (arrays of arrays too)."""
+    if isinstance(v, np.ndarray):
+        return v.copy()
+    if isinstance(v, list) and v and isinstance(v[0], (np.ndarray, list)):
+        return [_owned(x) for x in v]
+    return v
+
+
 class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -219,8 +228,7 @@ class GGUFFile:
                                 f"(bytes {a}..{a + na} and {b}..{b + nb})")
         # metadata arrays were views into the header map: copy the numeric ones out before it closes
         for k, v in self.metadata.items():
-            if isinstance(v, np.ndarray):
-                self.metadata[k] = v.copy()
+            self.metadata[k] = _owned(v)
 
     @property
     def arch(self) -> str:
