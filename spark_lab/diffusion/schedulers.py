@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module
+from ..device import array_module, to_host
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -83,6 +83,15 @@ def _noise(shape, generator, variance_noise, xp):
         return xp.asarray(variance_noise, dtype=np.float32)
     rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
     return xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+
+def _with(model_output, sample):
+    """`sample` where `model_output` lives: a host sample beside a device prediction (a notebook's
+    own loop) moves once, explicitly; the pipeline's device sample is passed through untouched."""
+    xp = array_module(model_output)
+    if array_module(sample) is xp:
+        return sample
+    return to_host(sample) if xp is np else xp.asarray(sample)
 
 
 def _timestep_value(t):
@@ -233,6 +242,7 @@ class DDPMScheduler(_AlphaScheduler):
         return math.exp(0.5 * math.log(beta_t))
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        sample = _with(model_output, sample)
         t = int(_timestep_value(timestep))
         prev_t = self.previous_timestep(t)
         # 1. alphas and betas at t and at the previous timestep
@@ -278,6 +288,7 @@ class DDIMScheduler(_AlphaScheduler):
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict=True):
+        sample = _with(model_output, sample)
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler: call set_timesteps(n) before step()")
         t = int(_timestep_value(timestep))
@@ -399,6 +410,7 @@ class EulerDiscreteScheduler(_AlphaScheduler, _SigmaStepper):
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, variance_noise=None,
              return_dict=True):
+        sample = _with(model_output, sample)
         self._ensure_index(timestep)
         sigma = float(self.sigmas[self.step_index])
         # 1. optional churn: raise the noise level to sigma_hat first
@@ -471,6 +483,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase, _SigmaStepper):
         self.step_index = None
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        sample = _with(model_output, sample)
         self._ensure_index(timestep)
         sigma = float(self.sigmas[self.step_index])
         sigma_next = float(self.sigmas[self.step_index + 1])
