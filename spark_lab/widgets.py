@@ -56,7 +56,17 @@ _CHAT_CSS = ("<style>.spark-msg{white-space:pre-wrap;padding:6px 10px;margin:4px
              "font-family:var(--jp-content-font-family, sans-serif);line-height:1.4}"
              ".spark-user{background:#e3f2fd;margin-left:15%}"
              ".spark-assistant{background:#f5f5f5;margin-right:15%}"
-             ".spark-reasoning{color:#777;font-size:90%;margin-top:4px}</style>")
+             ".spark-reasoning{color:#777;font-size:90%;margin-top:4px}"
+             ".spark-tool{background:#fff8e1;margin-right:15%;font-family:monospace;font-size:90%}</style>")
+
+
+class ToolEvent(tuple):
+    """(name, arguments JSON, result) of one tool call the ChatBox ran."""
+
+
+def _tools_html(events) -> str:
+    return "".join(f'<div class="spark-msg spark-tool">&#128295; {html.escape(n)}({html.escape(a)})'
+                   f' &rarr; {html.escape(str(r))}</div>' for n, a, r in events)
 
 
 def _reasoning_html(reasoning: str, open_: bool = False) -> str:
@@ -67,15 +77,17 @@ def _reasoning_html(reasoning: str, open_: bool = False) -> str:
             f'{html.escape(reasoning)}</details>')
 
 
-def _as_session(llm_or_session, system_prompt):
+def _as_session(llm_or_session, system_prompt, tools=None):
     """A ChatSession for an LLM; anything with `.stream(msg)` and `.history` is used as it is."""
     if hasattr(llm_or_session, "stream") and hasattr(llm_or_session, "history"):
         if system_prompt is not None:
             raise ValueError("ChatBox: pass system_prompt to the ChatSession, not to ChatBox, when giving a session")
+        if tools:
+            llm_or_session.tools = list(tools)
         return llm_or_session
     if hasattr(llm_or_session, "chat_stream"):
         from .llm import ChatSession
-        return ChatSession(llm_or_session, system_prompt=system_prompt)
+        return ChatSession(llm_or_session, system_prompt=system_prompt, tools=tools)
     raise ValueError(f"ChatBox needs an LLM or a ChatSession, got {type(llm_or_session).__name__}")
 
 
@@ -83,11 +95,19 @@ class ChatBox(widgets.VBox):
     """A chat: transcript, a text box, a Send button; the answer streams in with its speed.
 
         ChatBox(LLM.load("smollm2-135m-instruct"), system_prompt="You are terse.", max_new_tokens=64)
+
+    With `tools` (OpenAI format) and `functions` ({name: Python callable}) the model may call them: each
+    call runs here, shows as a line with its result, goes back to the model, until it answers in text
+    (or `max_tool_rounds`). gen may hold tool_choice= for the first round ("required", a name).
     """
 
     def __init__(self, llm_or_session, system_prompt: str | None = None, max_new_tokens: int = 256,
-                 placeholder: str = "Ask something, then press Enter or Send", **gen):
-        self.session = _as_session(llm_or_session, system_prompt)
+                 placeholder: str = "Ask something, then press Enter or Send", tools: list[dict] | None = None,
+                 functions: dict | None = None, max_tool_rounds: int = 4, **gen):
+        self.session = _as_session(llm_or_session, system_prompt, tools)
+        self.functions = dict(functions or {})
+        self.max_tool_rounds = max_tool_rounds
+        self.tool_events: list[list[ToolEvent]] = []            # each turn's tool calls and results
         self.gen = dict(max_new_tokens=max_new_tokens, **gen)   # generate() arguments for every turn
         self.turns: list[tuple[str, str]] = []                  # (user, assistant) shown so far
         self.reasoning: list[str] = []                          # each turn's thinking ("" for most models)
@@ -116,11 +136,13 @@ class ChatBox(widgets.VBox):
 
     def _render(self, pending_user: str | None = None, partial: str = "", thinking: str = ""):
         parts = [_CHAT_CSS]
-        for (user, answer), reasoning in zip(self.turns, self.reasoning):
+        for k, ((user, answer), reasoning) in enumerate(zip(self.turns, self.reasoning)):
             parts.append(f'<div class="spark-msg spark-user">{html.escape(user)}</div>')
+            parts.append(_tools_html(self.tool_events[k] if k < len(self.tool_events) else []))
             parts.append(f'<div class="spark-msg spark-assistant">{html.escape(answer)}{_reasoning_html(reasoning)}</div>')
         if pending_user is not None:
             parts.append(f'<div class="spark-msg spark-user">{html.escape(pending_user)}</div>')
+            parts.append(_tools_html(self._pending_tools))
             parts.append(f'<div class="spark-msg spark-assistant">{html.escape(partial)}&#9646;'
                          f'{_reasoning_html(thinking, open_=not partial)}</div>')
         self.transcript.value = "".join(parts)
@@ -143,11 +165,15 @@ class ChatBox(widgets.VBox):
         self.status.value = "<i>thinking…</i>"
         from .llm.reasoning import ReasoningPiece
         answer = thinking = ""
-        timer = StreamTimer(self.session.stream(msg, **self.gen))
+        self._pending_tools = []
+        timer = StreamTimer(self._rounds(msg))
         self._render(msg)
         try:
             for piece in timer:
-                if isinstance(piece, ReasoningPiece):
+                if isinstance(piece, ToolEvent):
+                    self._pending_tools.append(piece)
+                    answer = ""                    # the call's text is shown as the tool line instead
+                elif isinstance(piece, ReasoningPiece):
                     thinking += piece
                 else:
                     answer += piece
@@ -156,6 +182,7 @@ class ChatBox(widgets.VBox):
             self.status.value = _error_html(e)
             self.turns.append((msg, answer))
             self.reasoning.append(thinking)
+            self.tool_events.append(self._pending_tools)
             self._render()
             return answer
         finally:
@@ -163,6 +190,7 @@ class ChatBox(widgets.VBox):
             self.send_button.disabled = False
         self.turns.append((msg, answer))
         self.reasoning.append(thinking)
+        self.tool_events.append(self._pending_tools)
         self._render()
         self.last_times = timer.times
         n = self._count_tokens(thinking + answer, len(timer.times))
@@ -174,6 +202,28 @@ class ChatBox(widgets.VBox):
         else:
             self.status.value = "no tokens"
         return answer
+
+
+    def _rounds(self, msg: str):
+        """The answer's pieces; with functions, each tool call run (a ToolEvent) and the model asked again."""
+        import json
+        _pending = self.session.stream(msg, **self.gen)
+        gen = {k: v for k, v in self.gen.items() if k != "tool_choice"}
+        for _ in range(self.max_tool_rounds + 1):
+            yield from _pending
+            calls = getattr(self.session, "last_tool_calls", []) if self.functions else []
+            if not calls:
+                return
+            for call in calls:
+                name, args = call["function"]["name"], call["function"]["arguments"]
+                fn = self.functions.get(name)
+                try:
+                    result = fn(**json.loads(args)) if fn is not None else f"error: no function {name!r}"
+                except Exception as e:      # the model sees the error and may try again
+                    result = f"error: {type(e).__name__}: {e}"
+                self.session.add_tool_result(call, result)
+                yield ToolEvent((name, args, result))
+            _pending = self.session.stream(None, **gen)
 
 
 # ----------------------------------------------------------------------------- images

@@ -6,8 +6,10 @@ from .engine import LLM, ContextOverflow
 
 class ChatSession:
     def __init__(self, llm: LLM, system_prompt: str | None = None, reserve: int = 256,
-                 template_options: dict | None = None):
+                 template_options: dict | None = None, tools: list[dict] | None = None):
         self.llm = llm
+        self.tools = list(tools or [])     # OpenAI-format tools the model may call (llm/tools.py)
+        self.last_tool_calls: list[dict] = []   # the calls in the last answer (run them, add_tool_result)
         self.template_options = dict(template_options or {})   # e.g. {"enable_thinking": False} (Qwen3)
         self.system_prompt = system_prompt
         self.history: list[dict] = []      # user/assistant turns, oldest first
@@ -25,7 +27,8 @@ class ChatSession:
         """Token ids of the conversation, dropping the oldest turns until it fits the context."""
         room = self.llm.n_ctx - min(max_new_tokens, self.reserve)
         while True:
-            ids = self.llm.encode_chat(self.messages(user), **self.template_options)
+            msgs, tool_options = self._with_tools(self.messages(user))
+            ids = self.llm.encode_chat(msgs, **self.template_options, **tool_options)
             if len(ids) <= room:
                 return ids
             if not self.history:
@@ -36,8 +39,21 @@ class ChatSession:
             # drop the oldest user/assistant pair
             self.history = self.history[2:] if len(self.history) >= 2 else []
 
-    def stream(self, user: str, max_new_tokens: int = 256, **sampling):
-        """Yield pieces of the answer (str) and of the reasoning (llm.reasoning.ReasoningPiece)."""
+    def _with_tools(self, msgs):
+        if not self.tools:
+            return msgs, {}
+        from .tools import prepare, tool_format
+        return prepare(msgs, self.tools, tool_format(self.llm.tokenizer.chat_template))
+
+    def stream(self, user: str | None, max_new_tokens: int = 256, tool_choice=None, **sampling):
+        """Yield pieces of the answer (str) and of the reasoning (llm.reasoning.ReasoningPiece).
+
+        user=None continues after tool results (add_tool_result); tool_choice "required" or a tool's
+        name constrains the answer to a call; json_schema=/grammar=/regex= constrain it (llm/constrain.py)."""
+        from .tools import constraint_args, parse, tool_format
+        fmt = tool_format(self.llm.tokenizer.chat_template)
+        if self.tools and tool_choice not in (None, "auto", "none"):
+            sampling.update(constraint_args(self.tools, fmt, None if tool_choice == "required" else tool_choice))
         ids = self._fit(user, max_new_tokens)
         it = self.llm.stream_tokens(ids, max_new_tokens, **sampling)
         while True:
@@ -49,8 +65,18 @@ class ChatSession:
             if piece:
                 yield piece
         # the answer only: templates drop earlier turns' reasoning (gpt-oss's refuses it in content)
-        self.history += [{"role": "user", "content": user},
-                         {"role": "assistant", "content": self.last.text.strip()}]
+        if user is not None:
+            self.history.append({"role": "user", "content": user})
+        content, self.last_tool_calls = parse(self.last.text, fmt, self.tools) if self.tools else ("", [])
+        if self.last_tool_calls:
+            self.history.append({"role": "assistant", "content": content, "tool_calls": self.last_tool_calls})
+        else:
+            self.history.append({"role": "assistant", "content": self.last.text.strip()})
+
+    def add_tool_result(self, call: dict, result) -> None:
+        """The result of one of last_tool_calls, as a `tool` message the next turn (stream(None)) sees."""
+        self.history.append({"role": "tool", "content": str(result), "tool_call_id": call["id"],
+                             "name": call["function"]["name"]})
 
     def send(self, user: str, **gen) -> str:
         """The answer (a reasoning model's thinking stays in self.last.reasoning)."""

@@ -177,3 +177,44 @@ def test_bad_schemas_name_the_problem(schema, words):
 def test_one_constraint_at_a_time():
     with pytest.raises(GrammarError, match="json_schema and regex"):
         Constraint.build(None, json_schema={"type": "object"}, regex="a")
+
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+
+
+@needs_model
+def test_chat_session_schema_and_tools(llm):
+    from spark_lab.llm import ChatSession
+    s = ChatSession(llm)
+    answer = s.send("Describe a person.", json_schema=SCHEMAS[0], temperature=0, max_new_tokens=MAX_NEW)
+    jsonschema.validate(json.loads(answer), SCHEMAS[0])
+    assert s.history[-1] == {"role": "assistant", "content": answer}
+    s = ChatSession(llm, tools=[ADD])
+    s.send("What is 2 + 3?", tool_choice="required", temperature=0, max_new_tokens=MAX_NEW)
+    (call,) = s.last_tool_calls
+    args = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] == "add" and set(args) == {"a", "b"}
+    s.add_tool_result(call, args["a"] + args["b"])
+    assert s.history[-1]["role"] == "tool" and s.history[-2]["tool_calls"] == [call]
+    s.send(None, temperature=0, max_new_tokens=24)          # the model continues after the result
+    assert s.history[-1]["role"] == "assistant"
+
+
+@needs_model
+def test_chatbox_runs_tools_and_shows_them(llm):
+    pytest.importorskip("ipywidgets")
+    from spark_lab.widgets import ChatBox
+    seen = []
+
+    def add(a, b):
+        seen.append((a, b))
+        return a + b
+    box = ChatBox(llm, tools=[ADD], functions={"add": add}, max_tool_rounds=2, tool_choice="required",
+                  temperature=0, max_new_tokens=MAX_NEW)
+    box.send("What is 2 + 3?")
+    events = box.tool_events[0]
+    assert events and events[0][0] == "add" and events[0][2] == sum(seen[0])
+    assert "spark-tool" in box.transcript.value and f"&rarr; {sum(seen[0])}" in box.transcript.value
