@@ -32,16 +32,22 @@ def _use(monkeypatch, kind: str):
     return device.get_device()
 
 
+@pytest.fixture(autouse=True)
+def _forget_device():
+    """After each test (passed or not, once monkeypatch has restored SPARK_LAB_DEVICE): no cached
+    device or allocator survives, so the next test detects its own."""
+    yield
+    device.reset_device_cache()
+    memory._ALLOCATOR = None
+
+
 @pytest.fixture
 def strict(monkeypatch):
-    """The strict device with fresh caches and a zeroed transfer counter (reset again after)."""
+    """The strict device with fresh caches and a zeroed transfer counter."""
     dev = _use(monkeypatch, "strict")
     dev.xp.transfers.reset()
     yield dev
     dev.xp.transfers.trace = False
-    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
-    device.reset_device_cache()
-    memory._ALLOCATOR = None
 
 
 def _x(shape, seed=0, scale=1.0):
@@ -199,9 +205,6 @@ def test_llm_greedy_tokens_equal_numpy_one_copy_per_token(monkeypatch, tmp_path,
         assert d.h2d == (3 if n > 1 else 2)                  # the token ids, rope's frequencies (+ the kernel's
     if qname != "F32":                                       # frequency table, once); nothing per layer
         assert tr.snapshot().launches[f"qmatvec_{qname.lower()}"] == (n_new - 1) * 4 * L + n_new * quant_embd   # q|k|v, o, gate|up, down; tied output
-    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
-    device.reset_device_cache()
-    memory._ALLOCATOR = None
 
 
 def test_tiny_sd_pipeline_on_strict_equals_numpy(monkeypatch):
@@ -221,9 +224,6 @@ def test_tiny_sd_pipeline_on_strict_equals_numpy(monkeypatch):
     steps = [b - a for a, b in zip(snaps, snaps[1:])]
     assert len(steps) == 2 and all((d.d2h, d.h2d) == (0, 1) for d in steps), steps   # up: the timesteps
     assert tr.snapshot().d2h - snaps[-1].d2h == 1            # the decoded images, once
-    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
-    device.reset_device_cache()
-    memory._ALLOCATOR = None
 
 
 @pytest.mark.skipif(not is_present("spark-emoji") or not is_present("all-minilm-l6-v2"),
@@ -246,9 +246,6 @@ def test_spark_emoji_on_strict_equals_numpy(monkeypatch):
     steps = [b - a for a, b in zip(snaps, snaps[1:])]
     assert len(steps) == 2 and all((d.d2h, d.h2d) == (0, 1) for d in steps), steps   # up: the timesteps
     assert tr.snapshot().d2h - snaps[-1].d2h == 1
-    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
-    device.reset_device_cache()
-    memory._ALLOCATOR = None
 
 
 @pytest.mark.slow
@@ -270,6 +267,3 @@ def test_smollm2_on_strict_same_tokens_one_copy_per_token(monkeypatch):
     assert got == want
     assert (snap.d2h, snap.d2h_bytes) == (3, 3 * llm.config.n_vocab * 4)
     assert snap.h2d <= 2 * 3 + 1                             # + rope's kernel table, once
-    monkeypatch.setenv("SPARK_LAB_DEVICE", "cpu")
-    device.reset_device_cache()
-    memory._ALLOCATOR = None
