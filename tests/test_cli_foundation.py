@@ -77,7 +77,7 @@ def test_info_text():
 def test_bad_device_name_is_one_line():
     r = spark_lab("info", extra_env={"SPARK_LAB_DEVICE": "tpu"})
     assert r.returncode == 1 and r.stderr.strip() == (
-        "spark-lab info: error: SPARK_LAB_DEVICE='tpu' is not one of auto, cpu, cuda")
+        "spark-lab info: error: SPARK_LAB_DEVICE='tpu' is not one of auto, cpu, cuda, strict")
 
 
 def test_plan_200b():
