@@ -246,7 +246,8 @@ def test_make_setup_installs_the_detected_extra_and_no_torch(tmp_path):
     def dry(target, path_dirs):
         env = {k: v for k, v in os.environ.items() if k not in ("SPARK_LAB_CUDA", "MAKEFLAGS")}
         env["PATH"] = os.pathsep.join(path_dirs + ["/usr/local/bin", "/usr/bin", "/bin"])
-        return subprocess.run(["make", "-n", "-B", "-C", ROOT, target, "VENV=" + str(tmp_path / "venv")],
+        return subprocess.run(["make", "-n", "-B", "-C", ROOT, target, "VENV=" + str(tmp_path / "venv"),
+                               "PYTHON=" + sys.executable],
                               env=env, capture_output=True, text=True, timeout=60).stdout
     gpu = dry("setup", [_fake_smi(tmp_path / "bin", "13.0")])
     assert '.[lab,cuda13]"' in gpu and "torch" not in gpu
