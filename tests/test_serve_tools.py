@@ -156,3 +156,35 @@ def test_qwen_grammar_forces_a_call():
     g = llm.generate("What is 2 + 3?", max_new_tokens=48, temperature=0, **toolcalls.constraint_args([ADD], "qwen"))
     content, calls = toolcalls.parse(g.text, "qwen", [ADD])
     assert g.finish_reason == "stop" and calls and calls[0]["function"]["name"] == "add"
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+]
+
+
+@pytest.mark.parametrize("template", ["qwen3", "gpt-oss"])
+def test_tool_conversations_render_as_transformers(template):
+    """tools.prepare + our template renderer == transformers' rendering of the same conversation (real templates)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from spark_lab.llm.template import render_chat
+    cu = pytest.importorskip("transformers.utils.chat_template_utils")
+    source = (Path(__file__).parent / "data" / "templates" / f"{template}.jinja").read_text()
+    fmt = toolcalls.tool_format(source)
+    msgs, options = toolcalls.prepare(TOOL_CONVERSATION, [ADD, WEATHER], fmt)
+    ours = render_chat(SimpleNamespace(chat_template=source, bos_id=None, eos_id=None), msgs, True, **options)
+    ref, _ = cu.render_jinja_template([msgs], chat_template=source, add_generation_prompt=True, **options)
+    assert ours == ref[0]
+    assert ("<tool_response>\n5\n</tool_response>" if template == "qwen3" else "functions.add") in ours
+    assert '"a": 2' in ours or '"a":2' in ours
+
+
+def test_json_format_prompt_lists_the_tools():
+    msgs, options = toolcalls.prepare(TOOL_CONVERSATION, [ADD], "json")
+    assert options == {} and msgs[0]["role"] == "system" and '"name": "add"' in msgs[0]["content"]
+    assert json.loads(msgs[2]["content"]) == {"name": "add", "arguments": {"a": 2, "b": 3}}

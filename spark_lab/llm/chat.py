@@ -67,7 +67,12 @@ class ChatSession:
         # the answer only: templates drop earlier turns' reasoning (gpt-oss's refuses it in content)
         if user is not None:
             self.history.append({"role": "user", "content": user})
-        content, self.last_tool_calls = parse(self.last.text, fmt, self.tools) if self.tools else ("", [])
+        if self.tools:
+            from .tools import raw_text
+            content, self.last_tool_calls = parse(raw_text(self.llm, self.last), fmt, self.tools)
+            content = self.last.text.strip() if fmt == "harmony" else content
+        else:
+            content, self.last_tool_calls = "", []
         if self.last_tool_calls:
             self.history.append({"role": "assistant", "content": content, "tool_calls": self.last_tool_calls})
         else:

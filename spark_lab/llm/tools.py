@@ -47,6 +47,24 @@ def functions(tools: list[dict]) -> list[dict]:
     return out
 
 
+def _args_as_dict(call: dict) -> dict:
+    f = dict(call.get("function", call))
+    if isinstance(f.get("arguments"), str):
+        try:
+            f["arguments"] = json.loads(f["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": f} if "function" in call else f
+
+
+def raw_text(llm, gen) -> str:
+    """The text to look for calls in: harmony's calls sit on the commentary channel, which the reasoning
+    splitter files as reasoning, so for it the generated tokens are decoded again, markers and all."""
+    if tool_format(llm.tokenizer.chat_template) == "harmony":
+        return llm.tokenizer.decode(gen.token_ids)
+    return gen.text
+
+
 def _call_text(call: dict) -> str:
     f = call.get("function", call)
     args = f.get("arguments", {})
@@ -68,6 +86,8 @@ def prepare(messages: list[dict], tools: list[dict] | None, fmt: str) -> tuple[l
             m["content"] = ""
         if fmt == "json" and m.get("tool_calls"):
             m["content"] = "\n".join(_call_text(c) for c in m.pop("tool_calls"))
+        elif m.get("tool_calls"):                  # templates read arguments as a mapping (transformers' convention)
+            m["tool_calls"] = [_args_as_dict(c) for c in m["tool_calls"]]
         msgs.append(m)
     if not tools:
         return msgs, {}

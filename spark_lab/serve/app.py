@@ -120,7 +120,8 @@ def create_app(config: ServerConfig | None = None):
             if gen is not None:
                 delta, finish = {}, gen.finish_reason
                 if tools:                          # the answer was held back: content or calls, at once
-                    content, calls = toolcalls.parse(gen.text, fmt, tools)
+                    content, calls = toolcalls.parse(toolcalls.raw_text(llm, gen), fmt, tools)
+                    content = gen.text if fmt == "harmony" else content
                     if content:
                         delta["content"] = content
                     if calls:
@@ -139,8 +140,8 @@ def create_app(config: ServerConfig | None = None):
             message = {"role": "assistant", "content": gen.text, "refusal": None}
             finish = gen.finish_reason
             if tools:
-                content, calls = toolcalls.parse(gen.text, fmt, tools)
-                message["content"] = content or None
+                content, calls = toolcalls.parse(toolcalls.raw_text(llm, gen), fmt, tools)
+                message["content"] = (gen.text if fmt == "harmony" else content) or None
                 if calls:
                     message["tool_calls"], finish = calls, "tool_calls"
             if llm.reasoning_format is not None:
