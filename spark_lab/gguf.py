@@ -352,9 +352,21 @@ def config_from_gguf(f: GGUFFile) -> LLMConfig:
 def _check_shapes(f: GGUFFile, c: LLMConfig) -> None:
     """The sizes the engine allocates by (KV cache, activations) must match the tensors in the file,
     so a forged head count cannot ask for more memory than the weights justify."""
-    want = {"token_embd.weight": (c.n_vocab, c.n_embd),
-            "blk.0.attn_q.weight": (c.n_head * c.head_dim, c.n_embd),
-            "blk.0.attn_k.weight": (c.n_head_kv * c.head_dim, c.n_embd)}
+    if f"blk.{c.n_layer - 1}.attn_norm.weight" not in f.tensors:
+        raise GGUFError(f"{f.path.name}: block_count = {c.n_layer}, but there is no tensor "
+                        f"'blk.{c.n_layer - 1}.attn_norm.weight'")
+    want = {"token_embd.weight": (c.n_vocab, c.n_embd), "output.weight": (c.n_vocab, c.n_embd),
+            "output_norm.weight": (c.n_embd,)}
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        want.update({p + "attn_q.weight": (c.n_head * c.head_dim, c.n_embd),
+                     p + "attn_k.weight": (c.n_head_kv * c.head_dim, c.n_embd),
+                     p + "attn_v.weight": (c.n_head_kv * c.head_dim, c.n_embd),
+                     p + "attn_output.weight": (c.n_embd, c.n_head * c.head_dim),
+                     p + "attn_norm.weight": (c.n_embd,)})
+        if not c.is_moe:
+            want.update({p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
+                         p + "ffn_down.weight": (c.n_embd, c.n_ff)})
     for name, shape in want.items():
         t = f.tensors.get(name)
         if t is not None and tuple(t.shape) != shape:

@@ -161,6 +161,8 @@ def _settings(meta: dict, where: str) -> dict:
         v = meta.get(f"tokenizer.ggml.{k}_token_id")
         s[f"{k}_id"] = int(v) if v is not None and 0 <= int(v) < n else None
     s["chat_template"] = meta.get("tokenizer.chat_template")
+    if not isinstance(s["chat_template"], (str, type(None))):
+        raise ValueError(f"{where}: tokenizer.chat_template is a {type(s['chat_template']).__name__}, not a string")
     s["name"] = meta.get("general.name", "")
     return s
 
@@ -308,7 +310,17 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, meta: dict, where: str = "GGUF metadata") -> "Tokenizer":
-        """Build from a {key: value} dict as `read_gguf_metadata` returns it (no cache)."""
+        """Build from a {key: value} dict as `read_gguf_metadata` returns it (no cache); metadata of the
+        wrong type (a number where a list belongs, merges naming unknown tokens) -> one ValueError line."""
+        try:
+            return cls._from_metadata(meta, where)
+        except ValueError:
+            raise
+        except Exception as e:      # TypeError, IndexError, tokenizers' own Exception from a bad vocabulary
+            raise ValueError(f"{where}: bad tokenizer metadata ({type(e).__name__}: {str(e)[:160]})") from None
+
+    @classmethod
+    def _from_metadata(cls, meta: dict, where: str) -> "Tokenizer":
         s = _settings(meta, where)
         texts = _token_texts(meta["tokenizer.ggml.tokens"])
         raw_types = meta.get("tokenizer.ggml.token_type")
