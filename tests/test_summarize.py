@@ -48,7 +48,7 @@ class EchoLLM:
 
     def chat(self, messages, max_new_tokens=128, temperature=0.7, **guards):
         assert temperature == 0.0
-        assert guards.get("repetition_penalty", 1.0) > 1.0 and guards.get("no_repeat_ngram_size", 0) > 0
+        assert guards.get("no_repeat_ngram_size", 0) > 0          # the loop guard
         prompt = self.apply_chat_template(messages)
         used = self.count_tokens(prompt)
         assert used + max_new_tokens <= self.n_ctx, f"{used} prompt + {max_new_tokens} new > {self.n_ctx}"

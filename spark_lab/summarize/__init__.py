@@ -21,8 +21,8 @@ abstractive  map-reduce with an LLM (`spark_lab.llm.LLM`): pack sentences into t
 hybrid       extractive selection down to what fits one context, then one abstractive pass; a
              long text with chapters gets one LLM sentence per topic group from its extract.
 
-Every LLM call is greedy with loop guards (chunks.LOOP_GUARD: repetition penalty, no repeated 6-token
-run, a repeated phrase cut off afterwards), since a small model decoded greedily loops.
+Every LLM call is greedy with loop guards (chunks.LOOP_GUARD: no repeated 6-token run of the output;
+afterwards a looping tail is cut off), since a small model decoded greedily loops.
 
 The package, by job: segment (words, language, paragraphs, sentences), extract (the extractive
 path), chunks (prompts, token budgets, chunking, the guarded LLM call), topics (sections and topic
