@@ -105,6 +105,11 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _CodeGen
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
+    def unsafe_undefined(self, obj, attribute):
+        # jinja's sandbox renders `f.__globals__` as an empty Undefined; a template that reaches for
+        # Python internals is hostile, so it stops here with a clear line instead
+        raise TemplateError(f"chat template: access to {attribute!r} of a {type(obj).__name__} is not allowed (sandbox)")
+
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
