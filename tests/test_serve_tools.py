@@ -188,3 +188,30 @@ def test_json_format_prompt_lists_the_tools():
     msgs, options = toolcalls.prepare(TOOL_CONVERSATION, [ADD], "json")
     assert options == {} and msgs[0]["role"] == "system" and '"name": "add"' in msgs[0]["content"]
     assert json.loads(msgs[2]["content"]) == {"name": "add", "arguments": {"a": 2, "b": 3}}
+
+
+@pytest.mark.parametrize("fmt", ["harmony", "think"])
+def test_forced_calls_in_the_models_own_format(tmp_path, fmt):
+    """Tiny Qwen3 GGUFs with gpt-oss's / Qwen3's real templates and vocabularies (random walks at
+    temperature 0.8): with the call grammar every output is a call to the named tool whose arguments
+    validate, written in the model's format (harmony's markers as control tokens)."""
+    from spark_lab.llm import LLM
+
+    from .llm.thinking_model import write_thinking_gguf
+    llm = LLM(write_thinking_gguf(tmp_path / f"{fmt}.gguf", fmt), n_ctx=2048)   # a byte vocabulary: long prompts
+    tf = toolcalls.tool_format(llm.tokenizer.chat_template)
+    assert tf == {"harmony": "harmony", "think": "qwen"}[fmt]
+    msgs, options = toolcalls.prepare([{"role": "user", "content": "Weather in Oslo?"}], [ADD, WEATHER], tf)
+    ids = llm.encode_chat(msgs, **options, **({"enable_thinking": False} if fmt == "think" else {}))
+    for seed in range(3):
+        g = llm.generate(ids, max_new_tokens=200, temperature=0.8, seed=seed,
+                         **toolcalls.constraint_args([ADD, WEATHER], tf, "weather"))
+        raw = toolcalls.raw_text(llm, g)
+        _, calls = toolcalls.parse(raw, tf, [ADD, WEATHER])
+        assert g.finish_reason == "stop" and len(calls) == 1, raw
+        assert calls[0]["function"]["name"] == "weather"
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])
+        if fmt == "harmony":
+            assert raw.startswith("<|channel|>commentary to=functions.weather <|constrain|>json<|message|>{")
+        else:
+            assert raw.startswith("<tool_call>\n{") and raw.endswith("}\n</tool_call>")

@@ -10,8 +10,8 @@ Three formats, read from the chat template:
            and the model answers with one JSON object {"name": ..., "arguments": {...}}
 
 tool_choice "required" or a named function constrains the answer to a valid call (llm/constrain.py):
-a JSON Schema of the call for `json`, a Lark grammar around it for `qwen`. For `harmony` the call is
-parsed, not constrained (its markers are control tokens the grammar is not given).
+a JSON Schema of the call for `json`, a Lark grammar around it for `qwen` and for `harmony` (whose
+markers are control tokens: the grammar names them, <|channel|>, so no text can spell them).
 """
 from __future__ import annotations
 
@@ -91,8 +91,8 @@ def prepare(messages: list[dict], tools: list[dict] | None, fmt: str) -> tuple[l
         msgs.append(m)
     if not tools:
         return msgs, {}
-    if fmt != "json":
-        return msgs, {"tools": tools}
+    if fmt != "json":   # gpt-oss's template reads every function's description: an empty one when absent
+        return msgs, {"tools": [{"type": "function", "function": {"description": "", **f}} for f in functions(tools)]}
     listing = "\n".join(json.dumps(f, ensure_ascii=False) for f in functions(tools))
     prompt = TOOL_PROMPT.format(tools=listing)
     if msgs and msgs[0]["role"] == "system":
@@ -103,14 +103,26 @@ def prepare(messages: list[dict], tools: list[dict] | None, fmt: str) -> tuple[l
 
 
 def constraint_args(tools: list[dict], fmt: str, name: str | None = None) -> dict:
-    """-> generate() keyword arguments that force one valid call (to `name` if given); {} for harmony."""
-    from .constrain import tool_call_schema
+    """-> generate() keyword arguments that force one valid call (to `name` if given)."""
+    from .constrain import _bound_numbers, tool_call_schema
     schema = tool_call_schema(tools, name)
     if fmt == "json":
         return {"json_schema": schema}
+
+    def inline(s):   # a schema inside a Lark grammar: compact, numbers bounded as for json_schema=
+        return json.dumps({**_bound_numbers(s), "x-guidance": {"whitespace_flexible": False}})
     if fmt == "qwen":
-        return {"grammar": 'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json ' + json.dumps(schema)}
-    return {}
+        return {"grammar": 'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json ' + inline(schema)}
+    # harmony: <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{args}, then <|call|> (end of turn)
+    rules, alts = [], []
+    for k, f in enumerate(functions(tools)):
+        if name is not None and f["name"] != name:
+            continue
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        alts.append(f"call{k}")
+        rules.append(f'call{k}: <|channel|> "commentary to=functions.{f["name"]} " <|constrain|> "json" <|message|> '
+                     f'%json {inline(params)}')
+    return {"grammar": "start: " + " | ".join(alts) + "\n" + "\n".join(rules)}
 
 
 _QWEN = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
