@@ -1,34 +1,132 @@
-"""The KV cache: keys and values of every layer, allocated once through the allocator."""
+"""The KV cache: keys and values of every layer, in f32, f16 or q8_0 (llama.cpp's --cache-type-k/v).
+
+    cache = KVCache(n_layer, n_ctx, n_head_kv, head_dim, type_k="f16", type_v="f16")
+
+Layout [layer, position, kv head, head dim] for each of K and V. Storage by type:
+
+    f32    float32 values
+    f16    float16 bits as uint16 (numba reads uint16; the decode kernel widens them)
+    q8_0   int8 codes [.., head_dim] + one float32 scale per 32 values [.., head_dim / 32]
+           (llama.cpp's q8_0 block: scale = max|x| / 127, code = round(x / scale))
+
+Memory is taken as the cache fills: on the CPU the arrays live in an anonymous mapping without
+transparent huge pages, so a position's pages are touched (zeroed by the kernel) only when a
+token is written there; a 4096-token context costs nothing until it is used (NumPy's own
+allocator asks for huge pages, where the first write to each layer maps 2 MB). On a GPU the
+arrays come from the allocator's pool as before (f32 only).
+"""
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
 from ..memory import get_allocator
 
+CACHE_TYPES = ("f32", "f16", "q8_0")
+Q8_BLOCK = 32
+
+
+def _lazy_empty(shape, dtype, what: str):
+    """A CPU array whose pages are mapped on first write (no huge pages), counted as kv_cache."""
+    alloc = get_allocator()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if alloc.device.is_gpu or nbytes == 0:
+        return alloc.empty(shape, dtype, tag="kv_cache", what=what)
+    alloc.check(nbytes, "kv_cache", what)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    a = np.frombuffer(mm, dtype=dtype).reshape(shape)              # zero-filled by the kernel, lazily
+    return alloc.place(a, tag="kv_cache", what=what)
+
+
+def quantize_q8_rows(x):
+    """x f32 [..., D] (D a multiple of 32) -> (codes i8 [..., D], scales f32 [..., D/32])."""
+    xb = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    amax = np.abs(xb).max(axis=-1)
+    d = (amax / 127.0).astype(np.float32)
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    return q.reshape(x.shape), d
+
 
 class KVCache:
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, dtype=np.float32):
-        self.n_layer, self.n_ctx = n_layer, n_ctx
-        alloc = get_allocator()
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, dtype=np.float32,
+                 type_k: str | None = None, type_v: str | None = None):
+        self.n_layer, self.n_ctx, self.n_head_kv, self.head_dim = n_layer, n_ctx, n_head_kv, head_dim
+        default = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(np.dtype(dtype))
+        if default is None:
+            raise ValueError(f"KV cache dtype {np.dtype(dtype).name} is not supported (float32, float16)")
+        self.type_k, self.type_v = type_k or default, type_v or default
+        for which, t in (("K", self.type_k), ("V", self.type_v)):
+            if t not in CACHE_TYPES:
+                raise ValueError(f"unknown {which} cache type {t!r}; choose from {', '.join(CACHE_TYPES)}")
+            if t == "q8_0" and head_dim % Q8_BLOCK:
+                raise ValueError(f"a q8_0 {which} cache needs head_dim a multiple of {Q8_BLOCK}, got {head_dim}")
+        if get_allocator().device.is_gpu and (self.type_k, self.type_v) != ("f32", "f32"):
+            raise ValueError("the GPU path keeps its KV cache in f32 (--cache-type-k/v f16 and q8_0 are CPU options)")
         shape = (n_layer, n_ctx, n_head_kv, head_dim)
-        # one block each for K and V: [layer, position, kv head, head dim]
-        self.k = alloc.empty(shape, dtype, tag="kv_cache", what=f"K cache for {n_ctx} tokens")
-        self.v = alloc.empty(shape, dtype, tag="kv_cache", what=f"V cache for {n_ctx} tokens")
+        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {n_ctx} tokens")
+        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {n_ctx} tokens")
         self.n_past = 0  # positions [0, n_past) hold valid entries
+
+    @staticmethod
+    def _alloc(t: str, shape, what: str):
+        if t == "f32":
+            return _lazy_empty(shape, np.float32, what), None
+        if t == "f16":
+            return _lazy_empty(shape, np.uint16, what + " (f16)"), None
+        return (_lazy_empty(shape, np.int8, what + " (q8_0)"),
+                _lazy_empty((*shape[:-1], shape[-1] // Q8_BLOCK), np.float32, what + " (q8_0 scales)"))
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
+        return int(sum(a.nbytes for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None))
+
+    def _put(self, t, arr, scale, layer, pos, x):
+        T = x.shape[0]
+        if t == "f32":
+            arr[layer, pos:pos + T] = x
+        elif t == "f16":
+            arr[layer, pos:pos + T] = np.asarray(x, np.float32).astype(np.float16).view(np.uint16)
+        else:
+            q, d = quantize_q8_rows(np.asarray(x, np.float32))
+            arr[layer, pos:pos + T], scale[layer, pos:pos + T] = q, d
+
+    def _get(self, t, arr, scale, layer, lo, hi):
+        if t == "f32":
+            return arr[layer, lo:hi]
+        if t == "f16":
+            return arr[layer, lo:hi].view(np.float16).astype(np.float32)
+        q = arr[layer, lo:hi].astype(np.float32)
+        return (q.reshape(*q.shape[:-1], -1, Q8_BLOCK) * scale[layer, lo:hi][..., None]).reshape(q.shape)
 
     def write(self, layer: int, pos: int, k, v) -> None:
         """k, v [T, Hkv, hd] for positions pos..pos+T-1."""
-        T = k.shape[0]
-        self.k[layer, pos:pos + T] = k
-        self.v[layer, pos:pos + T] = v
+        self._put(self.type_k, self.k, self.k_scale, layer, pos, k)
+        self._put(self.type_v, self.v, self.v_scale, layer, pos, v)
 
     def view(self, layer: int, n: int):
-        """Keys and values of positions [0, n): zero-copy views [n, Hkv, hd]."""
-        return self.k[layer, :n], self.v[layer, :n]
+        """Keys and values of positions [0, n) as float32 [n, Hkv, hd] (f32: zero-copy views;
+        f16/q8_0: widened copies)."""
+        return (self._get(self.type_k, self.k, self.k_scale, layer, 0, n),
+                self._get(self.type_v, self.v, self.v_scale, layer, 0, n))
+
+    def rows(self, layer: int, lo: int, hi: int):
+        """Keys and values of positions [lo, hi) as float32 [hi - lo, Hkv, hd]."""
+        return (self._get(self.type_k, self.k, self.k_scale, layer, lo, hi),
+                self._get(self.type_v, self.v, self.v_scale, layer, lo, hi))
+
+    def fill_random(self, n: int, seed: int = 0) -> None:
+        """Positions [0, n) of every layer set to random keys/values (standard normal): a deep
+        context for benchmarks without running its prefill (speed does not depend on the values)."""
+        rng = np.random.default_rng(seed)
+        tile = rng.standard_normal((min(n, 256), self.n_head_kv, self.head_dim), dtype=np.float32)
+        for layer in range(self.n_layer):
+            for p in range(0, n, len(tile)):
+                m = min(len(tile), n - p)
+                self.write(layer, p, tile[:m], tile[:m])
 
     def truncate(self, n: int) -> None:
         """Forget positions >= n (a shared prefix with the next prompt can be kept)."""

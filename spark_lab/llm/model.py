@@ -119,10 +119,10 @@ class Transformer:
             ))
             if fuse:
                 self._fuse_layer(self.layers[-1])
-            else:
-                self._repack_layer(self.layers[-1], i)
-        if not fuse:
-            self._repack(self.output, "output")
+        # CPU with numba: each layer is repacked the first time it runs (`_ready`), not here: loading
+        # is then a file mapping (~0.2 s for 5 GB), and the first prompt's pass reads each weight
+        # once, repacking it as it goes, instead of a whole pass over the file before it
+        self._unready = set() if fuse else set(range(c.n_layer)) | {"output"}
 
     def _experts(self, p: str) -> Experts:
         """A layer's router and experts; each expert a view of the 3-D `ffn_*_exps` tensors."""
@@ -202,6 +202,20 @@ class Transformer:
         if isinstance(w, QuantTensor):
             qmatvec.prepare(w, what=what)
 
+    def _ready(self, i) -> None:
+        """Repack layer i (or "output") for the numba kernels if it has not run yet."""
+        if i in self._unready:
+            if i == "output":
+                self._repack(self.output, "output")
+            else:
+                self._repack_layer(self.layers[i], i)
+            self._unready.discard(i)
+
+    def ready_all(self) -> None:
+        """Repack every layer now (what the first forward pass would do as it goes)."""
+        for i in sorted(self._unready, key=str):
+            self._ready(i)
+
     def _repack_layer(self, L: Layer, i: int) -> None:
         """CPU with numba: repack the layer's quantized weights now (raw pages dropped as it goes),
         q|k|v and gate|up each as one stack, so a decode step makes one product of each."""
@@ -233,6 +247,7 @@ class Transformer:
     def _decoder(self):
         if self._dec is None:
             from . import decode
+            self.ready_all()                        # the decoder takes the repacked arrays as they are
             self._dec = decode.Decoder(self) if decode.available(self) else False
         return self._dec or None
 
@@ -263,6 +278,8 @@ class Transformer:
         if c.embed_scale != 1.0:
             x *= c.embed_scale
         for i, L in enumerate(self.layers):
+            if self._unready:
+                self._ready(i)
             # --- attention
             h = K.rmsnorm(x, L.attn_norm, c.rms_eps)                # [T, d]
             if L.wqkv is not None:
@@ -304,4 +321,6 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         x = K.rmsnorm(x, self.output_norm, c.rms_eps)
+        if self._unready:
+            self._ready("output")
         return K.linear(x, self.output)                             # [T|1, vocab]
