@@ -218,3 +218,26 @@ def test_chatbox_runs_tools_and_shows_them(llm):
     events = box.tool_events[0]
     assert events and events[0][0] == "add" and events[0][2] == sum(seen[0])
     assert "spark-tool" in box.transcript.value and f"&rarr; {sum(seen[0])}" in box.transcript.value
+
+
+@needs_model
+def test_dead_ends_raise_not_hang(llm):
+    c = Constraint.build(llm.tokenizer, regex="[0-9]{2}")
+    allowed = c.mask()
+    bad = int(np.flatnonzero(~allowed)[0])
+    with pytest.raises(GrammarError, match=f"token {bad} breaks the regex"):
+        c.advance(bad)
+    c = Constraint.build(llm.tokenizer, regex="[0-9]{2}")
+    c._pending.result()
+    c.bits[:] = 0                                   # as if no token of the vocabulary could continue
+    with pytest.raises(GrammarError, match="no token can continue"):
+        c.mask()
+
+
+@needs_model
+def test_bench_reports_the_ratio():
+    from spark_lab.benchmarks.constrain import run
+    r = run(n_new=8, repeats=1)
+    assert r["free_tps"] > 0 and r["constrained_tps"] > 0
+    assert abs(r["ratio"] - r["constrained_tps"] / r["free_tps"]) < 0.01
+    assert 0 < r["mask_ms_per_token"] < 50
