@@ -78,7 +78,9 @@ class _Detokenizer:
 
 
 class LLM:
-    def __init__(self, path: Path, n_ctx: int | None = None, name: str | None = None, kv_dtype=np.float32):
+    def __init__(self, path: Path, n_ctx: int | None = None, name: str | None = None, kv_dtype=np.float32,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None):
+        """cache_type_k/v: the KV cache's storage, "f32" (default), "f16" or "q8_0" (llm/cache.py)."""
         from ..tokenizer import Tokenizer
         self.path = Path(path)
         self.name = name or self.path.stem
@@ -90,7 +92,7 @@ class LLM:
             raise ValueError(f"context must be at least 8 tokens, got {self.n_ctx}")
         self.model = Transformer(self.file, self.config)
         c = self.config
-        self.cache = KVCache(c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim, kv_dtype)
+        self.cache = KVCache(c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim, kv_dtype, cache_type_k, cache_type_v)
         self._cached: list[int] = []       # the tokens whose K/V sit in the cache, in order
         self._prompt_logits = None         # (prompt, logits after it) of the last prefill
         self.lock = threading.Lock()       # one generation at a time per engine

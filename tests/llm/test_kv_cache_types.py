@@ -1,0 +1,74 @@
+"""KV cache storage types (llama.cpp's --cache-type-k/v): f32, f16, q8_0; lazily touched memory."""
+import numpy as np
+import pytest
+
+from spark_lab.kernels.attention import attention
+from spark_lab.kernels.decode_attention import attention_into
+from spark_lab.llm.cache import KVCache
+from spark_lab.llm.engine import LLM
+from tests.llm.tiny import write_tiny_gguf
+
+
+def _kv(seed=0, T=40, Hkv=2, D=64):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((T, Hkv, D), dtype=np.float32), rng.standard_normal((T, Hkv, D), dtype=np.float32)
+
+
+def test_stored_values_round_as_their_type():
+    k, v = _kv()
+    for t in ("f32", "f16", "q8_0"):
+        c = KVCache(2, 64, 2, 64, type_k=t, type_v=t)
+        c.write(1, 3, k, v)
+        ks, vs = c.rows(1, 3, 43)
+        if t == "f32":
+            assert np.array_equal(ks, k)
+        elif t == "f16":
+            assert np.array_equal(ks, k.astype(np.float16).astype(np.float32))
+        else:                                          # q8_0: half a step of max|x|/127 per 32 values
+            step = np.abs(k.reshape(40, 2, 2, 32)).max(-1, keepdims=True) / 127
+            assert (np.abs(ks - k).reshape(40, 2, 2, 32) <= step / 2 * 1.0001).all()
+        assert ks.shape == vs.shape == (40, 2, 64)
+    assert KVCache(2, 64, 2, 64, type_k="q8_0", type_v="f16").nbytes == 2 * 64 * 2 * (64 + 8) + 2 * 64 * 2 * 64 * 2
+
+
+def test_decode_kernel_reads_each_type_as_its_widened_values():
+    k, v = _kv(1)
+    q = np.random.default_rng(2).standard_normal((8, 64), dtype=np.float32)
+    for tk, tv in (("f16", "f16"), ("q8_0", "q8_0"), ("f16", "q8_0"), ("f32", "q8_0")):
+        c = KVCache(1, 64, 2, 64, type_k=tk, type_v=tv)
+        c.write(0, 0, k, v)
+        kw, vw = c.rows(0, 0, 40)
+        want = attention(q[None], kw, vw, causal=True, q_offset=39, window=None, scale=0.125)[0]
+        out = np.empty((8, 64), np.float32)
+        assert attention_into(q, c.k[0], c.v[0], 0.125, 5, 40, out,
+                              None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
+        want5 = attention(q[None], kw[5:], vw[5:], causal=True, q_offset=34, window=None, scale=0.125)[0]
+        assert np.allclose(out, want5, rtol=1e-5, atol=1e-6)
+        assert attention_into(q, c.k[0], c.v[0], 0.125, 0, 40, out,
+                              None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
+        assert np.allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t, tol", [("f16", 2e-3), ("q8_0", 3e-2)])
+def test_generation_with_a_smaller_cache_stays_close(tmp_path, t, tol):
+    # stated tolerance: logits after prompt + 6 decoded tokens, max |diff| / max |logit| of the f32
+    # cache's run: f16 <= 2e-3, q8_0 <= 3e-2 (llama.cpp's q8_0 K/V rounds the same way)
+    p = write_tiny_gguf(tmp_path / "m.gguf", d=64, n_head=2, n_kv=1, ff=128)   # head_dim 32
+    prompt = list(range(40, 60))
+    ref, got = LLM(p, n_ctx=64), LLM(p, n_ctx=64, cache_type_k=t, cache_type_v=t)
+    assert got.cache.type_k == got.cache.type_v == t
+    toks = ref.generate(prompt, max_new_tokens=6, temperature=0).token_ids
+    a, b = ref._logits(prompt + toks, 0), got._logits(prompt + toks, 0)     # prefill path
+    assert np.abs(a - b).max() <= tol * np.abs(a).max()
+    ref.reset(), got.reset()
+    ref.prefill(prompt), got.prefill(prompt)
+    for i, tok in enumerate(toks):                                            # decode path, step by step
+        a, b = ref._logits([tok], len(prompt) + i), got._logits([tok], len(prompt) + i)
+        assert np.abs(a - b).max() <= tol * np.abs(a).max()
+
+
+def test_bad_cache_type_is_one_line():
+    with pytest.raises(ValueError, match="unknown K cache type 'q4'"):
+        KVCache(1, 8, 1, 32, type_k="q4")
+    with pytest.raises(ValueError, match="head_dim a multiple of 32"):
+        KVCache(1, 8, 1, 8, type_v="q8_0")
