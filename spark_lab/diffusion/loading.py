@@ -11,6 +11,7 @@ Every tensor is cast to float32 and placed through the allocator (tag "weights")
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,12 @@ def read_json(path: str | Path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"missing config file: {p}")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        out = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{p} holds a JSON {type(out).__name__}, not an object of settings")
+    return out
 
 
 def find_weights(folder: str | Path, variant: str | None = None) -> Path:
@@ -67,21 +71,36 @@ def read_safetensors(path: Path) -> dict:
     """name -> NumPy view of a memory-mapped safetensors file (the format: u64 header size,
     a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data).
     bfloat16 has no NumPy dtype: its 16 bits are the top half of a float32."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:      # checked before reading: a forged 2^63 header size must not allocate
+            raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ValueError(f"{path} is not a safetensors file (bad header)") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (the header is not a JSON object)")
+    n_data = size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if n_data else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which spark_lab cannot read")
-        start, end = info["data_offsets"]
-        a = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype!r:.40}, which spark_lab cannot read")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"{path}: tensor {name!r} has a bad shape or data_offsets in the header")
+        start, end = offsets
+        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if not 0 <= start <= end <= n_data or end - start != want:
+            raise ValueError(f"{path}: tensor {name!r} claims bytes {start}..{end} for {want} bytes of {dtype} "
+                             f"{shape}; the data section has {n_data} (truncated or corrupt file)")
+        a = data[start:end].view(_DTYPES[dtype]).reshape(shape)
         if info["dtype"] == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
         out[name] = a

@@ -39,6 +39,13 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size"):
+            v = getattr(self, k)
+            if type(v) is not int or not 0 < v < 1 << 24:
+                raise ValueError(f"BERT config: {k} = {v!r:.40} is not a positive integer")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps >= 0:
+            raise ValueError(f"BERT config: layer_norm_eps = {self.layer_norm_eps!r:.40} is not a number >= 0")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -46,7 +53,12 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
-        raw = json.loads(Path(path).read_text())
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path} is not valid JSON: {str(e)[:120]}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings")
         if raw.get("model_type", "bert") not in ("bert",):
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a BERT model")
         if raw.get("position_embedding_type", "absolute") != "absolute":
@@ -82,16 +94,40 @@ class BertModel:
         config = BertConfig.from_json(path / "config.json")
         alloc = get_allocator()
         weights = {}
-        with safe_open(str(path / "model.safetensors"), framework="np") as f:
-            for name in f.keys():
-                key = name[len("bert."):] if name.startswith("bert.") else name
-                if not key.startswith(("embeddings.", "encoder.")) or key.endswith("position_ids"):
-                    continue  # pooler/heads are not part of the encoder output
-                weights[key] = alloc.place(f.get_tensor(name), tag="weights", what=key, dtype=np.float32)
+        try:
+            with safe_open(str(path / "model.safetensors"), framework="np") as f:
+                for name in f.keys():
+                    key = name[len("bert."):] if name.startswith("bert.") else name
+                    if not key.startswith(("embeddings.", "encoder.")) or key.endswith("position_ids"):
+                        continue  # pooler/heads are not part of the encoder output
+                    weights[key] = alloc.place(f.get_tensor(name), tag="weights", what=key, dtype=np.float32)
+        except Exception as e:         # safetensors' own SafetensorError on a truncated or corrupt file
+            if isinstance(e, (ValueError, MemoryError)):
+                raise
+            raise ValueError(f"{path}/model.safetensors is not a readable safetensors file "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
         missing = [k for k in cls._expected(config) if k not in weights]
         if missing:
             raise ValueError(f"{path}/model.safetensors: missing {len(missing)} tensors, e.g. {missing[0]}")
+        for k, shape in cls._shapes(config).items():
+            if tuple(weights[k].shape) != shape:
+                raise ValueError(f"{path}/model.safetensors: {k} has shape {tuple(weights[k].shape)}, "
+                                 f"config.json says {shape}")
         return cls(config, weights)
+
+    @staticmethod
+    def _shapes(c: BertConfig) -> dict:
+        d, ff = c.hidden_size, c.intermediate_size
+        out = {"embeddings.word_embeddings.weight": (c.vocab_size, d),
+               "embeddings.position_embeddings.weight": (c.max_position_embeddings, d),
+               "embeddings.token_type_embeddings.weight": (c.type_vocab_size, d), "embeddings.LayerNorm.weight": (d,)}
+        for i in range(c.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            out.update({p + "attention.self.query.weight": (d, d), p + "attention.self.key.weight": (d, d),
+                        p + "attention.self.value.weight": (d, d), p + "attention.output.dense.weight": (d, d),
+                        p + "attention.output.LayerNorm.weight": (d,), p + "intermediate.dense.weight": (ff, d),
+                        p + "output.dense.weight": (d, ff), p + "output.LayerNorm.weight": (d,)})
+        return out
 
     @staticmethod
     def _expected(c: BertConfig) -> list[str]:
