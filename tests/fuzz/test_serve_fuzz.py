@@ -57,10 +57,22 @@ EMBED = st.fixed_dictionaries({}, optional={
     "input": st.text(max_size=30) | st.lists(st.text(max_size=20), max_size=3) | json_any,
     "model": st.sampled_from(["tiny", "nope", "all-minilm-l6-v2"]) | json_leaf,
     "encoding_format": st.sampled_from(["float", "base64", "x"]) | json_leaf, "dimensions": json_leaf})
-IMAGE = st.fixed_dictionaries({}, optional={   # never a diffusion model: a real one would take seconds a case
-    "prompt": st.text(max_size=20) | json_leaf, "model": st.sampled_from(["tiny", "nope", "all-minilm-l6-v2"]),
+IMAGE = st.fixed_dictionaries({"model": st.sampled_from(["tiny", "nope", "all-minilm-l6-v2"])}, optional={
+    "prompt": st.text(max_size=20) | json_leaf,      # never a diffusion model: one would take seconds a case
     "n": st.integers(-1, 9) | json_leaf, "size": json_leaf, "response_format": json_leaf, "steps": json_leaf,
     "seed": json_leaf, "guidance_scale": json_leaf})
+# near-valid bodies, so that many cases get past validation into the template, tokenizer and sampler
+good = {"temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+        "top_k": st.integers(0, 50), "min_p": st.floats(0, 0.99), "repetition_penalty": st.floats(0.5, 2),
+        "seed": st.integers(-2**70, 2**70), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4),
+        "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})}
+GOOD_CHAT = st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "developer", "user", "assistant"]), "content": st.text(max_size=30)}),
+    min_size=1, max_size=3), "max_tokens": st.integers(1, 4)}, optional=good)
+GOOD_COMPLETION = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=30) | st.lists(
+    st.integers(0, 260), min_size=1, max_size=8), "max_tokens": st.integers(1, 4)},
+    optional={**good, "echo": st.booleans()})
+CHAT, COMPLETION = GOOD_CHAT | CHAT, GOOD_COMPLETION | COMPLETION
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/embeddings": EMBED,
              "/v1/images/generations": IMAGE}
 
