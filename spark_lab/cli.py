@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--repeats", type=_positive_int, default=3)
     s.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (CI)")
+    s.add_argument("--markdown", action="store_true", help="llm: the README's table")
+    s.add_argument("--cache-type-k", default=None, choices=["f32", "f16", "q8_0"], help="llm: KV cache type (default f16)")
+    s.add_argument("--cache-type-v", default=None, choices=["f32", "f16", "q8_0"])
+    s.add_argument("--contexts", type=int, nargs="*", default=None, help="llm: deep contexts for decode (synthetic: 4096 16384)")
+    s.add_argument("--prefill-tokens", type=int, default=512, help="llm: prompt length of the prefill measurement (0: skip)")
+    s.add_argument("--spark-only", action="store_true", help="llm: without llama.cpp")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--host", default="127.0.0.1")

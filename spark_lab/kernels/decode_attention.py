@@ -6,9 +6,11 @@ this fused loop instead: scores, a stable softmax and the weighted sum of values
 over the visible keys. Same numbers as the reference to float32 rounding.
 
 At long context the cache, not the weights, is what a step reads (an 8B model at 16k tokens:
-64 MB of f32 keys per layer), so the loop runs per KV head (threads split the KV heads) and
-each key and value row is read from memory once for all the query heads that share it
-(grouped-query attention), widened on the fly from the cache's storage type:
+64 MB of f32 keys per layer), so the loop walks the cache in memory order (a position's keys
+of every KV head, then the next position: a stride of one head's row would cross a page per
+key), reads each key and value row once for all the query heads that share it (grouped-query
+attention), and splits long contexts into NCHUNK runs of keys on separate threads, whose partial
+softmaxes are combined at the end. Rows are widened on the fly from the cache's storage type:
 
     f32    float32 [Tk, Hkv, D]
     f16    uint16 float16 bits [Tk, Hkv, D], widened through a 65536-entry table (256 KB, in L2)
@@ -25,6 +27,7 @@ _NO_SCALE = np.zeros((1, 1, 1), np.float32)
 exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compile()
 prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
+NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
 
 
 def _load_row(a, s, tab, j, g, row):
@@ -39,41 +42,64 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     n = hi - lo
-    for g in prange(Hkv):
-        s = np.empty(G * n, np.float32)
-        bits = np.empty(G * n, np.int32)             # 2^n factors of the exponentials
+    nc = min(NCHUNK, max(1, n // 256))               # key chunks, one per thread: memory read in order
+    cm = np.empty((nc, Hq), np.float32)              # each chunk's max score, sum of exps, weighted values
+    cl = np.empty((nc, Hq), np.float32)
+    co = np.empty((nc, Hq, Dv), np.float32)
+    for c in prange(nc):
+        j0, j1 = lo + c * n // nc, lo + (c + 1) * n // nc
+        m_ = j1 - j0
+        s = np.empty(Hq * m_, np.float32)
+        bits = np.empty(Hq * m_, np.int32)           # 2^n factors of the exponentials
         two = bits.view(np.float32)
-        row = np.empty(max(D, Dv), np.float32)
-        m = np.full(G, -np.inf, np.float32)
-        for j in range(n):                           # scores (one read of each key row) and their max
-            load_row(k, ks, tab, lo + j, g, row[:D])
-            for hh in range(G):
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += q[g * G + hh, d] * row[d]
-                acc *= scale
-                s[hh * n + j] = acc
-                m[hh] = max(m[hh], acc)
-        acc_o = np.zeros((G, Dv), np.float32)
-        inv = np.empty(G, np.float32)
-        for hh in range(G):
+        krow = np.empty(D, np.float32)
+        vrow = np.empty(Dv, np.float32)
+        m = np.full(Hq, -np.inf, np.float32)
+        for j in range(m_):                          # scores, a row of all KV heads at a time, and their max
+            for g in range(Hkv):
+                load_row(k, ks, tab, j0 + j, g, krow)
+                for hh in range(G):
+                    h = g * G + hh
+                    acc = np.float32(0.0)
+                    for d in range(D):
+                        acc += q[h, d] * krow[d]
+                    acc *= scale
+                    s[h * m_ + j] = acc
+                    m[h] = max(m[h], acc)
+        for h in range(Hq):
             tot = np.float32(0.0)
-            for j in range(n):                       # exp(s - m): a polynomial, vectorized
-                s[hh * n + j], bits[hh * n + j] = exp_parts(s[hh * n + j] - m[hh])
-            for j in range(n):
-                e = s[hh * n + j] * two[hh * n + j]
-                s[hh * n + j] = e
+            for j in range(m_):                      # exp(s - m): a polynomial, vectorized
+                s[h * m_ + j], bits[h * m_ + j] = exp_parts(s[h * m_ + j] - m[h])
+            for j in range(m_):
+                e = s[h * m_ + j] * two[h * m_ + j]
+                s[h * m_ + j] = e
                 tot += e
-            inv[hh] = np.float32(1.0) / tot
-        for j in range(n):                           # weighted values (one read of each value row)
-            load_row(v, vs, tab, lo + j, g, row[:Dv])
-            for hh in range(G):
-                w = s[hh * n + j]
-                for d in range(Dv):
-                    acc_o[hh, d] += w * row[d]
-        for hh in range(G):
+            cm[c, h], cl[c, h] = m[h], tot
+        o = co[c]
+        o[...] = 0.0
+        for j in range(m_):                          # weighted values
+            for g in range(Hkv):
+                load_row(v, vs, tab, j0 + j, g, vrow)
+                for hh in range(G):
+                    h = g * G + hh
+                    w = s[h * m_ + j]
+                    for d in range(Dv):
+                        o[h, d] += w * vrow[d]
+    for h in range(Hq):                              # chunks combined: rescaled to the global max
+        M = cm[0, h]
+        for c in range(1, nc):
+            M = max(M, cm[c, h])
+        tot = np.float32(0.0)
+        for d in range(Dv):
+            out[h, d] = 0.0
+        for c in range(nc):
+            f = np.float32(np.exp(cm[c, h] - M)) if nc > 1 else np.float32(1.0)
+            tot += f * cl[c, h]
             for d in range(Dv):
-                out[g * G + hh, d] = acc_o[hh, d] * inv[hh]
+                out[h, d] += f * co[c, h, d]
+        inv = np.float32(1.0) / tot
+        for d in range(Dv):
+            out[h, d] *= inv
 
 
 def _compile():
