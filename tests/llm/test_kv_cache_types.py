@@ -72,3 +72,18 @@ def test_bad_cache_type_is_one_line():
         KVCache(1, 8, 1, 32, type_k="q4")
     with pytest.raises(ValueError, match="head_dim a multiple of 32"):
         KVCache(1, 8, 1, 8, type_v="q8_0")
+
+
+def test_f16_widening_is_exact_for_every_finite_value():
+    # one visible key: the output is its value row exactly; every finite float16 bit pattern once
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    vals = bits.view(np.float16)
+    vals = vals[np.isfinite(vals)].reshape(-1, 1, 32)                     # [T, 1 head, 32]
+    c = KVCache(1, len(vals), 1, 32, type_k="f16", type_v="f16")
+    c.write(0, 0, np.zeros_like(vals, dtype=np.float32), vals.astype(np.float32))
+    q, out = np.zeros((1, 32), np.float32), np.empty((1, 32), np.float32)
+    got = np.empty_like(vals, dtype=np.float32)
+    for t in range(len(vals)):
+        attention_into(q, c.k[0], c.v[0], 1.0, t, t + 1, out)
+        got[t] = out
+    assert np.array_equal(got, vals.astype(np.float32))                  # exact (-0.0 comes out as 0.0)
