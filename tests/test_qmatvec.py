@@ -482,3 +482,17 @@ def test_expert_stack_from_a_gguf_tensor(tmp_path):
     got = ExpertStack.from_gguf(t)
     assert got.shape == (3, 32, 64) and got.qtype == QT.MXFP4 and got.expert_nbytes() == 32 * 34
     assert all(np.array_equal(got[e].dequantize(), stack[e].dequantize()) for e in range(3))
+
+
+@pytest.mark.parametrize("qname", ["Q4_K", "Q6_K"])
+def test_numba_repack_of_k_quants_is_the_numpy_layout(qname):
+    # the load-time byte shuffle (numba) writes exactly the arrays of the NumPy repack
+    from spark_lab.benchmarks.synthetic import random_blocks
+    from spark_lab.kernels.qmatvec import repack as R
+    q = QT[qname]
+    blocks = random_blocks(qname, 128, 512, np.random.default_rng(3)).reshape(128, 2, -1)
+    k1, a1 = R._repack(q, blocks, 64, fast=False)
+    k2, a2 = R._repack(q, blocks, 64, fast=True)
+    assert k1 == k2 and len(a1) == len(a2)
+    for x, y in zip(a1, a2):
+        assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)

@@ -99,8 +99,90 @@ def _place(arrays, what: str):
     return tuple(alloc.place(a, tag="weights", what=f"{what} (repacked)".strip()) for a in arrays)
 
 
-def _repack(q, blocks, G):
+def _shuffle_q4_k(blocks, G, out):
+    """Q4_K blocks u8 [R, ns, 144] (R a multiple of G) -> out u8 [R/G, ns*8, 4, G, 4]: each
+    32-value sub-block's codes as paired nibbles (byte j = code j | code j+16 << 4), in dwords of
+    4 bytes, G rows side by side (what _words(_pair_nibbles(codes)) gives, without temporaries)."""
+    R, ns = blocks.shape[0], blocks.shape[1]
+    for r in range(R):
+        g, l = r // G, r % G
+        for s in range(ns):
+            for t in range(8):
+                base, sh = 16 + 32 * (t // 2), (t % 2) * 4
+                for j in range(16):
+                    lo = (blocks[r, s, base + j] >> sh) & 15
+                    hi = (blocks[r, s, base + j + 16] >> sh) & 15
+                    out[g, s * 8 + t, j // 4, l, j % 4] = lo | (hi << 4)
+
+
+def _shuffle_q6_k(blocks, G, qs, qh):
+    """Q6_K blocks u8 [R, ns, 210] -> qs u8 [R/G, ns*8, 16, G] (low nibbles paired), qh u8
+    [R/G, ns*8, 8, G] (2-bit highs of values j, j+8, j+16, j+24 in byte j)."""
+    R, ns = blocks.shape[0], blocks.shape[1]
+    lo = np.empty(256, np.uint8)                     # one super-block's codes, value order
+    hi = np.empty(256, np.uint8)
+    for r in range(R):
+        g, l = r // G, r % G
+        for s in range(ns):
+            for h in range(2):                       # ql: values h*128 + k (low nibble), + 64 (high)
+                for k in range(64):
+                    byte = blocks[r, s, h * 64 + k]
+                    lo[h * 128 + k] = byte & 15
+                    lo[h * 128 + 64 + k] = byte >> 4
+                for k in range(32):                  # qh: 2 bits of values h*128 + 32*i + k
+                    byte = blocks[r, s, 128 + h * 32 + k]
+                    for i in range(4):
+                        hi[h * 128 + 32 * i + k] = (byte >> (2 * i)) & 3
+            for t in range(8):
+                o = 32 * t
+                for j in range(16):
+                    qs[g, s * 8 + t, j, l] = lo[o + j] | (lo[o + j + 16] << 4)
+                for j in range(8):
+                    qh[g, s * 8 + t, j, l] = (hi[o + j] | (hi[o + j + 8] << 2) | (hi[o + j + 16] << 4)
+                                              | (hi[o + j + 24] << 6))
+
+
+_SHUFFLE = None   # {name: numba-compiled shuffle}, False without numba
+
+
+def _shuffles():
+    global _SHUFFLE
+    if _SHUFFLE is None:
+        try:
+            import numba
+            jit = numba.njit(cache=True, nogil=True)
+            _SHUFFLE = {"q4_k": jit(_shuffle_q4_k), "q6_k": jit(_shuffle_q6_k)}
+        except ImportError:
+            _SHUFFLE = False
+    return _SHUFFLE
+
+
+def _repack_k(q, blocks, G):
+    """Q4_K / Q6_K through the numba byte shuffles (the scales in NumPy: 1/144 of the bytes);
+    the same arrays as the NumPy path in `_repack`, ~10x faster (a model's load was ~35 s of it)."""
+    sh = _shuffles()
+    rows, ns, ts = blocks.shape
+    b = blocks.reshape(rows * ns, ts)
+    if q == QT.Q4_K:
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _k_scale_min(b[:, 4:16], np)
+        d32 = (d[:, None] * sc.astype(np.float32)).reshape(rows, ns * 8)
+        m32 = -(dmin[:, None] * mn.astype(np.float32)).reshape(rows, ns * 8)
+        qs = np.empty((rows // G, ns * 8, 4, G, 4), np.uint8)
+        sh["q4_k"](blocks, G, qs)
+        return "nib", (qs, _lanes(d32, G), _lanes(m32, G))
+    d = _f16(b[:, 208:210])
+    s = (d[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)).reshape(rows, ns * 8, 2)
+    qs = np.empty((rows // G, ns * 8, 16, G), np.uint8)
+    qh = np.empty((rows // G, ns * 8, 8, G), np.uint8)
+    sh["q6_k"](blocks, G, qs, qh)
+    return "q6_k", (qs, qh, _lanes(s, G))
+
+
+def _repack(q, blocks, G, fast: bool = True):
     """GGML blocks u8 [rows, nb, type size] (rows a multiple of G) -> (kind, arrays)."""
+    if fast and q in (QT.Q4_K, QT.Q6_K) and _shuffles():
+        return _repack_k(q, blocks, G)
     if q in (QT.Q4_0, QT.Q4_1):                                           # scales stay float16 (as uint16 bits)
         d = _h16(blocks[..., 0:2])
         m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16) if q == QT.Q4_0 else _h16(blocks[..., 2:4])
