@@ -207,6 +207,9 @@ class Allocator:
 
 # -------------------------------------------------------------------- GPU pool
 
+_CUDA_ERROR_MEMORY_ALLOCATION = 2   # cudaErrorMemoryAllocation (CuPy 14 no longer names it)
+
+
 def _managed_pool():
     """A CuPy MemoryPool over managed memory that never asks for more than the GPU has free."""
     import cupy as cp
@@ -215,7 +218,7 @@ def _managed_pool():
         if size > gpu_memory()["available"]:
             # look like a failed cudaMalloc: the pool frees its cached blocks and retries,
             # then raises cupy's OutOfMemoryError (a MemoryError)
-            raise cp.cuda.runtime.CUDARuntimeError(cp.cuda.runtime.errorMemoryAllocation)
+            raise cp.cuda.runtime.CUDARuntimeError(_CUDA_ERROR_MEMORY_ALLOCATION)
         return cp.cuda.malloc_managed(size)
 
     pool = cp.cuda.MemoryPool(malloc_managed)
