@@ -101,7 +101,8 @@ def test_demo_answers_do_not_loop(demo_rows):
 
 
 def test_notebook_questions_are_answered(smollm):
-    """The questions notebooks 00 and 03 and the browser test ask are in the set and pass at seed 0."""
+    """The questions notebooks 00 and 03 and the browser test ask are in the set and answered well:
+    on at least 2 of seeds 0-2 (a sampled answer moves when the engine's rounding does)."""
     qs = {q["question"]: q for q in Q.load_questions()}
     asked = ["What is the capital of France?",               # 00_welcome
              "What is the capital of Japan?",                # tests/browser/test_jupyterlab.py
@@ -109,8 +110,9 @@ def test_notebook_questions_are_answered(smollm):
              "What is the tallest mountain in the world?"]   # 03_chatbot, the conversation
     for question in asked:
         assert question in qs
-        g = smollm.chat(Q.demo_messages(question), max_new_tokens=Q.MAX_NEW_TOKENS)
-        assert Q.passes(g.text, qs[question]), g.text
+        answers = [smollm.chat(Q.demo_messages(question), max_new_tokens=Q.MAX_NEW_TOKENS, seed=seed).text
+                   for seed in range(3)]
+        assert sum(Q.passes(a, qs[question]) for a in answers) >= 2, answers
 
 
 def test_haiku_does_not_loop(smollm):
