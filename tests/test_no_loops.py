@@ -1,7 +1,7 @@
 """Generated text must not loop (spark_lab.llm.repetition: no 4-word phrase a third time, no 10-word
 run twice, no phrase of 2-8 words twice in a row) in an answer, a haiku or a summary, nor in the
 outputs stored in the notebooks. Also the demo questions' pass rate with the default
-sampling (measured: see DEMO_RATE). The tests marked slow take 15-30 s each on one quiet thread.
+sampling (measured: see DEMO_RATE). The tests marked slow take 15-60 s each on one quiet thread.
 
 Against the old behaviour (greedy, no penalty, no summary guards) test_summary_does_not_loop and
 test_readme_hybrid_summary_does_not_loop fail ("The keepers: The keepers The keepers:", "a
@@ -17,10 +17,12 @@ from spark_lab.llm.repetition import has_loop, loop_report, max_ngram_repeats, t
 from spark_lab.models import ModelNotFound, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-# measured with the default sampling and the demo system prompt (`spark-lab bench questions --repeats 5`):
-# 16/20 at seed 0, 81/100 over seeds 0-4 (75-90% per seed); the test runs seed 0
-DEMO_RATE = 0.80
-MARGIN = 0.15
+# measured with the default sampling and the demo system prompt (`spark-lab bench questions --repeats N`):
+# 81/100 over seeds 0-4 (75-90% per seed) on 2026-12-04 16:40; 31/40 over seeds 0-1 (70%, 85%) after the
+# f16 KV-cache/decode changes of 17:30 (sampled answers move with the engine's rounding). The test runs
+# seeds 0 and 1.
+DEMO_RATE = 0.78
+MARGIN = 0.13
 
 
 # ------------------------------------------------------------------------------ the detector
@@ -77,7 +79,7 @@ def smollm():
 
 @pytest.fixture(scope="module")
 def demo_rows(smollm):
-    return Q.evaluate(smollm, Q.load_questions(), seeds=(0,))
+    return Q.evaluate(smollm, Q.load_questions(), seeds=(0, 1))
 
 
 def test_demo_question_set():
