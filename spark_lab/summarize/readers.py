@@ -43,9 +43,14 @@ class _HTMLText(html.parser.HTMLParser):
         return t.strip()
 
 
+_UNCLOSED = re.compile(r"<(?!!--)(?=[^<>]*(?:<|$))")
+
+
 def html_to_text(html_text: str) -> str:
     p = _HTMLText()
-    p.feed(html_text)
+    # a '<' with no '>' before the next '<' is text, not a tag; escaped first because html.parser
+    # rescans from every such '<' (quadratic: 40 KB of "<p<p<p..." took 5 s)
+    p.feed(_UNCLOSED.sub("&lt;", html_text))
     p.close()
     return p.text()
 
@@ -60,8 +65,9 @@ def markdown_to_text(md: str) -> str:
             continue
         if fence:
             continue  # code is not prose
-        line = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", line)           # images
-        line = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", line)        # links -> their text
+        # brackets excluded inside the spans, so an unclosed "[a](" repeated is read in linear time
+        line = re.sub(r"!\[[^\][]*\]\([^()]*\)", "", line)          # images
+        line = re.sub(r"\[([^\][]+)\]\([^()]*\)", r"\1", line)       # links -> their text
         line = re.sub(r"(\*\*|__|`)", "", line)                     # bold, code spans
         line = re.sub(r"(?<!\w)[*_](\S[^*_]*?)[*_](?!\w)", r"\1", line)  # emphasis
         line = re.sub(r"^\s{0,3}>\s?", "", line)                    # block quotes
@@ -74,16 +80,24 @@ def decode_bytes(data: bytes, name: str = "input") -> str:
         raise ValueError(f"{name} is empty")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return data.decode("utf-16")
+            text = data.decode("utf-16")
         except UnicodeDecodeError:
             pass
+        else:
+            if not text.strip():
+                raise ValueError(f"{name} is empty")
+            return text
     if b"\x00" in data[:8192]:
         raise ValueError(f"{name} looks like a binary file (it contains NUL bytes), not text")
     for enc in ("utf-8", "utf-8-sig"):
         try:
-            return data.decode(enc).lstrip("\ufeff")
+            text = data.decode(enc).lstrip("\ufeff")
         except UnicodeDecodeError as e:
             err = e
+            continue
+        if not text.strip():
+            raise ValueError(f"{name} is empty")
+        return text
     raise ValueError(f"{name} is not UTF-8 text (undecodable byte at offset {err.start}); "
                      f"convert it first, e.g. `iconv -f latin1 -t utf-8`")
 
