@@ -44,7 +44,7 @@ TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)
 
 
 @pytest.mark.parametrize("name", MODELS)
-@budget(1000)
+@budget(500)
 @given(s=TEXT)
 def test_round_trip(name, s):
     t = tok(name)
@@ -65,7 +65,7 @@ def test_unspellable_bytes_are_dropped_like_llama_cpp():
 
 
 @pytest.mark.parametrize("name", MODELS)
-@budget(500)
+@budget(300)
 @given(s=TEXT)
 def test_decoder_matches_tokenizers_library(name, s):
     t = tok(name)
@@ -77,7 +77,7 @@ def test_decoder_matches_tokenizers_library(name, s):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@budget(500)
+@budget(300)
 @given(data=st.data())
 def test_any_ids_decode_or_refuse(name, data):
     """Random token ids (special ones included) decode to a str; ids outside the vocabulary are one ValueError."""
@@ -91,7 +91,7 @@ def test_any_ids_decode_or_refuse(name, data):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@budget(500)
+@budget(200)
 @given(s=TEXT)
 def test_special_text_parses_back(name, s):
     """parse_special on text around a control token: the token comes out as one id, the text round-trips."""
