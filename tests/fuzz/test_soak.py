@@ -3,9 +3,10 @@ dropped to fit, summarize, server requests); resident memory stays flat and no r
 
 `make test` runs it for a few seconds (SPARK_LAB_SOAK_SECONDS, default 6); `make soak` runs it for
 minutes. After a warm-up third of the time, RSS must stay within 5% of where it was (plus 8 MB for
-the allocator's arenas on a short run)."""
+the allocator's arenas on a short run), and the kit's allocator holds the same bytes per tag at the end."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -13,6 +14,7 @@ import pytest
 
 from spark_lab.llm.chat import ChatSession
 from spark_lab.llm.engine import LLM
+from spark_lab.memory import get_allocator
 from spark_lab.serve import ServerConfig
 from spark_lab.serve.app import create_app
 from spark_lab.summarize import summarize
@@ -54,9 +56,12 @@ def test_soak(tmp_path):
             assert slowest < ROUND_LIMIT_S, f"round {i} took {slowest:.1f} s"
             i += 1
             if baseline is None and time.monotonic() - start >= SECONDS / 3 and i >= 3:
-                baseline = proc.memory_info().rss
+                gc.collect()
+                baseline, tags = proc.memory_info().rss, dict(get_allocator().stats().by_tag)
             elif baseline is not None:
                 rss.append(proc.memory_info().rss)
+    gc.collect()
+    assert dict(get_allocator().stats().by_tag) == tags      # the allocator's tags are back at their baseline
     grown = max(rss) - baseline
     print(f"soak: {i} rounds in {time.monotonic() - start:.0f} s, slowest {slowest:.2f} s, RSS {baseline / 2**20:.0f} MB "
           f"after warm-up, peak {max(rss) / 2**20:.0f} MB ({100 * grown / baseline:+.1f}%), "
