@@ -80,14 +80,15 @@ def test_conda_and_binder_files():
         assert not any(("cupy" in d or "torch" in d) for d in deps)  # CPU by default; Binder has ~2 GB
     assert "python>=3.10" in root_env["dependencies"]
     pip_root = next(d["pip"] for d in root_env["dependencies"] if isinstance(d, dict))
-    assert pip_root == ['-e ".[dev]"']
-    assert "# - -e \".[dev,cuda13]\"" in (ROOT / "environment.yml").read_text()
+    assert pip_root == ['-e ".[lab]"']                     # the lab; `make test` adds .[dev] and torch
+    assert "# - -e \".[lab,cuda13]\"" in (ROOT / "environment.yml").read_text()
 
     post = ROOT / "binder" / "postBuild"
     assert os.access(post, os.X_OK)
     text = post.read_text()
-    assert "pip install --no-cache-dir .\n" in text and "-e " not in text and "torch" not in text
+    assert "pip install --no-cache-dir \".[lab]\"" in text and "-e " not in text and "torch" not in text.split("#")[0]
     makefile_models = (ROOT / "Makefile").read_text().split("MODELS :=")[1].split("\nPORT")[0]
     for pkg in makefile_models.replace("\\", " ").split():   # the same default models as `make setup`
         assert pkg in text
-    assert "--no-deps" in text and text.rstrip().splitlines()[-1].startswith("python -m spark_lab.models")
+    lines = [l for l in text.splitlines() if l.startswith("python -m spark_lab.")]
+    assert "--no-deps" in text and [l.split()[2] for l in lines] == ["spark_lab.models", "spark_lab.warmup"]
