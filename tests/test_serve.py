@@ -8,8 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ psutil = pytest.importorskip("psutil")
 from spark_lab.models import is_present  # noqa: E402
 
 from .llm.thinking_model import write_thinking_gguf  # noqa: E402
+from .server_proc import server_process  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not is_present("smollm2-135m-instruct"),
                                 reason="SmolLM2 is not installed (make setup)")
@@ -45,28 +44,8 @@ serve(config, host="127.0.0.1", port=0, ready=lambda url: print("READY", url, fl
 def server(tmp_path_factory):
     """-> (base url, server pid). A subprocess, so its memory can be measured on its own."""
     think = write_thinking_gguf(tmp_path_factory.mktemp("serve") / "tiny-think.gguf")   # a Qwen3 that thinks
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               SPARK_LAB_THREADS=os.environ.get("SPARK_LAB_THREADS", "1"))
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, KEY, str(N_CTX), str(TINY_SD), str(think)], env=env,
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    line = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or not line[0].startswith("READY"):
-        proc.kill()
-        log.seek(0)
-        pytest.fail(f"server did not start: {log.read().decode()[-2000:]}")
-    url = line[0].split()[1]
-    yield url, proc.pid
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    with server_process(SERVER, KEY, str(N_CTX), str(TINY_SD), str(think)) as (url, pid):
+        yield url, pid
 
 
 @pytest.fixture(scope="module")

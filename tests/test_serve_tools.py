@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import threading
 
 import pytest
 
@@ -17,6 +12,8 @@ pytest.importorskip("llguidance")
 
 from spark_lab.llm import tools as toolcalls  # noqa: E402
 from spark_lab.models import is_present  # noqa: E402
+
+from .server_proc import server_process  # noqa: E402
 
 needs_model = pytest.mark.skipif(not is_present("smollm2-135m-instruct"), reason="SmolLM2 is not installed")
 
@@ -41,21 +38,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 def client():
     if not is_present("smollm2-135m-instruct"):
         pytest.skip("SmolLM2 is not installed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", SPARK_LAB_THREADS=os.environ.get("SPARK_LAB_THREADS", "1"))
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    line = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or not line[0].startswith("READY"):
-        proc.kill()
-        log.seek(0)
-        pytest.fail(f"server did not start: {log.read().decode()[-2000:]}")
-    yield openai.OpenAI(base_url=line[0].split()[1], api_key="none", max_retries=0, timeout=300)
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    with server_process(SERVER) as (url, _):
+        yield openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
 
 
 def _chat(client, **kw):
