@@ -252,6 +252,19 @@ def test_welcome_runs_and_chat_streams(lab, page):
     box = page.locator(".spark-chat-input input").first
     box.scroll_into_view_if_needed()
     box.fill(QUESTION)
+    # every length the answer takes, recorded in the page as the DOM changes: polling from here
+    # can miss them all on a fast machine (a 7-token answer streams in a quarter of a second)
+    page.evaluate("""() => {
+        window.__answerLengths = [];
+        const t = document.querySelector('.spark-chat-transcript');
+        new MutationObserver(() => {
+            const a = t.querySelectorAll('div.spark-assistant');
+            if (!a.length) return;
+            const n = a[a.length - 1].innerText.replace('\u25ae', '').trim().length;
+            const seen = window.__answerLengths;
+            if (n && (!seen.length || seen[seen.length - 1] !== n)) seen.push(n);
+        }).observe(t, {subtree: true, childList: true, characterData: true});
+    }""")
     page.locator(".spark-chat-send").first.click()
     answer = page.locator(".spark-chat-transcript div.spark-assistant").last
     answer.wait_for(timeout=30_000)
@@ -265,6 +278,9 @@ def test_welcome_runs_and_chat_streams(lab, page):
             break
         time.sleep(0.1)
     final = answer.inner_text().strip()
+    observed = page.evaluate("() => window.__answerLengths")
+    if len(observed) > len(lengths):
+        lengths = observed
     assert "tok/s" in status.inner_text(), f"the answer did not finish within {CHAT_TIMEOUT:.0f} s"
     assert QUESTION in page.locator(".spark-chat-transcript").first.inner_text()
     assert final, "the answer is empty"
