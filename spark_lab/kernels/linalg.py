@@ -11,17 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..device import array_module
+from ..quants import INT8_X_TYPES   # the types whose CPU kernels round x to int8: the GPU does too
 
 # decode-sized inputs (a handful of rows) take the quantized mat-vec (CUDA, or numba on the CPU);
 # more rows go to quant_matmul (numba tiles + BLAS on the CPU). CPU crossover, one SmolLM2 layer
 # on one thread: the mat-vec wins up to 11-12 rows for Q8_0 and ~14 for Q4_1, by <= 20% from 9
 # rows on; kept at 8 because the CUDA mat-vec shares it and was not measured at more rows
 _QMATVEC_MAX_ROWS = 8
-
-# GGML types whose CPU products see x rounded to int8 per 32-value block (llama.cpp's Q8
-# activations; `kernels.qmatvec.INT8_TYPES`, by value so that this module needs no numba):
-# Q4_0, Q4_1, Q8_0, Q4_K, MXFP4. The GPU rounds x the same way, so both give the same tokens.
-INT8_X_TYPES = (2, 3, 8, 12, 39)
 
 
 def round_x_q8(x):
@@ -63,7 +59,7 @@ def _quant_linear(x, w, b):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)                      # [n, in]
     y = None
-    if array_module(x2) is not np and int(w.qtype) in INT8_X_TYPES and cols % 32 == 0:
+    if array_module(x2) is not np and w.qtype in INT8_X_TYPES and cols % 32 == 0:
         x2 = round_x_q8(x2.astype(np.float32, copy=False))   # the numbers the CPU kernels use
     if x2.shape[0] <= _QMATVEC_MAX_ROWS:             # decode: a fused dequantize + dot, no f32 weight
         if array_module(x2) is not np:

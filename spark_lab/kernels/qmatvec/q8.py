@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
-from ...quants import QuantTensor, quant_matmul
+from ...quants import INT8_X_TYPES, QuantTensor, quant_matmul
 
 
 def _round_f16(v):
@@ -54,7 +53,7 @@ def quantize_x(x):
     return xq, dx, xqs
 
 
-INT8_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0, QT.MXFP4)   # their decode dots take x quantized to int8
+INT8_TYPES = INT8_X_TYPES   # their decode dots take x quantized to int8 (quants.INT8_X_TYPES)
 
 
 def quantize_q8(x):
