@@ -18,9 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-QNAMES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "MXFP4")
-
-
 @dataclass
 class Shape:
     arch: str                 # GGUF general.architecture
@@ -157,6 +154,15 @@ def _rows(rows) -> int:
     return rows[0] * rows[1] if isinstance(rows, tuple) else rows
 
 
+def _nbytes(rows, cols: int, q: str) -> int:
+    """Bytes of one tensor's data: rows (or (experts, rows)) x cols values of type q."""
+    import gguf
+    if q in ("F32", "F16"):
+        return _rows(rows) * cols * (4 if q == "F32" else 2)
+    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]]
+    return _rows(rows) * cols // bs * ts
+
+
 def write_synthetic(name: str, path: Path, seed: int = 0, shape: Shape | None = None) -> Path:
     """Write the synthetic GGUF `name` (a key of SHAPES, or any name with `shape` given) to `path`,
     one tensor at a time."""
@@ -202,16 +208,14 @@ def write_synthetic(name: str, path: Path, seed: int = 0, shape: Shape | None = 
     w.add_add_bos_token(True)
     plan = _tensors(s)
     for tname, rows, cols, q in plan:
-        qt = gguf.GGMLQuantizationType[q]
         lead = rows if isinstance(rows, tuple) else (rows,)        # experts: (E, rows)
         if q in ("F32", "F16"):
-            dt = np.float32 if q == "F32" else np.float16
-            shape = (cols,) if rows == 1 else (*lead, cols)
-            w.add_tensor_info(tname, shape, np.dtype(dt), _rows(rows) * cols * np.dtype(dt).itemsize)
+            dims = (cols,) if rows == 1 else (*lead, cols)
+            w.add_tensor_info(tname, dims, np.dtype(np.float32 if q == "F32" else np.float16), _nbytes(rows, cols, q))
         else:
+            qt = gguf.GGMLQuantizationType[q]
             bs, ts = gguf.GGML_QUANT_SIZES[qt]
-            nbytes = _rows(rows) * cols // bs * ts
-            w.add_tensor_info(tname, (*lead, cols * ts // bs), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+            w.add_tensor_info(tname, (*lead, cols * ts // bs), np.dtype(np.uint8), _nbytes(rows, cols, q), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -247,17 +251,7 @@ def synthetic_path(name: str) -> Path:
 
 def n_bytes(name: str, shape: Shape | None = None) -> int:
     """Bytes of tensor data the synthetic file holds (without writing it)."""
-    import gguf
-    total = 0
-    for _, rows, cols, q in _tensors(shape or SHAPES[name]):
-        rows = _rows(rows)
-        if q in ("F32", "F16"):
-            total += rows * cols * (4 if q == "F32" else 2)
-        else:
-            bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]]
-            total += rows * cols // bs * ts
-    return total
-
+    return sum(_nbytes(rows, cols, q) for _, rows, cols, q in _tensors(shape or SHAPES[name]))
 
 if __name__ == "__main__":
     for n in sys.argv[1:] or list(SHAPES):
