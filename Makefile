@@ -76,6 +76,7 @@ bench: setup
 	$(VENV)/bin/spark-lab bench llm
 	$(VENV)/bin/spark-lab bench imagine
 	$(VENV)/bin/spark-lab bench summarize
+	$(VENV)/bin/spark-lab bench batch
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mkdir", action="store_true", help="create --out's folder if it does not exist")
 
     s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
-    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain"])
+    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain", "batch"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--model", default=None)

@@ -344,3 +344,14 @@ def test_cli_batch_on_a_scheduler_and_two_workers_started_apart(reference, tmp_p
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_bench_batch_quick_matches_the_sequential_run():
+    """`spark-lab bench batch`'s measurement at a small size: both cluster sizes give the
+    sequential run's summaries for every document (the 200-document run is `make bench`)."""
+    _minilm()
+    from spark_lab.benchmarks import batch as bench
+    res = bench.measure(8, repeats=1)
+    assert res["same_as_sequential"]
+    assert [r["workers"] for r in res["runs"]] == [1, 2]
+    assert len(set(bench.documents(200))) == 200
