@@ -1,0 +1,82 @@
+"""Load spark_lab's cached numba kernels without numba's full registry refresh (cold start).
+
+numba's `Cache.load_overload` calls `target_context.refresh()` before it reads a kernel from its
+disk cache. The first refresh in a process imports and installs every typing and lowering registry
+numba has (cffi, typed containers, random, polynomials, ...): ~0.25 s and ~10 MB of a cold
+`spark-lab generate` that only loads compiled code. Loading compiled code needs only numba's
+runtime (NRT) symbols registered with LLVM; compiling still refreshes everything, because numba's
+compiler pipeline calls refresh() itself when a kernel is not in the cache.
+
+`install()` swaps in that lighter load for caches of spark_lab's own sources only (any other
+package's kernels load as numba does it). It is applied when numba's caching module is first
+imported (spark_lab/__init__.py registers the import hook), so every kernel module is covered
+without each one calling it. SPARK_LAB_NUMBA_REFRESH=1 keeps numba's own behaviour.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+PACKAGE = str(Path(__file__).resolve().parent) + os.sep
+MODULE = "numba.core.caching"
+
+
+def _ours(cache) -> bool:
+    code = getattr(getattr(cache, "_py_func", None), "__code__", None)
+    return code is not None and os.path.abspath(code.co_filename).startswith(PACKAGE)
+
+
+def patch(caching) -> bool:
+    """Wrap caching.Cache.load_overload; False (nothing changed) when its shape is not the known one."""
+    cls = getattr(caching, "Cache", None)
+    orig = getattr(cls, "load_overload", None)
+    if orig is None or getattr(orig, "_spark_lab", False) or not hasattr(cls, "_load_overload") \
+            or not hasattr(cls, "_guard_against_spurious_io_errors"):
+        return False
+
+    def load_overload(self, sig, target_context):
+        if not _ours(self):
+            return orig(self, sig, target_context)
+        from numba.core.runtime import rtsys
+        rtsys.initialize(target_context)           # NRT symbols: what loaded code calls into
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+        # None when the guard swallowed an I/O error: the dispatcher then compiles (and refreshes)
+
+    load_overload._spark_lab = True
+    load_overload.__doc__ = orig.__doc__
+    cls.load_overload = load_overload
+    return True
+
+
+class _Hook(importlib.abc.MetaPathFinder):
+    """Patches numba.core.caching right after it is first imported, by whoever imports numba."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Patch now if numba is already imported, else when it is (a no-op under SPARK_LAB_NUMBA_REFRESH=1)."""
+    if os.environ.get("SPARK_LAB_NUMBA_REFRESH", "") not in ("", "0"):
+        return
+    if MODULE in sys.modules:
+        patch(sys.modules[MODULE])
+    elif not any(isinstance(f, _Hook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Hook())
