@@ -18,11 +18,12 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -104,22 +105,22 @@ class _Cursor:
                 raise GGUFError(f"bad GGUF {self.path}: arrays nested more than {MAX_NESTING} deep in {key!r}")
             self.count(count, _MIN_BYTES[itype], f"the array {key!r}")
             if itype == GGUFValueType.STRING:
-                out, buf, pos, end = [], self.buf, self.pos, len(self.buf)
-                u64, add = _U64.unpack_from, out.append
+                start, buf, pos, end = self.pos, self.buf, self.pos, len(self.buf)
+                u64 = _U64.unpack_from
                 for _ in range(count):  # the one hot loop of header parsing (~100k strings): keep it tight
                     if pos + 8 > end:
                         self.pos = pos
                         self.need(8, key)
                     n, = u64(buf, pos)
-                    pos += 8
-                    stop = pos + n
-                    if stop > end:
-                        self.pos = pos
+                    pos += 8 + n
+                    if pos > end:
+                        self.pos = pos - n
                         self.need(n, key)
-                    add(buf[pos:stop])  # bytes: token texts need not be valid UTF-8
-                    pos = stop
                 self.pos = pos
-                return out
+                strings = StringArray(count, start, pos)
+                if count <= LAZY_STRINGS:
+                    strings.read(buf)
+                return strings
             if itype in _NUMPY:
                 dt = _NUMPY[itype]
                 self.need(dt.itemsize * count, key)
@@ -132,12 +133,71 @@ class _Cursor:
         raise GGUFError(f"bad GGUF {self.path}: unknown value type {vtype} for key {key!r}")
 
 
-def _owned(v):
-    """A metadata value with its NumPy arrays copied out of the header map (arrays of arrays too)."""
+LAZY_STRINGS = 1024   # string arrays longer than this are read from the file when first used
+
+
+class StringArray(Sequence):
+    """A GGUF array of strings (bytes: token texts need not be valid UTF-8), read from the file's map
+    when first used: a model's 50-260k token texts and merges are ~5-30 MB of Python objects that
+    an engine whose tokenizer comes from its cache never reads. len() is known without reading.
+    Compares equal to a list of the same bytes; pickles as that list."""
+
+    def __init__(self, count: int, start: int, stop: int):
+        self._count, self._start, self._stop = count, start, stop
+        self._items: list[bytes] | None = None
+        self._source = None      # the file's map, once the header is parsed
+
+    def read(self, buf) -> list[bytes]:
+        """The strings, split out of buf (the header map while parsing, else the file's map)."""
+        if self._items is None:
+            out, pos, u64 = [], self._start, _U64.unpack_from
+            for _ in range(self._count):
+                n, = u64(buf, pos)
+                pos += 8
+                out.append(bytes(buf[pos:pos + n]))
+                pos += n
+            self._items, self._source = out, None
+        return self._items
+
+    def _list(self) -> list[bytes]:
+        if self._items is None:
+            return self.read(memoryview(self._source))
+        return self._items
+
+    def __len__(self):
+        return self._count
+
+    def __getitem__(self, i):
+        return self._list()[i]
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def __eq__(self, other):
+        if isinstance(other, StringArray):
+            other = other._list()
+        return self._list() == other if isinstance(other, list) else NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"StringArray({self._count} strings)" if self._items is None else repr(self._items)
+
+    def __reduce__(self):
+        return list, (self._list(),)
+
+
+def _owned(v, source):
+    """A metadata value with its NumPy arrays copied out of the header map (arrays of arrays too)
+    and its unread string arrays pointed at the file's map."""
     if isinstance(v, np.ndarray):
         return v.copy()
-    if isinstance(v, list) and v and isinstance(v[0], (np.ndarray, list)):
-        return [_owned(x) for x in v]
+    if isinstance(v, StringArray):
+        if v._items is None:
+            v._source = source
+        return v
+    if isinstance(v, list) and v and isinstance(v[0], (np.ndarray, list, StringArray)):
+        return [_owned(x, source) for x in v]
     return v
 
 
@@ -231,7 +291,7 @@ class GGUFFile:
                                 f"(bytes {a}..{a + na} and {b}..{b + nb})")
         # metadata arrays were views into the header map: copy the numeric ones out before it closes
         for k, v in self.metadata.items():
-            self.metadata[k] = _owned(v)
+            self.metadata[k] = _owned(v, self._mm)
 
     @property
     def arch(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
+from .ggml_types import GGMLQuantizationType as QT
 
 from .device import array_module
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
+from ..ggml_types import GGMLQuantizationType as Q
 
 from .. import kernels as K
 from ..gguf import GGUFError, GGUFFile, LLMConfig

@@ -64,7 +64,7 @@ import threading
 import warnings
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
+from ...ggml_types import GGMLQuantizationType as QT
 
 from ...device import array_module, num_threads
 from ...quants import QuantTensor, quant_matmul

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
+from ...ggml_types import GGMLQuantizationType as QT
 
 from ...device import array_module
 from ...quants import BLOCK_SIZES, QuantTensor, _k_scale_min, release_raw
