@@ -25,13 +25,13 @@ Building the Gemma 3 tokenizer (262k tokens) takes seconds; the result is cached
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 import json
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
+
 from .ggml_types import GGUFValueType
 
 CACHE_VERSION = 2  # bump when the way a tokenizer is built changes: old cache entries are then ignored
@@ -310,30 +310,6 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def from_gguf_later(cls, path) -> Callable[[], "Tokenizer"]:
-        """Start `from_gguf(path)` on a thread; returns a function that waits for it (and raises
-        what it raised). Reading the cached tokenizer is ~0.15 s of Rust JSON parsing with the GIL
-        released, so it overlaps the caller's own start-up (LLM: numba's import, ~0.3 s)."""
-        box: dict = {}
-
-        def work():
-            try:
-                box["tok"] = cls.from_gguf(path)
-            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
-                box["err"] = e
-
-        th = threading.Thread(target=work, name="spark_lab-tokenizer", daemon=True)
-        th.start()
-
-        def result() -> "Tokenizer":
-            th.join()
-            _trim_heap()  # the parse's scratch sat in the thread's own malloc arena: give it back
-            if "err" in box:
-                raise box.pop("err")
-            return box["tok"]
-        return result
-
-    @classmethod
     def from_metadata(cls, meta: dict, where: str = "GGUF metadata") -> "Tokenizer":
         """Build from a {key: value} dict as `read_gguf_metadata` returns it (no cache); metadata of the
         wrong type (a number where a list belongs, merges naming unknown tokens) -> one ValueError line."""
@@ -532,25 +508,6 @@ def _reader_metadata(reader) -> dict:
         else:
             out[key] = field.contents()
     return out
-
-
-def _trim_heap() -> None:
-    """glibc's malloc_trim(0): return freed heap pages of every malloc arena to the system. A thread's
-    allocations live in an arena of their own, which the main thread's later allocations do not
-    reuse, so a parse done on a thread would otherwise stay in the peak RSS (~17 MB for SmolLM2)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False          # not glibc (macOS, musl): nothing to trim
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _cache_path(path: Path) -> Path:

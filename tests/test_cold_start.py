@@ -1,6 +1,5 @@
 """What a cold `spark-lab generate` skips or overlaps, with the results unchanged: long GGUF string
-arrays read on first use, gguf-py's constants without the rest of gguf-py, the tokenizer read on a
-thread while the model is set up."""
+arrays read on first use, gguf-py's constants without the rest of gguf-py."""
 from __future__ import annotations
 
 import json
@@ -15,9 +14,6 @@ from gguf import GGUFReader, GGUFWriter
 
 from spark_lab import ggml_types
 from spark_lab.gguf import LAZY_STRINGS, GGUFFile, StringArray
-from spark_lab.tokenizer import Tokenizer
-
-from .llm.tiny import write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +72,3 @@ def test_the_llm_path_does_not_import_gguf_py():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
-
-
-def test_tokenizer_read_on_a_thread_is_the_same(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    now = Tokenizer.from_gguf(path)
-    later = Tokenizer.from_gguf_later(path)()
-    text = "abc hello <s> world"
-    assert later.encode(text, parse_special=True) == now.encode(text, parse_special=True)
-    assert later.vocab_size == now.vocab_size and later.eot_ids == now.eot_ids
-    bad = tmp_path / "x.gguf"
-    bad.write_bytes(b"\x00" * 100)
-    wait = Tokenizer.from_gguf_later(bad)
-    with pytest.raises(Exception, match="not a GGUF file"):   # the thread's error, raised by the waiter
-        wait()

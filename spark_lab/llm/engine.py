@@ -86,14 +86,11 @@ class LLM:
         self.name = name or self.path.stem
         self.file = GGUFFile(self.path)
         self.config = config_from_gguf(self.file)
-        tokenizer = Tokenizer.from_gguf_later(self.path)  # read on a thread while the model is set up
-        try:
-            self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
-            if self.n_ctx < 8:
-                raise ValueError(f"context must be at least 8 tokens, got {self.n_ctx}")
-            self.model = Transformer(self.file, self.config)
-        finally:  # a tokenizer error is still the one reported first
-            self.tokenizer = tokenizer()
+        self.tokenizer = Tokenizer.from_gguf(self.path)
+        self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
+        if self.n_ctx < 8:
+            raise ValueError(f"context must be at least 8 tokens, got {self.n_ctx}")
+        self.model = Transformer(self.file, self.config)
         c = self.config
         self.cache = KVCache(c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim, kv_dtype, cache_type_k, cache_type_v)
         self._cached: list[int] = []       # the tokens whose K/V sit in the cache, in order
