@@ -44,6 +44,82 @@ def load_documents(folder: Path | None = None) -> list[dict]:
     return docs
 
 
+TOPIC_WORDS = 25   # word budget per true topic when the coverage set is summarized
+
+
+def load_unheaded(folder: Path | None = None) -> list[dict]:
+    """-> [{name, text, topics: [{topic, key_terms, first_sentence}], sentences}] for every
+    unheaded/NAME.txt with its NAME.topics.json (the true topics, where each starts, and
+    words that name each one)."""
+    folder = folder or data_dir() / "unheaded"
+    docs = []
+    for meta in sorted(folder.glob("*.topics.json")):
+        src = meta.with_name(meta.name[:-len(".topics.json")] + ".txt")
+        if src.exists():
+            docs.append({"name": src.stem, "text": src.read_text(), **json.loads(meta.read_text())})
+    if not docs:
+        raise FileNotFoundError(f"{folder}: no NAME.txt + NAME.topics.json pairs")
+    return docs
+
+
+def coverage(summary: str, topics: list[dict]) -> float:
+    """The share of topics a summary names: a topic counts when one of its key terms (a word
+    stem, matched at a word start, any case) occurs in the summary."""
+    low = summary.lower()
+    hit = [any(re.search(r"\b" + re.escape(k.lower()), low) for k in t["key_terms"]) for t in topics]
+    return sum(hit) / len(topics)
+
+
+def boundary_hits(found: list[int], true: list[int], tolerance: int = 2) -> int:
+    """How many true boundaries (sentence indices) have a found one within `tolerance` sentences
+    (each found boundary matched once)."""
+    left, hits = sorted(found), 0
+    for t in sorted(true):
+        near = [f for f in left if abs(f - t) <= tolerance]
+        if near:
+            left.remove(min(near, key=lambda f: abs(f - t)))
+            hits += 1
+    return hits
+
+
+def segmentation(docs=None, encoder=None) -> list[dict]:
+    """Topic boundaries found in each unheaded document vs the true ones."""
+    from ..summarize import split_paragraphs
+    from ..summarize.extract import _default_encoder
+    from ..summarize.tiling import boundaries
+    docs = docs if docs is not None else load_unheaded()
+    enc = encoder or _default_encoder()
+    rows = []
+    for d in docs:
+        sents = [s for p in split_paragraphs(d["text"], "en") for s in p.sentences]
+        found = boundaries(enc.encode(sents, progress=False))
+        true = [t["first_sentence"] for t in d["topics"]][1:]
+        rows.append({"doc": d["name"], "sentences": len(sents), "true": true, "found": found,
+                     "hits": boundary_hits(found, true)})
+    return rows
+
+
+def evaluate_coverage(methods=("lead", "extractive"), docs=None, llm=None, encoder=None,
+                      max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
+    """One row per (unheaded document, method): the share of its topics the summary names."""
+    from ..summarize import count_words, summarize
+    docs = docs if docs is not None else load_unheaded()
+    rows = []
+    for d in docs:
+        budget = TOPIC_WORDS * len(d["topics"])
+        for m in methods:
+            if m == "lead":
+                text, seconds = lead(d["text"], budget), 0.0
+            else:
+                s = summarize(d["text"], m, max_words=budget, llm=llm, encoder=encoder,
+                              max_new_tokens=max_new_tokens, progress=progress)
+                text, seconds = s.text, s.seconds
+            rows.append({"doc": d["name"], "method": m, "topics": len(d["topics"]),
+                         "coverage": coverage(text, d["topics"]), "words_out": count_words(text),
+                         "seconds": seconds, "text": text})
+    return rows
+
+
 def lead(text: str, max_words: int) -> str:
     """Baseline: the first max_words words (heading marks dropped, the words kept)."""
     return " ".join(re.sub(r"(?m)^\s{0,3}#{1,6}\s+", "", text).split()[:max_words])

@@ -20,6 +20,7 @@ POSITION = 0.2          # weight of "earlier in its section" in relevance (lead 
 DUPLICATE = 0.9         # cosine above which a sentence repeats one already picked: never taken
 DAMPING = 0.85          # PageRank damping
 SECTION_SENTENCES = 400  # above this many sentences, rank within sections first
+SEGMENT_LEAD = 0.1      # bonus for opening a topic segment (its first sentence usually names the topic)
 
 
 @lru_cache(maxsize=2)
@@ -101,14 +102,25 @@ def rank_sentences(emb, section_of=None, limit: int = SECTION_SENTENCES):
 
 
 def mmr_select(emb, relevance, lengths, max_words: int, lam: float = LAMBDA_MMR,
-               candidates=None) -> list[int]:
-    """Greedy maximal marginal relevance under a word budget -> chosen indices (document order)."""
+               candidates=None, segment_of=None) -> list[int]:
+    """Greedy maximal marginal relevance under a word budget -> chosen indices (document order).
+
+    With `segment_of` [n] (topic segment of every sentence), MMR runs over segments first: while
+    a segment has no pick and one of its sentences still fits, only such sentences compete, so
+    every topic gets a sentence when the budget allows; then plain MMR fills the rest."""
     pool = list(range(len(lengths))) if candidates is None else list(candidates)
     chosen: list[int] = []
     used = 0
     max_sim = np.full(len(lengths), -1.0, dtype=np.float32)  # similarity to the closest pick so far
+    covered: set = set()
     while pool:
         p = np.array(pool)
+        if segment_of is not None:
+            open_ = p[[int(segment_of[i]) not in covered for i in p]]
+            if len(open_):   # a topic without a pick: its sentences first, within a fair share
+                n_open = len(set(segment_of[open_].tolist()))
+                fair = open_[lengths[open_] <= (max_words - used) / n_open]
+                p = fair if len(fair) else open_
         redundancy = max_sim[p] if chosen else 0.0
         score = lam * relevance[p] - (1.0 - lam) * redundancy
         best = int(p[int(np.argmax(score))])  # first maximum: ties go to the earlier sentence
@@ -117,6 +129,8 @@ def mmr_select(emb, relevance, lengths, max_words: int, lam: float = LAMBDA_MMR,
             continue
         chosen.append(best)
         used += lengths[best]
+        if segment_of is not None:
+            covered.add(int(segment_of[best]))
         s = emb @ emb[best]                  # [n]
         max_sim = np.maximum(max_sim, s)
         pool = [i for i in pool if used + lengths[i] <= max_words and max_sim[i] < DUPLICATE]
@@ -198,11 +212,45 @@ def _extract_indexed(doc: _Doc, max_words: int, ranked=None, encoder=None, progr
     if len(body) == 1 or int(doc.lengths[body].sum()) <= max_words:
         return [(int(i), doc.sentences[i]) for i in body]   # nothing to choose: the text (without headings)
     cand, emb, rel = ranked or _rank(doc, encoder, progress)
-    chosen = mmr_select(emb, rel, doc.lengths[cand], max_words)
+    seg = topic_segments(doc, cand, emb)
+    if seg is not None and len(np.unique(seg)) > 1:   # a topic's opening sentence usually names it
+        rel = rel + SEGMENT_LEAD * position_prior(seg)
+    chosen = mmr_select(emb, rel, doc.lengths[cand], max_words, segment_of=seg)
     if not chosen:  # every sentence is longer than the budget: the best one, cut
         best = int(cand[int(np.argmax(rel))])
         return [(best, _truncate_words(doc.sentences[best], max_words))]
     return [(int(cand[i]), doc.sentences[cand[i]]) for i in chosen]
+
+
+def _has_chapters(doc: _Doc) -> bool:
+    heads = doc.level[doc.level > 0]
+    return any(int((heads == lv).sum()) >= 2 for lv in set(heads.tolist()))
+
+
+def topic_segments(doc: _Doc, cand, emb):
+    """Topic segment [m] of every candidate sentence, or None for a text too short to have
+    several. Chapters (headings) when the text has them; a text without them, or with few and
+    long ones, is tiled by the similarity of neighbouring sentence windows (tiling.boundaries)."""
+    from .tiling import TILE_MIN, boundaries, segment_ids
+    if len(cand) < TILE_MIN:
+        return None
+    if _has_chapters(doc):
+        heads = doc.level[doc.level > 0]
+        cut = min(lv for lv in set(heads.tolist()) if int((heads == lv).sum()) >= 2)
+        chapter = np.cumsum(doc.level == cut)[cand]       # [m]
+    else:
+        chapter = np.zeros(len(cand), dtype=np.int64)
+    names, counts = np.unique(chapter, return_counts=True)
+    if len(names) >= 3 and counts.max() < 3 * TILE_MIN:   # enough chapters of a readable size
+        # a short text's chapters already share the picks through their lead bias
+        return chapter if len(cand) > SECTION_SENTENCES else None
+    seg = np.zeros(len(cand), dtype=np.int64)
+    nxt = 0
+    for c in names:                                       # tile inside every long chapter
+        idx = np.flatnonzero(chapter == c)
+        seg[idx] = nxt + segment_ids(len(idx), boundaries(emb[idx]))
+        nxt = int(seg[idx].max()) + 1
+    return seg
 
 
 def _chapters(doc: _Doc, picks: list) -> list[Section]:

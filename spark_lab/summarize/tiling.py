@@ -1,0 +1,99 @@
+"""Topic segmentation of text without (usable) headings: TextTiling on sentence embeddings.
+
+The similarity of the sentence windows left and right of every gap is computed from the MiniLM
+embeddings the extractive path already has; a topic boundary is a gap where it drops deeply
+(the depth score of TextTiling / C99: how far the curve climbs again on both sides), kept only
+when the segments it leaves have at least `min_sentences` sentences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_SENTENCES = 5      # shortest topic segment, in sentences
+TILE_MIN = 24          # fewer sentences than this: one topic, no tiling
+
+
+@dataclass
+class TilingConfig:
+    window: int = 3               # sentences on each side of a gap
+    min_sentences: int = MIN_SENTENCES
+    cutoff: float = 0.5           # a boundary needs depth >= mean + cutoff * std of the gaps' depths
+    snap: int = 0                 # move a boundary to a paragraph start at most this many sentences away
+    max_segments: int | None = None
+
+
+def gap_similarity(emb, window: int = 3):
+    """emb [n, d] unit rows -> sim [n - 1]: cosine of the mean embeddings of the `window`
+    sentences before and after each gap (gap g lies between sentences g and g + 1)."""
+    emb = np.asarray(emb, dtype=np.float32)
+    n = emb.shape[0]
+    if n < 2:
+        return np.zeros(0, dtype=np.float32)
+    c = np.vstack([np.zeros((1, emb.shape[1]), np.float32), np.cumsum(emb, axis=0)])   # [n + 1, d]
+    g = np.arange(1, n)                                   # sentences [0, g) | [g, n)
+    lo, hi = np.maximum(g - window, 0), np.minimum(g + window, n)
+    left = c[g] - c[lo]                                   # [n - 1, d]
+    right = c[hi] - c[g]
+    num = (left * right).sum(axis=1)
+    den = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
+    return (num / np.maximum(den, 1e-12)).astype(np.float32)
+
+
+def depth_scores(sim):
+    """sim [m] -> depth [m]: (highest point reached climbing left) + (climbing right) - 2 sim."""
+    sim = np.asarray(sim, dtype=np.float64)
+    m = len(sim)
+    depth = np.zeros(m)
+    for i in range(m):
+        l = i
+        while l > 0 and sim[l - 1] >= sim[l]:
+            l -= 1
+        r = i
+        while r < m - 1 and sim[r + 1] >= sim[r]:
+            r += 1
+        depth[i] = (sim[l] - sim[i]) + (sim[r] - sim[i])
+    return depth
+
+
+def boundaries(emb, paragraph_starts=(), cfg: TilingConfig | None = None) -> list[int]:
+    """emb [n, d] -> sorted sentence indices where a new topic starts (0 not included).
+
+    Gaps are taken deepest first while every segment keeps at least cfg.min_sentences; a
+    boundary within cfg.snap sentences of a paragraph start moves there (writers change topic
+    between paragraphs)."""
+    cfg = cfg or TilingConfig()
+    n = int(np.asarray(emb).shape[0])
+    if n < max(TILE_MIN, 2 * cfg.min_sentences):
+        return []
+    sim = gap_similarity(emb, cfg.window)
+    depth = depth_scores(sim)
+    local_min = [g for g in range(len(sim)) if (g == 0 or sim[g] <= sim[g - 1]) and
+                 (g == len(sim) - 1 or sim[g] <= sim[g + 1])]
+    if not local_min:
+        return []
+    cut = float(depth.mean() + cfg.cutoff * depth.std())
+    starts = sorted(set(int(p) for p in paragraph_starts))
+    most = cfg.max_segments or max(1, n // cfg.min_sentences)
+    chosen: list[int] = []
+    for g in sorted(local_min, key=lambda k: -depth[k]):
+        if depth[g] < cut or depth[g] <= 0 or len(chosen) + 1 >= most:
+            break
+        b = g + 1                                      # the sentence after the gap starts the topic
+        near = [s for s in starts if abs(s - b) <= cfg.snap]
+        if near:
+            b = min(near, key=lambda s: (abs(s - b), s))
+        edges = sorted(chosen + [b])
+        if b in chosen or any(y - x < cfg.min_sentences for x, y in zip([0] + edges, edges + [n])):
+            continue
+        chosen.append(b)
+    return sorted(chosen)
+
+
+def segment_ids(n: int, starts: list[int]) -> np.ndarray:
+    """Boundaries -> segment id [n] for every sentence (0, 0, ..., 1, 1, ...)."""
+    out = np.zeros(n, dtype=np.int64)
+    for b in starts:
+        out[b:] += 1
+    return out
