@@ -16,8 +16,6 @@ behaviour for both.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -71,9 +69,10 @@ def _without_coverage(run):
     return exec_module
 
 
-class _Hook(importlib.abc.MetaPathFinder):
-    """Wraps numba's own import (coverage, above) and patches numba.core.caching right after it is
-    first imported, by whoever imports numba."""
+class _Hook:
+    """A sys.meta_path finder (importlib.abc.MetaPathFinder's protocol; importing importlib.abc costs
+    ~10 ms): wraps numba's own import (coverage, above) and patches numba.core.caching right after it
+    is first imported, by whoever imports numba."""
 
     def __init__(self):
         self.todo = {MODULE} | ({"numba"} if "numba" not in sys.modules else set())
@@ -82,6 +81,7 @@ class _Hook(importlib.abc.MetaPathFinder):
         if name not in self.todo:
             return None
         self.todo.discard(name)
+        import importlib.util
         if self in sys.meta_path:
             sys.meta_path.remove(self)              # the real finders answer
         try:
