@@ -62,6 +62,6 @@ def summarize(text: str, method: str = "extractive", max_words: int = 150, llm=N
         return extractive(text, max_words, encoder=encoder, language=language, progress=progress)
     if method == "abstractive":
         return abstractive(text, llm, max_words, token_max=token_max, max_new_tokens=max_new_tokens,
-                           language=language, progress=progress)
+                           language=language, progress=progress, encoder=encoder)
     return hybrid(text, llm, max_words, encoder=encoder, token_max=token_max,
                   max_new_tokens=max_new_tokens, language=language, progress=progress)

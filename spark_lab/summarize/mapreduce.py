@@ -8,11 +8,12 @@ from .chunks import (MAP_PROMPT, REDUCE_PROMPT, TOPIC_PROMPT, _Budget, _clean, _
                      chunk_text, generate)
 from .segment import _truncate_words, count_words, detect_language, split_paragraphs
 from .summary import Summary, _done
-from .topics import WORDS_PER_TOPIC, Section, fit_words, section_chunks, split_sections, topic_groups
+from .topics import (WORDS_PER_TOPIC, Section, fit_words, section_chunks, split_sections, tile_sections,
+                     topic_groups)
 
 def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = None,
                 max_new_tokens: int | None = None, language: str | None = None,
-                progress: bool = True, _paragraphs=None) -> Summary:
+                progress: bool = True, _paragraphs=None, encoder=None) -> Summary:
     """Map-reduce summary with `llm` (count_tokens, chat): see the module docstring."""
     if llm is None:
         raise ValueError("abstractive summaries need an LLM: pass llm=LLM.load('smollm2-135m-instruct')")
@@ -33,11 +34,16 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
 
     # 1. map: every chunk summarized on its own
     chunks = chunk_text(paras, b.chunk, b)
-    if len(chunks) == 1:
+    sections, tiled = split_sections(paras), False
+    if _paragraphs is None:   # topics found where headings are missing or few (hybrid brings its own)
+        enc = encoder or _tiling_encoder()
+        if enc is not None:
+            sections, tiled = tile_sections(sections, enc)
+    if len(chunks) == 1 and not (tiled and len(sections) >= 3):
         out = ask(MAP_PROMPT, chunks[0], max_words)
         s = Summary(out, "abstractive", partials=[out], chunks=1, llm_calls=calls, language=lang)
         return _done(s, words_in, t0)
-    groups = topic_groups(split_sections(paras), b, max_words)
+    groups = topic_groups(sections, b, max_words)
     if len(groups) > 1:
         s = _sectioned(groups, b, ask, max_words, progress, lang, words_in, t0)
         s.llm_calls = calls
@@ -51,6 +57,16 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
     s = Summary(out, "abstractive", partials=partials, rounds=rounds, chunks=len(chunks),
                 llm_calls=calls, language=lang)
     return _done(s, words_in, t0)
+
+
+def _tiling_encoder():
+    """MiniLM for topic tiling, or None where it is not installed (then headings alone decide)."""
+    from ..models import ModelNotFound
+    from .extract import _default_encoder
+    try:
+        return _default_encoder()
+    except ModelNotFound:
+        return None
 
 
 def _part_words(b: _Budget, max_words: int) -> int:

@@ -6,12 +6,30 @@ import time
 
 from .mapreduce import abstractive
 from .chunks import MAP_PROMPT, _Budget, _clean, _messages, _progress, generate
-from .extract import _chapters, _extract_indexed, _prepare, _rank
+from .extract import _chapters, _extract_indexed, _prepare, _rank, topic_segments
 from .segment import Paragraph
 from .summary import Summary, _done
-from .topics import WORDS_PER_TOPIC, fit_words, topic_groups
+from .topics import WORDS_PER_TOPIC, Section, fit_words, topic_groups
 
 HYBRID_FACTOR = 4   # hybrid extracts at most this many times max_words before rewriting
+
+
+def _segment_sections(doc, picks: list, ranked) -> list[Section]:
+    """Extracted (index, sentence) pairs -> one untitled Section per topic segment they come from."""
+    cand, emb, _ = ranked
+    seg = topic_segments(doc, cand, emb)
+    if seg is None:
+        return []
+    where = {int(c): k for k, c in enumerate(cand)}
+    out, last = [], None
+    for i, t in picks:
+        g = int(seg[where[i]]) if i in where else last
+        if out and g == last:
+            out[-1].paragraphs[0].sentences.append(t)
+        else:
+            out.append(Section("", [Paragraph([t])]))
+        last = g
+    return out
 
 
 def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | None = None,
@@ -39,6 +57,10 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
             break
         budget_words = int(budget_words * 0.8)
     groups = topic_groups(_chapters(doc, picks), b, max_words) if total_tokens > limit else []
+    if len(groups) <= 1 and ranked is not None:
+        # no chapters: the extract's sentences bundled by the topic segment they come from
+        topics = _segment_sections(doc, picks, ranked)
+        groups = topic_groups(topics, b, max_words) if len(topics) >= 3 else groups
     if len(groups) > 1:
         # a long text with chapters: one sentence per topic group, from that group's extract
         # (SmolLM2 given one extract of eight chapters rewrites the first and drops the rest)

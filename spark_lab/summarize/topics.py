@@ -110,3 +110,40 @@ def section_chunks(sections: list[Section], b: _Budget) -> list[str]:
         else:
             out.append(p)
     return out
+
+
+def tile_sections(sections: list[Section], encoder) -> tuple[list[Section], bool]:
+    """Sections cut further at topic boundaries found by tiling (tiling.boundaries on the
+    sentences' embeddings): a text without headings, or with fewer than three sections, has
+    every long section tiled; a text with three or more only its very long ones. -> (sections,
+    whether any was cut)."""
+    from .tiling import TILE_MIN, boundaries
+    out, cut = [], False
+    for sec in sections:
+        body = [s for p in sec.paragraphs if not p.heading for s in p.sentences]
+        if len(body) < TILE_MIN or (len(sections) >= 3 and len(body) < 3 * TILE_MIN):
+            out.append(sec)
+            continue
+        starts = set(boundaries(encoder.encode(body, progress=False)))
+        if not starts:
+            out.append(sec)
+            continue
+        cut = True
+        pieces, k = [[]], 0                       # list[list[Paragraph]]
+        for p in sec.paragraphs:
+            if p.heading:
+                pieces[-1].append(p)
+                continue
+            cur: list = []
+            for s in p.sentences:
+                if k in starts and (cur or any(not q.heading for q in pieces[-1])):
+                    if cur:
+                        pieces[-1].append(Paragraph(cur))
+                        cur = []
+                    pieces.append([])
+                cur.append(s)
+                k += 1
+            if cur:
+                pieces[-1].append(Paragraph(cur))
+        out += [Section(sec.title, ps) for ps in pieces if any(not q.heading for q in ps)]
+    return out, cut
