@@ -10,13 +10,14 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
 from ..llm import tools as toolcalls
 from ..llm.reasoning import ReasoningPiece
 from .config import FINGERPRINT, ServerConfig
 from .jobs import embed_job, imagine_job
+from .metrics import Metrics
 from .schemas import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest, ImageRequest, chat_messages,
                       check_context, error_response, parse_body, sampling_args, unsupported)
 from .stream import generation_response, timings_of, usage_of
@@ -28,16 +29,24 @@ def create_app(config: ServerConfig | None = None):
 
     config = config or ServerConfig()
     registry = Registry(config)
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        preload = None
+        if config.preload:          # load the default chat model now; /health says 503 "loading" meanwhile
+            preload = asyncio.ensure_future(registry.get(None, "llm"))
+            preload.add_done_callback(lambda f: f.cancelled() or f.exception())   # errors come again on use
         yield
+        if preload is not None:
+            preload.cancel()
         registry.close()
 
     app = FastAPI(title="spark_lab", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API on spark_lab's own kernels")
     app.state.registry = registry
     app.state.config = config
+    app.state.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -58,9 +67,19 @@ def create_app(config: ServerConfig | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "version": __version__,
-                "models": {mid: {"loaded": w.model is not None, "jobs": w.jobs, "served": w.served,
-                                 "cancelled": w.cancelled} for mid, w in registry.workers.items()}}
+        """200 {"status": "ok"} when ready; 503 {"status": "loading"} while a model loads (as llama-server)."""
+        loading = any(w.is_loading for w in registry.workers.values())
+        body = {"status": "loading" if loading else "ok", "version": __version__,
+                "models": {mid: {"loaded": w.model is not None, "loading": w.is_loading, "jobs": w.jobs,
+                                 "served": w.served, "cancelled": w.cancelled, "timed_out": w.timed_out,
+                                 "parallel": w.parallel} for mid, w in registry.workers.items()}}
+        return JSONResponse(body, status_code=503 if loading else 200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        engines = {mid: (w.engine.stats(), w.model.n_ctx) for mid, w in list(registry.workers.items())
+                   if w.engine is not None}
+        return PlainTextResponse(metrics.text(engines), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -241,7 +260,7 @@ def create_app(config: ServerConfig | None = None):
         return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": None} for b in pngs],
                 "model": worker.id, "size": native}
 
-    return _Guard(app, config.api_key, config.max_body_bytes)
+    return _Guard(app, config.api_key, config.max_body_bytes, metrics)
 
 
 def _constraint_request(r: ChatRequest):
@@ -289,13 +308,31 @@ def _constraint_request(r: ChatRequest):
 class _Guard:
     """ASGI middleware: the API key on /v1 (401) and the body size limit (413), before any route runs."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics | None = None):
         self.app, self.api_key, self.max_body = app, api_key, int(max_body_bytes)
         self.state = app.state
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.metrics is None or not scope["path"].startswith("/v1"):
+            return await self._call(scope, receive, send)
+        status = 499                                  # no answer started: the client left first
+
+        async def counted(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        self.metrics.request_started()
+        try:
+            return await self._call(scope, receive, counted)
+        finally:
+            self.metrics.request_finished(scope["path"], status)
+
+    async def _call(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key and scope["path"].startswith("/v1"):
             auth = headers.get("authorization", "")

@@ -1,6 +1,7 @@
 """What a server serves and its limits (ServerConfig), and the constants the other parts share."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,13 +13,21 @@ FINGERPRINT = f"spark_lab-{__version__}"
 KINDS = {"llm": "a language model", "embedding": "an embedding model", "diffusion": "an image model"}
 
 
+def default_parallel() -> int:
+    """Slots for a machine: its cores, at least 4 and at most 16 (each slot holds a context of KV)."""
+    return max(4, min(16, os.cpu_count() or 1))
+
+
 @dataclass
 class ServerConfig:
     default_model: str = DEFAULT_LLM      # chat/completions model when a request names none
     api_key: str | None = None            # None: no key needed; else `Authorization: Bearer <key>` on /v1
     n_ctx: int | None = None              # context of every LLM (None: the engine's default)
     max_body_bytes: int = 1 << 20         # larger request bodies get 413
-    max_waiting: int = 64                 # jobs in line per model before 503
+    max_waiting: int = 64                 # requests waiting per model (beyond `parallel`) before 429
+    parallel: int = field(default_factory=lambda: default_parallel())   # chat requests decoding at once
+    timeout: float | None = 600.0         # seconds one request may take (None: no limit) before a 504
+    preload: bool = False                 # load the default chat model at start (/health: 503 until ready)
     max_images: int = 4                   # `n` limit of /v1/images/generations
     models: dict = field(default_factory=dict)  # extra served models: id -> (kind, name or path)
 

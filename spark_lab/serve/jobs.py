@@ -4,25 +4,38 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 
-def decode_job(llm, prompt_ids, sampling, emit, cancelled):
-    """Generate, emitting text pieces; -> Generation (None when cancelled)."""
-    llm.reset()                  # a clean cache: the answer does not depend on earlier requests
+def decode_job(engine, prompt_ids, sampling, metrics, emit, cancelled):
+    """Generate on the model's shared engine, emitting text pieces; -> Generation (None when cancelled).
+    Closing the engine's generator (an early stop) frees the request's slot."""
     s = dict(sampling)
-    it = llm.stream_tokens(prompt_ids, s.pop("max_new_tokens"), stop=s.pop("stop"), **s)
+    t0 = time.perf_counter()
+    ttft, reason, gen = None, "error", None
+    it = engine.stream_tokens(prompt_ids, s.pop("max_new_tokens"), stop=s.pop("stop"), **s)
     try:
         while not cancelled():
             try:
                 _, piece = next(it)
             except StopIteration as done:
-                return done.value
+                gen = done.value
+                reason = gen.finish_reason
+                return gen
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+                metrics.prompt(len(prompt_ids))
+            metrics.token()
             if piece:
                 emit(piece)
+        reason = "abort"
         return None
     finally:
-        it.close()               # an early stop releases the engine's lock here
+        it.close()
+        if ttft is None and gen is not None:
+            metrics.prompt(len(prompt_ids))
+        metrics.generation_ended(reason, gen, ttft)
 
 
 def embed_job(encoder, texts, model_id, encoding_format, emit, cancelled):

@@ -82,7 +82,13 @@ def cmd_serve(args) -> int:
     if model in CATALOGUE and CATALOGUE[model].kind != "llm":
         raise ValueError(f"--model {model} is {KINDS[CATALOGUE[model].kind]}; give a chat model (e.g. {DEFAULT_LLM})")
     resolve(model, "llm")                         # a missing default model is one clear line now, not a 404 later
-    config = ServerConfig(default_model=model, api_key=api_key)
+    if getattr(args, "max_waiting", 64) < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    extra = {"parallel": args.parallel} if getattr(args, "parallel", None) else {}
+    timeout = getattr(args, "timeout", 600.0)
+    config = ServerConfig(default_model=model, api_key=api_key, preload=True, max_waiting=getattr(args, "max_waiting", 64),
+                          timeout=timeout if timeout and timeout > 0 else None, n_ctx=getattr(args, "n_ctx", None),
+                          **extra)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it",
               flush=True)

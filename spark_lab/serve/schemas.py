@@ -22,7 +22,7 @@ class APIError(Exception):
 
 
 def error_response(e: APIError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=getattr(e, "headers", None))
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|dict|list)(\[.*\])?$")

@@ -25,7 +25,7 @@ def timings_of(g) -> dict:
 
 async def generation_response(request, worker, prompt_ids, sampling, stream, include_usage, make_chunk, make_body):
     """Run one generation; answer JSON (make_body(gen)) or SSE (make_chunk(piece|None, gen|None))."""
-    job = Job(worker, decode_job, worker.model, prompt_ids, sampling)
+    job = Job(worker, decode_job, worker.engine, prompt_ids, sampling, request.app.state.metrics)
     if not stream:
         _, gen = await job.result(request)
         return JSONResponse(make_body(gen))

@@ -16,21 +16,29 @@ from .schemas import APIError
 class Worker:
     """One model and the one thread its jobs run on, one at a time, in the order they came."""
 
-    def __init__(self, model_id: str, kind: str, max_waiting: int):
+    def __init__(self, model_id: str, kind: str, max_waiting: int, parallel: int = 1, timeout: float | None = None):
         from ..device import set_threads
         self.id, self.kind, self.max_waiting = model_id, kind, max_waiting
+        self.parallel = int(parallel) if kind == "llm" else 1   # chat requests decode together (engine.py)
+        self.timeout = timeout                # seconds a request may take (None: no limit)
         self.model = None                    # an LLM, SentenceEncoder or TextToImagePipeline once loaded
+        self.engine = None                   # a chat model's BatchEngine / SerialEngine
+        self.is_loading = False
         self.jobs = 0                        # submitted and not yet finished (running + waiting)
         self.active: set = set()             # Jobs not yet finished, so shutdown can stop them
         self.served = self.cancelled = 0     # answers delivered; requests whose client left before the end
+        self.timed_out = 0
         self.loading = asyncio.Lock()
         # SPARK_LAB_THREADS is pinned in the worker thread too: numba's thread count is per thread
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"spark-serve-{model_id}", initializer=set_threads)
+        self.executor = ThreadPoolExecutor(self.parallel, thread_name_prefix=f"spark-serve-{model_id}", initializer=set_threads)
 
     def submit(self, fn, *args):
-        if self.jobs > self.max_waiting:
-            raise APIError(503, f"model {self.id!r} has {self.jobs} requests in line; try again later",
-                           code="server_busy")
+        if self.jobs >= self.parallel + self.max_waiting:
+            e = APIError(429, f"model {self.id!r} has {self.jobs} requests in flight ({self.parallel} decoding, "
+                              f"at most {self.max_waiting} waiting); try again later", code="rate_limit_exceeded",
+                         type="rate_limit_error")
+            e.headers = {"Retry-After": "1"}
+            raise e
         loop = asyncio.get_running_loop()
         self.jobs += 1
         cf = self.executor.submit(fn, *args)
@@ -82,12 +90,19 @@ class Job:
         self.future.cancel()                        # a job still waiting in line never starts
 
     async def items(self, request=None):
-        """Yield emitted pieces, then the End; stop (and free the slot) if the client goes away."""
+        """Yield emitted pieces, then the End; stop (and free the slot) if the client goes away or the
+        request outlives the worker's timeout (APIError 504)."""
         getter, next_check, finished = None, self.loop.time() + POLL_S, False
+        deadline = None if not self.worker.timeout else self.loop.time() + self.worker.timeout
         try:
             while True:
                 getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=POLL_S)
+                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - self.loop.time()))
+                done, _ = await asyncio.wait({getter}, timeout=wait)
+                if not done and deadline is not None and self.loop.time() >= deadline:
+                    self.worker.timed_out += 1
+                    raise APIError(504, f"the request took longer than the server's limit of {self.worker.timeout:g} s "
+                                        "(spark-lab serve --timeout)", code="timeout", type="server_error")
                 if request is not None and self.loop.time() >= next_check:   # tokens may flow faster than this
                     next_check = self.loop.time() + POLL_S
                     if await request.is_disconnected():
@@ -164,12 +179,18 @@ class Registry:
                            param="model", code="model_not_supported")
         w = self.workers.get(model_id)
         if w is None:
-            w = self.workers[model_id] = Worker(model_id, kind, self.config.max_waiting)
+            w = self.workers[model_id] = Worker(model_id, kind, self.config.max_waiting, self.config.parallel,
+                                                self.config.timeout)
         async with w.loading:
             if w.model is None:
                 loop = asyncio.get_running_loop()
+                w.is_loading = True
                 try:
-                    w.model = await loop.run_in_executor(w.executor, load_model, kind, source, self.config.n_ctx)
+                    model = await loop.run_in_executor(w.executor, load_model, kind, source, self.config.n_ctx)
+                    if kind == "llm":
+                        from .engine import make_engine
+                        w.engine = make_engine(model, w.parallel)
+                    w.model = model
                 except (ModelNotFound, FileNotFoundError) as e:
                     raise APIError(404, str(e), param="model",
                                    code="model_not_found") from None
@@ -177,6 +198,8 @@ class Registry:
                     raise APIError(503, f"model {model_id!r} does not fit in memory: {e}", code="out_of_memory")
                 except Exception as e:
                     raise APIError(500, f"model {model_id!r} failed to load: {type(e).__name__}: {e}") from None
+                finally:
+                    w.is_loading = False
         return w
 
     def close(self):
@@ -185,6 +208,8 @@ class Registry:
             for job in list(w.active):
                 job.stop()
             w.executor.shutdown(wait=False, cancel_futures=True)
+            if w.engine is not None:
+                w.engine.close()
 
 
 def load_model(kind: str, source: str, n_ctx: int | None):
