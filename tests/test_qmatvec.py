@@ -233,6 +233,41 @@ def test_qmatmul_matches_dequantize_then_matmul(q):
         qm.qmatmul(x, qt, out=np.empty((40, 149), np.float32))
 
 
+@pytest.mark.parametrize("q", qm.FAST_TYPES, ids=lambda q: q.name)
+def test_rows_are_invariant_to_the_batch(q):
+    """Row i of a product over X is bit-identical to the product of X[i] alone, for every n
+    (batched decode relies on it): qmatvec always, qmatmul where the int8 GEMM runs."""
+    rng = np.random.default_rng(int(q) + 31)
+    qt = random_weight(q, 83, 256, rng)                                 # 83 rows: a padded last group
+    X = rng.standard_normal((21, 256)).astype(np.float32)
+    one = np.stack([qm.qmatvec(X[i:i + 1], qt)[0] for i in range(len(X))])
+    assert close(one, qm.reference(X, qt), rtol=1e-6)
+    gemm = q in qm.INT8_TYPES and qm.prepare(qt).kind in qm.GEMM_KINDS
+    for n in (2, 7, 8, 9, 16, 21):
+        assert same_bits(qm.qmatvec(X[:n], qt), one[:n]), n
+        if gemm:
+            assert same_bits(qm.qmatmul(X[:n], qt), one[:n]), n
+            assert same_bits(qm.qgemm(X[n - 1:], qt), one[n - 1:]), n   # any offset into the batch
+    assert gemm == (q in (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0))
+
+
+def test_gemm_that_does_not_compile_falls_back_to_tiles(monkeypatch):
+    from numba.core.errors import NumbaError
+    rng = np.random.default_rng(14)
+    qt = random_weight(QT.Q4_K, 64, 256, rng)
+    x = rng.standard_normal((24, 256)).astype(np.float32)
+    kernels = dict(qm._jit())
+
+    def broken(*args):
+        raise NumbaError("no vector ops here")
+    kernels["m_nib"] = broken
+    monkeypatch.setattr(qm, "_JIT", kernels)
+    with pytest.warns(RuntimeWarning, match="nib GEMM does not compile here"):
+        y = qm.qmatmul(x, qt)
+    assert kernels["m_nib"] is None and close(y, qm.reference(x, qt), rtol=1e-5)
+    assert qm.qgemm(x, qt) is None and np.array_equal(qm.qmatmul(x, qt), y)
+
+
 def test_qmatmul_fallbacks(monkeypatch):
     rng = np.random.default_rng(12)
     x = rng.standard_normal((20, 256)).astype(np.float32)
@@ -255,6 +290,7 @@ def test_tile_kernel_that_does_not_compile_falls_back(monkeypatch):
     def broken(*args):
         raise NumbaError("no vector ops here")
     kernels["t_q8_0"] = broken
+    kernels["m_q8_0"] = None                                            # no int8 GEMM either: the tiles run
     monkeypatch.setattr(qm, "_JIT", kernels)
     with pytest.warns(RuntimeWarning, match="Q8_0 tile kernel does not compile here"):
         y = qm.qmatmul(x, qt)

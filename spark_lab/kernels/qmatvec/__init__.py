@@ -77,9 +77,10 @@ from .simd import LANES, PREFETCH_BYTES, vnni
 __all__ = ["qmatvec", "qmatmul", "dequantize", "supports", "available", "prepare", "prepare_stack", "raw_rows",
            "moe_matvec", "ExpertStack",
            "Packed", "quantize_x", "quantize_q8", "reference", "vnni", "FAST_TYPES", "INT8_TYPES", "MAX_BATCH",
-           "PREPARE_ROWS", "LANES", "PREFETCH_BYTES", "TILE_BYTES", "TILE_BYTES_THREADED", "_round_f16"]
+           "PREPARE_ROWS", "LANES", "qgemm", "GEMM_KINDS", "PREFETCH_BYTES", "TILE_BYTES", "TILE_BYTES_THREADED", "_round_f16"]
 
-MAX_BATCH = 16        # above this many rows of x, dequantize-then-BLAS wins
+MAX_BATCH = 16        # above this many rows of x, qmatmul is the faster call for the float-kernel types
+                      # (Q5_0, Q6_K: tiles + BLAS); qmatvec stays row-invariant for any n
 
 _JIT = None           # {name: compiled kernel} once numba is loaded; False if it is missing
 
@@ -120,6 +121,9 @@ def available() -> bool:
 def qmatvec(x, qt: QuantTensor, out=None):
     """x @ dequant(qt).T for decode: x [in] or [n, in] f32 -> [out] or [n, out] f32.
 
+    Row i of the result is bit-identical to qmatvec(x[i]) for every n (batched decode relies on
+    it): n >= TOKENS runs the int8 GEMM where the type has one, else the one-token kernel per row.
+
     out: optional preallocated float32 result (C-contiguous, the result's shape).
     """
     rows, cols = qt.shape
@@ -132,8 +136,6 @@ def qmatvec(x, qt: QuantTensor, out=None):
         raise ValueError(f"qmatvec: out must be float32 C-contiguous of shape {want}, got {out.dtype} {tuple(out.shape)}")
     x2 = x.reshape(-1, cols)                                               # [n, in]
     n = x2.shape[0]
-    if n > MAX_BATCH:                                                      # prefill-sized: tiles + BLAS
-        return qmatmul(x, qt, out=out)
     k = _jit() if type(x2) is np.ndarray else None
     p = (qt.packed or prepare(qt)) if k else None
     if p is not None and k.get(p.kind) is None:                            # this kernel failed to compile here
@@ -148,12 +150,13 @@ def qmatvec(x, qt: QuantTensor, out=None):
         x2 = np.ascontiguousarray(x2)
     if out is None:
         out = np.empty(want, np.float32)
+    name = "m_" + p.kind if n >= simd.TOKENS and k.get("m_" + p.kind) is not None else p.kind   # same numbers
     try:
-        k[p.kind](*p.arrays, x2, out.reshape(n, rows))
+        k[name](*p.arrays, x2, out.reshape(n, rows))
     except _numba_error() as e:                                            # e.g. an LLVM without these vector ops
-        warnings.warn(f"qmatvec: the numba {p.kind} kernel does not compile here ({type(e).__name__}); "
+        warnings.warn(f"qmatvec: the numba {name} kernel does not compile here ({type(e).__name__}); "
                       f"using quants.quant_matmul instead", RuntimeWarning, stacklevel=2)
-        k[p.kind] = None
+        k[name] = None
         out.reshape(n, rows)[...] = quant_matmul(x2, qt, fast=False)
     return out
 
@@ -239,6 +242,9 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
         raise ValueError(f"qmatmul: out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
     x2 = x.reshape(-1, cols)                                               # [n, in]
     o2 = (np.empty(want, np.float32) if out is None else out).reshape(-1, rows)   # [n, out]
+    if qt.qtype in INT8_TYPES and type(x2) is np.ndarray and o2.flags.c_contiguous and \
+            qgemm(x2, qt, out=o2) is not None:                             # the int8 GEMM: faster than tiles + BLAS
+        return o2.reshape(want) if out is None else out
     if tile_bytes is None:
         tile_bytes = TILE_BYTES if num_threads() == 1 else TILE_BYTES_THREADED
     tiles = _tiles(qt, tile_bytes) if type(x2) is np.ndarray else None
@@ -258,6 +264,28 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
         _jit()[_tile_args(qt, qt.packed)[0]] = None
         o2[...] = quant_matmul(x2, qt, fast=False)
     return o2.reshape(want) if out is None else out
+
+
+GEMM_KINDS = ("nib", "q8_0")   # Packed kinds with an int8 GEMM (`qgemm`)
+
+
+def qgemm(x, qt: QuantTensor, out=None):
+    """x @ dequant(qt).T through the int8 GEMM: x [n, in] f32 -> [n, out] f32, or None where it does
+    not apply (no numba, a type without one, CuPy data). Row i is bit-identical to qmatvec(x[i])."""
+    k = _jit() if type(x) is np.ndarray else None
+    p = (qt.packed or prepare(qt)) if k and qt.qtype in FAST_TYPES and array_module(qt.data) is np else None
+    if p is None or p.kind not in GEMM_KINDS or k.get("m_" + p.kind) is None:
+        return None
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, qt.shape[1])
+    if out is None:
+        out = np.empty((len(x2), qt.shape[0]), np.float32)
+    try:
+        k["m_" + p.kind](*p.arrays, x2, out.reshape(len(x2), qt.shape[0]))
+    except _numba_error() as e:
+        warnings.warn(f"qgemm: the numba {p.kind} GEMM does not compile here ({type(e).__name__})", RuntimeWarning, stacklevel=2)
+        k["m_" + p.kind] = None
+        return None
+    return out
 
 
 def dequantize(qt: QuantTensor):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .q8 import quantize_x
-from .simd import LANES
+from .simd import LANES, TOKENS
 
 prange = range        # replaced by numba.prange when the kernels are compiled
-vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = None   # the intrinsics of simd.py, set by _jit()
+vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
 deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = deq_mxfp4 = None
 
 
@@ -112,6 +112,58 @@ def _k_q6_k(qs, qh, s, x, out):
             _store(out, i, g * G, acc)
 
 
+# ---------------------------------------------------------------------------- int8 GEMM (prefill, batches)
+# The same products for many rows of x: each thread takes a group of G weight rows (~200 KB for
+# an 8B layer's Q4_K, so it stays in L2) and runs every token through it, TOKENS at a time, so
+# a weight dword is loaded and unpacked once per TOKENS tokens. The leftover tokens (n % TOKENS)
+# go through the one-token dot. Row i of the result equals the mat-vec of x[i] alone, bit for bit.
+
+def _m_nib(qs, d, m, x, out):
+    """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; x [n, nb*32] -> out [n, rows]."""
+    ng, nb, _, G, _ = qs.shape
+    n, cols = x.shape
+    xq, dx, xqs = quantize_x(x)
+    full = n - n % TOKENS
+    for g in prange(ng):
+        acc = np.empty((TOKENS, G), np.float32)
+        for i0 in range(0, full, TOKENS):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_nib_t(qs[g, b], G, l0, m[g, b], d[g, b], xq, i0 * cols + b * 32, xqs, dx, i0 * nb + b, cols, nb, acc)
+            for u in range(TOKENS):
+                _store(out, i0 + u, g * G, acc[u])
+        for i in range(full, n):
+            acc[0, :] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_nib(qs[g, b], G, l0, m[g, b], xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc[0])
+            _store(out, i, g * G, acc[0])
+
+
+def _m_q8_0(qs, d, x, out):
+    """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]; x [n, nb*32] -> out [n, rows]."""
+    ng, nb, _, G, _ = qs.shape
+    n, cols = x.shape
+    xq, dx, xqs = quantize_x(x)
+    full = n - n % TOKENS
+    for g in prange(ng):
+        acc = np.empty((TOKENS, G), np.float32)
+        for i0 in range(0, full, TOKENS):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_q8_0_t(qs[g, b], G, l0, d[g, b], d[g, b], xq, i0 * cols + b * 32, xqs, dx, i0 * nb + b, cols, nb, acc)
+            for u in range(TOKENS):
+                _store(out, i0 + u, g * G, acc[u])
+        for i in range(full, n):
+            acc[0, :] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_q8_0(qs[g, b], G, l0, xq[i], b * 32, d[g, b], xqs[i, b], dx[i, b], acc[0])
+            _store(out, i, g * G, acc[0])
+
+
 # ---------------------------------------------------------------------------- tile dequantizers (prefill)
 # Groups g0..g1 of a repacked weight -> tile f32 [cols, (g1 - g0) * G]: the dequantized rows
 # g0*G .. g1*G, transposed, so that lane l of a group is a contiguous column and the G lanes
@@ -173,5 +225,5 @@ def _t_q6_k(qs, qh, s, g0, g1, tile):
                 deq_q6_k(qs[g, b], G, l0, qh[g, b], s[g, b], tile, b * 32, (g - g0) * G + l0, nc)
 
 
-SOURCES = {"nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4,
+SOURCES = {"m_nib": _m_nib, "m_q8_0": _m_q8_0, "nib": _k_nib, "q5_0": _k_q5_0, "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4,
            "t_nib": _t_nib, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k, "t_mxfp4": _t_mxfp4}

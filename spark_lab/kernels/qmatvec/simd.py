@@ -21,6 +21,9 @@ _CHAINS = 4
 # every weight from memory once, and the hardware prefetcher alone got ~5 GB/s of the ~9.7 GB/s a
 # plain read loop gets on one core here; 2 KB ahead got ~8 GB/s (1, 2, 4, 8 KB tried).
 PREFETCH_BYTES = 2048
+# rows of x (tokens) per multi-token dot: each weight dword loaded serves this many (4 x 4 int32
+# chains of sums live in registers)
+TOKENS = 8
 
 
 def _cpu_has(feature: str) -> bool:
@@ -191,6 +194,83 @@ def intrinsics():
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
+
+    # ---- the same dots for TOKENS rows of x at once (prefill, batched decode): each weight dword is
+    # loaded and unpacked once and dotted with every token's x, so a weight read from cache serves
+    # TOKENS tokens. Per token the operations are exactly those of the one-token dot above (integer
+    # block sums are exact; the float scaling is the same ops in the same order), so a token's
+    # result does not depend on which other tokens share the call: bit-identical, row invariant.
+    # args: q, G, l0, m, d, xq int8 [n, cols], xo (= i0 cols + b 32), xqs int32 [n, nb],
+    #       dx f32 [n, nb], so (= i0 nb + b), cols, nb, acc f32 [TOKENS, G]
+
+    def token_args(k, args, u):
+        """x offset, xqs and dx of token u of the call (as IR values)."""
+        b = k.b
+        xo_, so_, cols_, nb_ = args[6], args[9], args[10], args[11]
+        xoff = b.add(xo_, b.mul(cols_, ir.Constant(cols_.type, u)))
+        soff = b.add(so_, b.mul(nb_, ir.Constant(nb_.type, u)))
+        return xoff, b.load(k.at(k.ptr[7], soff)), b.load(k.at(k.ptr[8], soff))
+
+    def acc_at(k, args, u):
+        G_, l0_ = args[1], args[2]
+        return k.b.add(l0_, k.b.mul(G_, ir.Constant(G_.type, u)))
+
+    def vdot8_nib_tokens(T):
+        @intrinsic
+        def vdot(typingctx, q, G, l0, m, d, xq, xo, xqs, dx, so, cols, nb, acc):
+            """vdot8_nib for T tokens: acc[u, l0:+16] += dx_u (d sum_u + m xqs_u)."""
+            sig = types.void(q, G, l0, m, d, xq, xo, xqs, dx, so, cols, nb, acc)
+
+            def codegen(context, builder, sg, args):
+                k = Block(context, builder, sg, args)
+                G_, l0_ = args[1], args[2]
+                low = const(0x0F0F0F0F)
+                tok = [token_args(k, args, u) for u in range(T)]
+                ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
+                for t in range(4):
+                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
+                    for u in range(T):
+                        xoff = tok[u][0]
+                        a, c = (t % 2, 2 + t % 2) if T <= 4 else (0, 1)      # 16 int32 chains in all
+                        ch[u][a] = dot4(k, ch[u][a], lo, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
+                        ch[u][c] = dot4(k, ch[u][c], hi, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 + 4 * t))))
+                d_, m_ = k.floats16(4, l0_), k.floats16(3, l0_)
+                for u in range(T):
+                    _, xqs_, dx_ = tok[u]
+                    s = builder.sitofp(isum(k, ch[u]), fv)
+                    inner = builder.call(k.fma, [m_, k.splat(builder.sitofp(xqs_, ir.FloatType())), builder.fmul(d_, s)])
+                    k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), inner))
+                return context.get_dummy_value()
+            return sig, codegen
+        return vdot
+
+    def vdot8_q8_0_tokens(T):
+        @intrinsic
+        def vdot(typingctx, q, G, l0, m, d, xq, xo, xqs, dx, so, cols, nb, acc):
+            """vdot8_q8_0 for T tokens (m is unused, for a common signature)."""
+            sig = types.void(q, G, l0, m, d, xq, xo, xqs, dx, so, cols, nb, acc)
+
+            def codegen(context, builder, sg, args):
+                k = Block(context, builder, sg, args)
+                G_, l0_ = args[1], args[2]
+                tok = [token_args(k, args, u) for u in range(T)]
+                ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
+                for t in range(8):
+                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    for u in range(T):
+                        xoff = tok[u][0]
+                        a = t % 4 if T <= 4 else t % 2
+                        ch[u][a] = dot4(k, ch[u][a], w, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
+                d_ = k.floats16(4, l0_)
+                for u in range(T):
+                    _, xqs_, dx_ = tok[u]
+                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 128))
+                    s = builder.sitofp(builder.sub(isum(k, ch[u]), splat_int(k, corr)), fv)
+                    k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(d_, s)))
+                return context.get_dummy_value()
+            return sig, codegen
+        return vdot
 
     # ---- MXFP4: 4-bit E2M1 codes in the nibble layout, their values doubled are the integers
     # {0, 1, 2, 3, 4, 6, 8, 12} and negatives, so the int8 dots above apply once a code is turned
@@ -412,6 +492,7 @@ def intrinsics():
         return sig, codegen
 
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
-    return {"vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
+    return {"vdot8_nib_t": vdot8_nib_tokens(TOKENS), "vdot8_q8_0_t": vdot8_q8_0_tokens(TOKENS),
+            "vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
             "vdot8_mxfp4": vdot8_mxfp4, "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0,
             "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k, "deq_mxfp4": deq_mxfp4}
