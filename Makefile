@@ -97,3 +97,4 @@ fuzz: test-setup
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
 soak: test-setup
 	SPARK_LAB_SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) -m pytest -q -s tests/fuzz/test_soak.py
+	$(PY) -m spark_lab.serve.soak --requests $(or $(SOAK_REQUESTS),2000)

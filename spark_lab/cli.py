@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mkdir", action="store_true", help="create --out's folder if it does not exist")
 
     s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
-    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain", "batch"])
+    s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain", "batch", "serve"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--model", default=None)
@@ -123,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", type=int, nargs="*", default=None, help="llm: deep contexts for decode (synthetic: 4096 16384)")
     s.add_argument("--prefill-tokens", type=int, default=512, help="llm: prompt length of the prefill measurement (0: skip)")
     s.add_argument("--spark-only", action="store_true", help="llm: without llama.cpp")
+    s.add_argument("--llama-server", default=None, help="serve: the llama-server binary (or $SPARK_LAB_LLAMA_SERVER)")
+    s.add_argument("--streams", type=_positive_int, nargs="*", default=None, help="serve: concurrencies (default 1 4 8 16)")
+    s.add_argument("--max-tokens", type=_positive_int, default=None, help="serve: tokens per stream (default 64)")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None)
     s.add_argument("--model", default=None)
+    s.add_argument("--parallel", type=_positive_int, default=None, help="chat requests decoding at once (default: cores, 4..16)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests waiting beyond --parallel before 429")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (0: no limit)")
+    s.add_argument("--n-ctx", type=_positive_int, default=None, help="context per slot (default: the engine's)")
 
     s = sub.add_parser("batch", help="map a job over many inputs on a Dask cluster (local or remote)")
     s.add_argument("task", choices=["summarize", "embed", "generate", "imagine"])

@@ -322,7 +322,12 @@ def test_cli_serve_takes_key_from_env():
         assert httpx.get(url + "/models").status_code == 401
         models = httpx.get(url + "/models", headers={"Authorization": "Bearer env-key"}).json()
         assert CHAT in [m["id"] for m in models["data"]]
-        assert httpx.get(url[: -len("/v1")] + "/health").json()["status"] == "ok"
+        # `spark-lab serve` loads the default model at start: /health says 503 "loading", then 200 "ok"
+        t0 = time.monotonic()
+        while (h := httpx.get(url[: -len("/v1")] + "/health")).status_code == 503 and time.monotonic() - t0 < 120:
+            assert h.json()["status"] == "loading"
+            time.sleep(0.1)
+        assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["models"][CHAT]["loaded"]
     finally:
         proc.terminate()
         # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped
