@@ -92,9 +92,11 @@ lock:
 	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
-# hostile input: tests/fuzz with 50x the Hypothesis cases of `make test` (random seeds); soak: the main paths in a loop
+# hostile input: tests/fuzz with 50x the Hypothesis cases of `make test` (random seeds; >= 100,000 per target, counts printed at the end)
+# soak: the main paths in a loop; a 2,000-turn chat and 500 images in one process (tests/soak)
 fuzz: test-setup
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
 soak: test-setup
 	SPARK_LAB_SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) -m pytest -q -s tests/fuzz/test_soak.py
+	SPARK_LAB_SOAK_TURNS=$(or $(SOAK_TURNS),2000) SPARK_LAB_SOAK_IMAGES=$(or $(SOAK_IMAGES),500) $(PY) -m pytest -q -s tests/soak
 	$(PY) -m spark_lab.serve.soak --requests $(or $(SOAK_REQUESTS),2000)

@@ -96,7 +96,7 @@ def test_random_bodies(client, endpoint, data):
     check(client.post(endpoint, content=json.dumps(body)))
 
 
-@budget(300)
+@budget(800)
 @given(raw=st.binary(max_size=80) | st.text(max_size=80).map(str.encode),
        endpoint=st.sampled_from(list(ENDPOINTS)), ctype=st.sampled_from(["application/json", "text/plain", ""]))
 def test_random_bytes(client, raw, endpoint, ctype):

@@ -98,7 +98,7 @@ def test_random_templates(bits, messages):
     assert isinstance(out, str)
 
 
-@budget(500)
+@budget(1000)
 @given(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
                                        "content": st.text()}), min_size=1, max_size=4))
 def test_chatml_keeps_every_message(messages):
