@@ -72,7 +72,11 @@ def _matvec(w):
     """fn(x [1, in], out [1, rows]) writing x @ w.T into out, for a float array or a QuantTensor."""
     if not isinstance(w, QuantTensor):
         wt = w.T
-        return lambda x, out: np.matmul(x, wt, out=out)
+
+        def rows(x, out):                  # row by row: a BLAS call's rounding may depend on how many rows
+            for i in range(x.shape[0]):    # it gets, and a row must not depend on its batch (llm/batch.py)
+                np.matmul(x[i:i + 1], wt, out=out[i:i + 1])
+        return rows
     from ..kernels import qmatvec as qm
     kern = qm._jit()
     p = qm.prepare(w) if kern else None
@@ -133,6 +137,7 @@ class Decoder:
         self.out = _matvec(m.output)
         self.eps = np.float32(c.rms_eps)
         self.tables = {}                                        # theta -> (cos, sin) [n_ctx, rd/2]
+        self._bufs = {}                                         # n -> step_batch's buffers [n, ...]
 
     def _table(self, theta, n_ctx):
         t = self.tables.get(theta)
@@ -215,3 +220,107 @@ class Decoder:
         g["rms_row"](x[0], m.output_norm, eps, h[0])
         self.out(h, self.logits)
         return self.logits.copy()
+
+    def _batch_buffers(self, n: int) -> dict:
+        b = self._bufs.get(n)
+        if b is None:
+            c = self.c
+            z = lambda k: np.zeros((n, k), np.float32)          # noqa: E731
+            b = dict(x=z(c.n_embd), h=z(c.n_embd), o=z(c.n_embd), f=z(c.n_embd), att=z(self.nq), act=z(c.n_ff),
+                     qkv=z(self.nq + 2 * self.nkv), q=z(self.nq), k=z(self.nkv), v=z(self.nkv), gu=z(2 * c.n_ff),
+                     gate=z(c.n_ff), up=z(c.n_ff), logits=z(self.model.output.shape[0]))
+            self._bufs[n] = b
+        return b
+
+    def step_batch(self, tokens, positions, caches) -> np.ndarray:
+        """n sequences one token each (token i at positions[i] in caches[i]) -> logits [n, vocab].
+
+        Each weight is read once for all n rows (the quantized kernels take x [n, in]); norms, RoPE,
+        the cache write and attention run per row over that row's own cache. Row i's numbers are
+        those of `step(tokens[i], positions[i], caches[i])` bit for bit: the int8 products are exact
+        and each row is scaled and summed in its own fixed order, float weights go row by row."""
+        m, c, g, eps = self.model, self.c, self.g, self.eps
+        n = len(tokens)
+        for p, cache in zip(positions, caches):
+            if p + 1 > cache.n_ctx:
+                raise ValueError(f"{p + 1} tokens do not fit the context of {cache.n_ctx}")
+        hd, H, Hkv = c.head_dim, c.n_head, c.n_head_kv
+        b = self._batch_buffers(n)
+        x, h, o, f, q, k, v, att = (b[key] for key in ("x", "h", "o", "f", "q", "k", "v", "att"))
+        x[...] = K.embedding(m.tok_embd, np.asarray(tokens, np.int64))
+        if c.embed_scale != 1.0:
+            x *= np.float32(c.embed_scale)
+        for i, (L, mv) in enumerate(zip(m.layers, self.layers)):
+            for r in range(n):
+                g["rms_row"](x[r], L.attn_norm, eps, h[r])
+            if "qkv" in mv:
+                mv["qkv"](h, b["qkv"])
+                q[...], k[...], v[...] = np.split(b["qkv"], [self.nq, self.nq + self.nkv], axis=1)
+            else:
+                mv["q"](h, q), mv["k"](h, k), mv["v"](h, v)
+                if L.bq is not None:
+                    q += L.bq
+                    k += L.bk
+                    v += L.bv
+            sliding = c.is_sliding(i)
+            theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
+            for r, (pos, cache) in enumerate(zip(positions, caches)):
+                q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
+                v3 = v[r].reshape(Hkv, hd)
+                if c.qk_norm:
+                    q3[...] = K.rmsnorm(q3, L.q_norm, c.rms_eps)
+                    k3[...] = K.rmsnorm(k3, L.k_norm, c.rms_eps)
+                cos, sin = self._table(theta, cache.n_ctx)
+                g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
+                g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
+                f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
+                if f32:
+                    cache.k[i, pos], cache.v[i, pos] = k3, v3
+                else:
+                    cache.write(i, pos, k3[None], v3[None])
+                lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
+                if L.sinks is not None and f32:
+                    attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
+                elif L.sinks is not None:
+                    kw, vw = cache.rows(i, lo, pos + 1)
+                    attention_sinks_into(q3, kw, vw, L.sinks, c.attn_scale, 0, pos + 1 - lo, att3)
+                else:
+                    attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
+                                   None if cache.k_scale is None else cache.k_scale[i],
+                                   None if cache.v_scale is None else cache.v_scale[i])
+            mv["o"](att, o)
+            if L.bo is not None:
+                o += L.bo
+            for r in range(n):
+                if c.post_norms:
+                    g["rms_row"](o[r], L.post_attn_norm, eps, o[r])
+            x += o
+            for r in range(n):
+                g["rms_row"](x[r], L.ffn_norm, eps, h[r])
+            if L.moe is not None:
+                for r in range(n):
+                    f[r:r + 1] = moe_ffn(h[r:r + 1], L.moe, c, m.moe_stats)
+                    if c.post_norms:
+                        g["rms_row"](f[r], L.post_ffn_norm, eps, f[r])
+                x += f
+                continue
+            if "gu" in mv:
+                mv["gu"](h, b["gu"])
+                b["gate"][...], b["up"][...] = np.split(b["gu"], [c.n_ff], axis=1)
+            else:
+                mv["gate"](h, b["gate"]), mv["up"](h, b["up"])
+            if c.act == "silu":
+                for r in range(n):
+                    g["swiglu_row"](b["gate"][r], b["up"][r], b["act"][r])
+            else:
+                for r in range(n):
+                    b["act"][r] = K.gelu(b["gate"][r:r + 1], approximate="tanh")[0] * b["up"][r]
+            mv["down"](b["act"], f)
+            if c.post_norms:
+                for r in range(n):
+                    g["rms_row"](f[r], L.post_ffn_norm, eps, f[r])
+            x += f
+        for r in range(n):
+            g["rms_row"](x[r], m.output_norm, eps, h[r])
+        self.out(h, b["logits"])
+        return b["logits"].copy()

@@ -77,6 +77,29 @@ class _Detokenizer:
         return self.dec.decode(b"", final=True)
 
 
+class _OwnCache:
+    """The engine's single KV cache as a `_token_loop` sequence: one generation at a time (the lock)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def __enter__(self):
+        self.llm.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.llm.lock.release()
+
+    def prefill(self, prompt):
+        return self.llm.prefill(prompt)
+
+    def step(self, tok: int):
+        llm = self.llm
+        logits = llm._logits([tok], len(llm._cached))
+        llm._cached.append(tok)
+        return logits
+
+
 class LLM:
     def __init__(self, path: Path, n_ctx: int | None = None, name: str | None = None, kv_dtype=np.float32,
                  cache_type_k: str | None = None, cache_type_v: str | None = None):
@@ -162,6 +185,15 @@ class LLM:
         markers around it are not yielded; reasoning=False yields the raw text, markers and all.
         json_schema (dict or JSON text) / grammar (Lark or GBNF) / regex constrain the output token by
         token (llm/constrain.py; or pass a built `constraint`); it stops when the grammar is complete."""
+        return (yield from self._token_loop(_OwnCache(self), prompt_ids, max_new_tokens, stop, stop_at_eos, reasoning,
+                                            json_schema, grammar, regex, constraint, **sampling))
+
+    def _token_loop(self, seq, prompt_ids, max_new_tokens=128, stop=None, stop_at_eos=True, reasoning=True,
+                    json_schema=None, grammar=None, regex=None, constraint=None, **sampling):
+        """stream_tokens' per-token logic (sampling, stops, constraints, reasoning split, detokenizing)
+        over `seq`, which holds the sequence's KV: a context manager (entered around the whole
+        generation) with prefill(prompt) -> (logits [vocab], reused tokens) and step(token) -> logits
+        of the next position. `_OwnCache` is this engine's one cache; llm/batch.py gives slots."""
         if max_new_tokens is None or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(**sampling)
@@ -189,8 +221,8 @@ class LLM:
                 return [s]
             return [ReasoningPiece(p) if kind == "reasoning" else p for kind, p in splitter.push(s)]
         t0 = time.perf_counter()
-        with self.lock:
-            logits, gen.reused_prompt_tokens = self.prefill(prompt)
+        with seq:
+            logits, gen.reused_prompt_tokens = seq.prefill(prompt)
             gen.prompt_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             recent = list(prompt)
@@ -226,8 +258,7 @@ class LLM:
                     gen.finish_reason = "stop"         # the grammar is complete: nothing may follow
                     break
                 if step + 1 < budget:
-                    logits = self._logits([tok], len(self._cached))
-                    self._cached.append(tok)
+                    logits = seq.step(tok)
             gen.decode_seconds = time.perf_counter() - t1
         if gen.finish_reason != "stop" or not stops or not any(s in text for s in stops):
             text += detok.flush()

@@ -1,0 +1,346 @@
+"""Many sequences at once on one model: continuous batching with a prefix cache.
+
+    be = BatchEngine(llm, parallel=8, prefix_cache_bytes=None)    # starts one stepping thread
+    for tok_id, piece in be.stream_tokens(prompt_ids, max_new_tokens=64, temperature=0):
+        ...                                    # any thread; same kwargs and pieces as LLM.stream_tokens
+    gen = be.generate_tokens(prompt_ids, **kw) # drained: the Generation
+    be.stats()   # slots, busy, waiting, kv_tokens, kv_bytes, prefix_hits, prefix_tokens_reused,
+                 # prefix_entries, prefix_bytes, steps, tokens_generated
+    be.close()
+
+Each request runs LLM's own per-token loop (`LLM._token_loop`: sampling, stops, constraints,
+reasoning split, detokenizing) in the caller's thread, over a slot: a KVCache of its own. Asking
+for logits posts a job; the stepping thread takes every pending job each step and runs
+
+    decode   all sequences' next tokens in one `Decoder.step_batch` (x [n, in]: each weight read
+             once per step for the n rows; norms, RoPE and attention per row over its own slot)
+    prefill  one chunk (`prefill_chunk` tokens) of one waiting prompt, FIFO, so a long prompt is
+             interleaved with the others' decode steps instead of stalling them
+
+Sequences join and leave between steps. With all slots busy, stream_tokens waits for one (FIFO).
+Closing the generator (a client gone) frees its slot at once; the next step runs without it.
+
+Batch invariance: at temperature 0 a request's tokens do not depend on what else runs. Row i of
+step_batch is computed with the same operations in the same order as a lone row: the quantized
+products are exact int8 dot products scaled per row (the kernels' rows of qmatvec(X) are those of
+qmatvec(X[i])), float weights are applied row by row, everything else is per row. A prompt is
+prefilled alone (never stacked with another sequence's rows) in chunks at fixed positions
+0, C, 2C, ... of its own, whether or not a prefix came from the cache.
+
+Prefix cache: after its prefill a prompt's K/V for positions [0, C*floor(len/C)) is kept (keyed by
+those tokens) under a byte budget, least recently used evicted first; a later prompt sharing a
+prefix (a system prompt, the earlier turns of a chat) copies the longest chunk-aligned common part
+into its slot and prefills only the rest. Aligned to chunks so that the reused keys/values are the
+ones a fresh prefill would compute (hence the same tokens with or without a hit).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+from ..device import to_host
+from .cache import KVCache
+from .engine import PREFILL_CHUNK
+
+DEFAULT_PREFIX_BYTES = 256 << 20   # prefix cache budget when none is given
+MAX_ROWS = 16                      # rows per batched kernel call (qmatvec takes x [n <= 16, in])
+GATHER_SECONDS = 0.002             # a step waits this long at most for decoding slots still sampling
+
+
+class _Job:
+    __slots__ = ("slot", "tokens", "pos", "done", "logits", "error")
+
+    def __init__(self, slot, tokens, pos):
+        self.slot, self.tokens, self.pos = slot, tokens, pos
+        self.done, self.logits, self.error = threading.Event(), None, None
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.logits
+
+
+class _Slot:
+    def __init__(self, i: int, cache: KVCache):
+        self.i, self.cache = i, cache
+        self.busy = False
+        self.decoding = False      # past its prefill: will post a decode job after each token
+        self.n = 0                 # positions [0, n) of cache hold this sequence's K/V
+
+
+class PrefixCache:
+    """Prompt prefixes' K/V (chunk-aligned), LRU under a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = int(budget_bytes)
+        self.entries: collections.OrderedDict[tuple, list] = collections.OrderedDict()  # tokens -> arrays
+        self.nbytes = 0
+        self.hits = 0
+        self.tokens_reused = 0
+
+    @staticmethod
+    def _common(a, b) -> int:
+        n = min(len(a), len(b))
+        if n == 0:
+            return 0
+        x, y = np.asarray(a[:n]), np.asarray(b[:n])
+        diff = np.flatnonzero(x != y)
+        return int(diff[0]) if diff.size else n
+
+    def lookup(self, prompt: list[int], chunk: int):
+        """-> (key, usable length) of the entry sharing the longest chunk-aligned prefix with prompt
+        (at most len(prompt) - 1: the last token is always run, for its logits); (None, 0) if none."""
+        best, best_n = None, 0
+        limit = (len(prompt) - 1) // chunk * chunk
+        for key in self.entries:
+            n = min(self._common(key, prompt), limit) // chunk * chunk
+            if n > best_n:
+                best, best_n = key, n
+        return best, best_n
+
+    def load(self, key, n: int, cache: KVCache) -> None:
+        """Copy the entry's first n positions into cache (every layer)."""
+        self.entries.move_to_end(key)
+        for dst, src in zip(_kv_arrays(cache), self.entries[key]):
+            if dst is not None:
+                dst[:, :n] = src[:, :n]
+        self.hits += 1
+        self.tokens_reused += n
+
+    def store(self, tokens: list[int], cache: KVCache) -> None:
+        n = len(tokens)
+        if n == 0:
+            return
+        key = tuple(tokens)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        arrays = [None if a is None else np.array(a[:, :n]) for a in _kv_arrays(cache)]
+        size = sum(a.nbytes for a in arrays if a is not None)
+        if size > self.budget:
+            return
+        for old in [k for k in self.entries if len(k) <= n and key[:len(k)] == k]:   # covered by the new one
+            self._drop(old)
+        self.entries[key] = arrays
+        self.nbytes += size
+        while self.nbytes > self.budget:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key) -> None:
+        self.nbytes -= sum(a.nbytes for a in self.entries.pop(key) if a is not None)
+
+
+def _kv_arrays(cache: KVCache):
+    return (cache.k, cache.v, cache.k_scale, cache.v_scale)
+
+
+class _Sequence:
+    """One request's hold on a slot, as `LLM._token_loop` wants it (context manager, prefill, step)."""
+
+    def __init__(self, engine: "BatchEngine"):
+        self.engine, self.slot = engine, None
+
+    def __enter__(self):
+        self.slot = self.engine._acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.engine._release(self.slot)
+        self.slot = None
+
+    def prefill(self, prompt: list[int]):
+        e, slot, C = self.engine, self.slot, self.engine.prefill_chunk
+        reuse = 0
+        if e.prefix is not None:
+            with e._cond:
+                key, reuse = e.prefix.lookup(prompt, C)
+                if key is not None:
+                    e.prefix.load(key, reuse, slot.cache)
+        logits = None
+        for s in range(reuse, len(prompt), C):
+            logits = e._submit(_Job(slot, prompt[s:s + C], s))
+        slot.n = len(prompt)
+        if e.prefix is not None and len(prompt) >= C:
+            with e._cond:
+                e.prefix.store(prompt[:len(prompt) // C * C], slot.cache)
+        with e._cond:
+            slot.decoding = True
+            e._tokens += 1
+        return logits, reuse
+
+    def step(self, tok: int):
+        slot = self.slot
+        logits = self.engine._submit(_Job(slot, [tok], slot.n))
+        slot.n += 1
+        return logits
+
+
+class BatchEngine:
+    def __init__(self, llm, parallel: int = 4, prefix_cache_bytes: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        """parallel: sequences decoded together (slots, each a KVCache of llm.n_ctx tokens, mapped as
+        it fills); prefix_cache_bytes: the prefix cache's budget (None: 256 MiB, 0: no prefix cache);
+        prefill_chunk: prompt tokens per prefill forward pass."""
+        if int(parallel) < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if int(prefill_chunk) < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.llm, self.parallel, self.prefill_chunk = llm, int(parallel), int(prefill_chunk)
+        c = llm.config
+        cache = llm.cache
+        self.slots = [_Slot(i, KVCache(c.n_layer, llm.n_ctx, c.n_head_kv, c.head_dim, np.float32,
+                                       cache.type_k, cache.type_v)) for i in range(self.parallel)]
+        budget = DEFAULT_PREFIX_BYTES if prefix_cache_bytes is None else int(prefix_cache_bytes)
+        self.prefix = PrefixCache(budget) if budget > 0 else None
+        self._dec = llm.model._decoder()
+        self._cond = threading.Condition()
+        self._jobs: list[_Job] = []
+        self._queue: collections.deque = collections.deque()   # tickets of requests waiting for a slot
+        self._ticket = 0
+        self._closed = False
+        self._steps = 0
+        self._tokens = 0
+        self._thread = threading.Thread(target=self._run, name="spark-lab-batch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def stream_tokens(self, prompt_ids, **gen):
+        """Yield (token_id, piece) like LLM.stream_tokens (same keyword arguments); returns the Generation."""
+        return (yield from self.llm._token_loop(_Sequence(self), prompt_ids, **gen))
+
+    def generate_tokens(self, prompt_ids, **gen):
+        it = self.stream_tokens(prompt_ids, **gen)
+        while True:
+            try:
+                next(it)
+            except StopIteration as done:
+                return done.value
+
+    def stats(self) -> dict:
+        with self._cond:
+            busy = [s for s in self.slots if s.busy]
+            kv_tokens = sum(s.n for s in busy)
+            per_token = self.slots[0].cache.nbytes // max(1, self.llm.n_ctx)
+            prefix_bytes = self.prefix.nbytes if self.prefix is not None else 0
+            return dict(slots=self.parallel, busy=len(busy), waiting=len(self._queue), kv_tokens=kv_tokens,
+                        kv_bytes=kv_tokens * per_token + prefix_bytes,
+                        prefix_hits=self.prefix.hits if self.prefix is not None else 0,
+                        prefix_tokens_reused=self.prefix.tokens_reused if self.prefix is not None else 0,
+                        prefix_entries=len(self.prefix.entries) if self.prefix is not None else 0,
+                        prefix_bytes=prefix_bytes, steps=self._steps, tokens_generated=self._tokens)
+
+    def close(self) -> None:
+        """Stop the stepping thread; waiting and running requests get RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ slots
+    def _acquire(self) -> _Slot:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batch engine is closed")
+            ticket = self._ticket
+            self._ticket += 1
+            self._queue.append(ticket)
+            try:
+                while True:
+                    if self._closed:
+                        raise RuntimeError("the batch engine is closed")
+                    free = next((s for s in self.slots if not s.busy), None)
+                    if free is not None and self._queue[0] == ticket:
+                        break
+                    self._cond.wait()
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            free.busy, free.decoding, free.n = True, False, 0
+            return free
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.busy = slot.decoding = False
+            slot.n = 0
+            self._cond.notify_all()
+
+    def _submit(self, job: _Job):
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batch engine is closed")
+            self._jobs.append(job)
+            if len(job.tokens) == 1:
+                self._tokens += 1 if job.slot.decoding else 0
+            self._cond.notify_all()
+        return job.wait()
+
+    # ------------------------------------------------------------------ the stepping thread
+    def _take(self):
+        """Wait for work -> (decode jobs, one prefill job or None); None when closed."""
+        with self._cond:
+            while not self._jobs and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                for j in self._jobs:
+                    j.error = RuntimeError("the batch engine is closed")
+                    j.done.set()
+                self._jobs.clear()
+                return None
+            # let decoding slots still sampling their last token join this step (briefly)
+            deadline = time.monotonic() + GATHER_SECONDS
+            while not self._closed:
+                posted = {id(j.slot) for j in self._jobs}
+                if all(id(s) in posted for s in self.slots if s.busy and s.decoding):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            decode = [j for j in self._jobs if j.slot.decoding]
+            prefill = next((j for j in self._jobs if not j.slot.decoding), None)
+            self._jobs = [j for j in self._jobs if j is not prefill and not j.slot.decoding]
+            return decode, prefill
+
+    def _run(self):
+        model = self.llm.model
+        while True:
+            work = self._take()
+            if work is None:
+                return
+            decode, prefill = work
+            for i in range(0, len(decode), MAX_ROWS):
+                group = decode[i:i + MAX_ROWS]
+                try:
+                    if self._dec:
+                        out = self._dec.step_batch([j.tokens[0] for j in group], [j.pos for j in group],
+                                                   [j.slot.cache for j in group])
+                        for r, j in enumerate(group):
+                            j.logits = out[r]
+                    else:
+                        for j in group:
+                            j.logits = to_host(model.forward(np.asarray(j.tokens, np.int64), j.pos,
+                                                             j.slot.cache)[-1]).astype(np.float32, copy=False)
+                except Exception as err:          # every row of the group gets the error
+                    for j in group:
+                        j.error = err
+                for j in group:
+                    j.done.set()
+            if prefill is not None:
+                try:
+                    out = model.forward(np.asarray(prefill.tokens, np.int64), prefill.pos, prefill.slot.cache)
+                    prefill.logits = to_host(out[-1]).astype(np.float32, copy=True)
+                except Exception as err:
+                    prefill.error = err
+                prefill.done.set()
+            with self._cond:
+                self._steps += 1

@@ -1,0 +1,145 @@
+"""spark_lab.llm.batch: continuous batching gives each request the tokens it gets alone (batch invariance),
+frees slots on close, queues FIFO, and reuses prompt prefixes (hits, LRU eviction)."""
+import threading
+
+import numpy as np
+import pytest
+
+from spark_lab.llm import LLM
+from spark_lab.llm.batch import BatchEngine
+
+from .tiny import write_tiny_gguf
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import gguf
+    p = write_tiny_gguf(tmp_path_factory.mktemp("batch") / "m.gguf", d=64, ff=128, n_ctx_train=512,
+                        qtype=gguf.GGMLQuantizationType.Q8_0, quant_embd=True)
+    return LLM(p, n_ctx=256)
+
+
+def prompts(n, seed=0, lo=5, hi=40):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 250, size=int(rng.integers(lo, hi)))] for _ in range(n)]
+
+
+def alone(llm, prompt, **kw):
+    llm.reset()
+    return llm.generate(prompt, **kw)
+
+
+def run_concurrently(be, ps, **kw):
+    out = [None] * len(ps)
+    start = threading.Barrier(len(ps))
+
+    def go(i):
+        start.wait()
+        out[i] = be.generate_tokens(ps[i], **kw)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(ps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_step_batch_rows_equal_single_steps(tiny):
+    from spark_lab.llm.cache import KVCache
+    m, c = tiny.model, tiny.config
+    dec = m._decoder()
+    ps = prompts(5, seed=1)
+    caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(10)]
+    for i, p in enumerate(ps):
+        for cache in caches[2 * i:2 * i + 2]:
+            m.forward(np.array(p), 0, cache)
+    singles = [dec.step(p[0], len(p), caches[2 * i + 1])[0] for i, p in enumerate(ps)]
+    batch = dec.step_batch([p[0] for p in ps], [len(p) for p in ps], caches[0::2])
+    assert batch.shape == (5, c.n_vocab)
+    for i in range(5):
+        assert np.array_equal(batch[i], singles[i])                       # bit for bit
+        n = len(ps[i]) + 1
+        assert np.array_equal(caches[2 * i].k[:, :n], caches[2 * i + 1].k[:, :n])
+
+
+def test_sixteen_streams_equal_alone(tiny):
+    ps = prompts(16, seed=2)
+    kw = dict(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    ref = [alone(tiny, p, **kw).token_ids for p in ps]
+    with BatchEngine(tiny, parallel=16, prefix_cache_bytes=0) as be:
+        got = run_concurrently(be, ps, **kw)
+        st = be.stats()
+    assert [g.token_ids for g in got] == ref
+    assert all(len(r) == 12 for r in ref)
+    assert st["tokens_generated"] >= 16 * 12 and st["steps"] < 16 * 12    # rows really were stepped together
+    assert st["busy"] == 0 and st["waiting"] == 0
+
+
+def test_sampled_streams_equal_alone_and_fewer_slots_queue(tiny):
+    ps = prompts(6, seed=3)
+    kw = dict(max_new_tokens=8, temperature=0.8, seed=7, stop_at_eos=False)
+    ref = [alone(tiny, p, **kw) for p in ps]
+    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0) as be:      # 6 requests, 2 slots: FIFO wait
+        got = run_concurrently(be, ps, **kw)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    assert [g.text for g in got] == [r.text for r in ref]
+
+
+def test_long_prompts_prefill_in_chunks_alongside_decoding(tiny):
+    ps = prompts(4, seed=4, lo=100, hi=180)
+    kw = dict(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    with BatchEngine(tiny, parallel=1, prefix_cache_bytes=0, prefill_chunk=32) as be:
+        ref = [be.generate_tokens(p, **kw).token_ids for p in ps]
+    with BatchEngine(tiny, parallel=4, prefix_cache_bytes=0, prefill_chunk=32) as be:
+        got = run_concurrently(be, ps, **kw)
+    assert [g.token_ids for g in got] == ref
+
+
+def test_closing_a_stream_frees_its_slot(tiny):
+    p = prompts(2, seed=5)
+    with BatchEngine(tiny, parallel=1, prefix_cache_bytes=0) as be:
+        it = be.stream_tokens(p[0], max_new_tokens=50, temperature=0, stop_at_eos=False)
+        next(it)
+        assert be.stats()["busy"] == 1
+        it.close()                                                        # the client went away
+        assert be.stats()["busy"] == 0
+        g = be.generate_tokens(p[1], max_new_tokens=5, temperature=0, stop_at_eos=False)
+    assert g.token_ids == alone(tiny, p[1], max_new_tokens=5, temperature=0, stop_at_eos=False).token_ids
+
+
+def test_prefix_cache_hits_give_the_same_tokens_and_evict_lru(tiny):
+    rng = np.random.default_rng(6)
+    system = [int(t) for t in rng.integers(3, 250, size=70)]
+    turns = [system + [int(t) for t in rng.integers(3, 250, size=9)] for _ in range(3)]
+    kw = dict(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0, prefill_chunk=16) as be:
+        ref = [be.generate_tokens(t, **kw).token_ids for t in turns]
+    with BatchEngine(tiny, parallel=2, prefill_chunk=16) as be:
+        got = [be.generate_tokens(t, **kw) for t in turns]
+        st = be.stats()
+    assert [g.token_ids for g in got] == ref
+    assert [g.reused_prompt_tokens for g in got] == [0, 64, 64]              # 70 shared -> 4 chunks of 16
+    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 128
+    c = tiny.config
+    per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * 4                 # f32 K and V
+    with BatchEngine(tiny, parallel=1, prefix_cache_bytes=int(per_token * 64 * 2.5), prefill_chunk=16) as be:
+        a, b, d = (system[:64] + [1] * 10, [2] * 74, [3] * 74)
+        for p in (a, b, d):                                                   # each stores 64 tokens; room for 2
+            be.generate_tokens(p, **kw)
+        st = be.stats()
+        assert st["prefix_entries"] == 2 and st["prefix_bytes"] <= per_token * 64 * 2.5
+        assert be.generate_tokens(system + [5], **kw).reused_prompt_tokens == 0     # a was evicted (LRU)
+        assert be.generate_tokens([3] * 74 + [9], **kw).reused_prompt_tokens == 64  # d is still there
+
+
+def test_bad_requests_fail_clearly_without_taking_a_slot(tiny):
+    with BatchEngine(tiny, parallel=1) as be:
+        with pytest.raises(ValueError, match="empty"):
+            be.generate_tokens([])
+        with pytest.raises(ValueError, match="vocabulary"):
+            be.generate_tokens([10 ** 6])
+        assert be.stats()["busy"] == 0
+    with pytest.raises(ValueError, match="parallel"):
+        BatchEngine(tiny, parallel=0)
