@@ -2,11 +2,15 @@
 there, else SerialEngine, the same interface over the one-at-a-time LLM (a lock, first come first served)."""
 from __future__ import annotations
 
+import os
 import threading
 
 
 def make_engine(llm, parallel: int):
-    """-> BatchEngine(llm, parallel) when spark_lab.llm.batch provides it, else SerialEngine(llm, parallel)."""
+    """-> BatchEngine(llm, parallel) when spark_lab.llm.batch provides it, else SerialEngine(llm, parallel).
+    SPARK_LAB_SERVE_ENGINE=serial picks SerialEngine anyway (an A/B, or a fallback)."""
+    if os.environ.get("SPARK_LAB_SERVE_ENGINE", "").lower() == "serial":
+        return SerialEngine(llm, parallel)
     try:
         from ..llm.batch import BatchEngine
     except ImportError:
@@ -32,7 +36,7 @@ class SerialEngine:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
 
-    def stream_tokens(self, prompt_ids, max_new_tokens: int = 128, **kw):
+    def stream_tokens(self, prompt_ids, *, max_new_tokens: int = 128, **kw):
         """Yield (token_id, piece) like LLM.stream_tokens; returns its Generation. Blocks while another
         sequence decodes; closing the generator frees the engine."""
         if self.closed:
@@ -46,7 +50,7 @@ class SerialEngine:
         try:
             self._add(busy=1)
             self.llm.reset()                         # the answer does not depend on earlier requests
-            it = self.llm.stream_tokens(prompt_ids, max_new_tokens, **kw)
+            it = self.llm.stream_tokens(prompt_ids, max_new_tokens=max_new_tokens, **kw)
             held = len(prompt_ids)
             self._add(kv_tokens=held)
             try:

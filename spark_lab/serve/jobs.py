@@ -14,7 +14,7 @@ def decode_job(engine, prompt_ids, sampling, metrics, emit, cancelled):
     s = dict(sampling)
     t0 = time.perf_counter()
     ttft, reason, gen = None, "error", None
-    it = engine.stream_tokens(prompt_ids, s.pop("max_new_tokens"), stop=s.pop("stop"), **s)
+    it = engine.stream_tokens(prompt_ids, max_new_tokens=s.pop("max_new_tokens"), stop=s.pop("stop"), **s)
     try:
         while not cancelled():
             try:
