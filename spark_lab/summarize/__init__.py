@@ -38,7 +38,7 @@ from .extract import (DAMPING, DUPLICATE, LAMBDA_MMR, POSITION, SECTION_SENTENCE
                          _default_encoder, _Doc, _extract, _extract_indexed, _prepare, _rank, extractive,
                          lexrank, mmr_select, position_prior, rank_sentences, similarity)
 from .rewrite import HYBRID_FACTOR, hybrid
-from .readers import decode_bytes, html_to_text, markdown_to_text, read_document
+from .readers import decode_bytes, html_to_text, markdown_to_text, pdf_to_text, read_document
 from .segment import (Paragraph, _truncate_words, count_words, detect_language, split_paragraphs,
                       split_sentences)
 from .summary import METHODS, Summary

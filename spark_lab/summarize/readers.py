@@ -1,4 +1,4 @@
-"""Documents in: .txt, .md and .html files or stdin -> plain text with paragraphs."""
+"""Documents in: .txt, .md, .html and .pdf files or stdin -> plain text with paragraphs."""
 from __future__ import annotations
 
 import html.parser
@@ -102,8 +102,51 @@ def decode_bytes(data: bytes, name: str = "input") -> str:
                      f"convert it first, e.g. `iconv -f latin1 -t utf-8`")
 
 
+def pdf_to_text(data: bytes, name: str = "input") -> str:
+    """A PDF's text layer (pypdf), pages separated by blank lines; lines of a page that run on
+    (no end mark) are joined, so hard-wrapped prose reads as paragraphs."""
+    if not data.strip():
+        raise ValueError(f"{name} is empty")
+    try:
+        import pypdf
+    except ImportError:
+        raise ImportError("PDF input needs pypdf: pip install pypdf") from None
+    import io
+    import logging
+    logging.getLogger("pypdf").setLevel(logging.ERROR)   # malformed files: our one line, not pypdf's warnings
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            raise ValueError(f"{name} is an encrypted PDF; decrypt it first (e.g. `qpdf --decrypt`)")
+        pages = [pg.extract_text() or "" for pg in reader.pages]
+    except ValueError:
+        raise
+    except Exception as e:   # pypdf raises many kinds on a broken file
+        raise ValueError(f"{name} is not a readable PDF ({type(e).__name__}: {e})") from None
+    out = []
+    for page in pages:
+        paras, cur = [], []
+        for line in page.splitlines():
+            if not line.strip():
+                if cur:
+                    paras.append(" ".join(cur))
+                    cur = []
+                continue
+            cur.append(line.strip())
+            if re.search(r"[.!?:]['\")]?$", line.strip()) and len(line.strip()) < 60:
+                paras.append(" ".join(cur))   # a short line ending a sentence ends its paragraph
+                cur = []
+        if cur:
+            paras.append(" ".join(cur))
+        out.append("\n\n".join(paras))
+    text = "\n\n".join(t for t in out if t.strip())
+    if not text.strip():
+        raise ValueError(f"{name} has no text layer (a scanned PDF? run OCR first, e.g. `ocrmypdf`)")
+    return text
+
+
 def read_document(path: str | Path) -> str:
-    """`.txt`, `.md`, `.html`/`.htm` file, or `-` for stdin -> plain text with paragraphs."""
+    """`.txt`, `.md`, `.html`/`.htm`, `.pdf` file, or `-` for stdin -> plain text with paragraphs."""
     if str(path) == "-":
         raw, name, suffix = sys.stdin.buffer.read(), "stdin", ""
     else:
@@ -113,6 +156,8 @@ def read_document(path: str | Path) -> str:
         if p.is_dir():
             raise ValueError(f"{p} is a folder, not a document")
         raw, name, suffix = p.read_bytes(), str(p), p.suffix.lower()
+    if suffix == ".pdf" or raw[:5] == b"%PDF-":
+        return pdf_to_text(raw, name)
     text = decode_bytes(raw, name)
     looks_html = suffix in (".html", ".htm", ".xhtml") or (
         suffix == "" and re.match(r"\s*(<!doctype html|<html|<body|<p>)", text[:200], re.I))
