@@ -18,6 +18,8 @@ softmaxes are combined at the end. Rows are widened on the fly from the cache's 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 _KERNEL = None  # compiled on first use; False when numba is missing
@@ -27,11 +29,19 @@ _NO_SCALE = np.zeros((1, 1, 1), np.float32)
 exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compile()
 prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
+widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
 
 
 def _load_row(a, s, tab, j, g, row):
     """row [D] f32 = a[j, g, :] widened (f32 copy / f16 bits via tab / q8_0 codes * scales)."""
+    for d in range(row.shape[0]):
+        row[d] = a[j, g, d]
+
+
+def _widen_row(a, sc, j, g, row):
+    """row [D] f32 = a[j, g, :] widened 16 values per step (D a multiple of 16, a C-contiguous);
+    q8_0 codes times their block's scale sc[j, g, d // 32]."""
     for d in range(row.shape[0]):
         row[d] = a[j, g, d]
 
@@ -42,6 +52,7 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     n = hi - lo
+    vec_k, vec_v = D % 16 == 0, Dv % 16 == 0
     nc = min(NCHUNK, max(1, n // 256))               # key chunks, one per thread: memory read in order
     cm = np.empty((nc, Hq), np.float32)              # each chunk's max score, sum of exps, weighted values
     cl = np.empty((nc, Hq), np.float32)
@@ -49,40 +60,51 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
     for c in prange(nc):
         j0, j1 = lo + c * n // nc, lo + (c + 1) * n // nc
         m_ = j1 - j0
-        s = np.empty(Hq * m_, np.float32)
-        bits = np.empty(Hq * m_, np.int32)           # 2^n factors of the exponentials
+        s = np.empty((m_, Hq), np.float32)           # scores, position-major: a row's heads side by side
+        e = np.empty((Hq, m_), np.float32)
+        bits = np.empty((Hq, m_), np.int32)          # 2^n factors of the exponentials
         two = bits.view(np.float32)
         krow = np.empty(D, np.float32)
         vrow = np.empty(Dv, np.float32)
-        m = np.full(Hq, -np.inf, np.float32)
-        for j in range(m_):                          # scores, a row of all KV heads at a time, and their max
+        qs = np.empty((Hq, D), np.float32)           # q * scale: the score needs no multiply per key
+        for h in range(Hq):
+            for d in range(D):
+                qs[h, d] = q[h, d] * scale
+        for j in range(m_):                          # scores, a row of all KV heads at a time
             for g in range(Hkv):
-                load_row(k, ks, tab, j0 + j, g, krow)
+                if vec_k:
+                    widen_row(k, ks, j0 + j, g, krow)
+                else:
+                    load_row(k, ks, tab, j0 + j, g, krow)
                 for hh in range(G):
                     h = g * G + hh
                     acc = np.float32(0.0)
                     for d in range(D):
-                        acc += q[h, d] * krow[d]
-                    acc *= scale
-                    s[h * m_ + j] = acc
-                    m[h] = max(m[h], acc)
+                        acc += qs[h, d] * krow[d]
+                    s[j, h] = acc
         for h in range(Hq):
-            tot = np.float32(0.0)
-            for j in range(m_):                      # exp(s - m): a polynomial, vectorized
-                s[h * m_ + j], bits[h * m_ + j] = exp_parts(s[h * m_ + j] - m[h])
+            mh = np.float32(-np.inf)
             for j in range(m_):
-                e = s[h * m_ + j] * two[h * m_ + j]
-                s[h * m_ + j] = e
-                tot += e
-            cm[c, h], cl[c, h] = m[h], tot
+                mh = max(mh, s[j, h])
+            for j in range(m_):                      # exp(s - m): a polynomial, vectorized
+                e[h, j], bits[h, j] = exp_parts(s[j, h] - mh)
+            tot = np.float32(0.0)
+            for j in range(m_):
+                x = e[h, j] * two[h, j]
+                e[h, j] = x
+                tot += x
+            cm[c, h], cl[c, h] = mh, tot
         o = co[c]
         o[...] = 0.0
         for j in range(m_):                          # weighted values
             for g in range(Hkv):
-                load_row(v, vs, tab, j0 + j, g, vrow)
+                if vec_v:
+                    widen_row(v, vs, j0 + j, g, vrow)
+                else:
+                    load_row(v, vs, tab, j0 + j, g, vrow)
                 for hh in range(G):
                     h = g * G + hh
-                    w = s[h * m_ + j]
+                    w = e[h, j]
                     for d in range(Dv):
                         o[h, d] += w * vrow[d]
     for h in range(Hq):                              # chunks combined: rescaled to the global max
@@ -104,7 +126,7 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
 
 def _compile():
     """Compile (or load from numba's cache) the kernel; False without numba."""
-    global _KERNEL, prange, load_row
+    global _KERNEL, prange, load_row, widen_row
     try:
         import numba
         from numba import types
@@ -139,12 +161,35 @@ def _compile():
     if load_row is None:
         overload(_load_row, inline="always")(_ov)
         load_row = _load_row
+    if widen_row is None:
+        from .kv_rows import widen16_intrinsic
+        overload(_widen_row, inline="always")(partial(_widen_ov, widen16_intrinsic()))
+        widen_row = _widen_row
     prange = numba.prange
     _KERNEL = njit_with_exp(_attend, parallel=True)   # reassociated sums vectorize; ~1e-7 relative
     return _KERNEL
 
 
+def _widen_ov(widen16, a, sc, j, g, row):
+    from numba import types
+    if a.dtype == types.int8:
+        def q8(a, sc, j, g, row):
+            D = row.shape[0]
+            base = (j * a.shape[1] + g) * D
+            for b in range(D // 16):
+                widen16(a, base + 16 * b, sc[j, g, b // 2], row, 16 * b)
+        return q8
+
+    def flt(a, sc, j, g, row):
+        D = row.shape[0]
+        base = (j * a.shape[1] + g) * D
+        for b in range(D // 16):
+            widen16(a, base + 16 * b, np.float32(1.0), row, 16 * b)
+    return flt
+
+
 def _args(k, v, k_scale=None, v_scale=None):
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)         # rows are read 16 values at a flat offset
     return (k, _NO_SCALE if k_scale is None else k_scale, v, _NO_SCALE if v_scale is None else v_scale, _F16)
 
 

@@ -1,0 +1,77 @@
+"""Decode attention at long context: one layer, one query token, per KV cache type.
+
+    python -m spark_lab.benchmarks.attention [--ctx 16384] [--threads 2]
+
+Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128). The compulsory traffic of
+a step is the visible K and V rows in their storage type (q8_0: int8 codes plus one float32
+scale per 32 values), so GB/s here is comparable with the machine's streaming bandwidth and
+with the weights' mat-vecs. Best of REPEATS timed calls after one warm-up (a shared machine
+only makes a call slower).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels.decode_attention import attention_into
+from ..llm.cache import quantize_q8_rows
+
+LLAMA3_8B = dict(heads=32, kv_heads=8, head_dim=128)
+REPEATS = 7
+
+
+@dataclass
+class Row:
+    kv_type: str
+    ctx: int
+    ms: float
+    gbs: float
+
+
+def _storage(x, t):
+    """x f32 [T, Hkv, D] -> (array, scales or None) as the KV cache stores type t."""
+    if t == "f32":
+        return x, None
+    if t == "f16":
+        return x.astype(np.float16).view(np.uint16), None
+    return quantize_q8_rows(x)
+
+
+def measure(kv_type: str, ctx: int = 16384, seed: int = 0) -> Row:
+    s = LLAMA3_8B
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((s["heads"], s["head_dim"]), dtype=np.float32)
+    k, ks = _storage(rng.standard_normal((ctx, s["kv_heads"], s["head_dim"]), dtype=np.float32), kv_type)
+    v, vs = _storage(rng.standard_normal((ctx, s["kv_heads"], s["head_dim"]), dtype=np.float32), kv_type)
+    out = np.empty((s["heads"], s["head_dim"]), np.float32)
+    scale = 1.0 / np.sqrt(s["head_dim"])
+    if not attention_into(q, k, v, scale, 0, ctx, out, ks, vs):          # warm-up / compile
+        raise RuntimeError("the decode attention kernel needs numba")
+    best = np.inf
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        attention_into(q, k, v, scale, 0, ctx, out, ks, vs)
+        best = min(best, time.perf_counter() - t0)
+    nbytes = sum(a.nbytes for a in (k, v) + tuple(x for x in (ks, vs) if x is not None))
+    return Row(kv_type, ctx, best * 1e3, nbytes / best / 1e9)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ctx", type=int, default=16384)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--types", default="f32,f16,q8_0")
+    a = ap.parse_args(argv)
+    if a.threads:
+        from ..device import set_threads
+        set_threads(a.threads)
+    for t in a.types.split(","):
+        r = measure(t, a.ctx)
+        print(f"{r.kv_type:5s} ctx {r.ctx:6d}  {r.ms:7.2f} ms/layer  {r.gbs:5.2f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
