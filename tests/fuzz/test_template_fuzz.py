@@ -52,12 +52,13 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_template(name, monkeypatch):
-    monkeypatch.setattr(template, "MAX_SECONDS", 0.3)
     source, match = HOSTILE[name]
+    if match == "longer than":          # the time limit itself; the others must hit their own limit first,
+        monkeypatch.setattr(template, "MAX_SECONDS", 0.3)   # even on a loaded machine (the default 2 s)
     t0 = time.perf_counter()
     with pytest.raises(TemplateError, match=match) as e:
         render_chat(Tok(source), HI)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < template.MAX_SECONDS + 2.0
     assert "\n" not in str(e.value)
 
 
