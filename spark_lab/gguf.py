@@ -358,7 +358,8 @@ class LLMConfig:
                 raise GGUFError(f"{self.arch} model: {k} = {getattr(self, k)} is out of range")
         if not 0 < self.rope_dim <= self.head_dim or self.rope_dim % 2:
             raise GGUFError(f"{self.arch} model: rope_dim = {self.rope_dim} must be even and in 1..head_dim ({self.head_dim})")
-        if not all(map(math.isfinite, (self.rms_eps, self.rope_theta, self.rope_freq_scale))) or self.rope_theta <= 0:
+        if not all(map(math.isfinite, (self.rms_eps, self.rope_theta, self.rope_freq_scale))) or self.rope_theta <= 0 \
+                or self.rms_eps < 0:
             raise GGUFError(f"{self.arch} model: rms_eps, rope_theta or the RoPE scale is not a finite positive number")
         if self.attn_scale == 0.0:
             self.attn_scale = self.head_dim ** -0.5

@@ -93,3 +93,12 @@ def test_tiny_model_still_loads(tiny, tmp_path):
     llm = LLM.load(tmp_path / "ok.gguf", n_ctx=16)
     assert llm.config.n_embd == 16 and llm.config.n_head == 2 and llm.config.n_vocab == 261
     assert np.isfinite(llm._logits([1, 2, 3], 0)).all()
+
+
+def test_negative_rms_epsilon_is_refused(tiny, tmp_path):
+    """Found by make fuzz: epsilon -1 made RMSNorm's square root NaN and the attention kernel divide by zero."""
+    entries, tensors = tiny
+    entries = [(k, vt, -1.0 if k == "llama.attention.layer_norm_rms_epsilon" else v) for k, vt, v in entries]
+    (tmp_path / "e.gguf").write_bytes(build(entries, tensors))
+    with pytest.raises(ValueError, match="rms_eps"):
+        LLM.load(tmp_path / "e.gguf", n_ctx=16)
