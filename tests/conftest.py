@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -43,7 +44,51 @@ def _gpu_usable() -> bool:
     return cupy is not None
 
 
+# `SPARK_LAB_DEVICE=strict make test` runs every test on the strict CuPy stand-in (device_strict.py),
+# except these modules, which run on NumPy under it: they test host-side logic by running the
+# shipped checkpoints for many tokens, where the stand-in's mat-vecs (each a NumPy dequantization of
+# the whole matrix, the CUDA kernel's twin) are two orders of magnitude slower than the numba
+# kernels. The device path of those very models is proven on strict elsewhere (test_device_strict:
+# SmolLM2-135M and tiny GGUFs, same tokens, one copy per token). Keep this list short.
+NUMPY_UNDER_STRICT = {
+    "tests/llm/test_constrain.py": "JSON-schema/grammar masks over the shipped SmolLM2 (host logic, ~100 tokens a test)",
+}
+
+
+_ON_NUMPY = pytest.StashKey[bool]()     # set on a test the hook below moved to NumPy
+
+
+def _strict_requested() -> bool:
+    return os.environ.get("SPARK_LAB_DEVICE", "").strip().lower() == "strict"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numpy_device: under SPARK_LAB_DEVICE=strict this test runs on NumPy "
+                                       "(tests/conftest.py NUMPY_UNDER_STRICT says why)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    # before any fixture (module-scoped models included) is built
+    if item.get_closest_marker("numpy_device") and _strict_requested():
+        os.environ["SPARK_LAB_DEVICE"] = "cpu"
+        _forget()
+        item.stash[_ON_NUMPY] = True
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if item.stash.get(_ON_NUMPY, False):
+        os.environ["SPARK_LAB_DEVICE"] = "strict"
+        _forget()
+
+
 def pytest_collection_modifyitems(config, items):
+    for it in items:
+        if it.path.relative_to(config.rootpath).as_posix() in NUMPY_UNDER_STRICT:
+            it.add_marker(pytest.mark.numpy_device)
     # tests marked gpu skip (rather than fail) on a machine without a usable GPU
     gpu_items = [it for it in items if it.get_closest_marker("gpu")]
     if gpu_items and not _gpu_usable():
