@@ -35,11 +35,12 @@ LLAMA_SERVER_GUESSES = ["/work/llama_src/llama_cpp_python-0.3.36/vendor/llama.cp
 
 
 def find_llama_server(given: str | None) -> str | None:
+    """--llama-server PATH (must be there), else $SPARK_LAB_LLAMA_SERVER, PATH, the local build; None: none."""
+    if given and not (Path(given).is_file() and os.access(given, os.X_OK)):
+        raise ValueError(f"--llama-server {given}: no executable there")
     for p in [given, os.environ.get("SPARK_LAB_LLAMA_SERVER"), shutil.which("llama-server"), *LLAMA_SERVER_GUESSES]:
         if p and Path(p).is_file() and os.access(p, os.X_OK):
             return str(p)
-    if given:
-        raise ValueError(f"--llama-server {given}: no executable there")
     return None
 
 
@@ -134,15 +135,16 @@ def measure(model_name: str, gguf: Path, threads: int, streams, repeats: int, ma
         if llama:
             servers["llama-server"] = start_llama(llama, gguf, threads, parallel)
         names = list(servers)
-        # the model served under its own id by each: spark_lab the catalogue name, llama-server any
+        from ..serve import ServerConfig
+        model_id = ServerConfig(default_model=model_name).default_model_id   # a path is served by its stem
         raw = {n: {c: [] for c in streams} for n in names}
         for name in names:                                   # warm-up: load, compile, first touch
-            round_at(servers[name][1], model_name, 1, 4)
+            round_at(servers[name][1], model_id, 1, 4)
         for rep in range(repeats):
             for c in streams:
                 order = names if rep % 2 == 0 else names[::-1]
                 for name in order:
-                    r = round_at(servers[name][1], model_name, c, max_tokens)
+                    r = round_at(servers[name][1], model_id, c, max_tokens)
                     raw[name][c].append(r)
                     log(f"  {name:12s} streams={c:2d} rep {rep + 1}: {r['tok_s']:7.1f} tok/s, "
                         f"TTFT p50 {_pct(r['ttfts'], 0.5) * 1e3:.0f} ms p95 {_pct(r['ttfts'], 0.95) * 1e3:.0f} ms")

@@ -190,8 +190,10 @@ def main(argv=None) -> int:
             print("the server did not start", file=sys.stderr)
             return 1
         url, pid = line.split()[1], proc.pid
+    from .config import ServerConfig
+    model_id = ServerConfig(default_model=a.model).default_model_id     # a GGUF path is served by its stem
     try:
-        report = run(url, pid, a.requests, a.model, a.embedder, a.concurrency, a.max_tokens,
+        report = run(url, pid, a.requests, model_id, a.embedder, a.concurrency, a.max_tokens,
                      log=lambda s: print(s, flush=True))
     finally:
         if proc is not None:
