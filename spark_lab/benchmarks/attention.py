@@ -11,6 +11,8 @@ only makes a call slower).
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,8 +29,9 @@ REPEATS = 7
 class Row:
     kv_type: str
     ctx: int
-    ms: float
-    gbs: float
+    ms: float          # best wall time of a call
+    gbs: float         # compulsory bytes / best wall time
+    cpu_ms: float      # best CPU time of a call, all threads (less sensitive to a loaded machine)
 
 
 def _storage(x, t):
@@ -40,7 +43,7 @@ def _storage(x, t):
     return quantize_q8_rows(x)
 
 
-def measure(kv_type: str, ctx: int = 16384, seed: int = 0) -> Row:
+def measure(kv_type: str, ctx: int = 16384, seed: int = 0, kernel=attention_into) -> Row:
     s = LLAMA3_8B
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((s["heads"], s["head_dim"]), dtype=np.float32)
@@ -48,15 +51,15 @@ def measure(kv_type: str, ctx: int = 16384, seed: int = 0) -> Row:
     v, vs = _storage(rng.standard_normal((ctx, s["kv_heads"], s["head_dim"]), dtype=np.float32), kv_type)
     out = np.empty((s["heads"], s["head_dim"]), np.float32)
     scale = 1.0 / np.sqrt(s["head_dim"])
-    if not attention_into(q, k, v, scale, 0, ctx, out, ks, vs):          # warm-up / compile
+    if not kernel(q, k, v, scale, 0, ctx, out, ks, vs):          # warm-up / compile
         raise RuntimeError("the decode attention kernel needs numba")
-    best = np.inf
+    best = cpu = np.inf
     for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        attention_into(q, k, v, scale, 0, ctx, out, ks, vs)
-        best = min(best, time.perf_counter() - t0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        kernel(q, k, v, scale, 0, ctx, out, ks, vs)
+        best, cpu = min(best, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
     nbytes = sum(a.nbytes for a in (k, v) + tuple(x for x in (ks, vs) if x is not None))
-    return Row(kv_type, ctx, best * 1e3, nbytes / best / 1e9)
+    return Row(kv_type, ctx, best * 1e3, nbytes / best / 1e9, cpu * 1e3)
 
 
 def main(argv=None):
@@ -64,13 +67,15 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--types", default="f32,f16,q8_0")
+    ap.add_argument("--module", default=None, help="time attention_into of another module (e.g. an older copy)")
     a = ap.parse_args(argv)
     if a.threads:
         from ..device import set_threads
         set_threads(a.threads)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for t in a.types.split(","):
-        r = measure(t, a.ctx)
-        print(f"{r.kv_type:5s} ctx {r.ctx:6d}  {r.ms:7.2f} ms/layer  {r.gbs:5.2f} GB/s")
+        r = measure(t, a.ctx, kernel=importlib.import_module(a.module).attention_into if a.module else attention_into)
+        print(f"{r.kv_type:5s} ctx {r.ctx:6d}  {r.ms:7.2f} ms/layer  {r.gbs:5.2f} GB/s  {r.cpu_ms:7.2f} cpu ms")
 
 
 if __name__ == "__main__":
