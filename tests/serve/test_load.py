@@ -132,6 +132,17 @@ def test_queue_full_429_and_timeout_504():
         with httpx.stream("POST", url + "/chat/completions", json={**long, "stream": True}, timeout=60) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert events[-1]["error"]["code"] == "timeout"
+        # a client that hangs up mid-stream frees its slot (the generation is aborted, not run to the end)
+        before = _metrics(url)
+        with httpx.stream("POST", url + "/chat/completions", json={**long, "stream": True}, timeout=60) as r:
+            got = [line for _, line in zip(range(4), r.iter_lines())]
+        assert any(line.startswith("data: {") for line in got)
+        t0 = time.monotonic()
+        while (m := _metrics(url))["llamacpp:requests_processing"] and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert m["llamacpp:requests_processing"] == 0 and time.monotonic() - t0 < 1.0
+        abort = 'spark_lab:generations_total{reason="abort"}'
+        assert m[abort] - before.get(abort, 0) == 1
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
 
         def call(_):
