@@ -57,3 +57,23 @@ def budget(ci_examples: int):
         test.hypothesis.inner_test = counted
         return settings(max_examples=n)(test)
     return wrap
+
+
+_CASE_DIR: list = []
+
+
+def case_dir(tmp_path_factory):
+    """Where a case writes its file: a memory-backed folder (/dev/shm) when the machine has one, since the
+    disk's open-and-truncate was most of a parse case's time; the parser still reads a real file by path."""
+    if not _CASE_DIR:
+        import atexit
+        import shutil
+        import tempfile
+        try:
+            d = tempfile.mkdtemp(prefix="spark-lab-fuzz-", dir="/dev/shm")
+            atexit.register(shutil.rmtree, d, True)
+        except OSError:
+            d = str(tmp_path_factory.getbasetemp())
+        from pathlib import Path
+        _CASE_DIR.append(Path(d))
+    return _CASE_DIR[0]

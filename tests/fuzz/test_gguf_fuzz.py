@@ -13,7 +13,7 @@ from gguf import GGUFReader
 
 from spark_lab.gguf import GGUFError, GGUFFile
 
-from .budget import budget
+from .budget import budget, case_dir
 from .ggufgen import V, build, entry, string, tensor_info
 
 ENTRIES = [
@@ -86,7 +86,7 @@ def test_bit_flips(tmp_path_factory, flips):
     data = bytearray(VALID)
     for pos, bit in flips:
         data[pos] ^= 1 << bit
-    parse(tmp_path_factory.getbasetemp(), bytes(data))
+    parse(case_dir(tmp_path_factory), bytes(data))
 
 
 HUGE = st.sampled_from([0, 1, 31, 2**31, 2**32 - 1, 2**40, 2**62, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)
@@ -98,7 +98,7 @@ def test_forged_u64(tmp_path_factory, pos, value):
     """A count, length, dimension or offset replaced by a huge (or zero) number anywhere in the header."""
     data = bytearray(VALID)
     data[pos:pos + 8] = struct.pack("<Q", value)
-    parse(tmp_path_factory.getbasetemp(), bytes(data))
+    parse(case_dir(tmp_path_factory), bytes(data))
 
 
 # --------------------------------------------------------------------- random headers
@@ -157,7 +157,7 @@ def test_random_headers(tmp_path_factory, entries, tensors, true_counts, n_kv, n
                                  len(entries) if true_counts else n_kv)
     data = head + b"".join(entries) + b"".join(tensors)
     data += b"\0" * (-len(data) % 32) + bytes(range(256)) * (data_len // 256) + bytes(data_len % 256)
-    parse(tmp_path_factory.getbasetemp(), data)
+    parse(case_dir(tmp_path_factory), data)
 
 
 # --------------------------------------------------------------------- named hostile files

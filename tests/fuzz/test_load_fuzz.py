@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from spark_lab.llm.engine import LLM
 
 from ..llm.tiny import write_tiny_gguf
-from .budget import budget
+from .budget import budget, case_dir
 from .ggufgen import V, build, entries_of
 
 CONFIG_KEYS = ["llama.embedding_length", "llama.attention.head_count", "llama.attention.head_count_kv",
@@ -64,7 +64,7 @@ def test_edited_metadata(tiny, tmp_path_factory, edits):
             entries.pop(key, None)
         else:
             entries[key] = (key, *new)
-    path = tmp_path_factory.getbasetemp() / "edited.gguf"
+    path = case_dir(tmp_path_factory) / "edited.gguf"
     path.write_bytes(build(list(entries.values()), tensors))
     try:
         llm = LLM.load(path, n_ctx=16)

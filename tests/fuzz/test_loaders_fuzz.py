@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from spark_lab.diffusion.loading import load_model_folder, read_json, read_safetensors
 from spark_lab.text.bert import BertConfig, BertModel
 
-from .budget import budget
+from .budget import budget, case_dir
 
 TENSORS = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float16),
            "c": np.array([1, 2], np.int64)}
@@ -63,7 +63,7 @@ def test_bit_flips_and_forged_sizes(valid, tmp_path_factory, data):
         b[:8] = struct.pack("<Q", data.draw(st.sampled_from([0, 1, 2**31, 2**40, 2**63, 2**64 - 1])))
     for pos, bit in data.draw(st.lists(st.tuples(st.integers(0, len(b) - 1), st.integers(0, 7)), max_size=6)):
         b[pos] ^= 1 << bit
-    _read(tmp_path_factory.getbasetemp() / "f.safetensors", bytes(b))
+    _read(case_dir(tmp_path_factory) / "f.safetensors", bytes(b))
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
@@ -79,13 +79,13 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
     max_size=3), st.integers(0, 64))
 def test_random_headers(tmp_path_factory, header, n_data):
     raw = json.dumps(header).encode()
-    _read(tmp_path_factory.getbasetemp() / "f.safetensors", struct.pack("<Q", len(raw)) + raw + bytes(n_data))
+    _read(case_dir(tmp_path_factory) / "f.safetensors", struct.pack("<Q", len(raw)) + raw + bytes(n_data))
 
 
 @budget(300)
 @given(st.binary(max_size=64) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_config_json(tmp_path_factory, raw):
-    p = tmp_path_factory.getbasetemp() / "config.json"
+    p = case_dir(tmp_path_factory) / "config.json"
     p.write_bytes(raw)
     try:
         assert isinstance(read_json(p), dict)
@@ -102,7 +102,7 @@ def test_config_json(tmp_path_factory, raw):
                                         "intermediate_size", "layer_norm_eps", "hidden_act", "model_type"]),
                        json_values, max_size=4))
 def test_bert_config_values(tmp_path_factory, raw):
-    p = tmp_path_factory.getbasetemp() / "bert.json"
+    p = case_dir(tmp_path_factory) / "bert.json"
     p.write_text(json.dumps(raw))
     try:
         c = BertConfig.from_json(p)

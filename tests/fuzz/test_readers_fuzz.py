@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from spark_lab.summarize.readers import decode_bytes, html_to_text, markdown_to_text, read_document
 
-from .budget import budget
+from .budget import budget, case_dir
 
 MARKUP = st.lists(st.sampled_from(["<p>", "</p>", "<script>", "</script>", "<style>", "<br>", "<!--", "-->",
                                    "<![CDATA[", "]]>", "&amp;", "&#0;", "&#x110000;", "&#99999999999;", "<a href='",
@@ -49,7 +49,7 @@ def test_no_quadratic_blowup(unit):
 @given(raw=st.binary(max_size=120) | MARKUP.map(lambda s: s.encode("utf-8", "surrogatepass")),
        suffix=st.sampled_from([".txt", ".md", ".html", ".htm", "", ".pdf", ".markdown"]))
 def test_read_document(tmp_path_factory, raw, suffix):
-    p = tmp_path_factory.getbasetemp() / f"doc{suffix}"
+    p = case_dir(tmp_path_factory) / f"doc{suffix}"
     p.write_bytes(raw)
     try:
         assert read_document(p).strip()
