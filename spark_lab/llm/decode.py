@@ -55,6 +55,38 @@ def _swiglu_row(g, u, out):
         out[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
 
 
+def _rms_rows(x, w, eps, out):
+    """_rms_row over each row of x, out [n, d] (the same arithmetic, row by row)."""
+    n, d = x.shape
+    for r in range(n):
+        s = 0.0
+        for i in range(d):
+            s += np.float64(x[r, i]) * np.float64(x[r, i])
+        rr = np.float32(np.sqrt(np.float32(s / d) + eps))
+        for i in range(d):
+            out[r, i] = x[r, i] / rr * w[i]
+
+
+def _rope_batch(x, cos, sin, positions, rd, neox):
+    """_rope_rows on x [n, H, D] with row r at positions[r]; cos, sin [n_ctx, rd/2]."""
+    half = rd // 2
+    for r in range(x.shape[0]):
+        p = positions[r]
+        for h in range(x.shape[1]):
+            for i in range(half):
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0, x1 = x[r, h, a], x[r, h, b]
+                x[r, h, a] = x0 * cos[p, i] - x1 * sin[p, i]
+                x[r, h, b] = x0 * sin[p, i] + x1 * cos[p, i]
+
+
+def _swiglu_rows(g, u, out):
+    """_swiglu_row over each row; all [n, f]."""
+    for r in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            out[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+
+
 def _glue():
     global _GLUE
     if _GLUE is None:
@@ -64,7 +96,7 @@ def _glue():
             _GLUE = False
             return _GLUE
         jit = numba.njit(cache=True, nogil=True, fastmath=False)
-        _GLUE = {f.__name__[1:]: jit(f) for f in (_rms_row, _rope_rows, _swiglu_row)}
+        _GLUE = {f.__name__[1:]: jit(f) for f in (_rms_row, _rope_rows, _swiglu_row, _rms_rows, _swiglu_rows, _rope_batch)}
     return _GLUE
 
 
@@ -246,13 +278,14 @@ class Decoder:
                 raise ValueError(f"{p + 1} tokens do not fit the context of {cache.n_ctx}")
         hd, H, Hkv = c.head_dim, c.n_head, c.n_head_kv
         b = self._batch_buffers(n)
+        pos_arr = np.asarray(positions, np.int64)
+        n_ctx = max(cache.n_ctx for cache in caches)
         x, h, o, f, q, k, v, att = (b[key] for key in ("x", "h", "o", "f", "q", "k", "v", "att"))
         x[...] = K.embedding(m.tok_embd, np.asarray(tokens, np.int64))
         if c.embed_scale != 1.0:
             x *= np.float32(c.embed_scale)
         for i, (L, mv) in enumerate(zip(m.layers, self.layers)):
-            for r in range(n):
-                g["rms_row"](x[r], L.attn_norm, eps, h[r])
+            g["rms_rows"](x, L.attn_norm, eps, h)
             if "qkv" in mv:
                 mv["qkv"](h, b["qkv"])
                 q[...], k[...], v[...] = np.split(b["qkv"], [self.nq, self.nq + self.nkv], axis=1)
@@ -264,15 +297,16 @@ class Decoder:
                     v += L.bv
             sliding = c.is_sliding(i)
             theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
+            if c.qk_norm:
+                for r in range(n):
+                    q[r] = K.rmsnorm(q[r].reshape(H, hd), L.q_norm, c.rms_eps).reshape(-1)
+                    k[r] = K.rmsnorm(k[r].reshape(Hkv, hd), L.k_norm, c.rms_eps).reshape(-1)
+            cos, sin = self._table(theta, n_ctx)
+            g["rope_batch"](q.reshape(n, H, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
+            g["rope_batch"](k.reshape(n, Hkv, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
             for r, (pos, cache) in enumerate(zip(positions, caches)):
                 q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
                 v3 = v[r].reshape(Hkv, hd)
-                if c.qk_norm:
-                    q3[...] = K.rmsnorm(q3, L.q_norm, c.rms_eps)
-                    k3[...] = K.rmsnorm(k3, L.k_norm, c.rms_eps)
-                cos, sin = self._table(theta, cache.n_ctx)
-                g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
-                g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
                 f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
                 if f32:
                     cache.k[i, pos], cache.v[i, pos] = k3, v3
@@ -291,12 +325,10 @@ class Decoder:
             mv["o"](att, o)
             if L.bo is not None:
                 o += L.bo
-            for r in range(n):
-                if c.post_norms:
-                    g["rms_row"](o[r], L.post_attn_norm, eps, o[r])
+            if c.post_norms:
+                g["rms_rows"](o, L.post_attn_norm, eps, o)
             x += o
-            for r in range(n):
-                g["rms_row"](x[r], L.ffn_norm, eps, h[r])
+            g["rms_rows"](x, L.ffn_norm, eps, h)
             if L.moe is not None:
                 for r in range(n):
                     f[r:r + 1] = moe_ffn(h[r:r + 1], L.moe, c, m.moe_stats)
@@ -310,17 +342,14 @@ class Decoder:
             else:
                 mv["gate"](h, b["gate"]), mv["up"](h, b["up"])
             if c.act == "silu":
-                for r in range(n):
-                    g["swiglu_row"](b["gate"][r], b["up"][r], b["act"][r])
+                g["swiglu_rows"](b["gate"], b["up"], b["act"])
             else:
                 for r in range(n):
                     b["act"][r] = K.gelu(b["gate"][r:r + 1], approximate="tanh")[0] * b["up"][r]
             mv["down"](b["act"], f)
             if c.post_norms:
-                for r in range(n):
-                    g["rms_row"](f[r], L.post_ffn_norm, eps, f[r])
+                g["rms_rows"](f, L.post_ffn_norm, eps, f)
             x += f
-        for r in range(n):
-            g["rms_row"](x[r], m.output_norm, eps, h[r])
+        g["rms_rows"](x, m.output_norm, eps, h)
         self.out(h, b["logits"])
         return b["logits"].copy()
