@@ -283,7 +283,14 @@ def test_extractive_edge_cases(encoder):
 
 # ------------------------------------------------------------------------------ abstractive orchestration
 
-def test_map_reduce_chunks_fit_and_cover_the_text():
+@pytest.fixture
+def untiled(monkeypatch):
+    """Plain map-reduce on an unheaded text: no MiniLM for topic tiling (as where it is not
+    installed), so the text is one topic; the tiled path is tested in test_segment_topics.py."""
+    monkeypatch.setattr(sys.modules["spark_lab.summarize.mapreduce"], "_tiling_encoder", lambda: None)
+
+
+def test_map_reduce_chunks_fit_and_cover_the_text(untiled):
     text = long_document(3000, seed=1, headings=False)
     llm = EchoLLM(n_ctx=256)
     s = S.summarize(text, "abstractive", max_words=40, llm=llm, progress=False)
@@ -346,7 +353,7 @@ def test_sectioned_map_reduce_one_sentence_per_topic_group():
     assert s.words_out <= 40 and s.text == " ".join(t["summary"] for t in s.topics if t["summary"])
 
 
-def test_token_max_controls_reduce_and_no_progress_is_handled():
+def test_token_max_controls_reduce_and_no_progress_is_handled(untiled):
     text = long_document(2000, seed=2, headings=False)
     loose = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), progress=False)
     tight = S.summarize(text, "abstractive", max_words=30, llm=EchoLLM(512), token_max=60, progress=False)
@@ -442,7 +449,7 @@ def test_abstractive_smollm2_short(smollm):
 
 
 @pytest.mark.slow
-def test_abstractive_smollm2_map_reduce(smollm):
+def test_abstractive_smollm2_map_reduce(smollm, untiled):
     text = long_document(2500, seed=3, headings=False)
     s = S.summarize(text, "abstractive", max_words=30, llm=smollm, max_new_tokens=24, progress=False)
     print(f"\nSmolLM2 map-reduce {s.words_in} words: {s.chunks} chunks, {s.llm_calls} calls, {s.seconds:.0f} s")

@@ -4,7 +4,11 @@
 
 The documents and references live in tests/data/summaries/ (written for this repo). Each
 method gets the reference's length as its word budget; scores are ROUGE-1/2/L F1 (stemmed,
-`rouge-score`) averaged over documents, and speed is input words per second. "lead" (the
+`rouge-score`) averaged over documents, and speed is input words per second. Coverage is the
+share of true topics a summary names on the unheaded documents in tests/data/summaries/unheaded/
+(each NAME.topics.json lists its topics, where each starts and the words that name it), with a
+budget of TOPIC_WORDS per topic; the table also reports how many true topic boundaries the tiling
+finds within 2 sentences. "lead" (the
 first N words) is the usual baseline that a summarizer has to beat. abstractive and hybrid
 run only when the LLM loads (SmolLM2-135M by default).
 """
@@ -173,11 +177,12 @@ def table(rows: list[dict]) -> list[dict]:
 
 
 def format_table(summary: list[dict]) -> str:
-    lines = [f"{'method':12s} {'docs':>4s} {'ROUGE-1':>8s} {'ROUGE-2':>8s} {'ROUGE-L':>8s} {'words/s':>10s} {'seconds':>8s}"]
+    lines = [f"{'method':12s} {'docs':>4s} {'ROUGE-1':>8s} {'ROUGE-2':>8s} {'ROUGE-L':>8s} {'words/s':>10s} {'seconds':>8s}"
+             + (f" {'coverage':>8s}" if any("coverage" in r for r in summary) else "")]
     for r in summary:
         wps = "inf" if r["words_per_second"] == float("inf") else f"{r['words_per_second']:.0f}"
         lines.append(f"{r['method']:12s} {r['docs']:4d} {r['rouge1']:8.3f} {r['rouge2']:8.3f} {r['rougeL']:8.3f} "
-                     f"{wps:>10s} {r['seconds']:8.1f}")
+                     f"{wps:>10s} {r['seconds']:8.1f}" + (f" {r['coverage']:8.3f}" if "coverage" in r else ""))
     return "\n".join(lines)
 
 
@@ -200,9 +205,22 @@ def main(args) -> int:
         max_new = 48
     rows = evaluate(methods, docs, llm=llm, max_new_tokens=max_new, progress=sys.stderr.isatty())
     summary = table(rows)
+    # topic coverage and boundaries on the long unheaded documents
+    unheaded = load_unheaded()
+    if quick:
+        unheaded = unheaded[:1]
+    cov_rows = evaluate_coverage(methods, unheaded, llm=llm, max_new_tokens=max_new)
+    cov = {m: statistics.mean(r["coverage"] for r in cov_rows if r["method"] == m) for m in methods}
+    for r in summary:
+        r["coverage"] = cov[r["method"]]
+    seg = segmentation(unheaded)
+    hits, total = sum(r["hits"] for r in seg), sum(len(r["true"]) for r in seg)
     if getattr(args, "json", False):
-        print(json.dumps({"summary": summary, "rows": rows,
+        print(json.dumps({"summary": summary, "rows": rows, "coverage_rows": cov_rows, "segmentation": seg,
+                          "boundaries_within_2": hits / max(total, 1),
                           "model": getattr(llm, "name", None)}, ensure_ascii=False))
     else:
         print(format_table(summary))
+        print(f"topic boundaries within 2 sentences: {hits}/{total} "
+              f"({len(unheaded)} unheaded documents; coverage = share of their topics a summary names)")
     return 0
