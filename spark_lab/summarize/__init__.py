@@ -21,12 +21,19 @@ abstractive  map-reduce with an LLM (`spark_lab.llm.LLM`): pack sentences into t
 hybrid       extractive selection down to what fits one context, then one abstractive pass; a
              long text with chapters gets one LLM sentence per topic group from its extract.
 
+A text without headings (or with few, long sections) has its topics found by tiling: where the
+MiniLM similarity of the sentence windows either side of a gap drops deeply, a new topic starts
+(tiling.py, at least MIN_SENTENCES sentences each). Abstractive then takes the per-topic path
+over those segments, hybrid groups its extract by them, and extractive MMR picks one sentence
+in every segment first (when the budget allows) before filling the rest.
+
 Every LLM call is greedy with loop guards (chunks.LOOP_GUARD: no repeated 6-token run of the output;
 afterwards a looping tail is cut off), since a small model decoded greedily loops.
 
 The package, by job: segment (words, language, paragraphs, sentences), extract (the extractive
 path), chunks (prompts, token budgets, chunking, the guarded LLM call), topics (sections and topic
-groups of long texts), mapreduce (abstractive), rewrite (hybrid), readers (.txt/.md/.html), cli.
+groups of long texts), tiling (topic boundaries of unheaded text), mapreduce (abstractive), rewrite
+(hybrid), readers (.txt/.md/.html/.pdf), cli.
 """
 from __future__ import annotations
 
