@@ -46,9 +46,13 @@ def run_concurrently(be, ps, **kw):
     return out
 
 
-def test_step_batch_rows_equal_single_steps(tiny):
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0"), ("llama", "F32")])
+def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
+    import gguf
     from spark_lab.llm.cache import KVCache
-    m, c = tiny.model, tiny.config
+    p = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, d=64, ff=128, qtype=getattr(gguf.GGMLQuantizationType, qtype))
+    llm = LLM(p, n_ctx=64)
+    m, c = llm.model, llm.config
     dec = m._decoder()
     ps = prompts(5, seed=1)
     caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(10)]
@@ -143,3 +147,19 @@ def test_bad_requests_fail_clearly_without_taking_a_slot(tiny):
         assert be.stats()["busy"] == 0
     with pytest.raises(ValueError, match="parallel"):
         BatchEngine(tiny, parallel=0)
+
+
+def test_smollm2_sixteen_streams_equal_alone():
+    from spark_lab.models import is_present
+    if not is_present("smollm2-135m-instruct"):
+        pytest.skip("SmolLM2 is not installed")
+    llm = LLM.load("smollm2-135m-instruct", n_ctx=256)
+    topics = ["the sea", "a cat", "rain", "bread", "trains", "the moon", "music", "winter",
+              "a garden", "chess", "bees", "a river", "clocks", "snow", "maps", "tea"]
+    ps = [llm.encode_chat([{"role": "user", "content": f"One sentence about {t}."}]) for t in topics]
+    kw = dict(max_new_tokens=6, temperature=0)
+    ref = [alone(llm, p, **kw) for p in ps]
+    with BatchEngine(llm, parallel=16) as be:
+        got = run_concurrently(be, ps, **kw)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    assert [g.text for g in got] == [r.text for r in ref]
