@@ -9,12 +9,15 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (JSON, or server-sent events
 with "stream": true), POST /v1/embeddings (MiniLM), POST /v1/images/generations (base64 PNG), GET /health.
 
-How requests share the machine: every model owns one worker thread and its jobs run there one at a
-time, first come first served, so concurrent clients each get their own, unmixed answer and the event
-loop never waits on a model. Each generation starts from a clean KV cache, so an answer never depends
-on who came before. Tokens travel back to the event loop one by one; between tokens the worker checks
-that its client is still there, so a client that hangs up frees the line within one token.
-Models load on first use and stay loaded (one engine per model name).
+How requests share the machine: a chat model's requests decode together, up to `parallel` at once
+(`spark-lab serve --parallel N`; default: the cores, 4..16), each on its own thread feeding the model's
+engine (engine.py: llm.batch.BatchEngine, continuous batching; SPARK_LAB_SERVE_ENGINE=serial picks the
+one-at-a-time engine). Up to `max_waiting` more wait in line; beyond that a request gets 429 with
+Retry-After. A request that outlives `timeout` seconds gets 504 (in-band for a stream). A client that
+hangs up frees its slot within a step. Embedding and image models keep one thread, one job at a time.
+Models load on first use and stay loaded; `spark-lab serve` loads the default one at start, and
+GET /health says 503 "loading" until it is ready. GET /metrics: Prometheus text under the names
+llama-server (llamacpp:) and vLLM (vllm:) users grep for. Load: `python -m spark_lab.serve.soak`.
 
 Sampling defaults are the engine's (temperature 0.7, top_k 40, top_p 0.9, min_p 0.05, repetition
 penalty 1.1 over the last 64 tokens when sampling); `top_k`, `min_p` and `repetition_penalty` may be
@@ -27,7 +30,8 @@ it as `delta.reasoning_content`, as llama-server and vLLM do; `chat_template_kwa
 returns the text as generated, markers included.
 
 The parts, by job: config (ServerConfig), schemas (request bodies, validation, OpenAI-shaped errors),
-worker (a model's thread, its jobs, the registry that loads models), jobs (what runs on that thread),
+worker (a model's threads, its jobs, the registry that loads models), jobs (what runs on those threads),
+engine (the shared engine of a chat model), metrics (/metrics), soak (a crowd of mixed requests),
 stream (one generation as JSON or server-sent events), app (the routes and the key/size guard),
 run (serve, BackgroundServer, `spark-lab serve`).
 """
