@@ -45,12 +45,15 @@ def _gpu_usable() -> bool:
 
 
 # `SPARK_LAB_DEVICE=strict make test` runs every test on the strict CuPy stand-in (device_strict.py),
-# except these modules, which run on NumPy under it: they test host-side logic by running the
-# shipped checkpoints for many tokens, where the stand-in's mat-vecs (each a NumPy dequantization of
-# the whole matrix, the CUDA kernel's twin) are two orders of magnitude slower than the numba
-# kernels. The device path of those very models is proven on strict elsewhere (test_device_strict:
-# SmolLM2-135M and tiny GGUFs, same tokens, one copy per token). Keep this list short.
+# except these modules, which run on NumPy under it, for one of two reasons: they test a CPU-only
+# path (numba kernels, which a GPU never runs), or host-side logic over the shipped checkpoints for
+# many tokens, where the stand-in's mat-vecs (each a NumPy dequantization of the whole matrix, the
+# CUDA kernel's twin) are two orders of magnitude slower than the numba kernels. The device path of
+# those very models is proven on strict elsewhere (test_device_strict: SmolLM2-135M and tiny GGUFs,
+# same tokens, one copy per token). Keep this list short.
 NUMPY_UNDER_STRICT = {
+    "tests/llm/test_decode.py": "the fused numba decode step (Transformer._decoder), a CPU-only path",
+    "tests/llm/test_kv_cache_types.py": "f16/q8_0 KV caches and their numba kernels, CPU-only options",
     "tests/llm/test_constrain.py": "JSON-schema/grammar masks over the shipped SmolLM2 (host logic, ~100 tokens a test)",
 }
 
