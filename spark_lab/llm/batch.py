@@ -14,8 +14,9 @@ for logits posts a job; the stepping thread takes every pending job each step an
 
     decode   all sequences' next tokens in one `Decoder.step_batch` (x [n, in]: each weight read
              once per step for the n rows; norms, RoPE and attention per row over its own slot)
-    prefill  one chunk (`prefill_chunk` tokens) of one waiting prompt, FIFO, so a long prompt is
-             interleaved with the others' decode steps instead of stalling them
+    prefill  waiting prompts' next chunks, FIFO, up to `prefill_chunk` tokens in all (each prompt
+             its own forward pass), so a long prompt is interleaved with the others' decode steps
+             instead of stalling them
 
 Sequences join and leave between steps. With all slots busy, stream_tokens waits for one (FIFO).
 Closing the generator (a client gone) frees its slot at once; the next step runs without it.
@@ -286,7 +287,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ the stepping thread
     def _take(self):
-        """Wait for work -> (decode jobs, one prefill job or None); None when closed."""
+        """Wait for work -> (decode jobs, prefill jobs); None when closed."""
         with self._cond:
             while not self._jobs and not self._closed:
                 self._cond.wait()
@@ -307,8 +308,15 @@ class BatchEngine:
                     break
                 self._cond.wait(left)
             decode = [j for j in self._jobs if j.slot.decoding]
-            prefill = next((j for j in self._jobs if not j.slot.decoding), None)
-            self._jobs = [j for j in self._jobs if j is not prefill and not j.slot.decoding]
+            prefill, budget = [], self.prefill_chunk       # FIFO prompt chunks, up to one chunk's tokens in all
+            for j in self._jobs:
+                if not j.slot.decoding and (not prefill or len(j.tokens) <= budget):
+                    prefill.append(j)
+                    budget -= len(j.tokens)
+                    if budget <= 0:
+                        break
+            taken = {id(j) for j in decode + prefill}
+            self._jobs = [j for j in self._jobs if id(j) not in taken]
             return decode, prefill
 
     def _run(self):
@@ -335,12 +343,12 @@ class BatchEngine:
                         j.error = err
                 for j in group:
                     j.done.set()
-            if prefill is not None:
+            for job in prefill:                           # each prompt alone: its rows never share a call
                 try:
-                    out = model.forward(np.asarray(prefill.tokens, np.int64), prefill.pos, prefill.slot.cache)
-                    prefill.logits = to_host(out[-1]).astype(np.float32, copy=True)
+                    out = model.forward(np.asarray(job.tokens, np.int64), job.pos, job.slot.cache)
+                    job.logits = to_host(out[-1]).astype(np.float32, copy=True)
                 except Exception as err:
-                    prefill.error = err
-                prefill.done.set()
+                    job.error = err
+                job.done.set()
             with self._cond:
                 self._steps += 1
