@@ -1,9 +1,20 @@
 """Quantized products on the CPU in numba: a fused mat-vec for decode, dequantized tiles for prefill.
 
     y = qmatvec(x, qt)     # x [in] or [n, in] f32 (n small), qt QuantTensor [out, in] -> [out] / [n, out]
-    y = qmatmul(x, qt)     # x [n, in], n large (a prompt): tile by tile, dequantize + BLAS GEMM
+    y = qmatmul(x, qt)     # x [n, in], n large (a prompt): the int8 GEMM, else dequantized tiles + BLAS
+    y = qgemm(x, qt)       # the int8 GEMM alone (Q4_0, Q4_1, Q4_K, Q8_0), None where it does not apply
 
-Prefill. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
+Int8 GEMM (prefill and batches of the int8 types with dword layouts: Q4_0, Q4_1, Q4_K, Q8_0).
+The decode dots extended over tokens: each thread takes a group of G weight rows (~200 KB of an
+8B layer's Q4_K, so it stays in L2) and runs all n tokens through it, TOKENS (8) at a time, so a
+weight dword is loaded and unpacked once per 8 tokens (`simd.vdot8_*_tokens`). Per token the
+operations are those of the one-token dot, so row i is bit-identical to qmatvec(x[i]) for any n
+and any batch-mates (batched decode relies on it); `qmatvec` uses it for n >= TOKENS. Measured on
+one 8B layer's matrices, 512 tokens, 2 threads (benchmarks/qgemm.py, load average ~13): Q4_K
+45-48 GFLOP/s vs 13-22 for tiles + BLAS (2.2-3.4x), Q8_0 56 vs 17. Q6_K and Q5_0 (float decode
+kernels) and MXFP4 keep the tiles + BLAS below.
+
+Prefill of the other types. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
 beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
 tile of output rows at a time (512 KB of float32 with one thread, so it is still in L2 when the
 GEMM reads it; the whole weight with several, see TILE_BYTES) into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
