@@ -77,8 +77,12 @@ def create_app(config: ServerConfig | None = None):
 
     @app.get("/metrics")
     async def prometheus():
-        engines = {mid: (w.engine.stats(), w.model.n_ctx) for mid, w in list(registry.workers.items())
-                   if w.engine is not None}
+        engines = {}
+        for mid, w in list(registry.workers.items()):
+            if w.engine is not None:              # waiting: for a slot in the engine, or for a thread in line
+                st = dict(w.engine.stats())
+                st["waiting"] = st["waiting"] + max(0, w.jobs - w.parallel)
+                engines[mid] = (st, w.model.n_ctx)
         return PlainTextResponse(metrics.text(engines), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
