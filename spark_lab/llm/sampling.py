@@ -98,7 +98,8 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, rece
     if p.min_p > 0.0:
         keep = probs >= p.min_p * probs[0]
         ids, logits = ids[keep], logits[keep]
-    z = (logits - logits[0]) / p.temperature
+    with np.errstate(over="ignore"):                 # a tiny temperature sends the rest to -inf: p = 0
+        z = (logits - logits[0]) / p.temperature
     probs = np.exp(z)
     probs /= probs.sum()
     return int(ids[rng.choice(len(ids), p=probs)])

@@ -47,10 +47,20 @@ _UNCLOSED = re.compile(r"<(?!!--)(?=[^<>]*(?:<|$))")
 
 
 def html_to_text(html_text: str) -> str:
-    p = _HTMLText()
     # a '<' with no '>' before the next '<' is text, not a tag; escaped first because html.parser
     # rescans from every such '<' (quadratic: 40 KB of "<p<p<p..." took 5 s)
-    p.feed(_UNCLOSED.sub("&lt;", html_text))
+    text = _UNCLOSED.sub("&lt;", html_text)
+    try:
+        return _parse_html(text)
+    except AssertionError:
+        # html.parser asserts on some malformed declarations ('<![-->'); read every '<!' that
+        # does not open a comment as text and parse again
+        return _parse_html(re.sub(r"<!(?!--)", "&lt;!", text))
+
+
+def _parse_html(text: str) -> str:
+    p = _HTMLText()
+    p.feed(text)
     p.close()
     return p.text()
 

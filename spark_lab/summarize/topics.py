@@ -44,14 +44,22 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
     sections = [Section(_short_title(s.title, b), s.paragraphs) for s in sections]
     groups = [Section(s.title, list(s.paragraphs), [s]) for s in sections]
     size = [sum(b.tokens(x) for p in s.paragraphs for x in p.sentences) for s in groups]
-    small = 0.25 * sum(size) / len(size)
 
-    def merge(i):   # group i absorbs group i + 1
-        groups[i] = Section("; ".join(t for t in (groups[i].title, groups[i + 1].title) if t),
-                            groups[i].paragraphs + groups[i + 1].paragraphs, groups[i].parts + groups[i + 1].parts)
+    def merge(i):   # group i absorbs group i + 1; a heading shared by both is named once
+        parts = groups[i].parts + groups[i + 1].parts
+        titles = dict.fromkeys(s.title for s in parts if s.title)
+        groups[i] = Section("; ".join(titles), groups[i].paragraphs + groups[i + 1].paragraphs, parts)
         size[i] += size.pop(i + 1)
         groups.pop(i + 1)
 
+    # pieces of one headed section (cut by tiling) are one topic: its heading names it
+    i = 0
+    while i < len(groups) - 1:
+        if groups[i].title and groups[i].parts[-1].title == groups[i + 1].parts[0].title:
+            merge(i)
+        else:
+            i += 1
+    small = 0.25 * sum(size) / len(size)
     while len(groups) > 1:
         j = min(range(len(groups)), key=lambda k: size[k])
         if len(groups) <= most and size[j] >= small:
