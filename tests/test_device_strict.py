@@ -267,3 +267,22 @@ def test_smollm2_on_strict_same_tokens_one_copy_per_token(monkeypatch):
     assert got == want
     assert (snap.d2h, snap.d2h_bytes) == (3, 3 * llm.config.n_vocab * 4)
     assert snap.h2d <= 2 * 3 + 1                             # + rope's kernel table, once
+
+
+def test_strict_qmatvec_caches_the_dequantized_weight_same_bits(strict):
+    """The twin dequantizes a weight once (cached per buffer) and gives quant_matmul(fast=False)'s bits."""
+    from spark_lab.quants import quant_matmul
+    xp = strict.xp
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    data = gguf.quants.quantize(_x((300, 128), 10), qtype)           # [300, 136] bytes
+    want = quant_matmul(_x((3, 128), 11), QuantTensor(data, qtype, (300, 128)), fast=False)
+    cuda_kernels._DEQUANT_CACHE.clear()
+    d = xp.asarray(data)
+    for _ in range(2):
+        got = to_host(cuda_kernels.qmatvec(xp.asarray(_x((3, 128), 11)), d, int(qtype), 300, 128))
+        np.testing.assert_array_equal(got, want)
+        assert len(cuda_kernels._DEQUANT_CACHE) == 1
+    del d
+    import gc
+    gc.collect()
+    assert len(cuda_kernels._DEQUANT_CACHE) == 0                      # the entry goes with the weight

@@ -12,6 +12,7 @@ tests/kernels/test_cuda.py checks each pair on a GPU.
 from __future__ import annotations
 
 import functools
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -247,10 +248,37 @@ def _twin_attn_decode(q, k, v, out, scores, n_scores, Hq, Hkv, D, Dv, k_st, k_sh
         out[...] = 0.0
 
 
+# float32 copies of the weights the strict qmatvec twin has dequantized, so that a model's second
+# token is a matmul rather than a whole-matrix dequantization per mat-vec (the notebooks on strict
+# were ~100x slower than NumPy without it). Keyed by the weight's buffer address, shape, strides and
+# type; an entry goes when the array owning the buffer does. Weights are not written after loading.
+_DEQUANT_CACHE: dict = {}
+
+
+def _dequantized(W, qtype: int, rows: int, cols: int):
+    from ..quants import dequantize
+    key = (W.__array_interface__["data"][0], W.shape, W.strides, qtype, rows, cols)
+    hit = _DEQUANT_CACHE.get(key)
+    if hit is not None and hit[0]() is not None:
+        return hit[1]
+    owner = W
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    wf = dequantize(W, qtype, (rows, cols))                                       # [rows, cols] f32
+    _DEQUANT_CACHE[key] = (weakref.ref(owner, lambda _r, k=key: _DEQUANT_CACHE.pop(k, None)), wf)
+    return wf
+
+
 def _twin_qmatvec(qtype):
     def twin(W, x, y, rows, cols):
-        from ..quants import QuantTensor, quant_matmul
-        y[...] = quant_matmul(x, QuantTensor(W, qtype, (int(rows), int(cols))), fast=False)
+        # the same output-row chunks as quants.quant_matmul(fast=False), so the same bits
+        rows, cols = int(rows), int(cols)
+        wf = _dequantized(W, qtype, rows, cols)
+        x2 = x.reshape(-1, cols)                                                  # [n, cols]
+        out = y.reshape(-1, rows)                                                 # [n, rows]
+        step = max(1, (1 << 16) // cols)
+        for r0 in range(0, rows, step):
+            out[:, r0:r0 + step] = x2 @ wf[r0:r0 + step].T
     return twin
 
 
