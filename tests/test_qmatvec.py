@@ -300,6 +300,7 @@ def test_tile_kernel_that_does_not_compile_falls_back(monkeypatch):
 
 # ---------------------------------------------------------------------------- memory
 
+@pytest.mark.numpy_device     # host repacking (numba, CPU-only) counted by the CPU allocator
 def test_repacked_arrays_are_counted_by_the_allocator():
     from spark_lab.memory import get_allocator
     alloc = get_allocator()
@@ -311,6 +312,7 @@ def test_repacked_arrays_are_counted_by_the_allocator():
     assert alloc.stats().by_tag["weights"] == before
 
 
+@pytest.mark.numpy_device     # host repacking (numba, CPU-only) counted by the CPU allocator
 def test_release_raw_pages_of_a_file_mapping(tmp_path):
     from spark_lab.memory import get_allocator
     from spark_lab.quants import release_raw
