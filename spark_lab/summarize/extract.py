@@ -20,6 +20,7 @@ POSITION = 0.2          # weight of "earlier in its section" in relevance (lead 
 DUPLICATE = 0.9         # cosine above which a sentence repeats one already picked: never taken
 DAMPING = 0.85          # PageRank damping
 SECTION_SENTENCES = 400  # above this many sentences, rank within sections first
+SENTENCE_WORDS = 20     # a typical extracted sentence: a budget of W words covers W // 20 topics
 SEGMENT_LEAD = 0.1      # bonus for opening a topic segment (its first sentence usually names the topic)
 
 
@@ -212,7 +213,9 @@ def _extract_indexed(doc: _Doc, max_words: int, ranked=None, encoder=None, progr
     if len(body) == 1 or int(doc.lengths[body].sum()) <= max_words:
         return [(int(i), doc.sentences[i]) for i in body]   # nothing to choose: the text (without headings)
     cand, emb, rel = ranked or _rank(doc, encoder, progress)
-    seg = topic_segments(doc, cand, emb)
+    # as many topics as the budget gives a sentence each: a long text tiles into far more
+    # segments than that, and their shallowest boundaries are dropped first
+    seg = topic_segments(doc, cand, emb, max_segments=max(2, max_words // SENTENCE_WORDS))
     if seg is not None and len(np.unique(seg)) > 1:   # a topic's opening sentence usually names it
         rel = rel + SEGMENT_LEAD * position_prior(seg)
     chosen = mmr_select(emb, rel, doc.lengths[cand], max_words, segment_of=seg)
@@ -227,11 +230,12 @@ def _has_chapters(doc: _Doc) -> bool:
     return any(int((heads == lv).sum()) >= 2 for lv in set(heads.tolist()))
 
 
-def topic_segments(doc: _Doc, cand, emb):
+def topic_segments(doc: _Doc, cand, emb, max_segments: int | None = None):
     """Topic segment [m] of every candidate sentence, or None for a text too short to have
     several. Chapters (headings) when the text has them; a text without them, or with few and
-    long ones, is tiled by the similarity of neighbouring sentence windows (tiling.boundaries)."""
-    from .tiling import TILE_MIN, boundaries, segment_ids
+    long ones, is tiled by the similarity of neighbouring sentence windows (tiling.boundaries),
+    a text without chapters into at most `max_segments` topics (tiling.merge_similar)."""
+    from .tiling import TILE_MIN, boundaries, merge_similar, segment_ids
     if len(cand) < TILE_MIN:
         return None
     if _has_chapters(doc):
@@ -248,7 +252,10 @@ def topic_segments(doc: _Doc, cand, emb):
     nxt = 0
     for c in names:                                       # tile inside every long chapter
         idx = np.flatnonzero(chapter == c)
-        seg[idx] = nxt + segment_ids(len(idx), boundaries(emb[idx]))
+        starts = boundaries(emb[idx])
+        if max_segments and len(names) == 1:
+            starts = merge_similar(emb[idx], starts, max_segments)
+        seg[idx] = nxt + segment_ids(len(idx), starts)
         nxt = int(seg[idx].max()) + 1
     return seg
 

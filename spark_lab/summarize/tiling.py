@@ -91,6 +91,31 @@ def boundaries(emb, paragraph_starts=(), cfg: TilingConfig | None = None) -> lis
     return sorted(chosen)
 
 
+def neighbour_similarity(sums, center) -> np.ndarray:
+    """sums [g, d] (each segment's summed sentence embeddings, in text order), center [d] (the
+    text's mean sentence) -> [g - 1] cosine of neighbouring segments' mean sentences less the
+    center: MiniLM embeddings share a large common direction (a transcript's speaker names, a
+    report's style), and without removing it every pair of segments looks alike."""
+    m = np.asarray(sums, dtype=np.float32)
+    m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12) - np.asarray(center, np.float32)
+    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    return (m[:-1] * m[1:]).sum(axis=1)
+
+
+def merge_similar(emb, starts: list[int], most: int) -> list[int]:
+    """emb [n, d], boundaries -> at most `most` segments: the boundary between the most similar
+    neighbouring segments (the shallowest topic change) is dropped first. Short or tiling texts
+    over-segment long ones (every few paragraphs); the deepest boundaries are the topics."""
+    emb = np.asarray(emb, dtype=np.float32)
+    starts = sorted(starts)
+    center = emb.mean(axis=0)                                             # [d]
+    while len(starts) + 1 > max(1, most):
+        edges = [0] + starts + [emb.shape[0]]
+        sums = np.stack([emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])])   # [g, d]
+        starts.pop(int(np.argmax(neighbour_similarity(sums, center))))
+    return starts
+
+
 def segment_ids(n: int, starts: list[int]) -> np.ndarray:
     """Boundaries -> segment id [n] for every sentence (0, 0, ..., 1, 1, ...)."""
     out = np.zeros(n, dtype=np.int64)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .chunks import MAP_PROMPT, _Budget, chunk_text
 from .segment import Paragraph, _truncate_words, count_words
+from .tiling import neighbour_similarity
 
 # ---------------------------------------------------------------------------- sections
 
@@ -17,6 +20,7 @@ class Section:
     title: str                 # its heading ("" for text before the first heading)
     paragraphs: list           # list[Paragraph]: body text and sub-headings
     parts: list = field(default_factory=list)   # a topic group: the sections it bundles
+    emb: object = None         # [d] sum of its body sentences' embeddings (tiled pieces), or None
 
 
 def split_sections(paras: list) -> list[Section]:
@@ -37,18 +41,24 @@ def split_sections(paras: list) -> list[Section]:
 def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Section]:
     """Bundle neighbouring sections into at most max_words // WORDS_PER_TOPIC groups: a section
     under a quarter of the mean size joins its smaller neighbour, then the smallest neighbouring
-    pair merges, until the count fits. A group's title lists its sections' headings."""
+    pair merges, until the count fits. A group's title lists its sections' headings.
+
+    Untitled pieces that carry embeddings (tiled text without headings) merge by topic instead
+    of size: a small one joins its more similar neighbour, then the most similar neighbouring
+    pair (the shallowest topic boundary) merges, so the deepest boundaries are the ones kept."""
     if len(sections) < 2:
         return sections
     most = max(1, max_words // WORDS_PER_TOPIC)
-    sections = [Section(_short_title(s.title, b), s.paragraphs) for s in sections]
-    groups = [Section(s.title, list(s.paragraphs), [s]) for s in sections]
+    sections = [Section(_short_title(s.title, b), s.paragraphs, emb=s.emb) for s in sections]
+    groups = [Section(s.title, list(s.paragraphs), [s], s.emb) for s in sections]
     size = [sum(b.tokens(x) for p in s.paragraphs for x in p.sentences) for s in groups]
 
     def merge(i):   # group i absorbs group i + 1; a heading shared by both is named once
         parts = groups[i].parts + groups[i + 1].parts
         titles = dict.fromkeys(s.title for s in parts if s.title)
-        groups[i] = Section("; ".join(titles), groups[i].paragraphs + groups[i + 1].paragraphs, parts)
+        e = (None if groups[i].emb is None or groups[i + 1].emb is None
+             else groups[i].emb + groups[i + 1].emb)
+        groups[i] = Section("; ".join(titles), groups[i].paragraphs + groups[i + 1].paragraphs, parts, e)
         size[i] += size.pop(i + 1)
         groups.pop(i + 1)
 
@@ -59,13 +69,25 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
             merge(i)
         else:
             i += 1
+    by_topic = all(not g.title and g.emb is not None for g in groups)
+    if by_topic:   # the text's mean sentence: what every piece shares (speaker names, style)
+        n = sum(len(p.sentences) for g in groups for p in g.paragraphs if not p.heading)
+        center = sum(g.emb for g in groups) / max(n, 1)                   # [d]
     small = 0.25 * sum(size) / len(size)
     while len(groups) > 1:
         j = min(range(len(groups)), key=lambda k: size[k])
         if len(groups) <= most and size[j] >= small:
             break
-        if size[j] < small:   # a small group: merge it into its smaller neighbour
-            i = j - 1 if j == len(groups) - 1 or (j > 0 and size[j - 1] <= size[j + 1]) else j
+        if by_topic:
+            sim = neighbour_similarity(np.stack([g.emb for g in groups]), center)   # [len(groups) - 1]
+        if size[j] < small:   # a small group: merge it into its smaller (or more similar) neighbour
+            if by_topic:
+                left = j > 0 and (j == len(groups) - 1 or sim[j - 1] >= sim[j])
+            else:
+                left = j == len(groups) - 1 or (j > 0 and size[j - 1] <= size[j + 1])
+            i = j - 1 if left else j
+        elif by_topic:        # too many groups: merge across the shallowest topic boundary
+            i = max(range(len(groups) - 1), key=lambda k: sim[k])
         else:                 # too many groups: merge the smallest neighbouring pair
             i = min(range(len(groups) - 1), key=lambda k: size[k] + size[k + 1])
         merge(i)
@@ -132,7 +154,8 @@ def tile_sections(sections: list[Section], encoder) -> tuple[list[Section], bool
         if len(body) < TILE_MIN or (len(sections) >= 3 and len(body) < 3 * TILE_MIN):
             out.append(sec)
             continue
-        starts = set(boundaries(encoder.encode(body, progress=False)))
+        emb = np.asarray(encoder.encode(body, progress=False), dtype=np.float32)   # [n, d]
+        starts = set(boundaries(emb))
         if not starts:
             out.append(sec)
             continue
@@ -153,5 +176,9 @@ def tile_sections(sections: list[Section], encoder) -> tuple[list[Section], bool
                 k += 1
             if cur:
                 pieces[-1].append(Paragraph(cur))
-        out += [Section(sec.title, ps) for ps in pieces if any(not q.heading for q in ps)]
+        edges = [0] + sorted(starts) + [len(body)]
+        sums = [emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])]    # [d] per piece, in order
+        kept = [ps for ps in pieces if any(not q.heading for q in ps)]
+        out += [Section(sec.title, ps, emb=e if len(kept) == len(sums) else None)
+                for ps, e in zip(kept, sums + [None] * (len(kept) - len(sums)))]
     return out, cut
