@@ -253,7 +253,8 @@ def topic_segments(doc: _Doc, cand, emb, max_segments: int | None = None):
     for c in names:                                       # tile inside every long chapter
         idx = np.flatnonzero(chapter == c)
         starts = boundaries(emb[idx])
-        if max_segments and len(names) == 1:
+        if max_segments and len(names) == 1 and len(idx) >= 4 * TILE_MIN:   # a long text only:
+            # a short one's few tiles are its topics already (merging them cost ROUGE there)
             starts = merge_similar(emb[idx], starts, max_segments)
         seg[idx] = nxt + segment_ids(len(idx), starts)
         nxt = int(seg[idx].max()) + 1
