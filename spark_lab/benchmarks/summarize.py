@@ -207,8 +207,13 @@ def main(args) -> int:
     summary = table(rows)
     # topic coverage and boundaries on the long unheaded documents
     unheaded = load_unheaded()
+    long_names = set()
     if quick:
         unheaded = unheaded[:1]
+    else:   # and the ~3,000-word ones (a meeting, a status report, an e-mail thread)
+        longer = load_unheaded(data_dir() / "unheaded_long")
+        long_names = {d["name"] for d in longer}
+        unheaded += longer
     cov_rows = evaluate_coverage(methods, unheaded, llm=llm, max_new_tokens=max_new)
     cov = {m: statistics.mean(r["coverage"] for r in cov_rows if r["method"] == m) for m in methods}
     for r in summary:
@@ -223,4 +228,8 @@ def main(args) -> int:
         print(format_table(summary))
         print(f"topic boundaries within 2 sentences: {hits}/{total} "
               f"({len(unheaded)} unheaded documents; coverage = share of their topics a summary names)")
+        if long_names:
+            print("coverage on the long unheaded documents: " + ", ".join(
+                f"{m} {statistics.mean(r['coverage'] for r in cov_rows if r['method'] == m and r['doc'] in long_names):.3f}"
+                for m in methods))
     return 0
