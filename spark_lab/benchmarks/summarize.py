@@ -229,7 +229,8 @@ def main(args) -> int:
         print(f"topic boundaries within 2 sentences: {hits}/{total} "
               f"({len(unheaded)} unheaded documents; coverage = share of their topics a summary names)")
         if long_names:
-            print("coverage on the long unheaded documents: " + ", ".join(
-                f"{m} {statistics.mean(r['coverage'] for r in cov_rows if r['method'] == m and r['doc'] in long_names):.3f}"
-                for m in methods))
+            on_long = {m: statistics.mean(r["coverage"] for r in cov_rows
+                                          if r["method"] == m and r["doc"] in long_names) for m in methods}
+            print("coverage on the long unheaded documents: "
+                  + ", ".join(f"{m} {c:.3f}" for m, c in on_long.items()))
     return 0
