@@ -579,12 +579,20 @@ def quant_matmul(x, qt: QuantTensor, chunk_values: int = 1 << 16, fast: bool = T
             y = qmatvec.qmatmul(x2, qt)                             # [n, out]
             return y.reshape(rows) if x.ndim == 1 else y
     out = xp.empty((x2.shape[0], rows), dtype=xp.float32)          # [n, out]
+    chunked_matmul(x2, lambda r0, r1: dequantize(qt.data[r0:r1], qt.qtype, (r1 - r0, cols)), rows, out,
+                   chunk_values)
+    return out.reshape(rows) if x.ndim == 1 else out
+
+
+def chunked_matmul(x2, weight_rows, rows: int, out, chunk_values: int = 1 << 16):
+    """out [n, rows] = x2 [n, cols] @ W.T, W's output rows taken about `chunk_values` values at a
+    time from weight_rows(r0, r1) -> float32 [r1 - r0, cols]. The one summation order of
+    quant_matmul's reference path, which the strict CUDA twin shares bit for bit."""
+    cols = x2.shape[1]
     step = max(1, chunk_values // cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        w = dequantize(qt.data[r0:r1], qt.qtype, (r1 - r0, cols))  # [chunk, in]
-        out[:, r0:r1] = x2 @ w.T
-    return out.reshape(rows) if x.ndim == 1 else out
+        out[:, r0:r1] = x2 @ weight_rows(r0, r1).T                # [n, in] @ [in, chunk]
 
 
 def release_raw(qt: QuantTensor) -> bool:

@@ -271,14 +271,11 @@ def _dequantized(W, qtype: int, rows: int, cols: int):
 
 def _twin_qmatvec(qtype):
     def twin(W, x, y, rows, cols):
-        # the same output-row chunks as quants.quant_matmul(fast=False), so the same bits
+        # quants.quant_matmul(fast=False)'s chunked loop over the cached weight: the same bits
+        from ..quants import chunked_matmul
         rows, cols = int(rows), int(cols)
-        wf = _dequantized(W, qtype, rows, cols)
-        x2 = x.reshape(-1, cols)                                                  # [n, cols]
-        out = y.reshape(-1, rows)                                                 # [n, rows]
-        step = max(1, (1 << 16) // cols)
-        for r0 in range(0, rows, step):
-            out[:, r0:r0 + step] = x2 @ wf[r0:r0 + step].T
+        wf = _dequantized(W, qtype, rows, cols)                                   # [rows, cols] f32
+        chunked_matmul(x.reshape(-1, cols), lambda r0, r1: wf[r0:r1], rows, y.reshape(-1, rows))
     return twin
 
 

@@ -109,10 +109,12 @@ def merge_similar(emb, starts: list[int], most: int) -> list[int]:
     emb = np.asarray(emb, dtype=np.float32)
     starts = sorted(starts)
     center = emb.mean(axis=0)                                             # [d]
+    edges = [0] + starts + [emb.shape[0]]
+    sums = [emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])]       # [d] per segment
     while len(starts) + 1 > max(1, most):
-        edges = [0] + starts + [emb.shape[0]]
-        sums = np.stack([emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])])   # [g, d]
-        starts.pop(int(np.argmax(neighbour_similarity(sums, center))))
+        k = int(np.argmax(neighbour_similarity(np.stack(sums), center)))
+        starts.pop(k)                                                     # segments k and k + 1 join
+        sums[k] = sums[k] + sums.pop(k + 1)
     return starts
 
 

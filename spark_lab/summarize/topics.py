@@ -179,6 +179,6 @@ def tile_sections(sections: list[Section], encoder) -> tuple[list[Section], bool
         edges = [0] + sorted(starts) + [len(body)]
         sums = [emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])]    # [d] per piece, in order
         kept = [ps for ps in pieces if any(not q.heading for q in ps)]
-        out += [Section(sec.title, ps, emb=e if len(kept) == len(sums) else None)
-                for ps, e in zip(kept, sums + [None] * (len(kept) - len(sums)))]
+        sums = sums if len(kept) == len(sums) else [None] * len(kept)      # pieces and sums must pair up
+        out += [Section(sec.title, ps, emb=e) for ps, e in zip(kept, sums)]
     return out, cut
