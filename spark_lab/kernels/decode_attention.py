@@ -23,7 +23,8 @@ for q8_0) when D is a multiple of 16, else a scalar loop (f16 by integer shifts)
 head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
 Llama-3-8B shapes, one thread (CPU ms, `python -m spark_lab.benchmarks.attention`): f16 22.8 ->
 ~17, q8_0 24.9 -> ~13; what is left is arithmetic (the scores' dot products ~6 ms, the value
-sums ~7 ms), not memory: the cache streams at well under the machine's bandwidth.
+sums ~7 ms), not memory: the cache streams at well under the machine's bandwidth. NaN scores
+give NaN outputs (numba's "numpy" error model), never a ZeroDivisionError.
 """
 from __future__ import annotations
 

@@ -59,4 +59,6 @@ def njit_with_exp(fn, **options):
         return False
     import numba
     fn.__globals__["exp_parts"] = inline
-    return numba.njit(cache=True, fastmath=True, nogil=True, **options)(fn)
+    # error_model numpy: a row whose scores are all NaN (weights from a damaged file) divides by a zero
+    # sum and gets NaN, as NumPy would, instead of raising ZeroDivisionError out of the kernel
+    return numba.njit(cache=True, fastmath=True, nogil=True, **{"error_model": "numpy", **options})(fn)

@@ -11,7 +11,9 @@ that touches only the visible keys and leaves the others at zero.
         -> scores = softmax over the visible keys of scale * scores, 0 elsewhere; rows with no
         visible key are all zero (as `softmax` with a mask gives).
 
-Same numbers as the NumPy path to ~2e-7 (exp is `expf.exp_parts`, a vectorized polynomial).
+Same numbers as the NumPy path to ~2e-7 (exp is `expf.exp_parts`, a vectorized polynomial). A row
+of NaN scores (weights read from a damaged file) comes out NaN, as in NumPy: numba's "numpy" error
+model, not a ZeroDivisionError.
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def attention_sinks_into(q, k, v, sinks, scale: float, lo: int, hi: int, out) ->
     if _KERNEL is None:
         try:
             import numba
-            _KERNEL = numba.njit(cache=True, nogil=True)(_attend_sinks)
+            _KERNEL = numba.njit(cache=True, nogil=True, error_model="numpy")(_attend_sinks)
         except ImportError:
             _KERNEL = False
     if _KERNEL is False or hi <= lo:

@@ -76,6 +76,16 @@ def test_edited_metadata(tiny, tmp_path_factory, edits):
     assert len(out.token_ids) <= 2
 
 
+def test_alignment_1_reads_shifted_weights_without_an_exception(tiny, tmp_path):
+    """Found by `make fuzz`: general.alignment = 1 moves the data start, the weights read as NaN, and the
+    numba softmax raised ZeroDivisionError on an all-NaN row. Garbage weights give garbage tokens, not a traceback."""
+    entries, tensors = tiny
+    entries = list({e[0]: e for e in entries + [("general.alignment", V.UINT32, 1)]}.values())
+    (tmp_path / "a1.gguf").write_bytes(build(entries, tensors))
+    out = LLM.load(tmp_path / "a1.gguf", n_ctx=16).generate([1, 2], max_new_tokens=2, temperature=0.0)
+    assert len(out.token_ids) <= 2
+
+
 def test_forged_head_count_cannot_ask_for_a_giant_cache(tiny, tmp_path):
     """The KV cache is sized by head_count_kv * head_dim: metadata that disagrees with the weights is refused."""
     entries, tensors = tiny

@@ -32,12 +32,12 @@ def valid(tmp_path_factory):
 
 def _read(path: Path, data: bytes):
     path.write_bytes(data)
-    t0 = time.perf_counter()
+    t0 = time.process_time()   # CPU seconds, not wall: robust to a loaded machine
     try:
         out = read_safetensors(path)
     except ValueError as e:
         assert str(e) and "\n" not in str(e)
-        assert time.perf_counter() - t0 < 1.0
+        assert time.process_time() - t0 < 1.0
         return str(e)
     for a in out.values():
         np.asarray(a).sum()          # every accepted view is readable
