@@ -4,6 +4,7 @@ the package docstring.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,20 @@ def _unpack_q6_k(blocks):
     return codes, s
 
 
+def _empty(shape, dtype) -> np.ndarray:
+    """np.empty for the repacked arrays, with a large one's pages mapped in one call (MAP_POPULATE).
+    Every byte is written next anyway; faulting the pages in one by one cost ~5 s per GB on a VM
+    whose host backs guest memory lazily (0.5 s populated), and no more than this elsewhere."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n < POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(shape, dtype)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(m, dtype).reshape(shape)
+
+
+POPULATE_BYTES = 1 << 20
+
+
 def _choose_group(rows: int) -> int:
     return 64 if rows >= 1024 else 32
 
@@ -99,84 +114,141 @@ def _place(arrays, what: str):
     return tuple(alloc.place(a, tag="weights", what=f"{what} (repacked)".strip()) for a in arrays)
 
 
-def _shuffle_q4_k(blocks, G, out):
-    """Q4_K blocks u8 [R, ns, 144] (R a multiple of G) -> out u8 [R/G, ns*8, 4, G, 4]: each
-    32-value sub-block's codes as paired nibbles (byte j = code j | code j+16 << 4), in dwords of
-    4 bytes, G rows side by side (what _words(_pair_nibbles(codes)) gives, without temporaries)."""
-    R, ns = blocks.shape[0], blocks.shape[1]
-    for r in range(R):
-        g, l = r // G, r % G
-        for s in range(ns):
-            for t in range(8):
-                base, sh = 16 + 32 * (t // 2), (t % 2) * 4
-                for j in range(16):
-                    lo = (blocks[r, s, base + j] >> sh) & 15
-                    hi = (blocks[r, s, base + j + 16] >> sh) & 15
-                    out[g, s * 8 + t, j // 4, l, j % 4] = lo | (hi << 4)
+# ---------------------------------------------------------------------------- Q4_K / Q6_K at load (numba)
+# The K-quant repack is a byte shuffle plus a scale decode, done by numba kernels that fill the
+# destination arrays in place (no temporaries, no second copy): parallel over groups of G rows,
+# each (group, super-block) step reads a ~9-13 KB input tile and writes a ~12 KB output tile
+# (both stay in L1). Codes move as 32-bit words (4 values at a time, masks and shifts), the
+# scales are decoded in the same pass. Rows past the end of `raw` (the last group's padding) are
+# read as zero blocks, as the NumPy path pads them.
+
+prange = range        # numba.prange once the kernels are compiled (`_shuffles`)
+_LO, _HI, _B2 = 0x0F0F0F0F, 0xF0F0F0F0, 0x03030303     # per-byte masks of a 32-bit word
 
 
-def _shuffle_q6_k(blocks, G, qs, qh):
-    """Q6_K blocks u8 [R, ns, 210] -> qs u8 [R/G, ns*8, 16, G] (low nibbles paired), qh u8
-    [R/G, ns*8, 8, G] (2-bit highs of values j, j+8, j+16, j+24 in byte j)."""
-    R, ns = blocks.shape[0], blocks.shape[1]
-    lo = np.empty(256, np.uint8)                     # one super-block's codes, value order
-    hi = np.empty(256, np.uint8)
-    for r in range(R):
-        g, l = r // G, r % G
+def _w16(u, e):
+    """Bytes 2e..2e+3 of a row read as u16 [n] -> one little-endian 32-bit word."""
+    return np.uint32(u[e]) | (np.uint32(u[e + 1]) << np.uint32(16))
+
+
+def _pack_q4_k(raw, f16, qs, d, m):
+    """raw u32 [n, ns*36] rows of Q4_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (word w of a
+    32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), d, m f32 [ng, ns*8, G]
+    (d*sc, -(dmin*mn)). f16: f32 [65536], every float16 bit pattern widened as NumPy does."""
+    n, ns = raw.shape[0], raw.shape[1] // 36
+    ng, G = qs.shape[0], qs.shape[3]
+    mu = m.view(np.uint32)                           # -x as a sign flip: LLVM may fold a float negation
+    zero = np.zeros(raw.shape[1], np.uint32)         # into the product, which keeps a NaN's sign
+    for g in prange(ng):
         for s in range(ns):
-            for h in range(2):                       # ql: values h*128 + k (low nibble), + 64 (high)
-                for k in range(64):
-                    byte = blocks[r, s, h * 64 + k]
-                    lo[h * 128 + k] = byte & 15
-                    lo[h * 128 + 64 + k] = byte >> 4
-                for k in range(32):                  # qh: 2 bits of values h*128 + 32*i + k
-                    byte = blocks[r, s, 128 + h * 32 + k]
+            o, b8 = 36 * s, 8 * s
+            for l in range(G):
+                b = raw[g * G + l] if g * G + l < n else zero
+                dd, dm = f16[b[o] & 0xFFFF], f16[b[o] >> 16]
+                for k in range(4):                   # 6-bit scales and mins (quants._k_scale_min)
+                    a, bb, c = (b[o + 1] >> 8 * k) & 255, (b[o + 2] >> 8 * k) & 255, (b[o + 3] >> 8 * k) & 255
+                    d[g, b8 + k, l] = dd * np.float32(a & 63)
+                    m[g, b8 + k, l] = dm * np.float32(bb & 63)
+                    d[g, b8 + 4 + k, l] = dd * np.float32((c & 15) | ((a >> 2) & 48))
+                    m[g, b8 + 4 + k, l] = dm * np.float32((c >> 4) | ((bb >> 2) & 48))
+                for k in range(8):
+                    mu[g, b8 + k, l] ^= np.uint32(0x80000000)
+                for p in range(4):                   # 32 code bytes: sub-block 2p in the low nibbles, 2p+1 high
+                    for w in range(4):
+                        x, y = b[o + 4 + 8 * p + w], b[o + 8 + 8 * p + w]
+                        qs[g, b8 + 2 * p, w, l] = (x & _LO) | ((y & _LO) << 4)
+                        qs[g, b8 + 2 * p + 1, w, l] = ((x >> 4) & _LO) | (y & _HI)
+
+
+def _pack_q6_k(raw, f16, qs, qh, sc):
+    """raw u16 [n, ns*105] rows of Q6_K blocks (n <= ng*G) -> qs u8 [ng, ns*8, 16, G] (low nibbles
+    paired as in Q4_K), qh u8 [ng, ns*8, 8, G] (2-bit highs of values j, j+8, j+16, j+24 in byte j),
+    sc f32 [ng, ns*8, 2, G] (d * the int8 scale of each 16 values)."""
+    n, ns = raw.shape[0], raw.shape[1] // 105
+    ng, G = qs.shape[0], qs.shape[3]
+    zero = np.zeros(raw.shape[1], np.uint16)
+    for g in prange(ng):
+        T = np.empty((8, 6, G), np.uint32)           # a super-block's words per sub-block (4 qs, 2 qh), lanes last
+        for s in range(ns):
+            o, b8 = 105 * s, 8 * s
+            for l in range(G):
+                u = raw[g * G + l] if g * G + l < n else zero
+                dd = f16[u[o + 104]]
+                for k in range(8):
+                    v = u[o + 96 + k]
+                    sc[g, b8 + k, 0, l] = dd * np.float32(np.int8(v & 255))
+                    sc[g, b8 + k, 1, l] = dd * np.float32(np.int8(v >> 8))
+                for h in range(2):                   # values 128h + 32i + j: ql byte 64h + 32(i%2) + j, nibble i//2
                     for i in range(4):
-                        hi[h * 128 + 32 * i + k] = (byte >> (2 * i)) & 3
-            for t in range(8):
-                o = 32 * t
-                for j in range(16):
-                    qs[g, s * 8 + t, j, l] = lo[o + j] | (lo[o + j + 16] << 4)
-                for j in range(8):
-                    qh[g, s * 8 + t, j, l] = (hi[o + j] | (hi[o + j + 8] << 2) | (hi[o + j + 16] << 4)
-                                              | (hi[o + j + 24] << 6))
+                        lo = o + 32 * h + 16 * (i % 2)
+                        for w in range(4):
+                            x, y = _w16(u, lo + 2 * w), _w16(u, lo + 8 + 2 * w)
+                            T[4 * h + i, w, l] = ((x & _LO) | ((y & _LO) << 4)) if i < 2 else (((x >> 4) & _LO) | (y & _HI))
+                    for w in range(2):               # qh byte 32h + j, bits 2i..2i+1
+                        q0, q1 = _w16(u, o + 64 + 16 * h + 2 * w), _w16(u, o + 68 + 16 * h + 2 * w)
+                        q2, q3 = _w16(u, o + 72 + 16 * h + 2 * w), _w16(u, o + 76 + 16 * h + 2 * w)
+                        for i in range(4):
+                            T[4 * h + i, 4 + w, l] = (((q0 >> 2 * i) & _B2) | (((q1 >> 2 * i) & _B2) << 2)
+                                                      | (((q2 >> 2 * i) & _B2) << 4) | (((q3 >> 2 * i) & _B2) << 6))
+            for t in range(8):                       # words -> bytes, G lanes at a time (vectorized)
+                for w in range(4):
+                    for k in range(4):
+                        for l in range(G):
+                            qs[g, b8 + t, 4 * w + k, l] = (T[t, w, l] >> 8 * k) & 255
+                for w in range(2):
+                    for k in range(4):
+                        for l in range(G):
+                            qh[g, b8 + t, 4 * w + k, l] = (T[t, 4 + w, l] >> 8 * k) & 255
 
 
-_SHUFFLE = None   # {name: numba-compiled shuffle}, False without numba
+_SHUFFLE = None   # {"q4_k", "q6_k": numba-compiled kernel}, False without numba
+_F16 = None       # f32 [65536]: every float16 bit pattern as float32
 
 
 def _shuffles():
-    global _SHUFFLE
+    global _SHUFFLE, _F16, _w16, prange
     if _SHUFFLE is None:
         try:
             import numba
-            jit = numba.njit(cache=True, nogil=True)
-            _SHUFFLE = {"q4_k": jit(_shuffle_q4_k), "q6_k": jit(_shuffle_q6_k)}
         except ImportError:
             _SHUFFLE = False
+            return _SHUFFLE
+        prange = numba.prange
+        _w16 = numba.njit(cache=True, nogil=True, inline="always")(getattr(_w16, "py_func", _w16))
+        jit = numba.njit(cache=True, nogil=True, parallel=True)
+        _SHUFFLE = {"q4_k": jit(_pack_q4_k), "q6_k": jit(_pack_q6_k)}
+        _F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     return _SHUFFLE
 
 
-def _repack_k(q, blocks, G):
-    """Q4_K / Q6_K through the numba byte shuffles (the scales in NumPy: 1/144 of the bytes);
-    the same arrays as the NumPy path in `_repack`, ~10x faster (a model's load was ~35 s of it)."""
-    sh = _shuffles()
-    rows, ns, ts = blocks.shape
-    b = blocks.reshape(rows * ns, ts)
+def _k_shapes(q, rows: int, ns: int, G: int):
+    """The repacked arrays' (shape, dtype) for `rows` rows of ns super-blocks (rows a multiple of G)."""
+    ng, nb = rows // G, ns * 8
     if q == QT.Q4_K:
-        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-        sc, mn = _k_scale_min(b[:, 4:16], np)
-        d32 = (d[:, None] * sc.astype(np.float32)).reshape(rows, ns * 8)
-        m32 = -(dmin[:, None] * mn.astype(np.float32)).reshape(rows, ns * 8)
-        qs = np.empty((rows // G, ns * 8, 4, G, 4), np.uint8)
-        sh["q4_k"](blocks, G, qs)
-        return "nib", (qs, _lanes(d32, G), _lanes(m32, G))
-    d = _f16(b[:, 208:210])
-    s = (d[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)).reshape(rows, ns * 8, 2)
-    qs = np.empty((rows // G, ns * 8, 16, G), np.uint8)
-    qh = np.empty((rows // G, ns * 8, 8, G), np.uint8)
-    sh["q6_k"](blocks, G, qs, qh)
-    return "q6_k", (qs, qh, _lanes(s, G))
+        return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.float32), ((ng, nb, G), np.float32)]
+    return [((ng, nb, 16, G), np.uint8), ((ng, nb, 8, G), np.uint8), ((ng, nb, 2, G), np.float32)]
+
+
+def _pack_k(q, raw, out) -> None:
+    """Q4_K / Q6_K rows raw u8 [n, row bytes] -> the repacked arrays `out` (their groups cover
+    n rows; the rest are padding), through the numba kernels."""
+    k, word = _shuffles(), (4 if q == QT.Q4_K else 2)
+    if raw.ctypes.data % word or not raw.flags.c_contiguous:              # a GGUF aligns its tensors: rare
+        raw = np.array(raw)
+    raw = raw.view(np.uint32 if word == 4 else np.uint16)
+    if q == QT.Q4_K:
+        qs, d, m = out
+        k["q4_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), d, m)
+    else:
+        k["q6_k"](raw, _F16, *out)
+
+
+def _repack_k(q, blocks, G):
+    """Q4_K / Q6_K through the numba kernels: the same arrays as the NumPy path in `_repack`."""
+    rows, ns, ts = blocks.shape
+    out = [np.empty(shape, dt) for shape, dt in _k_shapes(q, rows, ns, G)]
+    _pack_k(q, blocks.reshape(rows, ns * ts), out)
+    return ("nib" if q == QT.Q4_K else "q6_k"), tuple(out)
 
 
 def _repack(q, blocks, G, fast: bool = True):
@@ -220,16 +292,24 @@ def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bo
     ng = -(-rows // G)
     step = max(1, PREPARE_ROWS // G) * G
     kind = None
+    direct = qt.qtype in (QT.Q4_K, QT.Q6_K) and _shuffles()              # the kernels write dst in place
+    if direct:
+        kind = "nib" if qt.qtype == QT.Q4_K else "q6_k"
+        if dst is None:
+            dst = [_empty(shape, dt) for shape, dt in _k_shapes(qt.qtype, (ng_total or ng) * G, cols // bs, G)]
     for r0 in range(0, ng * G, step):
         r1 = min(r0 + step, ng * G)
         blocks = raw[r0:min(r1, rows)]
-        if r1 > rows:                                                      # the last group's padding rows
-            blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
-        kind, arrays = _repack(qt.qtype, blocks, G)
-        if dst is None:
-            dst = [np.empty((ng_total or ng, *a.shape[1:]), a.dtype) for a in arrays]
-        for d, a in zip(dst, arrays):
-            d[g0 + r0 // G:g0 + r1 // G] = a
+        if direct:                                                         # padding rows are read as zeros there
+            _pack_k(qt.qtype, blocks.reshape(len(blocks), -1), [d[g0 + r0 // G:g0 + r1 // G] for d in dst])
+        else:
+            if r1 > rows:                                                  # the last group's padding rows
+                blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
+            kind, arrays = _repack(qt.qtype, blocks, G)
+            if dst is None:
+                dst = [_empty((ng_total or ng, *a.shape[1:]), a.dtype) for a in arrays]
+            for d, a in zip(dst, arrays):
+                d[g0 + r0 // G:g0 + r1 // G] = a
         if release and qt.data.flags.c_contiguous:
             release_raw(QuantTensor(qt.data[r0:min(r1, rows)], qt.qtype, (min(r1, rows) - r0, cols)))
     return kind, dst
