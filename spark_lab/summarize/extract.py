@@ -11,6 +11,7 @@ import numpy as np
 
 from .segment import Paragraph, _truncate_words, count_words, detect_language, split_paragraphs
 from .summary import Summary, _done
+from .tiling import SENTENCE_WORDS  # a typical extracted sentence: W words cover W // 20 topics
 from .topics import Section
 
 # ---------------------------------------------------------------------------- extractive
@@ -20,8 +21,8 @@ POSITION = 0.2          # weight of "earlier in its section" in relevance (lead 
 DUPLICATE = 0.9         # cosine above which a sentence repeats one already picked: never taken
 DAMPING = 0.85          # PageRank damping
 SECTION_SENTENCES = 400  # above this many sentences, rank within sections first
-SENTENCE_WORDS = 20     # a typical extracted sentence: a budget of W words covers W // 20 topics
 SEGMENT_LEAD = 0.1      # bonus for opening a topic segment (its first sentence usually names the topic)
+TOPICAL = 0.6           # weight of topicality (nearness to what sets a sentence's segment apart)
 
 
 @lru_cache(maxsize=2)
@@ -200,6 +201,24 @@ def position_prior(section_of) -> np.ndarray:
     return out
 
 
+def topicality(emb, segment_of) -> np.ndarray:
+    """emb [m, d] unit rows, segment_of [m] -> [m] in [0, 1]: how closely each sentence points
+    where its segment differs from the whole text (cosine of the sentence and the segment's mean,
+    both less the text's mean), scaled within its segment. LexRank favours sentences central to
+    the whole text, which in a long one are its common talk ("Remind us of the cost."); the
+    sentence that names a segment's topic is the one nearest what sets the segment apart."""
+    emb = np.asarray(emb, dtype=np.float32)
+    c = emb.mean(axis=0)                                                  # [d]
+    x = emb - c
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)      # [m, d]
+    out = np.zeros(len(emb), dtype=np.float32)
+    for s in np.unique(segment_of):
+        idx = np.flatnonzero(segment_of == s)
+        m = x[idx].mean(axis=0)
+        out[idx] = _minmax(x[idx] @ (m / max(float(np.linalg.norm(m)), 1e-12)))
+    return out
+
+
 def _extract(doc: _Doc, max_words: int, ranked=None, encoder=None, progress: bool = False) -> list[str]:
     """The extractive picks (document order) for a word budget."""
     return [t for _, t in _extract_indexed(doc, max_words, ranked, encoder, progress)]
@@ -216,8 +235,8 @@ def _extract_indexed(doc: _Doc, max_words: int, ranked=None, encoder=None, progr
     # as many topics as the budget gives a sentence each: a long text tiles into far more
     # segments than that, and their shallowest boundaries are dropped first
     seg = topic_segments(doc, cand, emb, max_segments=max(2, max_words // SENTENCE_WORDS))
-    if seg is not None and len(np.unique(seg)) > 1:   # a topic's opening sentence usually names it
-        rel = rel + SEGMENT_LEAD * position_prior(seg)
+    if seg is not None and len(np.unique(seg)) > 1:   # the sentence that opens or sets apart a topic names it
+        rel = rel + SEGMENT_LEAD * position_prior(seg) + TOPICAL * topicality(emb, seg)
     chosen = mmr_select(emb, rel, doc.lengths[cand], max_words, segment_of=seg)
     if not chosen:  # every sentence is longer than the budget: the best one, cut
         best = int(cand[int(np.argmax(rel))])

@@ -9,7 +9,7 @@ from .chunks import (MAP_PROMPT, REDUCE_PROMPT, TOPIC_PROMPT, _Budget, _clean, _
 from .segment import _truncate_words, count_words, detect_language, split_paragraphs
 from .summary import Summary, _done
 from .topics import (WORDS_PER_TOPIC, Section, fit_words, section_chunks, split_sections, tile_sections,
-                     topic_groups)
+                     topic_groups, topical_lines)
 
 def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = None,
                 max_new_tokens: int | None = None, language: str | None = None,
@@ -34,7 +34,7 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
 
     # 1. map: every chunk summarized on its own
     chunks = chunk_text(paras, b.chunk, b)
-    sections, tiled = split_sections(paras), False
+    sections, tiled, enc = split_sections(paras), False, None
     if _paragraphs is None:   # topics found where headings are missing or few (hybrid brings its own)
         enc = encoder or _tiling_encoder()
         if enc is not None:
@@ -45,7 +45,7 @@ def abstractive(text: str, llm, max_words: int = 150, token_max: int | None = No
         return _done(s, words_in, t0)
     groups = topic_groups(sections, b, max_words)
     if len(groups) > 1:
-        s = _sectioned(groups, b, ask, max_words, progress, lang, words_in, t0)
+        s = _sectioned(groups, b, ask, max_words, progress, lang, words_in, t0, encoder=enc)
         s.llm_calls = calls
         return s
     part_words = _part_words(b, max_words)
@@ -93,9 +93,11 @@ def _reduce(partials: list, b: _Budget, ask, max_words: int, progress: bool, des
 
 
 def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress: bool, lang: str,
-               words_in: int, t0: float) -> Summary:
+               words_in: int, t0: float, encoder=None) -> Summary:
     """Map inside each topic group (prompts name the group), reduce inside each group until it
-    fits, then one LLM sentence per group; the summary is those sentences in document order."""
+    fits, then one LLM sentence per group; the summary is those sentences in document order.
+    Groups of tiled text (no headings; they carry embeddings) take the line of what the LLM
+    wrote for them that names their topic (topics.topical_lines) when `encoder` is given."""
     work = []                                        # (group index, chunk)
     for gi, g in enumerate(groups):
         work += [(gi, c) for c in section_chunks(g.parts or [g], b)]
@@ -103,7 +105,7 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
     partials = [ask(MAP_PROMPT, c, part_words, keep=max_words)
                 for gi, c in _progress(work, progress, "map", len(work))]
     per_topic = max(WORDS_PER_TOPIC, max_words // len(groups))   # asked for; fitted below
-    rounds, topics, sentences, asked = [], [], [], []
+    rounds, topics, sentences, asked, written = [], [], [], [], []
     for gi, g in enumerate(_progress(groups, progress, "topics", len(groups))):
         mine = [p for (gj, _), p in zip(work, partials) if gj == gi and p]
         r, cur = _reduce(mine, b, ask, max_words, False)
@@ -121,9 +123,13 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
             asked.append(sent)
         sent = " ".join(sent.split())                # one paragraph: no line breaks inside
         sentences.append(sent)
+        written.append([sent] + mine)
         topics.append({"topic": g.title, "chunks": sum(gj == gi for gj, _ in work), "summary": sent})
     if asked:
         rounds.append(asked)
+    if encoder is not None and all(g.emb is not None and not g.title for g in groups):
+        sentences = topical_lines(written, groups, encoder, max_words, lang,
+                                  ask_again=lambda text, words: ask(MAP_PROMPT, text, words, keep=max_words))
     fitted = fit_words(sentences, max_words)
     for t, f in zip(topics, fitted):
         t["summary"] = f

@@ -4,31 +4,40 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from .mapreduce import abstractive
 from .chunks import MAP_PROMPT, _Budget, _clean, _messages, _progress, generate
-from .extract import _chapters, _extract_indexed, _prepare, _rank, topic_segments
+from .extract import _chapters, _default_encoder, _extract_indexed, _prepare, _rank, topic_segments
 from .segment import Paragraph
 from .summary import Summary, _done
-from .topics import WORDS_PER_TOPIC, Section, fit_words, topic_groups
+from .topics import WORDS_PER_TOPIC, Section, fit_words, topic_groups, topical_lines
 
 HYBRID_FACTOR = 4   # hybrid extracts at most this many times max_words before rewriting
 
 
 def _segment_sections(doc, picks: list, ranked) -> list[Section]:
-    """Extracted (index, sentence) pairs -> one untitled Section per topic segment they come from."""
+    """Extracted (index, sentence) pairs -> one untitled Section per topic segment they come from,
+    carrying the summed embedding of all the segment's sentences (so that topic_groups merges
+    the segments by topic, not by the size of their extract)."""
     cand, emb, _ = ranked
     seg = topic_segments(doc, cand, emb)
     if seg is None:
         return []
     where = {int(c): k for k, c in enumerate(cand)}
-    out, last = [], None
+    out, rows, last = [], [], None
     for i, t in picks:
         g = int(seg[where[i]]) if i in where else last
         if out and g == last:
             out[-1].paragraphs[0].sentences.append(t)
         else:
-            out.append(Section("", [Paragraph([t])]))
+            mine = seg == g                                                # [m] this segment's sentences
+            out.append(Section("", [Paragraph([t])], emb=emb[mine].sum(axis=0), count=int(mine.sum())))
+            rows.append([])
+        rows[-1].append(emb[where[i]] if i in where else None)
         last = g
+    for sec, r in zip(out, rows):    # the picks' own embeddings, when every pick has one
+        sec.rows = None if any(x is None for x in r) else np.stack(r)
     return out
 
 
@@ -71,10 +80,18 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
             body = f"# {g.title}\n\n{body}" if g.title else body
             out = generate(llm, _messages(MAP_PROMPT, body, per_topic), b.out)
             outs.append(" ".join(_clean(out, max_words).split()))
-        fitted = fit_words(outs, max_words)
+        lines, again = outs, []
+        if all(g.emb is not None and not g.title for g in groups):   # tiled: the line that names the topic
+            def ask_again(body, words):
+                again.append(generate(llm, _messages(MAP_PROMPT, body, words), b.out))
+                return " ".join(_clean(again[-1], max_words).split())
+            lines = topical_lines([[o] for o in outs], groups, encoder or _default_encoder(), max_words,
+                                  doc.language, ask_again=ask_again)
+        fitted = fit_words(lines, max_words)
         topics = [{"topic": g.title, "chunks": 1, "summary": f} for g, f in zip(groups, fitted)]
         s = Summary(" ".join(f for f in fitted if f), "hybrid", sentences=sents, partials=outs,
-                    chunks=len(groups), llm_calls=len(groups), language=doc.language, topics=topics)
+                    chunks=len(groups), llm_calls=len(groups) + len(again), language=doc.language,
+                    topics=topics)
         return _done(s, words_in, t0)
     paras = [Paragraph(sents)]   # one flowing paragraph: one-line paragraphs invite list-like echoes
     ab = abstractive(" ".join(sents), llm, max_words=max_words, token_max=token_max,

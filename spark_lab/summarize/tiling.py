@@ -13,6 +13,7 @@ import numpy as np
 
 MIN_SENTENCES = 5      # shortest topic segment, in sentences
 TILE_MIN = 24          # fewer sentences than this: one topic, no tiling
+SENTENCE_WORDS = 20    # a sentence that names a topic: a budget of W words covers W // 20 topics
 
 
 @dataclass
@@ -91,30 +92,34 @@ def boundaries(emb, paragraph_starts=(), cfg: TilingConfig | None = None) -> lis
     return sorted(chosen)
 
 
-def neighbour_similarity(sums, center) -> np.ndarray:
-    """sums [g, d] (each segment's summed sentence embeddings, in text order), center [d] (the
-    text's mean sentence) -> [g - 1] cosine of neighbouring segments' mean sentences less the
-    center: MiniLM embeddings share a large common direction (a transcript's speaker names, a
-    report's style), and without removing it every pair of segments looks alike."""
-    m = np.asarray(sums, dtype=np.float32)
-    m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12) - np.asarray(center, np.float32)
-    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
-    return (m[:-1] * m[1:]).sum(axis=1)
+def ward_cost(sums, counts) -> np.ndarray:
+    """sums [g, d] (each segment's summed sentence embeddings, in text order), counts [g]
+    (its sentences) -> [g - 1] Ward's cost of joining neighbours: n_a n_b / (n_a + n_b) *
+    |mean_a - mean_b|^2, the spread a merge adds. A few sentences split off a topic (a short
+    reply, an aside) cost little to put back, while two long segments must really differ to be
+    kept apart; the plain similarity of means treats a 5-sentence scrap like a 40-sentence topic
+    and keeps scraps at the cost of a true boundary."""
+    s = np.asarray(sums, dtype=np.float32)
+    n = np.asarray(counts, dtype=np.float32)
+    m = s / np.maximum(n, 1.0)[:, None]                                  # [g, d] mean sentences
+    d = ((m[:-1] - m[1:]) ** 2).sum(axis=1)                               # [g - 1]
+    return (n[:-1] * n[1:] / np.maximum(n[:-1] + n[1:], 1.0) * d).astype(np.float32)
 
 
 def merge_similar(emb, starts: list[int], most: int) -> list[int]:
-    """emb [n, d], boundaries -> at most `most` segments: the boundary between the most similar
-    neighbouring segments (the shallowest topic change) is dropped first. Short or tiling texts
-    over-segment long ones (every few paragraphs); the deepest boundaries are the topics."""
+    """emb [n, d], boundaries -> at most `most` segments: the neighbouring pair that is cheapest
+    to join (ward_cost, the shallowest topic change) merges first. Tiling over-segments long
+    texts (every few paragraphs); the deepest boundaries are the topics."""
     emb = np.asarray(emb, dtype=np.float32)
     starts = sorted(starts)
-    center = emb.mean(axis=0)                                             # [d]
     edges = [0] + starts + [emb.shape[0]]
     sums = [emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])]       # [d] per segment
+    counts = [z - a for a, z in zip(edges, edges[1:])]
     while len(starts) + 1 > max(1, most):
-        k = int(np.argmax(neighbour_similarity(np.stack(sums), center)))
+        k = int(np.argmin(ward_cost(np.stack(sums), counts)))
         starts.pop(k)                                                     # segments k and k + 1 join
         sums[k] = sums[k] + sums.pop(k + 1)
+        counts[k] += counts.pop(k + 1)
     return starts
 
 

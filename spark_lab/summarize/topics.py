@@ -8,11 +8,12 @@ import numpy as np
 
 from .chunks import MAP_PROMPT, _Budget, chunk_text
 from .segment import Paragraph, _truncate_words, count_words
-from .tiling import neighbour_similarity
+from .tiling import SENTENCE_WORDS, ward_cost
 
 # ---------------------------------------------------------------------------- sections
 
 WORDS_PER_TOPIC = 12   # the shortest sentence a topic group gets in the final summary
+ON_TOPIC = 0.1         # quantile of a group's own sentences' topicality that its line has to reach
 
 
 @dataclass
@@ -21,6 +22,8 @@ class Section:
     paragraphs: list           # list[Paragraph]: body text and sub-headings
     parts: list = field(default_factory=list)   # a topic group: the sections it bundles
     emb: object = None         # [d] sum of its body sentences' embeddings (tiled pieces), or None
+    count: int = 0             # how many sentences `emb` sums
+    rows: object = None        # [count, d] those sentences' embeddings (body sentences, in order), or None
 
 
 def split_sections(paras: list) -> list[Section]:
@@ -44,13 +47,18 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
     pair merges, until the count fits. A group's title lists its sections' headings.
 
     Untitled pieces that carry embeddings (tiled text without headings) merge by topic instead
-    of size: a small one joins its more similar neighbour, then the most similar neighbouring
-    pair (the shallowest topic boundary) merges, so the deepest boundaries are the ones kept."""
+    of size, into at most max_words // SENTENCE_WORDS groups: a small one joins the neighbour
+    it is cheaper to join (tiling.ward_cost), then the cheapest neighbouring pair (the
+    shallowest topic boundary) merges, so the deepest boundaries are the ones kept. Without a
+    heading, a group's sentence has to name its topic itself: cut to 12 words it often stops
+    before it does."""
     if len(sections) < 2:
         return sections
-    most = max(1, max_words // WORDS_PER_TOPIC)
-    sections = [Section(_short_title(s.title, b), s.paragraphs, emb=s.emb) for s in sections]
-    groups = [Section(s.title, list(s.paragraphs), [s], s.emb) for s in sections]
+    by_topic = all(not s.title and s.emb is not None for s in sections)
+    most = max(1, max_words // (SENTENCE_WORDS if by_topic else WORDS_PER_TOPIC))
+    sections = [Section(_short_title(s.title, b), s.paragraphs, emb=s.emb, count=s.count, rows=s.rows)
+                for s in sections]
+    groups = [Section(s.title, list(s.paragraphs), [s], s.emb, s.count, s.rows) for s in sections]
     size = [sum(b.tokens(x) for p in s.paragraphs for x in p.sentences) for s in groups]
 
     def merge(i):   # group i absorbs group i + 1; a heading shared by both is named once
@@ -58,7 +66,10 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
         titles = dict.fromkeys(s.title for s in parts if s.title)
         e = (None if groups[i].emb is None or groups[i + 1].emb is None
              else groups[i].emb + groups[i + 1].emb)
-        groups[i] = Section("; ".join(titles), groups[i].paragraphs + groups[i + 1].paragraphs, parts, e)
+        r = (None if groups[i].rows is None or groups[i + 1].rows is None
+             else np.concatenate([groups[i].rows, groups[i + 1].rows]))
+        groups[i] = Section("; ".join(titles), groups[i].paragraphs + groups[i + 1].paragraphs, parts, e,
+                            groups[i].count + groups[i + 1].count, r)
         size[i] += size.pop(i + 1)
         groups.pop(i + 1)
 
@@ -69,25 +80,21 @@ def topic_groups(sections: list[Section], b: _Budget, max_words: int) -> list[Se
             merge(i)
         else:
             i += 1
-    by_topic = all(not g.title and g.emb is not None for g in groups)
-    if by_topic:   # the text's mean sentence: what every piece shares (speaker names, style)
-        n = sum(len(p.sentences) for g in groups for p in g.paragraphs if not p.heading)
-        center = sum(g.emb for g in groups) / max(n, 1)                   # [d]
     small = 0.25 * sum(size) / len(size)
     while len(groups) > 1:
         j = min(range(len(groups)), key=lambda k: size[k])
         if len(groups) <= most and size[j] >= small:
             break
         if by_topic:
-            sim = neighbour_similarity(np.stack([g.emb for g in groups]), center)   # [len(groups) - 1]
-        if size[j] < small:   # a small group: merge it into its smaller (or more similar) neighbour
+            cost = ward_cost(np.stack([g.emb for g in groups]), [g.count for g in groups])   # [len(groups) - 1]
+        if size[j] < small:   # a small group: merge it into its smaller (or closer) neighbour
             if by_topic:
-                left = j > 0 and (j == len(groups) - 1 or sim[j - 1] >= sim[j])
+                left = j > 0 and (j == len(groups) - 1 or cost[j - 1] <= cost[j])
             else:
                 left = j == len(groups) - 1 or (j > 0 and size[j - 1] <= size[j + 1])
             i = j - 1 if left else j
         elif by_topic:        # too many groups: merge across the shallowest topic boundary
-            i = max(range(len(groups) - 1), key=lambda k: sim[k])
+            i = min(range(len(groups) - 1), key=lambda k: cost[k])
         else:                 # too many groups: merge the smallest neighbouring pair
             i = min(range(len(groups) - 1), key=lambda k: size[k] + size[k + 1])
         merge(i)
@@ -121,6 +128,77 @@ def fit_words(texts: list, max_words: int) -> list:
                 share[j] = max(1, fair)
             break
     return [_truncate_words(t, share[i]) if n[i] > share[i] else t for i, t in enumerate(texts)]
+
+
+def topical_lines(outputs: list, groups: list[Section], encoder, max_words: int, language: str = "en",
+                  ask_again=None) -> list:
+    """One line per topic group of an unheaded text, from what the LLM wrote for it.
+
+    outputs[g] holds the LLM texts of group g (its answer first, then any map partials).
+    SmolLM2-135M asked about a group often writes about something else ("The text is concise
+    and focused on the main points", an echo of the prompt, a greeting from the e-mail it read),
+    and without a heading nothing tells the reader which topic a line is about. A sentence is
+    on topic when it points where the group differs from the whole text (`_toward`) at least as
+    much as all but the least topical tenth of the group's own sentences do (`rows`; SmolLM2's
+    off-topic lines score near zero, its paraphrases of a topic about as high as the sentences
+    they come from); the line starts at the first such
+    sentence the LLM wrote (else at the one nearest the topic) and goes on with the sentences
+    after it while they fit the group's share of max_words. When none is on topic and the
+    group's text pairs with its rows, `ask_again(text, words)` rewrites the group's most
+    topical sentences (about twice its share: a short extract, which the small model keeps to) and its sentences
+    compete too. -> [line per group]"""
+    from .segment import split_sentences
+    share = max(1, max_words // max(len(groups), 1))
+    center = sum(g.emb for g in groups) / max(sum(g.count for g in groups), 1)   # [d] the text's mean
+    lines = []
+    for g, texts in zip(groups, outputs):
+        d = g.emb / max(g.count, 1) - center                                  # [d] what sets g apart
+        src = _toward(g.rows, center, d) if g.rows is not None and len(g.rows) else None   # [count]
+        floor = float(np.quantile(src, ON_TOPIC)) if src is not None else np.inf
+        cands = [split_sentences(t, language) for t in texts if t and t.strip()]
+        where = _first_on_topic(cands, encoder, center, d, floor)
+        body = [x for p in g.paragraphs if not p.heading for x in p.sentences]
+        if where[0] < floor and ask_again is not None and src is not None and len(body) == len(src):
+            keep, words = [], 0
+            for k in np.argsort(-src, kind="stable"):                         # most topical first
+                if words >= 2 * share:
+                    break
+                keep.append(int(k))
+                words += count_words(body[k])
+            again = ask_again(" ".join(body[k] for k in sorted(keep)), share)
+            cands.append(split_sentences(again, language) if again and again.strip() else [])
+            where = _first_on_topic(cands, encoder, center, d, floor)
+        if where[1] is None:
+            lines.append("")
+            continue
+        sents = cands[where[1][0]]
+        line = [sents[where[1][1]]]
+        for x in sents[where[1][1] + 1:]:
+            if count_words(" ".join(line + [x])) > share:
+                break
+            line.append(x)
+        lines.append(" ".join(" ".join(line).split()))
+    return lines
+
+
+def _first_on_topic(cands: list, encoder, center, direction, floor: float):
+    """cands [[sentence, ...] per text] -> (score, (text, sentence)) of the first sentence
+    scoring >= floor, else of the best one; (-inf, None) when there is none."""
+    flat = [(ti, si, x) for ti, sents in enumerate(cands) for si, x in enumerate(sents)]
+    if not flat:
+        return -np.inf, None
+    sc = _toward(encoder.encode([x for _, _, x in flat], progress=False), center, direction)   # [k]
+    ok = np.flatnonzero(sc >= floor)
+    k = int(ok[0]) if len(ok) else int(np.argmax(sc))
+    return float(sc[k]), flat[k][:2]
+
+
+def _toward(rows, center, direction) -> np.ndarray:
+    """rows [k, d] sentence embeddings -> [k] cosine of each (less the text's mean `center`)
+    with `direction` [d]."""
+    x = np.asarray(rows, dtype=np.float32) - center                          # [k, d]
+    dn = direction / max(float(np.linalg.norm(direction)), 1e-12)
+    return (x @ dn) / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
 
 
 def section_chunks(sections: list[Section], b: _Budget) -> list[str]:
@@ -178,7 +256,10 @@ def tile_sections(sections: list[Section], encoder) -> tuple[list[Section], bool
                 pieces[-1].append(Paragraph(cur))
         edges = [0] + sorted(starts) + [len(body)]
         sums = [emb[a:z].sum(axis=0) for a, z in zip(edges, edges[1:])]    # [d] per piece, in order
+        counts = [z - a for a, z in zip(edges, edges[1:])]
         kept = [ps for ps in pieces if any(not q.heading for q in ps)]
-        sums = sums if len(kept) == len(sums) else [None] * len(kept)      # pieces and sums must pair up
-        out += [Section(sec.title, ps, emb=e) for ps, e in zip(kept, sums)]
+        rows = [emb[a:z] for a, z in zip(edges, edges[1:])]                # [count, d] per piece
+        if len(kept) != len(sums):                                         # pieces and sums must pair up
+            sums, counts, rows = [None] * len(kept), [0] * len(kept), [None] * len(kept)
+        out += [Section(sec.title, ps, emb=e, count=c, rows=r) for ps, e, c, r in zip(kept, sums, counts, rows)]
     return out, cut
