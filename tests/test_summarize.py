@@ -369,8 +369,10 @@ def test_hybrid_extracts_what_fits_then_rewrites(encoder):
     text = S.read_document(DATA / "06_drinking_water.txt")
     llm = EchoLLM(n_ctx=300)
     s = S.summarize(text, "hybrid", max_words=60, llm=llm, encoder=encoder, progress=False)
-    # the article has no headings: its topics, found by tiling, get one rewrite call each
-    assert s.method == "hybrid" and s.chunks == s.llm_calls == len(s.topics) == len(llm.prompts) >= 3
+    # the article has no headings: its topics, found by tiling, get one rewrite call each, and a
+    # topic whose rewrite is off topic one more (topics.topical_lines; the echo starts mid-way)
+    assert s.method == "hybrid" and s.chunks == len(s.topics) >= 3
+    assert s.chunks <= s.llm_calls == len(llm.prompts) <= 2 * s.chunks
     assert sum(S.count_words(x) for x in s.sentences) <= S.HYBRID_FACTOR * 60
     assert all(x in text for x in s.sentences)
     assert s.words_out <= 60
