@@ -253,7 +253,8 @@ class GGUFFile:
             offset = c.scalar("<Q", name)
             infos.append((name, dims, qtype, offset))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if isinstance(align, (bool, np.ndarray, list, str, float)) or not 0 < align <= 1 << 20 or align & (align - 1):
+        if (not isinstance(align, (int, np.integer)) or isinstance(align, bool)   # a string array, a float, ...
+                or not 0 < align <= 1 << 20 or align & (align - 1)):
             raise GGUFError(f"bad GGUF {self.path}: general.alignment = {align!r:.40} is not a power of two "
                             f"up to 1 MiB")
         align = int(align)

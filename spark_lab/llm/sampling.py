@@ -57,8 +57,23 @@ def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: flo
     ids = np.unique(np.asarray(recent, dtype=np.int64))
     vals = logits[ids]
     logits = logits.copy()
-    logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    with np.errstate(over="ignore", divide="ignore"):   # an extreme penalty overflows float32: +-inf, see `sample`
+        logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return logits
+
+
+def _certain_or_finite(logits: np.ndarray) -> np.ndarray:
+    """Logits with NaN or +inf (a damaged model's NaN, a float32 overflow of an extreme repetition penalty,
+    found by the server fuzzer) -> ones `sample` can draw from: NaN is never drawn, +inf tokens share all the
+    probability; all impossible (-inf or NaN everywhere) falls back to the argmax, as temperature 0 does."""
+    plus = np.isposinf(logits)
+    if plus.any():
+        return np.where(plus, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+    out = np.where(np.isnan(logits), np.float32(-np.inf), logits).astype(np.float32)
+    if np.isneginf(out).all():
+        out = np.full_like(out, -np.inf)
+        out[int(np.argmax(logits))] = 0.0
+    return out
 
 
 def banned_by_ngrams(generated: list[int], n: int) -> list[int]:
@@ -84,6 +99,8 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, rece
         logits[ban] = -np.inf
     if p.temperature == 0.0:
         return int(np.argmax(logits))
+    if not np.isfinite(logits).all():
+        logits = _certain_or_finite(logits)
     ids = np.arange(logits.shape[0])
     if p.top_k and p.top_k < logits.shape[0]:
         keep = np.argpartition(-logits, p.top_k - 1)[:p.top_k]

@@ -86,6 +86,17 @@ def test_alignment_1_reads_shifted_weights_without_an_exception(tiny, tmp_path):
     assert len(out.token_ids) <= 2
 
 
+@pytest.mark.parametrize("value", [((V.ARRAY, V.STRING), []), ((V.ARRAY, V.INT32), [32]), (V.FLOAT32, 32.0),
+                                   (V.BOOL, True), (V.STRING, "32")])
+def test_alignment_of_the_wrong_type_is_refused(tiny, tmp_path, value):
+    """Found by `make fuzz`: general.alignment as an empty string array raised TypeError comparing it to 0."""
+    entries, tensors = tiny
+    entries = list({e[0]: e for e in entries + [("general.alignment", *value)]}.values())
+    (tmp_path / "at.gguf").write_bytes(build(entries, tensors))
+    with pytest.raises(ValueError, match="general.alignment = .* is not a power of two"):
+        LLM.load(tmp_path / "at.gguf", n_ctx=16)
+
+
 def test_forged_head_count_cannot_ask_for_a_giant_cache(tiny, tmp_path):
     """The KV cache is sized by head_count_kv * head_dim: metadata that disagrees with the weights is refused."""
     entries, tensors = tiny

@@ -39,3 +39,18 @@ def test_default_seed_repeats_a_draw():
     logits = np.log(np.array([0.4, 0.35, 0.25], np.float32))
     draws = [sample(logits, SamplingParams(), np.random.default_rng(SamplingParams().seed)) for _ in range(5)]
     assert len(set(draws)) == 1
+
+
+def test_extreme_penalty_and_non_finite_logits_still_draw_a_token():
+    """Found by `make fuzz` on the server: repetition_penalty = 7.6e-178 overflowed float32 to +inf logits,
+    the probabilities became NaN and the draw raised IndexError (a 500). +inf tokens share the probability,
+    NaN is never drawn, all-impossible falls back to the argmax."""
+    rng = np.random.default_rng(0)
+    logits = np.array([-3.0, 1.0, -2.0, 0.5], np.float32)
+    p = SamplingParams(temperature=0.8, repetition_penalty=7.6e-178, top_k=0, top_p=1.0, min_p=0.0)
+    draws = {sample(logits, p, rng, recent=[1, 3]) for _ in range(200)}
+    assert draws == {1, 3}                                       # both overflowed to +inf, both drawn
+    nan = np.array([np.nan, 0.0, np.nan, -1.0], np.float32)
+    assert {sample(nan, SamplingParams(), rng) for _ in range(200)} <= {1, 3}
+    all_bad = np.array([np.nan, -np.inf, np.nan], np.float32)
+    assert sample(all_bad, SamplingParams(), rng) in (0, 1, 2)
