@@ -120,7 +120,7 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        arrays = [None if a is None else np.array(a[:, :n]) for a in _kv_arrays(cache)]
+        arrays = [None if a is None else a[:, :n].copy() for a in _kv_arrays(cache)]   # stays where the cache is
         size = sum(a.nbytes for a in arrays if a is not None)
         if size > self.budget:
             return

@@ -54,6 +54,9 @@ def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
     llm = LLM(p, n_ctx=64)
     m, c = llm.model, llm.config
     dec = m._decoder()
+    if dec is None:
+        pytest.skip("the fused CPU decoder's batch step; on a device (strict) the batch runs the xp path, "
+                    "tested by the streams tests below")
     ps = prompts(5, seed=1)
     caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(10)]
     for i, p in enumerate(ps):
