@@ -13,7 +13,7 @@ from .tiling import SENTENCE_WORDS, ward_cost
 # ---------------------------------------------------------------------------- sections
 
 WORDS_PER_TOPIC = 12   # the shortest sentence a topic group gets in the final summary
-ON_TOPIC = 0.1         # quantile of a group's own sentences' topicality that its line has to reach
+ON_TOPIC = 0.5         # its line has to be as topical as the group's median sentence (quantile)
 
 
 @dataclass
@@ -139,9 +139,10 @@ def topical_lines(outputs: list, groups: list[Section], encoder, max_words: int,
     and focused on the main points", an echo of the prompt, a greeting from the e-mail it read),
     and without a heading nothing tells the reader which topic a line is about. A sentence is
     on topic when it points where the group differs from the whole text (`_toward`) at least as
-    much as all but the least topical tenth of the group's own sentences do (`rows`; SmolLM2's
-    off-topic lines score near zero, its paraphrases of a topic about as high as the sentences
-    they come from); the line starts at the first such
+    much as the group's median sentence does (`rows`, quantile ON_TOPIC; SmolLM2's off-topic
+    lines score near zero, its paraphrases of a topic about as high as the sentences they come
+    from; with the floor at the least topical tenth, abstractive named 0.85 of the long unheaded
+    set's topics, at the median 0.93); the line starts at the first such
     sentence the LLM wrote (else at the one nearest the topic) and goes on with the sentences
     after it while they fit the group's share of max_words. When none is on topic and the
     group's text pairs with its rows, `ask_again(text, words)` rewrites the group's most

@@ -138,9 +138,12 @@ def test_queue_full_429_and_timeout_504():
             got = [line for _, line in zip(range(4), r.iter_lines())]
         assert any(line.startswith("data: {") for line in got)
         t0 = time.monotonic()
-        while (m := _metrics(url))["llamacpp:requests_processing"] and time.monotonic() - t0 < 5:
+        while (m := _metrics(url))["llamacpp:requests_processing"] and time.monotonic() - t0 < 30:
             time.sleep(0.05)
-        assert m["llamacpp:requests_processing"] == 0 and time.monotonic() - t0 < 1.0
+        # freed within a few steps, counted in tokens rather than seconds (a loaded machine or the
+        # strict device steps slower): the 400-token answer stopped soon after the client left
+        out = "llamacpp:tokens_predicted_total"
+        assert m["llamacpp:requests_processing"] == 0 and m[out] - before[out] < 40, m[out] - before[out]
         abort = 'spark_lab:generations_total{reason="abort"}'
         assert m[abort] - before.get(abort, 0) == 1
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
