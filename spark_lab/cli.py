@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--llama-server", default=None, help="serve: the llama-server binary (or $SPARK_LAB_LLAMA_SERVER)")
     s.add_argument("--streams", type=_positive_int, nargs="*", default=None, help="serve: concurrencies (default 1 4 8 16)")
     s.add_argument("--max-tokens", type=_positive_int, default=None, help="serve: tokens per stream (default 64)")
+    s.add_argument("--long", action="store_true", help="summarize: time abstractive on a 30k-word report, headed vs unheaded")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--host", default="127.0.0.1")

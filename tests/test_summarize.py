@@ -1,7 +1,6 @@
 """Summaries: sentence splitting, readers, LexRank/MMR, map-reduce orchestration, long documents."""
 import io
 import json
-import random
 import re
 import sys
 from argparse import Namespace
@@ -61,36 +60,12 @@ REPORT = json.loads((DATA / "long" / "merrow_coast.json").read_text())
 SECTIONS = [sec["heading"] for sec in REPORT["sections"]]
 
 
-def _fill(template, slots, numbers, rng):
-    def one(m):
-        name = m.group(1)
-        if name in slots:
-            return rng.choice(slots[name])
-        lo, hi = numbers[name]
-        return str(rng.randint(lo, hi))
-    return re.sub(r"\{(\w+)\}", one, template)
-
-
 def long_document(words=30_000, seed=0, headings=True):
-    """A long regional report (tests/data/summaries/long/merrow_coast.json): a title, an
-    introduction, then one chapter per subject, each a run of paragraphs of 4-7 sentences drawn
-    from the chapter's own templates with seeded names and numbers; chapters get words in
-    proportion to their weights. headings=False leaves out the title and chapter headings."""
-    rng = random.Random(seed)
-    num = REPORT["numbers"]
-    out = [f"# {REPORT['title']}"] if headings else []
-    out.append(" ".join(_fill(x, REPORT["intro_slots"], num, rng) for x in REPORT["intro"]))
-    total = sum(sec["weight"] for sec in REPORT["sections"])
-    for sec in REPORT["sections"]:
-        if headings:
-            out.append(f"## {sec['heading']}")
-        target, n = words * sec["weight"] / total + 1, 0
-        while n < target:
-            picks = rng.sample(sec["sentences"], rng.randint(4, 7))
-            para = " ".join(_fill(t, sec["slots"], num, rng) for t in picks)
-            out.append(para)
-            n += len(para.split())
-    return "\n\n".join(out)
+    """A long regional report (tests/data/summaries/long/merrow_coast.json), chapters of seeded
+    template sentences (benchmarks.summarize.long_report); headings=False leaves out the title
+    and chapter headings."""
+    from spark_lab.benchmarks.summarize import long_report
+    return long_report(words, seed, headings)
 
 
 def sections_mentioned(text):
@@ -127,6 +102,18 @@ def test_long_document_has_chapters_with_their_own_key_terms():
     plain = long_document(30_000, headings=False)
     assert "#" not in plain and S.count_words(plain) == S.count_words(text) - S.count_words(
         " ".join(["#", REPORT["title"]] + [f"## {h}" for h in SECTIONS]))
+
+
+def test_bench_long_times_the_report_headed_and_unheaded():
+    """`spark-lab bench summarize --long` (30k words with SmolLM2) in miniature: the same report with
+    and without headings, alternating, each run's calls and the chapters its summary names."""
+    from spark_lab.benchmarks import summarize as B
+    rows = B.long_timing(EchoLLM(n_ctx=1024), repeats=1, words=3000, max_words=80)
+    assert [r["headed"] for r in rows] == [True, False]
+    assert all(r["words_in"] >= 3000 and r["llm_calls"] >= 2 and r["seconds"] > 0 for r in rows)
+    assert all(0 <= r["chapters"] <= r["of"] == len(SECTIONS) for r in rows)
+    assert [r["chapters"] for r in rows] == [len(sections_mentioned(r["text"])) for r in rows]
+    assert rows[0]["chapters"] >= 4          # the echo keeps chapters' headings and first words
 
 
 # ------------------------------------------------------------------------------ splitting

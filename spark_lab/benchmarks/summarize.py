@@ -1,6 +1,7 @@
 """Summary quality and speed: every method against hand-written reference summaries.
 
     spark-lab bench summarize [--model M] [--quick] [--json]
+    spark-lab bench summarize --long [--repeats N]   # 30k words: abstractive, headed vs unheaded
 
 The documents and references live in tests/data/summaries/ (written for this repo). Each
 method gets the reference's length as its word budget; scores are ROUGE-1/2/L F1 (stemmed,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -46,6 +48,57 @@ def load_documents(folder: Path | None = None) -> list[dict]:
     if not docs:
         raise FileNotFoundError(f"{folder}: no NAME.txt|md|html + NAME.ref.txt pairs")
     return docs
+
+
+def long_report(words: int = 30_000, seed: int = 0, headings: bool = True) -> str:
+    """A long regional report (long/merrow_coast.json): a title, an introduction, then one
+    chapter per subject, each a run of paragraphs of 4-7 sentences drawn from the chapter's own
+    templates with seeded names and numbers; chapters get words in proportion to their weights.
+    headings=False leaves out the title and chapter headings (the same text otherwise)."""
+    report = json.loads((data_dir() / "long" / "merrow_coast.json").read_text())
+    rng, num = random.Random(seed), report["numbers"]
+
+    def fill(template, slots):
+        def one(m):
+            name = m.group(1)
+            if name in slots:
+                return rng.choice(slots[name])
+            lo, hi = num[name]
+            return str(rng.randint(lo, hi))
+        return re.sub(r"\{(\w+)\}", one, template)
+
+    out = [f"# {report['title']}"] if headings else []
+    out.append(" ".join(fill(x, report["intro_slots"]) for x in report["intro"]))
+    total = sum(sec["weight"] for sec in report["sections"])
+    for sec in report["sections"]:
+        if headings:
+            out.append(f"## {sec['heading']}")
+        target, n = words * sec["weight"] / total + 1, 0
+        while n < target:
+            para = " ".join(fill(t, sec["slots"]) for t in rng.sample(sec["sentences"], rng.randint(4, 7)))
+            out.append(para)
+            n += len(para.split())
+    return "\n\n".join(out)
+
+
+def long_timing(llm, repeats: int = 1, words: int = 30_000, max_words: int = 150) -> list[dict]:
+    """Abstractive on the long report with its headings and without them, alternating: seconds,
+    LLM calls and chapters named (their key terms) per run. Without headings the topics come from
+    tiling MiniLM embeddings; the encoder loads once, before the first timed run."""
+    from ..summarize import summarize
+    from ..summarize.mapreduce import _tiling_encoder
+    report = json.loads((data_dir() / "long" / "merrow_coast.json").read_text())
+    enc = _tiling_encoder()
+    rows = []
+    for rep in range(repeats):
+        for headed in (True, False):
+            s = summarize(long_report(words, headings=headed), "abstractive", max_words=max_words, llm=llm,
+                          encoder=enc, max_new_tokens=32, progress=False)
+            low = s.text.lower()
+            named = sum(any(re.search(k, low) for k in sec["key_terms"]) for sec in report["sections"])
+            rows.append(dict(repeat=rep, headed=headed, seconds=s.seconds, words_in=s.words_in,
+                             llm_calls=s.llm_calls, chapters=named, of=len(report["sections"]), text=s.text))
+    return rows
 
 
 TOPIC_WORDS = 25   # word budget per true topic when the coverage set is summarized
@@ -190,6 +243,8 @@ def main(args) -> int:
     from ..device import set_threads
     if getattr(args, "threads", None):
         set_threads(args.threads)
+    if getattr(args, "long", False):
+        return _main_long(args)
     docs = load_documents()
     quick = getattr(args, "quick", False)
     methods = ["lead", "extractive"]
@@ -233,4 +288,19 @@ def main(args) -> int:
                                           if r["method"] == m and r["doc"] in long_names) for m in methods}
             print("coverage on the long unheaded documents: "
                   + ", ".join(f"{m} {c:.3f}" for m, c in on_long.items()))
+    return 0
+
+
+def _main_long(args) -> int:
+    from ..llm import LLM
+    llm = LLM.load(getattr(args, "model", None) or "smollm2-135m-instruct", n_ctx=2048)
+    rows = long_timing(llm, repeats=getattr(args, "repeats", 1) or 1)
+    med = {h: statistics.median(r["seconds"] for r in rows if r["headed"] == h) for h in (True, False)}
+    if getattr(args, "json", False):
+        print(json.dumps({"rows": rows, "unheaded_over_headed": med[False] / med[True]}))
+        return 0
+    for r in rows:
+        print(f"{'headed' if r['headed'] else 'unheaded':>9s}  {r['words_in']:,} words  {r['seconds']:7.1f} s  "
+              f"{r['llm_calls']} LLM calls  chapters named {r['chapters']}/{r['of']}")
+    print(f"abstractive, unheaded / headed time (medians): {med[False] / med[True]:.2f}x")
     return 0
