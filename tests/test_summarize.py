@@ -523,3 +523,16 @@ def test_evaluation_set_and_rouge():
     assert [r["words_out"] for r in rows] == [S.count_words(d["reference"]) for d in docs[:2]]
     assert 0.2 < rows[0]["rouge1"] < 1.0
     assert "lead" in B.format_table(B.table(rows))
+
+
+def test_unlooped_cuts_a_phrase_that_the_joined_topic_lines_repeat():
+    """Each LLM call is trimmed on its own; three topic lines that each repeat a 4-word phrase loop
+    only when joined (found under SPARK_LAB_DEVICE=strict on the README's hybrid summary)."""
+    from spark_lab.llm.repetition import has_loop
+    from spark_lab.summarize.chunks import unlooped
+    lines = ["The spark lab benchmark is fast.", "It runs the spark lab benchmark on GPUs.",
+             "Then the spark lab benchmark again, more.", "A clean line."]
+    out = unlooped(lines)
+    assert has_loop(" ".join(lines)) and not has_loop(" ".join(x for x in out if x))
+    assert out == lines[:2] + ["", "A clean line."]
+    assert unlooped(["One line.", "", "Two lines."]) == ["One line.", "", "Two lines."]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..llm.repetition import trim_loop
+from ..llm.repetition import has_loop, trim_loop
 from .segment import Paragraph, _truncate_words
 
 # ---------------------------------------------------------------------------- abstractive
@@ -40,6 +40,22 @@ def generate(llm, messages: list[dict], max_new_tokens: int) -> str:
     """One guarded LLM call -> its text with any loop cut off."""
     g = llm.chat(messages, max_new_tokens=max_new_tokens, **LOOP_GUARD)
     return trim_loop(g.text, LOOP_NGRAM, LOOP_TIMES)
+
+
+def unlooped(lines: list[str]) -> list[str]:
+    """Lines of one summary, each cut where joining it to the lines before it would loop (a phrase
+    that each of several topic lines repeats; llm/repetition.py) -> same length, "" for a line
+    that adds nothing but the loop. Each LLM call is trimmed on its own; this guards the join."""
+    out, text = [], ""
+    for line in lines:
+        joined = f"{text} {line}" if text and line else (text or line)
+        if line and has_loop(joined, LOOP_NGRAM, LOOP_TIMES):
+            kept = trim_loop(joined, LOOP_NGRAM, LOOP_TIMES)
+            line = kept[len(text):].strip() if kept.startswith(text) and len(kept) > len(text) else ""
+            joined = f"{text} {line}" if text and line else (text or line)
+        out.append(line)
+        text = joined
+    return out
 
 
 def _messages(template: str, text: str, words: int, topic: str = "") -> list[dict]:

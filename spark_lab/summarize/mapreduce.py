@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .chunks import (MAP_PROMPT, REDUCE_PROMPT, TOPIC_PROMPT, _Budget, _clean, _messages, _progress,
+from .chunks import (MAP_PROMPT, REDUCE_PROMPT, TOPIC_PROMPT, _Budget, _clean, _messages, _progress, unlooped,
                      chunk_text, generate)
 from .segment import _truncate_words, count_words, detect_language, split_paragraphs
 from .summary import Summary, _done
@@ -130,7 +130,7 @@ def _sectioned(groups: list[Section], b: _Budget, ask, max_words: int, progress:
     if encoder is not None and all(g.emb is not None and not g.title for g in groups):
         sentences = topical_lines(written, groups, encoder, max_words, lang,
                                   ask_again=lambda text, words: ask(MAP_PROMPT, text, words, keep=max_words))
-    fitted = fit_words(sentences, max_words)
+    fitted = unlooped(fit_words(sentences, max_words))
     for t, f in zip(topics, fitted):
         t["summary"] = f
     text = " ".join(x for x in fitted if x)

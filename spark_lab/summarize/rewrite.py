@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .mapreduce import abstractive
-from .chunks import MAP_PROMPT, _Budget, _clean, _messages, _progress, generate
+from .chunks import MAP_PROMPT, _Budget, _clean, _messages, _progress, generate, unlooped
 from .extract import _chapters, _default_encoder, _extract_indexed, _prepare, _rank, topic_segments
 from .segment import Paragraph
 from .summary import Summary, _done
@@ -87,7 +87,7 @@ def hybrid(text: str, llm, max_words: int = 150, encoder=None, token_max: int | 
                 return " ".join(_clean(again[-1], max_words).split())
             lines = topical_lines([[o] for o in outs], groups, encoder or _default_encoder(), max_words,
                                   doc.language, ask_again=ask_again)
-        fitted = fit_words(lines, max_words)
+        fitted = unlooped(fit_words(lines, max_words))
         topics = [{"topic": g.title, "chunks": 1, "summary": f} for g, f in zip(groups, fitted)]
         s = Summary(" ".join(f for f in fitted if f), "hybrid", sentences=sents, partials=outs,
                     chunks=len(groups), llm_calls=len(groups) + len(again), language=doc.language,

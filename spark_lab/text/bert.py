@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module, get_xp, to_host
+from ..device import array_module, to_host
 from ..memory import get_allocator
 from .. import kernels as K
 
@@ -82,6 +82,11 @@ class BertModel:
         self.config = config
         self.w = weights  # name (without a "bert." prefix) -> array on the device
         self._act = _gelu_mode(config.hidden_act)
+
+    @property
+    def xp(self):
+        """The array module where the weights live (inputs follow them, not the current default)."""
+        return array_module(self.w["embeddings.word_embeddings.weight"])
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "BertModel":
@@ -182,7 +187,7 @@ class BertModel:
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding) -> [B, T, d] float32."""
-        xp = get_xp()
+        xp = self.xp
         ids = xp.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
@@ -277,7 +282,7 @@ class SentenceEncoder:
         if progress:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="embedding", unit="batch")
-        xp = get_xp()
+        xp = self.model.xp
         for s in starts:
             idx = order[s:s + batch_size]
             ids, mask = self.tokenize([texts[i] for i in idx])
