@@ -113,9 +113,19 @@ def _matvec(w):
     kern = qm._jit()
     p = qm.prepare(w) if kern else None
     if p is not None and kern.get(p.kind) is not None:
-        fn, args = kern[p.kind], p.arrays
-        return lambda x, out: fn(*args, x, out)
+        return _rows_kernel(kern, p.kind, p.arrays)
     return lambda x, out: qm.qmatvec(x, w, out=out)
+
+
+def _rows_kernel(kern, kind: str, args):
+    """fn(x [n, in], out [n, rows]): the one-token kernel, or for n >= TOKENS rows (a batched
+    step of 8 or more sequences) the int8 GEMM, which unpacks each weight block once per TOKENS
+    rows instead of once per row and gives every row the same numbers bit for bit."""
+    from ..kernels.qmatvec.simd import TOKENS
+    one, many = kern[kind], kern.get("m_" + kind)
+    if many is None:
+        return lambda x, out: one(*args, x, out)
+    return lambda x, out: (many if x.shape[0] >= TOKENS else one)(*args, x, out)
 
 
 def _fused(*ws):
@@ -128,8 +138,7 @@ def _fused(*ws):
         return None
     if kern.get(ps[0].kind) is None or sum(p.rows for p in ps) != ps[0].stack[0].shape[0] * ps[0].G:
         return None
-    fn, stacked = kern[ps[0].kind], ps[0].stack
-    return lambda x, out: fn(*stacked, x, out)
+    return _rows_kernel(kern, ps[0].kind, ps[0].stack)
 
 
 def available(model) -> bool:

@@ -57,18 +57,19 @@ def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
     if dec is None:
         pytest.skip("the fused CPU decoder's batch step; on a device (strict) the batch runs the xp path, "
                     "tested by the streams tests below")
-    ps = prompts(5, seed=1)
-    caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(10)]
+    ps = prompts(9, seed=1)    # 9 rows: 8 through the int8 GEMM (n >= TOKENS), 1 left over
+    caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(2 * len(ps))]
     for i, p in enumerate(ps):
         for cache in caches[2 * i:2 * i + 2]:
             m.forward(np.array(p), 0, cache)
     singles = [dec.step(p[0], len(p), caches[2 * i + 1])[0] for i, p in enumerate(ps)]
-    batch = dec.step_batch([p[0] for p in ps], [len(p) for p in ps], caches[0::2])
-    assert batch.shape == (5, c.n_vocab)
-    for i in range(5):
-        assert np.array_equal(batch[i], singles[i])                       # bit for bit
-        n = len(ps[i]) + 1
-        assert np.array_equal(caches[2 * i].k[:, :n], caches[2 * i + 1].k[:, :n])
+    for n in (5, 9):   # below and above TOKENS: one kernel per row, then the GEMM
+        batch = dec.step_batch([p[0] for p in ps[:n]], [len(p) for p in ps[:n]], caches[0:2 * n:2])
+        assert batch.shape == (n, c.n_vocab)
+        for i in range(n):
+            assert np.array_equal(batch[i], singles[i])                   # bit for bit
+            k = len(ps[i]) + 1
+            assert np.array_equal(caches[2 * i].k[:, :k], caches[2 * i + 1].k[:, :k])
 
 
 def test_sixteen_streams_equal_alone(tiny):
