@@ -118,14 +118,11 @@ def _matvec(w):
 
 
 def _rows_kernel(kern, kind: str, args):
-    """fn(x [n, in], out [n, rows]): the one-token kernel, or for n >= TOKENS rows (a batched
-    step of 8 or more sequences) the int8 GEMM, which unpacks each weight block once per TOKENS
-    rows instead of once per row and gives every row the same numbers bit for bit."""
-    from ..kernels.qmatvec.simd import TOKENS
-    one, many = kern[kind], kern.get("m_" + kind)
-    if many is None:
-        return lambda x, out: one(*args, x, out)
-    return lambda x, out: (many if x.shape[0] >= TOKENS else one)(*args, x, out)
+    """fn(x [n, in], out [n, rows]) running the kernel qmatvec picks for n rows: a batched step of
+    8 or more sequences goes through the int8 GEMM (each weight block unpacked once per 8 rows
+    instead of once per row; every row's numbers the same bit for bit)."""
+    from ..kernels.qmatvec import kernel_name
+    return lambda x, out: kern[kernel_name(kern, kind, x.shape[0])](*args, x, out)
 
 
 def _fused(*ws):

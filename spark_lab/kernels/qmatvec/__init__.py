@@ -129,6 +129,12 @@ def available() -> bool:
 
 # ---------------------------------------------------------------------------- entry point
 
+def kernel_name(k: dict, kind: str, n: int) -> str:
+    """The compiled kernel for n rows of x: the int8 GEMM ("m_" + kind) for n >= TOKENS where the
+    type has one, else the one-token kernel run per row (each row gets the same numbers either way)."""
+    return "m_" + kind if n >= simd.TOKENS and k.get("m_" + kind) is not None else kind
+
+
 def qmatvec(x, qt: QuantTensor, out=None):
     """x @ dequant(qt).T for decode: x [in] or [n, in] f32 -> [out] or [n, out] f32.
 
@@ -161,7 +167,7 @@ def qmatvec(x, qt: QuantTensor, out=None):
         x2 = np.ascontiguousarray(x2)
     if out is None:
         out = np.empty(want, np.float32)
-    name = "m_" + p.kind if n >= simd.TOKENS and k.get("m_" + p.kind) is not None else p.kind   # same numbers
+    name = kernel_name(k, p.kind, n)
     try:
         k[name](*p.arrays, x2, out.reshape(n, rows))
     except _numba_error() as e:                                            # e.g. an LLVM without these vector ops
