@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..llm.repetition import has_loop, trim_loop
+from ..llm.repetition import trim_loop
 from .segment import Paragraph, _truncate_words
 
 # ---------------------------------------------------------------------------- abstractive
@@ -48,11 +48,11 @@ def unlooped(lines: list[str]) -> list[str]:
     that adds nothing but the loop. Each LLM call is trimmed on its own; this guards the join."""
     out, text = [], ""
     for line in lines:
-        joined = f"{text} {line}" if text and line else (text or line)
-        if line and has_loop(joined, LOOP_NGRAM, LOOP_TIMES):
-            kept = trim_loop(joined, LOOP_NGRAM, LOOP_TIMES)
-            line = kept[len(text):].strip() if kept.startswith(text) and len(kept) > len(text) else ""
-            joined = f"{text} {line}" if text and line else (text or line)
+        joined = " ".join(x for x in (text, line) if x)
+        kept = trim_loop(joined, LOOP_NGRAM, LOOP_TIMES)           # joined itself when it does not loop
+        if kept != joined:                                         # a prefix of joined: keep line's share
+            line = kept[len(text):].strip()
+            joined = " ".join(x for x in (text, line) if x)
         out.append(line)
         text = joined
     return out
