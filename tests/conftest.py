@@ -54,6 +54,7 @@ def _gpu_usable() -> bool:
 NUMPY_UNDER_STRICT = {
     "tests/llm/test_decode.py": "the fused numba decode step (Transformer._decoder), a CPU-only path",
     "tests/llm/test_kv_cache_types.py": "f16/q8_0 KV caches and their numba kernels, CPU-only options",
+    "tests/kernels/test_attention_rows.py": "the numba decode attention kernel over pooled caches, a CPU-only path",
     "tests/llm/test_llamacpp_parity.py": "the shipped GGUFs' CPU numerics against llama.cpp, 32 tokens x prompts",
     "tests/test_summarize.py": "summarizer logic; its abstractive/hybrid tests write hundreds of SmolLM2 tokens",
     "tests/llm/test_constrain.py": "JSON-schema/grammar masks over the shipped SmolLM2 (host logic, ~100 tokens a test)",

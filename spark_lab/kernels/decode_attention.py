@@ -1,5 +1,10 @@
 """One query token against a KV cache on the CPU: a numba kernel for decoding.
 
+One kernel serves a lone sequence (`attention_into`: one row) and a batch of decoding sequences
+whose caches are slots of one pool (`attention_rows`: n rows, each over its own slot, one call per
+layer instead of n). Its parallel tasks are (row, key chunk) pairs, so a row's numbers are the same
+whether it runs alone or among others (the batch engine's invariance rests on it).
+
 `attention()`'s NumPy body is the reference; for a single query its dozen small array
 operations (transposes, a mask, softmax passes) cost more than the arithmetic, so decode takes
 this fused loop instead: scores, a stable softmax and the weighted sum of values, in one pass
@@ -34,7 +39,7 @@ import numpy as np
 
 _KERNEL = None  # compiled on first use; False when numba is missing
 _F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # bits -> value
-_NO_SCALE = np.zeros((1, 1, 1), np.float32)
+_NO_SCALE = np.zeros((1, 1, 1, 1, 1), np.float32)   # scales of an f32/f16 cache: never read
 
 exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compile()
 prange = range     # numba.prange once compiled
@@ -56,19 +61,29 @@ def _widen_row(a, sc, j, g, row):
         row[d] = a[j, g, d]
 
 
-def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
-    # q [Hq, D], k/v [Tk, Hkv, D] (storage above), out [Hq, Dv]; keys lo..hi-1 are visible
-    Hq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[2]
+def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
+    # Q [n, Hq, D]: n query rows; K/V [S, L, Tk, Hkv, D]: S caches of L layers (storage above),
+    # KS/VS their q8_0 scales [S, L, Tk, Hkv, D/32] (or a 1-element stand-in); row r reads cache
+    # slots[r], `layer`, keys lo[r]..hi[r]-1 -> out [n, Hq, Dv]. Tasks are (row, key chunk) pairs
+    # on the threads; a row's numbers depend on its own keys only (never on n or the other rows).
+    n_rows, Hq, D = Q.shape
+    Hkv, Dv = K.shape[3], V.shape[4]
     G = Hq // Hkv
-    n = hi - lo
     vec_k, vec_v = D % 16 == 0, Dv % 16 == 0
-    nc = min(NCHUNK, max(1, n // 256))               # key chunks, one per thread: memory read in order
-    cm = np.empty((nc, Hq), np.float32)              # each chunk's max score, sum of exps, weighted values
-    cl = np.empty((nc, Hq), np.float32)
-    co = np.empty((nc, Hq, Dv), np.float32)
-    for c in prange(nc):
-        j0, j1 = lo + c * n // nc, lo + (c + 1) * n // nc
+    cm = np.empty((n_rows, NCHUNK, Hq), np.float32)  # each chunk's max score, sum of exps, weighted values
+    cl = np.empty((n_rows, NCHUNK, Hq), np.float32)
+    co = np.empty((n_rows, NCHUNK, Hq, Dv), np.float32)
+    for task in prange(n_rows * NCHUNK):
+        r, c = task // NCHUNK, task % NCHUNK
+        n = hi[r] - lo[r]
+        nc = min(NCHUNK, max(1, n // 256))           # key chunks, one per thread: memory read in order
+        if c >= nc:
+            continue
+        sl = slots[r]
+        k, v = K[sl, layer], V[sl, layer]
+        ks = KS[min(sl, KS.shape[0] - 1), min(layer, KS.shape[1] - 1)]
+        vs = VS[min(sl, VS.shape[0] - 1), min(layer, VS.shape[1] - 1)]
+        j0, j1 = lo[r] + c * n // nc, lo[r] + (c + 1) * n // nc
         m_ = j1 - j0
         s = np.empty((Hq, m_), np.float32)           # scores, head-major: the softmax reads them in order
         e = np.empty((Hq, m_), np.float32)
@@ -79,7 +94,7 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
         qs = np.empty((Hq, D), np.float32)           # q * scale: the score needs no multiply per key
         for h in range(Hq):
             for d in range(D):
-                qs[h, d] = q[h, d] * scale
+                qs[h, d] = Q[r, h, d] * scale
         for j in range(m_):                          # scores, a row of all KV heads at a time
             for g in range(Hkv):
                 if vec_k:
@@ -103,8 +118,8 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
                 x = e[h, j] * two[h, j]
                 e[h, j] = x
                 tot += x
-            cm[c, h], cl[c, h] = mh, tot
-        o = co[c]
+            cm[r, c, h], cl[r, c, h] = mh, tot
+        o = co[r, c]
         o[...] = 0.0
         for j in range(m_):                          # weighted values
             for g in range(Hkv):
@@ -117,21 +132,23 @@ def _attend(q, k, ks, v, vs, tab, scale, lo, hi, out):
                     w = e[h, j]
                     for d in range(Dv):
                         o[h, d] += w * vrow[d]
-    for h in range(Hq):                              # chunks combined: rescaled to the global max
-        M = cm[0, h]
-        for c in range(1, nc):
-            M = max(M, cm[c, h])
-        tot = np.float32(0.0)
-        for d in range(Dv):
-            out[h, d] = 0.0
-        for c in range(nc):
-            f = np.float32(np.exp(cm[c, h] - M)) if nc > 1 else np.float32(1.0)
-            tot += f * cl[c, h]
+    for r in range(n_rows):                          # chunks combined: rescaled to the global max
+        nc = min(NCHUNK, max(1, (hi[r] - lo[r]) // 256))
+        for h in range(Hq):
+            M = cm[r, 0, h]
+            for c in range(1, nc):
+                M = max(M, cm[r, c, h])
+            tot = np.float32(0.0)
             for d in range(Dv):
-                out[h, d] += f * co[c, h, d]
-        inv = np.float32(1.0) / tot
-        for d in range(Dv):
-            out[h, d] *= inv
+                out[r, h, d] = 0.0
+            for c in range(nc):
+                f = np.float32(np.exp(cm[r, c, h] - M)) if nc > 1 else np.float32(1.0)
+                tot += f * cl[r, c, h]
+                for d in range(Dv):
+                    out[r, h, d] += f * co[r, c, h, d]
+            inv = np.float32(1.0) / tot
+            for d in range(Dv):
+                out[r, h, d] *= inv
 
 
 def _compile():
@@ -198,9 +215,19 @@ def _widen_ov(widen16, a, sc, j, g, row):
     return flt
 
 
-def _args(k, v, k_scale=None, v_scale=None):
+_ONE_SLOT = np.zeros(1, np.int64)
+
+
+def _scales(sc):
+    return _NO_SCALE if sc is None else np.ascontiguousarray(sc)[None, None]
+
+
+def _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale):
+    """One query row over one layer's k/v [Tk, Hkv, D]: the rows kernel with n = 1 (the same
+    machine code as a batched row, hence the same numbers)."""
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)         # rows are read 16 values at a flat offset
-    return (k, _NO_SCALE if k_scale is None else k_scale, v, _NO_SCALE if v_scale is None else v_scale, _F16)
+    kern(np.ascontiguousarray(q)[None], k[None, None], _scales(k_scale), v[None, None], _scales(v_scale), _F16,
+         0, _ONE_SLOT, np.float32(scale), np.array([lo], np.int64), np.array([hi], np.int64), out[None])
 
 
 def attention_one(q, k, v, scale: float, lo: int, hi: int, k_scale=None, v_scale=None):
@@ -209,8 +236,7 @@ def attention_one(q, k, v, scale: float, lo: int, hi: int, k_scale=None, v_scale
     if kern is False or hi <= lo:
         return None
     out = np.empty((1, q.shape[1], v.shape[2]), np.float32)
-    k_, ks, v_, vs, tab = _args(k, v, k_scale, v_scale)
-    kern(np.ascontiguousarray(q[0]), k_, ks, v_, vs, tab, np.float32(scale), lo, hi, out[0])
+    _run_one(kern, q[0], k, v, scale, lo, hi, out[0], k_scale, v_scale)
     return out
 
 
@@ -221,6 +247,20 @@ def attention_into(q, k, v, scale: float, lo: int, hi: int, out, k_scale=None, v
     kern = _KERNEL if _KERNEL is not None else _compile()
     if kern is False or hi <= lo:
         return False
-    k_, ks, v_, vs, tab = _args(k, v, k_scale, v_scale)
-    kern(q, k_, ks, v_, vs, tab, np.float32(scale), lo, hi, out)
+    _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale)
+    return True
+
+
+def attention_rows(q, pool, layer: int, slots, lo, hi, scale: float, out) -> bool:
+    """n decoding sequences at once, each over its own cache in a pool: q [n, Hq, D]; pool the
+    (k, k_scale, v, v_scale) arrays of `KVCache.pooled` ([S, L, Tk, Hkv, D], scales or None);
+    row r attends to keys lo[r]..hi[r]-1 of cache slots[r] at `layer` -> out [n, Hq, Dv], in place.
+    Row r's numbers are attention_into's for that row alone, bit for bit (one kernel, one task per
+    (row, key chunk)). False (out untouched) when numba is unavailable."""
+    kern = _KERNEL if _KERNEL is not None else _compile()
+    if kern is False:
+        return False
+    k, ks, v, vs = pool
+    kern(q, k, _NO_SCALE if ks is None else ks, v, _NO_SCALE if vs is None else vs, _F16, int(layer),
+         np.asarray(slots, np.int64), np.float32(scale), np.asarray(lo, np.int64), np.asarray(hi, np.int64), out)
     return True

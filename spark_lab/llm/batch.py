@@ -9,24 +9,34 @@
     be.close()
 
 Each request runs LLM's own per-token loop (`LLM._token_loop`: sampling, stops, constraints,
-reasoning split, detokenizing) in the caller's thread, over a slot: a KVCache of its own. Asking
-for logits posts a job; the stepping thread takes every pending job each step and runs
+reasoning split, detokenizing) in the caller's thread, over a slot: a KVCache of its own, one
+slot of a pooled cache (`KVCache.pooled`). The stepping thread takes every pending job each step:
 
     decode   all sequences' next tokens in one `Decoder.step_batch` (x [n, in]: each weight read
-             once per step for the n rows; norms, RoPE and attention per row over its own slot)
-    prefill  waiting prompts' next chunks, FIFO, up to `prefill_chunk` tokens in all (each prompt
-             its own forward pass), so a long prompt is interleaved with the others' decode steps
-             instead of stalling them
+             once per step for the n rows; norms and RoPE per row; attention of every row over its
+             own slot in one kernel call per layer, `decode_attention.attention_rows`)
+    prefill  waiting prompts' next chunks, FIFO, up to `prefill_chunk` tokens in all, stacked into
+             one forward pass (`Transformer.forward_many`) where the model's products are row-exact,
+             else each prompt its own pass; a long prompt is interleaved with the others' decode
+             steps instead of stalling them
 
-Sequences join and leave between steps. With all slots busy, stream_tokens waits for one (FIFO).
-Closing the generator (a client gone) frees its slot at once; the next step runs without it.
+A request without a grammar hands its sampling to the stepping thread after its first token
+(`sample_ahead`): the thread draws each next token from the logits with the request's own
+parameters, random generator and history, feeds it at the next step and queues it for the request
+thread, so steps do not wait for request threads to wake, sample and post. Requests with a grammar
+post one job per token (their mask comes from their own thread). Sequences join and leave between
+steps. With all slots busy, stream_tokens waits for one (FIFO). Closing the generator (a client
+gone) frees its slot at once; the next step runs without it (tokens already drawn are dropped).
 
 Batch invariance: at temperature 0 a request's tokens do not depend on what else runs. Row i of
 step_batch is computed with the same operations in the same order as a lone row: the quantized
 products are exact int8 dot products scaled per row (the kernels' rows of qmatvec(X) are those of
-qmatvec(X[i])), float weights are applied row by row, everything else is per row. A prompt is
-prefilled alone (never stacked with another sequence's rows) in chunks at fixed positions
-0, C, 2C, ... of its own, whether or not a prefix came from the cache.
+qmatvec(X[i])), float weights are applied row by row, attention runs the same kernel task per row
+whatever the other rows, everything else is per row. A prompt is prefilled in chunks at fixed
+positions 0, C, 2C, ... of its own, whether or not a prefix came from the cache; stacked with
+others only when every weight's kernel is row-exact (`Transformer.rows_exact`: the int8 GEMM and
+the per-row mat-vec; never dequantized tiles + BLAS), attention per prompt over its own cache.
+The tokens a request draws are those its own thread would draw: same logits, same generator.
 
 Prefix cache: after its prefill a prompt's K/V for positions [0, C*floor(len/C)) is kept (keyed by
 those tokens) under a byte budget, least recently used evicted first; a later prompt sharing a
@@ -37,6 +47,7 @@ ones a fresh prefill would compute (hence the same tokens with or without a hit)
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
 
@@ -45,6 +56,7 @@ import numpy as np
 from ..device import to_host
 from .cache import KVCache
 from .engine import PREFILL_CHUNK
+from .sampling import sample
 
 DEFAULT_PREFIX_BYTES = 256 << 20   # prefix cache budget when none is given
 MAX_ROWS = 16                      # rows per batched kernel call (qmatvec takes x [n <= 16, in])
@@ -71,6 +83,20 @@ class _Slot:
         self.busy = False
         self.decoding = False      # past its prefill: will post a decode job after each token
         self.n = 0                 # positions [0, n) of cache hold this sequence's K/V
+        self.ahead = None          # _Ahead: the stepping thread samples this sequence's tokens itself
+
+
+class _Ahead:
+    """A sequence the stepping thread runs on its own: it feeds `tok` at the slot's next position,
+    samples the next token from the logits with the request's own parameters, generator and
+    history (so the same tokens as the request thread would draw), and queues it for the request
+    thread; `left` more tokens, stopping after a stop id."""
+    __slots__ = ("tok", "params", "rng", "recent", "generated", "stop_ids", "left", "out")
+
+    def __init__(self, tok, params, rng, recent, generated, stop_ids, left):
+        self.tok, self.params, self.rng, self.stop_ids, self.left = tok, params, rng, stop_ids, left
+        self.recent, self.generated = list(recent), list(generated)     # the stepping thread's own copies
+        self.out = queue.SimpleQueue()                                  # sampled tokens (or an exception)
 
 
 class PrefixCache:
@@ -179,6 +205,23 @@ class _Sequence:
         slot.n += 1
         return logits
 
+    def sample_ahead(self, tok, params, rng, recent, generated, stop_ids, left: int) -> None:
+        """From now on the stepping thread feeds `tok`, samples the next `left` tokens itself
+        (fewer after a stop id) and `next_token` hands them over: no round trip through this
+        thread between steps (requests without a grammar: their next token needs only logits)."""
+        e = self.engine
+        with e._cond:
+            if e._closed:
+                raise RuntimeError("the batch engine is closed")
+            self.slot.ahead = _Ahead(tok, params, rng, recent, generated, stop_ids, left)
+            e._cond.notify_all()
+
+    def next_token(self) -> int:
+        got = self.slot.ahead.out.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
 
 class BatchEngine:
     def __init__(self, llm, parallel: int = 4, prefix_cache_bytes: int | None = None,
@@ -193,8 +236,9 @@ class BatchEngine:
         self.llm, self.parallel, self.prefill_chunk = llm, int(parallel), int(prefill_chunk)
         c = llm.config
         cache = llm.cache
-        self.slots = [_Slot(i, KVCache(c.n_layer, llm.n_ctx, c.n_head_kv, c.head_dim, np.float32,
-                                       cache.type_k, cache.type_v)) for i in range(self.parallel)]
+        caches = KVCache.pooled(self.parallel, c.n_layer, llm.n_ctx, c.n_head_kv, c.head_dim, np.float32,
+                                cache.type_k, cache.type_v)         # one pool: one attention call per layer
+        self.slots = [_Slot(i, kv) for i, kv in enumerate(caches)]
         budget = DEFAULT_PREFIX_BYTES if prefix_cache_bytes is None else int(prefix_cache_bytes)
         self.prefix = PrefixCache(budget) if budget > 0 else None
         self._dec = llm.model._decoder()
@@ -273,6 +317,7 @@ class BatchEngine:
         with self._cond:
             slot.busy = slot.decoding = False
             slot.n = 0
+            slot.ahead = None          # the stepping thread drops it before its next step
             self._cond.notify_all()
 
     def _submit(self, job: _Job):
@@ -286,22 +331,30 @@ class BatchEngine:
         return job.wait()
 
     # ------------------------------------------------------------------ the stepping thread
+    def _ahead_slots(self):
+        return [s for s in self.slots if s.busy and s.ahead is not None and s.ahead.left > 0]
+
     def _take(self):
-        """Wait for work -> (decode jobs, prefill jobs); None when closed."""
+        """Wait for work -> (decode jobs, sampled-ahead slots, prefill jobs); None when closed."""
         with self._cond:
-            while not self._jobs and not self._closed:
+            while not self._jobs and not self._closed and not self._ahead_slots():
                 self._cond.wait()
             if self._closed:
                 for j in self._jobs:
                     j.error = RuntimeError("the batch engine is closed")
                     j.done.set()
                 self._jobs.clear()
+                for s in self.slots:
+                    if s.ahead is not None:
+                        s.ahead.left = 0
+                        s.ahead.out.put(RuntimeError("the batch engine is closed"))
                 return None
-            # let decoding slots still sampling their last token join this step (briefly)
+            # let decoding slots still sampling their last token join this step (briefly);
+            # sampled-ahead slots are always ready
             deadline = time.monotonic() + GATHER_SECONDS
             while not self._closed:
                 posted = {id(j.slot) for j in self._jobs}
-                if all(id(s) in posted for s in self.slots if s.busy and s.decoding):
+                if all(id(s) in posted for s in self.slots if s.busy and s.decoding and s.ahead is None):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -317,7 +370,16 @@ class BatchEngine:
                         break
             taken = {id(j) for j in decode + prefill}
             self._jobs = [j for j in self._jobs if id(j) not in taken]
-            return decode, prefill
+            ahead = [(s, s.ahead, s.n) for s in self._ahead_slots()]
+            return decode, ahead, prefill
+
+    def _logits(self, rows):
+        """rows [(token, position, cache)] -> logits [n, vocab] (host f32), one batched step."""
+        if self._dec:
+            return self._dec.step_batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        model = self.llm.model
+        return [to_host(model.forward(np.asarray([t], np.int64), pos, cache)[-1]).astype(np.float32, copy=False)
+                for t, pos, cache in rows]
 
     def _run(self):
         model = self.llm.model
@@ -325,25 +387,36 @@ class BatchEngine:
             work = self._take()
             if work is None:
                 return
-            decode, prefill = work
-            for i in range(0, len(decode), MAX_ROWS):
-                group = decode[i:i + MAX_ROWS]
+            decode, ahead, prefill = work
+            rows = [(j.tokens[0], j.pos, j.slot.cache) for j in decode] + [(a.tok, n, s.cache) for s, a, n in ahead]
+            owners = decode + ahead
+            for i in range(0, len(rows), MAX_ROWS):
+                group = owners[i:i + MAX_ROWS]
                 try:
-                    if self._dec:
-                        out = self._dec.step_batch([j.tokens[0] for j in group], [j.pos for j in group],
-                                                   [j.slot.cache for j in group])
-                        for r, j in enumerate(group):
-                            j.logits = out[r]
+                    out, err = self._logits(rows[i:i + MAX_ROWS]), None
+                except Exception as e:            # every row of the group gets the error
+                    out, err = None, e
+                for r, o in enumerate(group):
+                    if isinstance(o, _Job):
+                        o.logits, o.error = (None, err) if err else (out[r], None)
+                        o.done.set()
                     else:
-                        for j in group:
-                            j.logits = to_host(model.forward(np.asarray(j.tokens, np.int64), j.pos,
-                                                             j.slot.cache)[-1]).astype(np.float32, copy=False)
-                except Exception as err:          # every row of the group gets the error
-                    for j in group:
+                        self._advance(*o, None if err else out[r], err)
+            stack = [j for j in prefill if len(j.tokens) > 1] if len(prefill) > 1 and model.rows_exact() else []
+            if len(stack) > 1:                            # prompts' chunks in one pass: weights read once
+                try:
+                    out = to_host(model.forward_many([(np.asarray(j.tokens, np.int64), j.pos, j.slot.cache)
+                                                      for j in stack]))
+                    for r, j in enumerate(stack):
+                        j.logits = out[r].astype(np.float32, copy=True)
+                except Exception as err:
+                    for j in stack:
                         j.error = err
-                for j in group:
+                for j in stack:
                     j.done.set()
-            for job in prefill:                           # each prompt alone: its rows never share a call
+            for job in prefill:                           # the rest, each prompt alone
+                if job.done.is_set():
+                    continue
                 try:
                     out = model.forward(np.asarray(job.tokens, np.int64), job.pos, job.slot.cache)
                     job.logits = to_host(out[-1]).astype(np.float32, copy=True)
@@ -352,3 +425,20 @@ class BatchEngine:
                 job.done.set()
             with self._cond:
                 self._steps += 1
+
+    def _advance(self, slot, a: _Ahead, n: int, logits, err) -> None:
+        """A sampled-ahead sequence after its step: draw its next token and queue it."""
+        if err is not None:
+            a.left = 0
+            a.out.put(err)
+            return
+        tok = sample(logits, a.params, a.rng, a.recent, a.generated)
+        a.left = 0 if tok in a.stop_ids else a.left - 1
+        a.tok = tok
+        a.recent.append(tok)
+        a.generated.append(tok)
+        with self._cond:
+            if slot.ahead is a:                   # still this request's slot
+                slot.n = n + 1
+                self._tokens += 1
+        a.out.put(tok)

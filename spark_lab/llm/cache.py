@@ -52,8 +52,11 @@ def quantize_q8_rows(x):
 
 
 class KVCache:
+    pool = None        # (k, k_scale, v, v_scale) [S, L, ...] when this cache is slot `pool_index` of a pool
+    pool_index = 0
+
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, dtype=np.float32,
-                 type_k: str | None = None, type_v: str | None = None):
+                 type_k: str | None = None, type_v: str | None = None, _slots: int = 0):
         self.n_layer, self.n_ctx, self.n_head_kv, self.head_dim = n_layer, n_ctx, n_head_kv, head_dim
         default = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(np.dtype(dtype))
         if default is None:
@@ -66,10 +69,30 @@ class KVCache:
                 raise ValueError(f"a q8_0 {which} cache needs head_dim a multiple of {Q8_BLOCK}, got {head_dim}")
         if get_allocator().device.is_gpu and (self.type_k, self.type_v) != ("f32", "f32"):
             raise ValueError("the GPU path keeps its KV cache in f32 (--cache-type-k/v f16 and q8_0 are CPU options)")
-        shape = (n_layer, n_ctx, n_head_kv, head_dim)
-        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {n_ctx} tokens")
-        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {n_ctx} tokens")
+        shape = (_slots, n_layer, n_ctx, n_head_kv, head_dim) if _slots else (n_layer, n_ctx, n_head_kv, head_dim)
+        many = f"{_slots} x " if _slots else ""
+        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens")
+        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens")
         self.n_past = 0  # positions [0, n_past) hold valid entries
+
+    @classmethod
+    def pooled(cls, count: int, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, dtype=np.float32,
+               type_k: str | None = None, type_v: str | None = None) -> list["KVCache"]:
+        """`count` caches whose arrays are slots of one pool [count, layer, position, head, dim]
+        (each slot's own pages mapped as it fills): the batched decoder attends all of them in one
+        kernel call per layer (`decode_attention.attention_rows`). Each behaves as a KVCache."""
+        whole = cls(n_layer, n_ctx, n_head_kv, head_dim, dtype, type_k, type_v, _slots=int(count))
+        pool = (whole.k, whole.k_scale, whole.v, whole.v_scale)
+        out = []
+        for s in range(int(count)):
+            c = object.__new__(cls)
+            c.__dict__.update(whole.__dict__)
+            c.k, c.v = whole.k[s], whole.v[s]
+            c.k_scale = None if whole.k_scale is None else whole.k_scale[s]
+            c.v_scale = None if whole.v_scale is None else whole.v_scale[s]
+            c.pool, c.pool_index = pool, s
+            out.append(c)
+        return out
 
     @staticmethod
     def _alloc(t: str, shape, what: str):

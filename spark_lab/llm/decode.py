@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels as K
-from ..kernels.decode_attention import attention_into
+from ..kernels.decode_attention import attention_into, attention_rows
 from ..kernels.sink_attention import attention_sinks_into
 from ..quants import QuantTensor
 from .moe import moe_ffn
@@ -270,6 +270,28 @@ class Decoder:
             self._bufs[n] = b
         return b
 
+    def _attend_each(self, i, L, sliding, q, k, v, att, positions, caches) -> None:
+        """step_batch's attention row by row: caches outside one pool, or attention sinks."""
+        c, H, Hkv, hd = self.c, self.c.n_head, self.c.n_head_kv, self.c.head_dim
+        for r, (pos, cache) in enumerate(zip(positions, caches)):
+            q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
+            v3 = v[r].reshape(Hkv, hd)
+            f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
+            if f32:
+                cache.k[i, pos], cache.v[i, pos] = k3, v3
+            else:
+                cache.write(i, pos, k3[None], v3[None])
+            lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
+            if L.sinks is not None and f32:
+                attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
+            elif L.sinks is not None:
+                kw, vw = cache.rows(i, lo, pos + 1)
+                attention_sinks_into(q3, kw, vw, L.sinks, c.attn_scale, 0, pos + 1 - lo, att3)
+            else:
+                attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
+                               None if cache.k_scale is None else cache.k_scale[i],
+                               None if cache.v_scale is None else cache.v_scale[i])
+
     def step_batch(self, tokens, positions, caches) -> np.ndarray:
         """n sequences one token each (token i at positions[i] in caches[i]) -> logits [n, vocab].
 
@@ -286,6 +308,13 @@ class Decoder:
         b = self._batch_buffers(n)
         pos_arr = np.asarray(positions, np.int64)
         n_ctx = max(cache.n_ctx for cache in caches)
+        pool = caches[0].pool                                   # all rows' caches in one pool: one attention call
+        if pool is None or any(cache.pool is not pool for cache in caches):
+            pool = None
+        else:
+            slots = np.array([cache.pool_index for cache in caches], np.int64)
+            f32_pool = caches[0].type_k == "f32" and caches[0].type_v == "f32"
+            zeros = np.zeros(n, np.int64)
         x, h, o, f, q, k, v, att = (b[key] for key in ("x", "h", "o", "f", "q", "k", "v", "att"))
         x[...] = K.embedding(m.tok_embd, np.asarray(tokens, np.int64))
         if c.embed_scale != 1.0:
@@ -310,24 +339,18 @@ class Decoder:
             cos, sin = self._table(theta, n_ctx)
             g["rope_batch"](q.reshape(n, H, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
             g["rope_batch"](k.reshape(n, Hkv, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
-            for r, (pos, cache) in enumerate(zip(positions, caches)):
-                q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
-                v3 = v[r].reshape(Hkv, hd)
-                f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
-                if f32:
-                    cache.k[i, pos], cache.v[i, pos] = k3, v3
+            if pool is not None and L.sinks is None:             # every row in one kernel call
+                if f32_pool:
+                    pool[0][slots, i, pos_arr] = k.reshape(n, Hkv, hd)
+                    pool[2][slots, i, pos_arr] = v.reshape(n, Hkv, hd)
                 else:
-                    cache.write(i, pos, k3[None], v3[None])
-                lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
-                if L.sinks is not None and f32:
-                    attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
-                elif L.sinks is not None:
-                    kw, vw = cache.rows(i, lo, pos + 1)
-                    attention_sinks_into(q3, kw, vw, L.sinks, c.attn_scale, 0, pos + 1 - lo, att3)
-                else:
-                    attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
-                                   None if cache.k_scale is None else cache.k_scale[i],
-                                   None if cache.v_scale is None else cache.v_scale[i])
+                    for r, (pos, cache) in enumerate(zip(positions, caches)):
+                        cache.write(i, pos, k[r].reshape(1, Hkv, hd), v[r].reshape(1, Hkv, hd))
+                lo = np.maximum(0, pos_arr - int(c.sliding_window) + 1) if sliding else zeros
+                attention_rows(q.reshape(n, H, hd), pool, i, slots, lo, pos_arr + 1, c.attn_scale,
+                               att.reshape(n, H, hd))
+            else:
+                self._attend_each(i, L, sliding, q, k, v, att, positions, caches)
             mv["o"](att, o)
             if L.bo is not None:
                 o += L.bo

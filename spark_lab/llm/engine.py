@@ -193,7 +193,9 @@ class LLM:
         """stream_tokens' per-token logic (sampling, stops, constraints, reasoning split, detokenizing)
         over `seq`, which holds the sequence's KV: a context manager (entered around the whole
         generation) with prefill(prompt) -> (logits [vocab], reused tokens) and step(token) -> logits
-        of the next position. `_OwnCache` is this engine's one cache; llm/batch.py gives slots."""
+        of the next position. `_OwnCache` is this engine's one cache; llm/batch.py gives slots, which
+        may also offer sample_ahead(...) / next_token(): the stepping thread then draws the tokens of
+        a request without a grammar itself (same generator, history and parameters)."""
         if max_new_tokens is None or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(**sampling)
@@ -226,9 +228,13 @@ class LLM:
             gen.prompt_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             recent = list(prompt)
+            ahead = constraint is None and hasattr(seq, "sample_ahead")   # the batch engine samples for us
             for step in range(budget):
-                allowed = constraint.mask() if constraint is not None else None   # bool [vocab]
-                tok = sample(logits, params, rng, recent, gen.token_ids, allowed)
+                if ahead and step:
+                    tok = seq.next_token()
+                else:
+                    allowed = constraint.mask() if constraint is not None else None   # bool [vocab]
+                    tok = sample(logits, params, rng, recent, gen.token_ids, allowed)
                 if tok in stop_ids:
                     gen.finish_reason = "stop"
                     break
@@ -257,8 +263,10 @@ class LLM:
                 if constraint is not None and constraint.done:
                     gen.finish_reason = "stop"         # the grammar is complete: nothing may follow
                     break
-                if step + 1 < budget:
+                if step + 1 < budget and not ahead:
                     logits = seq.step(tok)
+                elif ahead and step == 0 and budget > 1:      # same draws: our generator, history and parameters
+                    seq.sample_ahead(tok, params, rng, recent, gen.token_ids, stop_ids, budget - 1)
             gen.decode_seconds = time.perf_counter() - t1
         if gen.finish_reason != "stop" or not stops or not any(s in text for s in stops):
             text += detok.flush()

@@ -242,6 +242,7 @@ class Transformer:
 
     # ------------------------------------------------------------------ forward
     _dec = None       # decode.Decoder once built; False where it does not apply (GPU arrays, no numba)
+    _rows_exact = None  # rows_exact() once asked
     moe_stats = None  # a dict to count expert bytes read and expert hits (llm.moe.moe_ffn), None = off
 
     def _decoder(self):
@@ -264,63 +265,97 @@ class Transformer:
 
     def forward(self, tokens: np.ndarray, pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """tokens [T] at positions pos..pos+T-1 -> logits [T, vocab] (or [1, vocab], the last)."""
-        c = self.config
-        T, hd = len(tokens), c.head_dim
-        if T == 1 and not all_logits and self._decoder() is not None:     # decode: the fused one-token path
+        if len(tokens) == 1 and not all_logits and self._decoder() is not None:   # decode: the fused one-token path
             return self._dec.step(int(tokens[0]), pos, cache)
-        if pos + T > cache.n_ctx:
-            raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
-        positions = array_module(cache.k).arange(pos, pos + T, dtype=np.int64)   # on the cache's device: no copy per layer
-        tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale, self.rope_freqs, c.rope_yarn)
-                  for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}      # shared by all layers
+        return self._forward([(tokens, pos, cache)], all_logits)
+
+    def forward_many(self, prompts) -> np.ndarray:
+        """Several prompts' chunks in one pass: prompts [(tokens [T_i], pos_i, cache_i)] -> the
+        logits after each one's last token [n, vocab]. The rows are stacked for every weight
+        product (each weight read once for all of them); RoPE, the cache writes and attention
+        run per prompt over its own cache. Each prompt gets the numbers `forward` gives it alone
+        when `rows_exact()` (every product computes a row the same way whatever the rows around it)."""
+        return self._forward(list(prompts), False)
+
+    def rows_exact(self) -> bool:
+        """True when stacking prompts cannot change a prompt's numbers: dense layers whose every
+        weight runs on a row-exact kernel (`qmatvec.row_exact`: the int8 GEMM or the per-row mat-vec,
+        not dequantized tiles + BLAS, whose rounding may depend on the row count)."""
+        if self._rows_exact is None:
+            from ..kernels.qmatvec import row_exact
+            ws = [self.output] + [w for L in self.layers for w in
+                                  (L.wqkv, L.wq, L.wk, L.wv, L.wo, L.w_gu, L.w_gate, L.w_up, L.w_down) if w is not None]
+            self._rows_exact = (all(L.moe is None for L in self.layers) and self._decoder() is not None
+                                and all(isinstance(w, QuantTensor) and row_exact(w) for w in ws))
+        return self._rows_exact
+
+    def _forward(self, prompts, all_logits: bool) -> np.ndarray:
+        c = self.config
+        hd = c.head_dim
+        segs, start = [], 0                                          # (first row, T, pos, cache, positions, rope tables)
+        for tokens, pos, cache in prompts:
+            T = len(tokens)
+            if pos + T > cache.n_ctx:
+                raise ValueError(f"{pos + T} tokens do not fit the context of {cache.n_ctx}")
+            positions = array_module(cache.k).arange(pos, pos + T, dtype=np.int64)   # on the cache's device: no copy per layer
+            tables = {th: K.rope_table(positions, c.rope_dim, th, c.rope_freq_scale, self.rope_freqs, c.rope_yarn)
+                      for th in {c.rope_theta, c.rope_theta_local or c.rope_theta}}  # shared by all layers
+            segs.append((start, T, pos, cache, positions, tables))
+            start += T
+        N = start
+        tokens = prompts[0][0] if len(prompts) == 1 else np.concatenate([np.asarray(p[0], np.int64) for p in prompts])
         nq, nkv = c.n_head * hd, c.n_head_kv * hd
-        x = K.embedding(self.tok_embd, tokens)                      # [T, d]
+        x = K.embedding(self.tok_embd, tokens)                      # [N, d]
         if c.embed_scale != 1.0:
             x *= c.embed_scale
         for i, L in enumerate(self.layers):
             if self._unready:
                 self._ready(i)
             # --- attention
-            h = K.rmsnorm(x, L.attn_norm, c.rms_eps)                # [T, d]
+            h = K.rmsnorm(x, L.attn_norm, c.rms_eps)                # [N, d]
             if L.wqkv is not None:
-                qkv = K.linear(h, L.wqkv, L.bqkv)                   # [T, (H + 2*Hkv)*hd]
+                qkv = K.linear(h, L.wqkv, L.bqkv)                   # [N, (H + 2*Hkv)*hd]
                 q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
             else:
                 q, k, v = K.linear(h, L.wq, L.bq), K.linear(h, L.wk, L.bk), K.linear(h, L.wv, L.bv)
-            q = q.reshape(T, c.n_head, hd)                          # [T, H, hd]
-            k = k.reshape(T, c.n_head_kv, hd)                       # [T, Hkv, hd]
-            v = v.reshape(T, c.n_head_kv, hd)
+            q = q.reshape(N, c.n_head, hd)                          # [N, H, hd]
+            k = k.reshape(N, c.n_head_kv, hd)                       # [N, Hkv, hd]
+            v = v.reshape(N, c.n_head_kv, hd)
             if c.qk_norm:
                 q = K.rmsnorm(q, L.q_norm, c.rms_eps)
                 k = K.rmsnorm(k, L.k_norm, c.rms_eps)
             sliding = c.is_sliding(i)
             theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
-            rk = dict(theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale, table=tables[theta],
-                      freq_factors=self.rope_freqs, yarn=c.rope_yarn)
-            q, k = K.rope(q, positions, **rk), K.rope(k, positions, **rk)
-            cache.write(i, pos, k, v)
-            ks, vs = cache.view(i, pos + T)                         # [pos+T, Hkv, hd]
             window = c.sliding_window if sliding else None
-            if L.sinks is not None:
-                o = attention_sinks(q, ks, vs, L.sinks, q_offset=pos, window=window, scale=c.attn_scale)
-            else:
-                o = K.attention(q, ks, vs, causal=True, q_offset=pos, window=window, scale=c.attn_scale)  # [T, H, hd]
-            o = K.linear(o.reshape(T, c.n_head * hd), L.wo, L.bo)   # [T, d]
+            outs = []
+            for r0, T, pos, cache, positions, tables in segs:      # each prompt over its own cache
+                rk = dict(theta=theta, rotary_dim=c.rope_dim, neox=c.rope_neox, freq_scale=c.rope_freq_scale,
+                          table=tables[theta], freq_factors=self.rope_freqs, yarn=c.rope_yarn)
+                qs, ks = K.rope(q[r0:r0 + T], positions, **rk), K.rope(k[r0:r0 + T], positions, **rk)
+                cache.write(i, pos, ks, v[r0:r0 + T])
+                kc, vc = cache.view(i, pos + T)                     # [pos+T, Hkv, hd]
+                if L.sinks is not None:
+                    outs.append(attention_sinks(qs, kc, vc, L.sinks, q_offset=pos, window=window, scale=c.attn_scale))
+                else:
+                    outs.append(K.attention(qs, kc, vc, causal=True, q_offset=pos, window=window,
+                                            scale=c.attn_scale))    # [T, H, hd]
+            o = outs[0] if len(outs) == 1 else array_module(x).concatenate(outs)
+            o = K.linear(o.reshape(N, c.n_head * hd), L.wo, L.bo)   # [N, d]
             if c.post_norms:
                 o = K.rmsnorm(o, L.post_attn_norm, c.rms_eps)
             x = x + o
             # --- feed-forward
             h = K.rmsnorm(x, L.ffn_norm, c.rms_eps)
             if L.moe is not None:
-                f = moe_ffn(h, L.moe, c, self.moe_stats)            # [T, d]: only the routed experts run
+                f = moe_ffn(h, L.moe, c, self.moe_stats)            # [N, d]: only the routed experts run
             else:
-                f = self._dense_ffn(h, L)                           # [T, d]
+                f = self._dense_ffn(h, L)                           # [N, d]
             if c.post_norms:
                 f = K.rmsnorm(f, L.post_ffn_norm, c.rms_eps)
             x = x + f
-        if not all_logits:
-            x = x[-1:]
+        if not all_logits:                                          # each prompt's last row
+            x = x[-1:] if len(segs) == 1 else x[[r0 + T - 1 for r0, T, *_ in segs]]
         x = K.rmsnorm(x, self.output_norm, c.rms_eps)
         if self._unready:
             self._ready("output")
-        return K.linear(x, self.output)                             # [T|1, vocab]
+        return K.linear(x, self.output)                             # [N|n, vocab]

@@ -58,7 +58,8 @@ def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
         pytest.skip("the fused CPU decoder's batch step; on a device (strict) the batch runs the xp path, "
                     "tested by the streams tests below")
     ps = prompts(9, seed=1)    # 9 rows: 8 through the int8 GEMM (n >= TOKENS), 1 left over
-    caches = [KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(2 * len(ps))]
+    pooled = KVCache.pooled(len(ps), c.n_layer, 64, c.n_head_kv, c.head_dim)      # the batch engine's slots
+    caches = [x for i in range(len(ps)) for x in (pooled[i], KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim))]
     for i, p in enumerate(ps):
         for cache in caches[2 * i:2 * i + 2]:
             m.forward(np.array(p), 0, cache)
@@ -167,3 +168,48 @@ def test_smollm2_sixteen_streams_equal_alone():
         got = run_concurrently(be, ps, **kw)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
     assert [g.text for g in got] == [r.text for r in ref]
+
+
+def test_prompts_prefilled_together_equal_alone(tiny):
+    """forward_many stacks prompts' rows for the weight products: each prompt's logits and K/V
+    are those of its forward alone, bit for bit (the tiny model's Q8_0 weights are row-exact)."""
+    from spark_lab.llm.cache import KVCache
+    m, c = tiny.model, tiny.config
+    if m._decoder() is None:
+        pytest.skip("row-exact products are the CPU kernels'; on a device (strict) each prompt is prefilled alone")
+    assert m.rows_exact()
+    ps = prompts(3, seed=8, lo=9, hi=60)
+    pos = [0, 0, 16]                                    # the third continues a prompt: a later chunk
+    alone = [KVCache(c.n_layer, 128, c.n_head_kv, c.head_dim) for _ in ps]
+    stacked = KVCache.pooled(3, c.n_layer, 128, c.n_head_kv, c.head_dim)
+    for cache in (alone[2], stacked[2]):
+        m.forward(np.arange(3, 19), 0, cache)
+    ref = [m.forward(np.array(p), q, cache)[-1] for p, q, cache in zip(ps, pos, alone)]
+    got = m.forward_many([(np.array(p), q, cache) for p, q, cache in zip(ps, pos, stacked)])
+    assert got.shape == (3, c.n_vocab)
+    for i, p in enumerate(ps):
+        assert np.array_equal(got[i], ref[i])
+        n = pos[i] + len(p)
+        assert np.array_equal(stacked[i].k[:, :n], alone[i].k[:, :n]) and np.array_equal(stacked[i].v[:, :n], alone[i].v[:, :n])
+
+
+def test_float_weights_are_not_row_exact(tmp_path):
+    """F32 weights go through BLAS, whose rounding may depend on the row count: no stacking."""
+    import gguf
+    llm = LLM(write_tiny_gguf(tmp_path / "f.gguf", d=64, ff=128, qtype=gguf.GGMLQuantizationType.F32), n_ctx=64)
+    assert not llm.model.rows_exact()
+
+
+def test_stop_string_and_eos_with_tokens_sampled_ahead(tiny):
+    """The stepping thread draws tokens ahead of a request; a stop string ends the request, the
+    slot is freed, and what the request saw equals the lone run."""
+    p = prompts(1, seed=9)[0]
+    ref = alone(tiny, p, max_new_tokens=20, temperature=0, stop_at_eos=False)
+    stop = ref.text[len(ref.text) // 2:len(ref.text) // 2 + 2]
+    want = alone(tiny, p, max_new_tokens=20, temperature=0, stop_at_eos=False, stop=[stop])
+    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0) as be:
+        got = be.generate_tokens(p, max_new_tokens=20, temperature=0, stop_at_eos=False, stop=[stop])
+        assert be.stats()["busy"] == 0
+        again = be.generate_tokens(p, max_new_tokens=20, temperature=0, stop_at_eos=False)
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+    assert again.token_ids == ref.token_ids

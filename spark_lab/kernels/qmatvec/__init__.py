@@ -286,6 +286,15 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
 GEMM_KINDS = ("nib", "q8_0")   # Packed kinds with an int8 GEMM (`qgemm`)
 
 
+def row_exact(qt: QuantTensor) -> bool:
+    """True when any number of rows of x gives each row the numbers of that row alone: the
+    weight's type has the int8 GEMM (`qgemm`, used for many rows) besides the per-row mat-vec;
+    not the types whose many-row products go through dequantized tiles and BLAS."""
+    k = _jit()
+    p = (qt.packed or prepare(qt)) if k and qt.qtype in FAST_TYPES and array_module(qt.data) is np else None
+    return p is not None and p.kind in GEMM_KINDS and k.get("m_" + p.kind) is not None and k.get(p.kind) is not None
+
+
 def qgemm(x, qt: QuantTensor, out=None):
     """x @ dequant(qt).T through the int8 GEMM: x [n, in] f32 -> [n, out] f32, or None where it does
     not apply (no numba, a type without one, CuPy data). Row i is bit-identical to qmatvec(x[i])."""
