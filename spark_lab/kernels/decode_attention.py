@@ -264,3 +264,27 @@ def attention_rows(q, pool, layer: int, slots, lo, hi, scale: float, out) -> boo
     kern(q, k, _NO_SCALE if ks is None else ks, v, _NO_SCALE if vs is None else vs, _F16, int(layer),
          np.asarray(slots, np.int64), np.float32(scale), np.asarray(lo, np.int64), np.asarray(hi, np.int64), out)
     return True
+
+
+def attention_prompt(q, cache, layer: int, pos: int, scale: float, window: int | None = None):
+    """A prompt chunk's queries q [T, Hq, D] at positions pos..pos+T-1 over `cache` (a KVCache whose
+    positions [0, pos+T) are written) -> [T, Hq, Dv], each row by the decode kernel over the keys
+    it sees (a sliding window: the last `window`); None when numba is unavailable.
+
+    Row t gets the numbers of decoding that token alone, whatever the chunk around it: a prompt's
+    K/V and logits do not depend on how it was cut into chunks (so a cached prefix of any length
+    is the one a fresh prefill computes), nor on the prompts stacked beside it."""
+    kern = _KERNEL if _KERNEL is not None else _compile()
+    if kern is False:
+        return None
+    T, Hq = q.shape[0], q.shape[1]
+    if cache.pool is not None:
+        pool, slot = cache.pool, cache.pool_index
+    else:
+        pool = tuple(None if a is None else a[None] for a in (cache.k, cache.k_scale, cache.v, cache.v_scale))
+        slot = 0
+    hi = np.arange(pos + 1, pos + T + 1, dtype=np.int64)
+    lo = np.maximum(0, hi - int(window)) if window else np.zeros(T, np.int64)
+    out = np.empty((T, Hq, cache.head_dim), np.float32)
+    attention_rows(np.ascontiguousarray(q, dtype=np.float32), pool, layer, np.full(T, slot, np.int64), lo, hi, scale, out)
+    return out

@@ -32,17 +32,18 @@ Batch invariance: at temperature 0 a request's tokens do not depend on what else
 step_batch is computed with the same operations in the same order as a lone row: the quantized
 products are exact int8 dot products scaled per row (the kernels' rows of qmatvec(X) are those of
 qmatvec(X[i])), float weights are applied row by row, attention runs the same kernel task per row
-whatever the other rows, everything else is per row. A prompt is prefilled in chunks at fixed
-positions 0, C, 2C, ... of its own, whether or not a prefix came from the cache; stacked with
-others only when every weight's kernel is row-exact (`Transformer.rows_exact`: the int8 GEMM and
-the per-row mat-vec; never dequantized tiles + BLAS), attention per prompt over its own cache.
+whatever the other rows, everything else is per row. Prompts are stacked only when every weight's
+kernel is row-exact (`Transformer.rows_exact`: the int8 GEMM and the per-row mat-vec; never
+dequantized tiles + BLAS) and attention runs per prompt row over its own cache.
 The tokens a request draws are those its own thread would draw: same logits, same generator.
 
-Prefix cache: after its prefill a prompt's K/V for positions [0, C*floor(len/C)) is kept (keyed by
-those tokens) under a byte budget, least recently used evicted first; a later prompt sharing a
-prefix (a system prompt, the earlier turns of a chat) copies the longest chunk-aligned common part
-into its slot and prefills only the rest. Aligned to chunks so that the reused keys/values are the
-ones a fresh prefill would compute (hence the same tokens with or without a hit).
+Prefix cache: after its prefill a prompt's K/V are kept (keyed by its tokens) under a byte budget,
+least recently used evicted first; a later prompt sharing a prefix (a system prompt, the earlier
+turns of a chat) copies the longest common part into its slot and prefills only the rest. Where
+the model is `rows_exact` (prompt rows on row-exact kernels, attention row by row), a token's K/V
+do not depend on how its prompt was chunked, so a prefix of any length is reused; elsewhere only
+whole chunks [0, C*k) are (the keys/values a fresh prefill at positions 0, C, 2C... computes).
+Either way the tokens are the same with or without a hit.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ from .sampling import sample
 DEFAULT_PREFIX_BYTES = 256 << 20   # prefix cache budget when none is given
 MAX_ROWS = 16                      # rows per batched kernel call (qmatvec takes x [n <= 16, in])
 GATHER_SECONDS = 0.002             # a step waits this long at most for decoding slots still sampling
+MIN_PREFIX = 16                    # shortest prompt whose K/V the prefix cache keeps
 
 
 class _Job:
@@ -118,13 +120,13 @@ class PrefixCache:
         diff = np.flatnonzero(x != y)
         return int(diff[0]) if diff.size else n
 
-    def lookup(self, prompt: list[int], chunk: int):
-        """-> (key, usable length) of the entry sharing the longest chunk-aligned prefix with prompt
-        (at most len(prompt) - 1: the last token is always run, for its logits); (None, 0) if none."""
+    def lookup(self, prompt: list[int], granule: int):
+        """-> (key, usable length) of the entry sharing the longest prefix with prompt (a multiple of granule,
+        at most len(prompt) - 1: the last token is always run, for its logits); (None, 0) if none."""
         best, best_n = None, 0
-        limit = (len(prompt) - 1) // chunk * chunk
+        limit = (len(prompt) - 1) // granule * granule
         for key in self.entries:
-            n = min(self._common(key, prompt), limit) // chunk * chunk
+            n = min(self._common(key, prompt), limit) // granule * granule
             if n > best_n:
                 best, best_n = key, n
         return best, best_n
@@ -181,19 +183,21 @@ class _Sequence:
 
     def prefill(self, prompt: list[int]):
         e, slot, C = self.engine, self.slot, self.engine.prefill_chunk
+        G = e.granule
         reuse = 0
         if e.prefix is not None:
             with e._cond:
-                key, reuse = e.prefix.lookup(prompt, C)
+                key, reuse = e.prefix.lookup(prompt, G)
                 if key is not None:
                     e.prefix.load(key, reuse, slot.cache)
         logits = None
         for s in range(reuse, len(prompt), C):
             logits = e._submit(_Job(slot, prompt[s:s + C], s))
         slot.n = len(prompt)
-        if e.prefix is not None and len(prompt) >= C:
+        keep = len(prompt) // G * G
+        if e.prefix is not None and keep >= min(C, MIN_PREFIX):
             with e._cond:
-                e.prefix.store(prompt[:len(prompt) // C * C], slot.cache)
+                e.prefix.store(prompt[:keep], slot.cache)
         with e._cond:
             slot.decoding = True
             e._tokens += 1
@@ -242,6 +246,8 @@ class BatchEngine:
         budget = DEFAULT_PREFIX_BYTES if prefix_cache_bytes is None else int(prefix_cache_bytes)
         self.prefix = PrefixCache(budget) if budget > 0 else None
         self._dec = llm.model._decoder()
+        # prefix reuse at any length where a prompt's K/V do not depend on its chunking, else whole chunks
+        self.granule = 1 if llm.model.rows_exact() else self.prefill_chunk
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
         self._queue: collections.deque = collections.deque()   # tickets of requests waiting for a slot
@@ -349,12 +355,13 @@ class BatchEngine:
                         s.ahead.left = 0
                         s.ahead.out.put(RuntimeError("the batch engine is closed"))
                 return None
-            # let decoding slots still sampling their last token join this step (briefly);
-            # sampled-ahead slots are always ready
+            # let slots about to post (a decoding slot sampling its last token, a prompt that has just
+            # taken its slot: requests arriving together get one stacked prefill) join this step,
+            # briefly; sampled-ahead slots are always ready
             deadline = time.monotonic() + GATHER_SECONDS
             while not self._closed:
                 posted = {id(j.slot) for j in self._jobs}
-                if all(id(s) in posted for s in self.slots if s.busy and s.decoding and s.ahead is None):
+                if all(id(s) in posted for s in self.slots if s.busy and s.ahead is None):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -402,8 +409,11 @@ class BatchEngine:
                         o.done.set()
                     else:
                         self._advance(*o, None if err else out[r], err)
-            stack = [j for j in prefill if len(j.tokens) > 1] if len(prefill) > 1 and model.rows_exact() else []
-            if len(stack) > 1:                            # prompts' chunks in one pass: weights read once
+            # prompts' chunks in one pass (weights read once), a 1-token chunk too where it continues a
+            # prompt (the one-token decode path's rounding differs from a prompt row's); a whole 1-token
+            # prompt runs as LLM.generate runs it
+            stack = [j for j in prefill if len(j.tokens) > 1 or j.pos > 0] if model.rows_exact() else []
+            if stack:
                 try:
                     out = to_host(model.forward_many([(np.asarray(j.tokens, np.int64), j.pos, j.slot.cache)
                                                       for j in stack]))

@@ -17,6 +17,7 @@ from .. import kernels as K
 from ..gguf import GGUFError, GGUFFile, LLMConfig
 from ..memory import get_allocator
 from ..device import array_module, to_host
+from ..kernels.decode_attention import attention_prompt
 from ..kernels.sink_attention import attention_sinks
 from ..quants import QuantTensor, BLOCK_SIZES, concat_rows
 from .cache import KVCache
@@ -243,6 +244,7 @@ class Transformer:
     # ------------------------------------------------------------------ forward
     _dec = None       # decode.Decoder once built; False where it does not apply (GPU arrays, no numba)
     _rows_exact = None  # rows_exact() once asked
+    _row_attn = None    # _rows_attention() once asked
     moe_stats = None  # a dict to count expert bytes read and expert hits (llm.moe.moe_ffn), None = off
 
     def _decoder(self):
@@ -278,16 +280,26 @@ class Transformer:
         return self._forward(list(prompts), False)
 
     def rows_exact(self) -> bool:
-        """True when stacking prompts cannot change a prompt's numbers: dense layers whose every
-        weight runs on a row-exact kernel (`qmatvec.row_exact`: the int8 GEMM or the per-row mat-vec,
-        not dequantized tiles + BLAS, whose rounding may depend on the row count)."""
+        """True when a prompt row's numbers depend neither on the prompts stacked beside it nor on
+        how its prompt is cut into chunks: dense layers whose every weight runs on a row-exact kernel
+        (`qmatvec.row_exact`: the int8 GEMM or the per-row mat-vec, not dequantized tiles + BLAS,
+        whose rounding may depend on the row count) and attention row by row (`_rows_attention`)."""
         if self._rows_exact is None:
             from ..kernels.qmatvec import row_exact
             ws = [self.output] + [w for L in self.layers for w in
                                   (L.wqkv, L.wq, L.wk, L.wv, L.wo, L.w_gu, L.w_gate, L.w_up, L.w_down) if w is not None]
-            self._rows_exact = (all(L.moe is None for L in self.layers) and self._decoder() is not None
+            self._rows_exact = (all(L.moe is None and L.sinks is None for L in self.layers)
+                                and self._decoder() is not None and self._rows_attention()
                                 and all(isinstance(w, QuantTensor) and row_exact(w) for w in ws))
         return self._rows_exact
+
+    def _rows_attention(self) -> bool:
+        """Prompt attention through the decode kernel, row by row (CPU, numba): a prompt's numbers
+        then do not depend on its chunking (decode_attention.attention_prompt)."""
+        if self._row_attn is None:
+            from . import decode
+            self._row_attn = decode.available(self)
+        return self._row_attn
 
     def _forward(self, prompts, all_logits: bool) -> np.ndarray:
         c = self.config
@@ -303,6 +315,7 @@ class Transformer:
             segs.append((start, T, pos, cache, positions, tables))
             start += T
         N = start
+        rows_kernel = self._rows_attention() and all(type(p[2].k) is np.ndarray for p in prompts)
         tokens = prompts[0][0] if len(prompts) == 1 else np.concatenate([np.asarray(p[0], np.int64) for p in prompts])
         nq, nkv = c.n_head * hd, c.n_head_kv * hd
         x = K.embedding(self.tok_embd, tokens)                      # [N, d]
@@ -333,9 +346,11 @@ class Transformer:
                           table=tables[theta], freq_factors=self.rope_freqs, yarn=c.rope_yarn)
                 qs, ks = K.rope(q[r0:r0 + T], positions, **rk), K.rope(k[r0:r0 + T], positions, **rk)
                 cache.write(i, pos, ks, v[r0:r0 + T])
-                kc, vc = cache.view(i, pos + T)                     # [pos+T, Hkv, hd]
+                kc, vc = (None, None) if rows_kernel and L.sinks is None else cache.view(i, pos + T)   # [pos+T, Hkv, hd]
                 if L.sinks is not None:
                     outs.append(attention_sinks(qs, kc, vc, L.sinks, q_offset=pos, window=window, scale=c.attn_scale))
+                elif rows_kernel and (o := attention_prompt(qs, cache, i, pos, c.attn_scale, window)) is not None:
+                    outs.append(o)                                  # [T, H, hd], each row as decoded alone
                 else:
                     outs.append(K.attention(qs, kc, vc, causal=True, q_offset=pos, window=window,
                                             scale=c.attn_scale))    # [T, H, hd]

@@ -129,18 +129,20 @@ def test_prefix_cache_hits_give_the_same_tokens_and_evict_lru(tiny):
         got = [be.generate_tokens(t, **kw) for t in turns]
         st = be.stats()
     assert [g.token_ids for g in got] == ref
-    assert [g.reused_prompt_tokens for g in got] == [0, 64, 64]              # 70 shared -> 4 chunks of 16
-    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 128
+    assert [g.reused_prompt_tokens for g in got] == [0, 70, 70]              # all 70 shared (K/V chunking-exact)
+    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 140
     c = tiny.config
     per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * 4                 # f32 K and V
     with BatchEngine(tiny, parallel=1, prefix_cache_bytes=int(per_token * 64 * 2.5), prefill_chunk=16) as be:
         a, b, d = (system[:64] + [1] * 10, [2] * 74, [3] * 74)
-        for p in (a, b, d):                                                   # each stores 64 tokens; room for 2
+        for p in (a, b, d):                                                   # each stores 74 tokens; room for 2
             be.generate_tokens(p, **kw)
         st = be.stats()
         assert st["prefix_entries"] == 2 and st["prefix_bytes"] <= per_token * 64 * 2.5
         assert be.generate_tokens(system + [5], **kw).reused_prompt_tokens == 0     # a was evicted (LRU)
-        assert be.generate_tokens([3] * 74 + [9], **kw).reused_prompt_tokens == 64  # d is still there
+        g = be.generate_tokens([3] * 74 + [9], **kw)                               # d is still there: one token
+        assert g.reused_prompt_tokens == 74                                         # left to run, as a prompt row
+        assert g.token_ids == alone(tiny, [3] * 74 + [9], **kw).token_ids
 
 
 def test_bad_requests_fail_clearly_without_taking_a_slot(tiny):
@@ -198,6 +200,25 @@ def test_float_weights_are_not_row_exact(tmp_path):
     import gguf
     llm = LLM(write_tiny_gguf(tmp_path / "f.gguf", d=64, ff=128, qtype=gguf.GGMLQuantizationType.F32), n_ctx=64)
     assert not llm.model.rows_exact()
+    with BatchEngine(llm, parallel=1, prefill_chunk=16) as be:
+        assert be.granule == 16                         # prefixes reused in whole chunks only
+
+
+def test_prompt_numbers_do_not_depend_on_chunking(tiny):
+    """Prompt attention runs row by row through the decode kernel and every product is row-exact:
+    a prompt cut into chunks of 7 gets the K/V and last logits of one pass, bit for bit (what lets
+    the prefix cache reuse a prefix of any length)."""
+    from spark_lab.llm.cache import KVCache
+    m, c = tiny.model, tiny.config
+    if not m.rows_exact():
+        pytest.skip("row-exact products are the CPU kernels'")
+    p = np.array(prompts(1, seed=10, lo=40, hi=41)[0])
+    one, cut = (KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim) for _ in range(2))
+    ref = m.forward(p, 0, one)
+    for s in range(0, len(p), 7):
+        got = m.forward(p[s:s + 7], s, cut)
+    assert np.array_equal(got, ref)
+    assert np.array_equal(one.k[:, :len(p)], cut.k[:, :len(p)]) and np.array_equal(one.v[:, :len(p)], cut.v[:, :len(p)])
 
 
 def test_stop_string_and_eos_with_tokens_sampled_ahead(tiny):
