@@ -1,12 +1,18 @@
-"""Text to image on spark_lab's kernels: diffusers-compatible UNets, VAE, schedulers, pipeline."""
+"""Text to image on spark_lab's kernels: diffusers-compatible UNets, MMDiT transformers (SD3, Flux),
+VAE, schedulers, pipelines."""
 from .cli import make_grid
 from .pipeline import TextToImagePipeline
 from .schedulers import (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                          SchedulerOutput, load_scheduler)
+from .flow_match import calculate_shift                  # after .schedulers (flow_match imports its base classes)
+from .flux import FluxConfig, FluxTransformer2DModel, latent_image_ids, pack_latents, unpack_latents
+from .flux_gguf import load_flux_gguf
+from .sd3 import SD3Transformer2DModel
 from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
 
 __all__ = ["UNet2DConditionModel", "UNet2DModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerOutput", "load_scheduler",
-           "TextToImagePipeline", "make_grid"]
+           "calculate_shift", "SD3Transformer2DModel", "FluxTransformer2DModel", "FluxConfig", "load_flux_gguf",
+           "pack_latents", "unpack_latents", "latent_image_ids", "TextToImagePipeline", "make_grid"]

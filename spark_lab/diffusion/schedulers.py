@@ -3,7 +3,8 @@
     DDPMScheduler                 ancestral sampling of the trained Markov chain (adds noise each step)
     DDIMScheduler                 deterministic (eta=0) jumps along the same chain, few steps
     EulerDiscreteScheduler        Euler steps of the probability-flow ODE in sigma space (k-diffusion)
-    FlowMatchEulerDiscreteScheduler  Euler steps of a rectified-flow velocity field (SD3, Flux)
+    FlowMatchEulerDiscreteScheduler  Euler steps of a rectified-flow velocity field (SD3, Flux;
+                                  defined in flow_match.py, registered here)
 
 Each one: `from_config(dict | folder)`, `set_timesteps(n)`, `.timesteps`, `.init_noise_sigma`,
 `scale_model_input(sample, t)`, `step(model_output, t, sample, generator=...) -> .prev_sample`.
@@ -439,65 +440,9 @@ class EulerDiscreteScheduler(_AlphaScheduler, _SigmaStepper):
 
 # ----------------------------------------------------------------------------- flow matching
 
-class FlowMatchEulerDiscreteScheduler(SchedulerBase, _SigmaStepper):
-    defaults = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
-                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False,
-                    shift_terminal=None, time_shift_type="exponential", stochastic_sampling=False)
-    init_noise_sigma = 1.0
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        N = self.config["num_train_timesteps"]
-        ts = np.linspace(1, N, N, dtype=np.float32)[::-1].copy()
-        sig = ts / N
-        if not self.config["use_dynamic_shifting"]:
-            sig = self._shift(sig)
-        self.timesteps = (sig * N).astype(np.float32)
-        self.sigmas = sig.astype(np.float32)
-        self.sigma_min, self.sigma_max = float(self.sigmas[-1]), float(self.sigmas[0])
-        self.step_index = None
-
-    def _shift(self, s):
-        k = self.config["shift"]
-        return k * s / (1 + (k - 1) * s)
-
-    def time_shift(self, mu: float, sigma: float, t):
-        if self.config["time_shift_type"] == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None):
-        c = self.config
-        n = self.num_inference_steps = self._check_steps(num_inference_steps)
-        if c["use_dynamic_shifting"] and mu is None:
-            raise ValueError("FlowMatchEulerDiscreteScheduler: use_dynamic_shifting needs mu= in set_timesteps")
-        if c["shift_terminal"] or c["invert_sigmas"]:
-            raise ValueError("FlowMatchEulerDiscreteScheduler: shift_terminal / invert_sigmas are not supported")
-        N = c["num_train_timesteps"]
-        ts = np.linspace(self.sigma_max * N, self.sigma_min * N, n)
-        sig = ts / N
-        sig = self.time_shift(mu, 1.0, sig) if c["use_dynamic_shifting"] else self._shift(sig)
-        sig = sig.astype(np.float32)
-        self.timesteps = (sig * N).astype(np.float32)
-        self.sigmas = np.concatenate([sig, [0.0]]).astype(np.float32)
-        self.step_index = None
-
-    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        sample = _with(model_output, sample)
-        self._ensure_index(timestep)
-        sigma = float(self.sigmas[self.step_index])
-        sigma_next = float(self.sigmas[self.step_index + 1])
-        if self.config["stochastic_sampling"]:
-            x0 = sample - sigma * model_output
-            noise = _noise(sample.shape, generator, variance_noise, array_module(sample))
-            prev = (1.0 - sigma_next) * x0 + sigma_next * noise
-        else:
-            # x_t moves along the velocity v = noise - x_0 from sigma to sigma_next
-            prev = sample + (sigma_next - sigma) * model_output
-            x0 = sample - sigma * model_output
-        self.step_index += 1
-        prev = prev.astype(np.float32, copy=False)
-        return SchedulerOutput(prev, x0) if return_dict else (prev,)
+# FlowMatchEulerDiscreteScheduler (SD3, Flux) lives in flow_match.py and builds on SchedulerBase
+# above; imported here, after the base classes, so load_scheduler and old imports find it.
+from .flow_match import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 
 SCHEDULERS = {

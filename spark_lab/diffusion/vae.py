@@ -4,6 +4,8 @@ encode: conv_in -> DownEncoderBlock2D x levels -> mid (resnet, attention, resnet
         SiLU, conv_out -> quant_conv -> (mean, logvar): a diagonal Gaussian over latents.
 decode: post_quant_conv -> conv_in -> mid -> UpDecoderBlock2D x levels -> GroupNorm, SiLU, conv_out.
 The pipeline scales latents by `scaling_factor` (and `shift_factor`) around the UNet.
+SD3 and Flux VAEs have 16 latent channels, no quant_conv / post_quant_conv (use_quant_conv and
+use_post_quant_conv false) and a shift_factor: denoiser latents = (z - shift_factor) * scaling_factor.
 """
 from __future__ import annotations
 

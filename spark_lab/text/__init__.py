@@ -1,13 +1,16 @@
-"""Text encoders: BERT (MiniLM sentence embeddings) and CLIP text (for diffusion conditioning)."""
+"""Text encoders: BERT (MiniLM sentence embeddings), CLIP text and T5 (for diffusion conditioning)."""
 from .bert import BertConfig, BertModel, SentenceEncoder
 
-__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "CLIPTextModel"]
+__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "CLIPTextModel", "T5EncoderModel", "T5Tokenizer"]
 
 
 def __getattr__(name):
-    # clip.py is another module of this package; import it on first use so that the BERT
-    # side works (and imports fast) without it.
+    # clip.py and t5.py are other modules of this package; import them on first use so that the
+    # BERT side works (and imports fast) without them.
     if name == "CLIPTextModel":
         from .clip import CLIPTextModel
         return CLIPTextModel
+    if name in ("T5EncoderModel", "T5Tokenizer", "T5TokenizerFast"):
+        from . import t5
+        return getattr(t5, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
