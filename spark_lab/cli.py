@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 # subcommand -> "module:function"; each function takes the parsed args and returns an exit code
 HANDLERS = {
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head-dim", type=int)
     s.add_argument("--hidden", type=int)
     s.add_argument("--vocab", type=int, default=32000)
+    s.add_argument("--size", default=None, metavar="WxH",
+                   help="image models (flux-dev, sd3-medium, sdxl-base, a diffusers folder, a Flux GGUF): pixels")
+    s.add_argument("--format", dest="weight_format", default=None,
+                   help="image models by name: how the denoiser is stored (bf16, fp16, Q8_0, Q4_K, ...)")
+    s.add_argument("--free-text-encoders", action="store_true",
+                   help="image models: the text encoders are dropped once the prompt is encoded")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("generate", help="generate text from a prompt")
@@ -203,8 +210,38 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _image_size(text: str | None):
+    if text is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024") from None
+    return w, h
+
+
+def _is_image_model(model: str) -> bool:
+    from .planner_images import KNOWN_IMAGE_MODELS
+    p = Path(model)
+    if model.lower() in KNOWN_IMAGE_MODELS or (p / "model_index.json").is_file():
+        return True
+    if p.is_file() and p.suffix == ".gguf":
+        from .gguf import GGUFFile
+        return GGUFFile(p).arch in ("flux", "sd3", "sdxl")
+    return False
+
+
 def cmd_plan(args) -> int:
     from . import planner
+    if args.params is None and _is_image_model(args.model):
+        from .planner_images import plan_image
+        w, h = _image_size(args.size)
+        p = plan_image(args.model, w, h, batch=args.batch, weight_format=args.weight_format,
+                       free_text_encoders=args.free_text_encoders)
+        print(json.dumps(p.to_dict(), indent=2) if args.json else p.report())
+        return 0
+    if args.size or args.weight_format or args.free_text_encoders:
+        raise ValueError(f"--size/--format/--free-text-encoders are for image models; {args.model} is a language model")
     if args.params is not None:
         shape = planner.ModelShape(
             name=args.model, params=args.params, bits_per_weight=args.bits,

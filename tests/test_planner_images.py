@@ -297,3 +297,13 @@ def test_counts_match_diffusers_and_transformers():
                        ("clip-g", transformers.CLIPTextModelWithProjection(G)),
                        ("t5-xxl", transformers.T5EncoderModel(t5))]:
             assert text_encoder_params(TEXT_ENCODERS[key]) == sum(p.numel() for p in m.parameters()), key
+
+
+def test_plan_command_for_image_models(capsys):
+    from spark_lab.cli import main
+    assert main(["plan", "flux-dev", "--size", "1024x1024", "--format", "Q8_0", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["width"], d["height"]) == (1024, 1024)
+    assert d["fits_spark"] is True
+    assert main(["plan", "flux-dev", "--size", "1024"]) == 1
+    assert "--size '1024': expected WIDTHxHEIGHT" in capsys.readouterr().err
