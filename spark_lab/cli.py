@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=_positive_int, default=1)
     s.add_argument("--out", default="image.png")
     s.add_argument("--mkdir", action="store_true", help="create --out's folder if it does not exist")
+    s.add_argument("--init", default=None, metavar="IMAGE", help="image to image: start from this picture")
+    s.add_argument("--strength", type=float, default=None,
+                   help="with --init: how far to move from it, in (0, 1] (default: the model's; 1 with --mask)")
+    s.add_argument("--mask", default=None, metavar="MASK",
+                   help="with --init: inpaint where MASK is white (the same size as --init)")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA safetensors file (repeatable; SCALE default 1)")
 
     s = sub.add_parser("bench", help="side-by-side benchmarks against the anchors")
     s.add_argument("what", choices=["llm", "kernels", "imagine", "summarize", "questions", "constrain", "batch", "serve"])

@@ -1,13 +1,16 @@
 """Text to image on spark_lab's kernels: diffusers-compatible UNets, MMDiT transformers (SD3, Flux),
 VAE, schedulers, pipelines."""
 from .cli import make_grid
-from .pipeline import TextToImagePipeline
+from . import image_inputs
+from .lora import LoRAWeights
+from .pipeline import TextToImagePipeline, load_pipeline
 from .schedulers import (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                          SchedulerOutput, load_scheduler)
 from .flow_match import calculate_shift                  # after .schedulers (flow_match imports its base classes)
 from .flux import FluxConfig, FluxTransformer2DModel, latent_image_ids, pack_latents, unpack_latents
 from .flux_gguf import load_flux_gguf
 from .sd3 import SD3Transformer2DModel
+from .sdxl import StableDiffusionXLPipeline
 from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -15,4 +18,5 @@ from .vae import AutoencoderKL
 __all__ = ["UNet2DConditionModel", "UNet2DModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerOutput", "load_scheduler",
            "calculate_shift", "SD3Transformer2DModel", "FluxTransformer2DModel", "FluxConfig", "load_flux_gguf",
-           "pack_latents", "unpack_latents", "latent_image_ids", "TextToImagePipeline", "make_grid"]
+           "pack_latents", "unpack_latents", "latent_image_ids", "TextToImagePipeline", "StableDiffusionXLPipeline",
+           "load_pipeline", "LoRAWeights", "image_inputs", "make_grid"]

@@ -15,6 +15,7 @@ from ..device import array_module
 from ..kernels import geglu, group_norm, layernorm, linear, matmul, softmax
 from .fused import attend_fused
 from .loading import Params
+from .lora import with_lora
 
 
 # Score elements per chunk of heads: 1 MB of float32 stays in L2, so softmax's passes over the
@@ -55,22 +56,27 @@ def linear_rows(x, w, b=None):
     return linear(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape[:-1] + (w.shape[0],))
 
 
+def dense(p: Params, name: str, x):
+    """The linear layer `name` of p on x [..., in] -> [..., out], plus any unfused LoRA on it (lora.py)."""
+    return with_lora(p, name, x, linear_rows(x, p[f"{name}.weight"], p.get(f"{name}.bias")))
+
+
 def multi_head_attention(p: Params, x, context, heads: int):
     """diffusers `Attention` (to_q/to_k/to_v/to_out.0): x [B, Tq, Cq], context [B, Tk, Ck] -> [B, Tq, Cout]."""
     B, Tq, _ = x.shape
     Tk = context.shape[1]
-    v = linear_rows(context, p["to_v.weight"], p.get("to_v.bias"))          # [B, Tk, H*D]
+    v = dense(p, "to_v", context)                                           # [B, Tk, H*D]
     HD = v.shape[-1]
     D = HD // heads
     if Tk == 1:       # softmax over one key is exactly 1: every query gets to_out(v), computed once
-        o = linear_rows(v, p["to_out.0.weight"], p.get("to_out.0.bias"))    # [B, 1, Cout]
+        o = dense(p, "to_out.0", v)                                         # [B, 1, Cout]
         return array_module(o).broadcast_to(o, (B, Tq, o.shape[-1]))
-    q = linear_rows(x, p["to_q.weight"], p.get("to_q.bias"))                # [B, Tq, H*D]
-    k = linear_rows(context, p["to_k.weight"], p.get("to_k.bias"))          # [B, Tk, H*D]
+    q = dense(p, "to_q", x)                                                 # [B, Tq, H*D]
+    k = dense(p, "to_k", context)                                           # [B, Tk, H*D]
     heads_first = lambda t, T: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3).reshape(B * heads, T, D)  # noqa: E731
     o = attend(heads_first(q, Tq), heads_first(k, Tk), heads_first(v, Tk))   # [B*H, Tq, D]
     o = o.reshape(B, heads, Tq, D).transpose(0, 2, 1, 3).reshape(B, Tq, HD)  # [B, Tq, H*D]
-    return linear_rows(o, p["to_out.0.weight"], p.get("to_out.0.bias"))     # [B, Tq, Cout]
+    return dense(p, "to_out.0", o)                                          # [B, Tq, Cout]
 
 
 class SpatialAttention:
@@ -116,14 +122,14 @@ class BasicTransformerBlock:
                 h = self._ln("norm2", x)
                 x = x + multi_head_attention(p.sub("attn2"), h, h if context is None else context, self.heads)
         h = self._ln("norm3", x)
-        h = geglu(linear_rows(h, p["ff.net.0.proj.weight"], p["ff.net.0.proj.bias"]))   # [B, T, 4C]
-        return x + linear_rows(h, p["ff.net.2.weight"], p["ff.net.2.bias"])             # [B, T, C]
+        h = geglu(dense(p, "ff.net.0.proj", h))                                         # [B, T, 4C]
+        return x + dense(p, "ff.net.2", h)                                              # [B, T, C]
 
 
 def _pointwise(p: Params, x):
     """A 1x1 conv or a linear (use_linear_projection) on channels-last x [B, T, Cin] -> [B, T, Cout]."""
     w = p["weight"]
-    return linear_rows(x, w.reshape(w.shape[0], -1), p.get("bias"))
+    return with_lora(p, "", x, linear_rows(x, w.reshape(w.shape[0], -1), p.get("bias")))
 
 
 class Transformer2D:

@@ -12,13 +12,14 @@ from ..device import array_module
 from ..kernels import conv2d, group_norm, linear, silu, upsample_nearest2d
 from ..kernels.conv import upsample2x_conv3x3
 from .loading import Params
+from .lora import with_lora, with_lora_conv
 
 
 def conv(p: Params, x, stride=1, padding=None):
-    """A diffusers Conv2d by name; `same` padding (k // 2) unless given."""
+    """A diffusers Conv2d by name; `same` padding (k // 2) unless given; plus any unfused LoRA on it."""
     w = p["weight"]
     pad = w.shape[-1] // 2 if padding is None else padding
-    return conv2d(x, w, p.get("bias"), stride=stride, padding=pad)
+    return with_lora_conv(p, x, conv2d(x, w, p.get("bias"), stride=stride, padding=pad), stride, pad)
 
 
 def norm(p: Params, x, groups: int, eps: float, act: bool = False):
@@ -47,7 +48,9 @@ class ResnetBlock2D:
         h = conv(p.sub("conv1"), h)                                        # [N, Cout, H, W]
         scale = shift = None
         if self.has_temb and temb is not None:
-            t = linear(silu(temb), p["time_emb_proj.weight"], p["time_emb_proj.bias"])  # [N, Cout] (x2 for scale_shift)
+            e = silu(temb)
+            t = with_lora(p, "time_emb_proj", e, linear(e, p["time_emb_proj.weight"], p["time_emb_proj.bias"]))
+            # t: [N, Cout] (x2 for scale_shift)
             t = t[:, :, None, None]
             if self.time_norm == "default":
                 h = h + t
@@ -88,7 +91,7 @@ class Upsample2D:
     def __call__(self, x, size=None):
         has_conv = "conv.weight" in self.p
         if size is None or tuple(size) == (x.shape[2] * 2, x.shape[3] * 2):
-            if has_conv and self.p["conv.weight"].shape[-2:] == (3, 3):
+            if has_conv and self.p["conv.weight"].shape[-2:] == (3, 3) and "conv.lora" not in self.p:
                 return upsample2x_conv3x3(x, self.p["conv.weight"], self.p.get("conv.bias"))  # [N, O, 2H, 2W]
             x = upsample_nearest2d(x, 2)                                   # [N, C, 2H, 2W]
         else:                                                              # odd sizes: nearest to `size`

@@ -402,6 +402,13 @@ class EulerDiscreteScheduler(_AlphaScheduler, _SigmaStepper):
         w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[lo + 1]), 0, 1)
         return ((1 - w) * lo + w * (lo + 1)).reshape(np.shape(sigma))
 
+    def add_noise(self, original, noise, timesteps):
+        """x_0 + sigma_t noise, sigma_t of each timestep in the current schedule (Euler works in
+        sigma space: not the DDPM q(x_t | x_0) of the alpha schedulers)."""
+        sig = np.array([self.sigmas[self._index_for(t)] for t in np.asarray(timesteps).reshape(-1)], np.float32)
+        xp = array_module(original)
+        return original + xp.asarray(sig.reshape((-1,) + (1,) * (original.ndim - 1))) * noise
+
     def scale_model_input(self, sample, timestep=None):
         """x / sqrt(sigma^2 + 1): the UNet was trained on unit-variance inputs."""
         self._ensure_index(timestep)

@@ -3,6 +3,9 @@
     sample [N, Cin, H, W], timestep t, encoder_hidden_states [N, L, Ctx] -> noise/velocity [N, Cout, H, W]
 
 time embedding: sinusoid(t) -> linear -> SiLU -> linear  (+ class embedding when configured)
+SDXL's added conditioning (addition_embed_type="text_time"): each of the k micro-conditioning
+numbers (original size, crop corner, target size) -> sinusoid [addition_time_embed_dim], then
+concat(pooled text embedding, those) -> linear -> SiLU -> linear, added to the time embedding.
 conv_in -> down blocks (keep every output as a skip) -> mid block -> up blocks (eat skips)
 -> GroupNorm -> SiLU -> conv_out. Reads a diffusers `config.json` + safetensors folder.
 """
@@ -18,6 +21,7 @@ from ..kernels import linear, silu, timestep_embedding
 from .attention import Transformer2D
 from .blocks import DOWN_TYPES, MID_TYPES, UP_TYPES, DownBlock, MidBlock, UpBlock, check_block_type
 from .loading import Params, load_model_folder, nbytes
+from .lora import with_lora
 from .resnet import conv, norm
 
 
@@ -63,7 +67,8 @@ class UNet2DConditionConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    addition_embed_type: str | None = None
+    addition_embed_type: str | None = None   # None, or "text_time" (SDXL: pooled text + size/crop ids)
+    addition_time_embed_dim: int | None = None  # text_time: sinusoid width per micro-conditioning number
     encoder_hid_dim: int | None = None
     dual_cross_attention: bool = False
     time_cond_proj_dim: int | None = None
@@ -87,8 +92,14 @@ class UNet2DConditionConfig:
             check_block_type(self.mid_block_type, MID_TYPES, "mid")
         if len(self.down_block_types) != len(self.up_block_types) or len(self.down_block_types) != len(self.block_out_channels):
             raise ValueError("config: down_block_types, up_block_types and block_out_channels differ in length")
-        unsupported = {"addition_embed_type": self.addition_embed_type, "encoder_hid_dim": self.encoder_hid_dim,
-                       "time_cond_proj_dim": self.time_cond_proj_dim}
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"config addition_embed_type={self.addition_embed_type!r} is not supported by "
+                             "spark_lab's UNet2DConditionModel (None or 'text_time')")
+        if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim and
+                                                            self.projection_class_embeddings_input_dim):
+            raise ValueError("config addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
+        unsupported = {"encoder_hid_dim": self.encoder_hid_dim, "time_cond_proj_dim": self.time_cond_proj_dim}
         for k, v in unsupported.items():
             if v is not None:
                 raise ValueError(f"config {k}={v!r} is not supported by spark_lab's UNet2DConditionModel")
@@ -125,9 +136,9 @@ def embed_time(t, dim: int, flip: bool, shift: float, n: int):
 
 
 def mlp_embed(p: Params, e):
-    """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2."""
-    h = silu(linear(e, p["linear_1.weight"], p["linear_1.bias"]))
-    return linear(h, p["linear_2.weight"], p["linear_2.bias"])
+    """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2 (plus any unfused LoRA on either)."""
+    h = silu(with_lora(p, "linear_1", e, linear(e, p["linear_1.weight"], p["linear_1.bias"])))
+    return with_lora(p, "linear_2", h, linear(h, p["linear_2.weight"], p["linear_2.bias"]))
 
 
 class UNet2DConditionModel:
@@ -202,12 +213,39 @@ class UNet2DConditionModel:
             emb = array_module(emb).concatenate([emb, cemb], axis=-1) if c.class_embeddings_concat else emb + cemb
         return emb
 
-    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, repeat: int = 1):
+    def added_embedding(self, added_cond_kwargs, n: int):
+        """SDXL's micro-conditioning: {"text_embeds" [n, P], "time_ids" [n, k]} -> [n, 4 * C0] (None if unused)."""
+        c = self.config
+        if c.addition_embed_type is None:
+            return None
+        kw = added_cond_kwargs or {}
+        if kw.get("text_embeds") is None or kw.get("time_ids") is None:
+            raise ValueError("UNet2DConditionModel: this SDXL-style UNet (addition_embed_type='text_time') needs "
+                             "added_cond_kwargs={'text_embeds': [N, P], 'time_ids': [N, k]}")
+        text = to_device(kw["text_embeds"], np.float32)
+        ids = to_host(kw["time_ids"]) if hasattr(kw["time_ids"], "__cuda_array_interface__") else kw["time_ids"]
+        ids = np.asarray(ids, dtype=np.float32)
+        if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != n or ids.shape[0] != n:
+            raise ValueError(f"UNet2DConditionModel: text_embeds {tuple(text.shape)} and time_ids {ids.shape} "
+                             f"should be [{n}, P] and [{n}, k]")
+        want = c.projection_class_embeddings_input_dim
+        if text.shape[1] + ids.shape[1] * c.addition_time_embed_dim != want:
+            raise ValueError(f"UNet2DConditionModel: text_embeds width {text.shape[1]} + {ids.shape[1]} time ids x "
+                             f"{c.addition_time_embed_dim} != the {want} inputs of add_embedding")
+        t = embed_time(ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift,
+                       ids.size).reshape(n, -1)                                     # [n, k * dim]
+        xp = array_module(text)
+        return mlp_embed(self.params.sub("add_embedding"), xp.concatenate([text, t], axis=-1))   # [n, 4 * C0]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, repeat: int = 1,
+                 added_cond_kwargs: dict | None = None):
         """sample [N, Cin, H, W], timestep scalar or [N], encoder_hidden_states [N*repeat, L, Ctx] -> [N*repeat, Cout, H, W].
 
         repeat=2 is classifier-free guidance with one sample and two contexts (unconditional
         first): the leading blocks that never look at the text (conv_in, plain down blocks) run
         once on N rows and their outputs are tiled, instead of computing the same rows twice.
+        added_cond_kwargs (SDXL): {"text_embeds": [N*repeat, P], "time_ids": [N*repeat, k]}; these
+        differ between the two halves, so with them every block runs on N*repeat rows.
         """
         c, p = self.config, self.params
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
@@ -228,9 +266,14 @@ class UNet2DConditionModel:
         if c.center_input_sample:
             sample = 2.0 * sample - 1.0
         emb = self.time_embedding(timestep, N, class_labels)                        # [N, 4 * C0]
+        aug = self.added_embedding(added_cond_kwargs, N * repeat)                   # [N*repeat, 4 * C0] or None
         x = conv(p.sub("conv_in"), sample)                                          # [N, C0, H, W]
-        skips = [x]
         shared = repeat > 1                                                         # rows not yet tiled
+        if aug is not None:                                                         # the halves' embeddings differ
+            if shared:
+                x, emb, shared = tile(x), tile(emb), False
+            emb = emb + aug
+        skips = [x]
         for blk in self.down:
             if shared and blk.attentions:                                           # the text comes in here
                 x, skips, emb, shared = tile(x), [tile(s) for s in skips], tile(emb), False

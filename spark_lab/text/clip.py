@@ -3,6 +3,9 @@
     ids [B, L] -> token + position embeddings -> N x pre-LN transformer layers with a causal
     mask (quick_gelu or gelu MLP) -> final LayerNorm -> last_hidden_state [B, L, D];
     pooled [B, D] = the hidden state at each row's end-of-text token.
+    hidden_states (output_hidden_states=True): the embeddings and each layer's output, N + 1
+    arrays [B, L, D] before the final LayerNorm (SDXL conditions on hidden_states[-2]).
+    CLIPTextModelWithProjection (SDXL's text_encoder_2): text_embeds [B, P] = pooled @ text_projection.T.
 
 The tokenizer is a `tokenizers` byte-level BPE built from vocab.json + merges.txt (or read from
 tokenizer.json): lower-cased, words split CLIP's way, '</w>' marks a word's last piece; then
@@ -69,9 +72,12 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json + merges.txt or tokenizer.json")
         tok.no_padding()
         tok.no_truncation()
-        return cls(tok, cfg.get("model_max_length", 77) if cfg.get("model_max_length", 77) < 1e6 else 77,
-                   _token_str(cfg.get("bos_token"), "<|startoftext|>"), _token_str(cfg.get("eos_token"), "<|endoftext|>"),
-                   _token_str(cfg.get("pad_token"), "<|endoftext|>"))
+        specials = [_token_str(cfg.get(k), d) for k, d in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
+                                                           ("pad_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))]
+        # transformers never splits its special tokens: SDXL's tokenizer_2 pads with "!", so a "!" in a
+        # prompt becomes that pad token, not "!</w>"
+        tok.add_special_tokens([t for t in dict.fromkeys(specials) if tok.token_to_id(t) is not None])
+        return cls(tok, cfg.get("model_max_length", 77) if cfg.get("model_max_length", 77) < 1e6 else 77, *specials[:3])
 
     def __call__(self, prompts: list[str] | str, max_length: int | None = None) -> np.ndarray:
         if isinstance(prompts, str):
@@ -99,6 +105,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"           # SD 1.x; SD 2.x uses "gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 2                    # 2 = the old configs: the pooled token is argmax(ids)
+    projection_dim: int | None = None        # CLIPTextModelWithProjection: width of text_embeds
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -118,9 +125,14 @@ class CLIPTextConfig:
 class CLIPTextOutput:
     last_hidden_state: object   # [B, L, D]
     pooler_output: object       # [B, D]
+    hidden_states: tuple | None = None   # output_hidden_states: N + 1 x [B, L, D] (embeddings, then each layer)
+    text_embeds: object = None           # CLIPTextModelWithProjection: [B, P]
 
-    def __getitem__(self, i):   # diffusers style: text_encoder(ids)[0]
-        return (self.last_hidden_state, self.pooler_output)[i]
+    def __getitem__(self, i):   # transformers' tuple order: text_encoder(ids)[0]
+        states = (self.hidden_states,) if self.hidden_states is not None else ()
+        if self.text_embeds is not None:
+            return (self.text_embeds, self.last_hidden_state, *states)[i]
+        return (self.last_hidden_state, self.pooler_output, *states)[i]
 
 
 class CLIPTextModel:
@@ -151,7 +163,10 @@ class CLIPTextModel:
         return layernorm(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.config.layer_norm_eps)
 
     def _lin(self, x, name):
-        return linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+        y = linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+        stack = self.w.get(f"{name}.lora")          # unfused LoRA adapters (diffusion/lora.py)
+        d = stack.linear(x) if stack is not None else None
+        return y if d is None else y + d
 
     def _act(self, x):
         return quick_gelu(x) if self.config.hidden_act == "quick_gelu" else gelu(x)
@@ -172,8 +187,9 @@ class CLIPTextModel:
         x = self._ln(h, f"{p}.layer_norm2")
         return h + self._lin(self._act(self._lin(x, f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
 
-    def __call__(self, input_ids) -> CLIPTextOutput:
-        """input_ids [B, L] int -> CLIPTextOutput(last_hidden_state [B, L, D], pooler_output [B, D])."""
+    def __call__(self, input_ids, output_hidden_states: bool = False) -> CLIPTextOutput:
+        """input_ids [B, L] int -> CLIPTextOutput(last_hidden_state [B, L, D], pooler_output [B, D],
+        hidden_states: N + 1 x [B, L, D] when asked)."""
         c = self.config
         ids = np.asarray(to_host(input_ids) if hasattr(input_ids, "__cuda_array_interface__") else input_ids)
         if ids.ndim != 2:
@@ -183,12 +199,31 @@ class CLIPTextModel:
             raise ValueError(f"CLIPTextModel: {L} tokens is more than max_position_embeddings {c.max_position_embeddings}")
         tok = embedding(self.w["embeddings.token_embedding.weight"], to_device(ids.reshape(-1)))   # [B*L, D]
         h = tok.reshape(B, L, -1) + self.w["embeddings.position_embedding.weight"][:L][None]        # [B, L, D]
+        states = [h]
         for i in range(c.num_hidden_layers):
             h = self.layer(h, i)
+            states.append(h)
         h = self._ln(h, "final_layer_norm")
         if c.eos_token_id == 2:
             pos = ids.argmax(axis=-1)                                     # legacy: EOS has the largest id
         else:
             pos = (ids == c.eos_token_id).argmax(axis=-1)                 # first EOS in each row
         pooled = h[to_device(np.arange(B)), to_device(pos)]              # [B, D]
-        return CLIPTextOutput(h, pooled)
+        return CLIPTextOutput(h, pooled, tuple(states) if output_hidden_states else None)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel + text_projection (no bias): text_embeds [B, P] from the pooled output."""
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, variant: str | None = None) -> "CLIPTextModelWithProjection":
+        m = super().from_pretrained(folder, variant)
+        if "text_projection.weight" not in m.w:
+            raise ValueError(f"CLIP text encoder in {folder} has no text_projection.weight "
+                             "(a CLIPTextModel, not a CLIPTextModelWithProjection)")
+        return m
+
+    def __call__(self, input_ids, output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = super().__call__(input_ids, output_hidden_states)
+        out.text_embeds = self._lin(out.pooler_output, "text_projection")                    # [B, P]
+        return out

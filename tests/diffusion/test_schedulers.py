@@ -111,3 +111,20 @@ def test_seeded_ddpm_noise_is_reproducible():
     b = s.step(x * 0.1, s.timesteps[0], x, generator=np.random.default_rng(7)).prev_sample
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.float32
+
+
+def test_add_noise_matches_diffusers_for_every_scheduler():
+    """add_noise as img2img and training use it: DDPM/DDIM in alpha space, Euler in sigma space."""
+    import diffusers
+    import torch
+    from spark_lab.diffusion import schedulers as S
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    for name in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"):
+        ours, ref = getattr(S, name)(), getattr(diffusers, name)()
+        ours.set_timesteps(10)
+        ref.set_timesteps(10)
+        t = ref.timesteps[[2, 6]]
+        want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t).numpy()
+        got = ours.add_noise(x0, noise, np.asarray(ours.timesteps)[[2, 6]])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
