@@ -37,13 +37,20 @@ kernel is row-exact (`Transformer.rows_exact`: the int8 GEMM and the per-row mat
 dequantized tiles + BLAS) and attention runs per prompt row over its own cache.
 The tokens a request draws are those its own thread would draw: same logits, same generator.
 
-Prefix cache: after its prefill a prompt's K/V are kept (keyed by its tokens) under a byte budget,
-least recently used evicted first; a later prompt sharing a prefix (a system prompt, the earlier
-turns of a chat) copies the longest common part into its slot and prefills only the rest. Where
-the model is `rows_exact` (prompt rows on row-exact kernels, attention row by row), a token's K/V
-do not depend on how its prompt was chunked, so a prefix of any length is reused; elsewhere only
-whole chunks [0, C*k) are (the keys/values a fresh prefill at positions 0, C, 2C... computes).
-Either way the tokens are the same with or without a hit.
+Reusing K/V. A slot keeps its last prompt's K/V when it is freed (`kept`; not the answer's: those
+came from decode steps, whose rounding differs from a prompt row's); a new request takes the free
+slot already holding the longest prefix of its prompt and prefills only the rest, in place (a
+chat's next turn, a retried request). Besides, the prefix
+cache keeps copies of the K/V of prefixes that two prompts share (a system prompt, a document
+asked about twice; keyed by their tokens) under a byte budget (by default one slot's full
+context), least recently used evicted first, so that a prompt on another slot starts from them;
+a prompt shared with nothing is not copied (its slot keeps it), nor a shared prefix that is not
+16 tokens (MIN_PREFIX) longer than the cached one it extends. Where the model is `rows_exact` (prompt rows on row-exact kernels, attention
+row by row), a token's K/V do not depend on how its prompt was chunked, so a prefix of any length
+is reused; elsewhere only whole chunks [0, C*k) are (the K/V a fresh prefill at positions 0, C,
+2C... computes). Either way the tokens are the same with or without a hit. A slot freed while the
+stepping thread is running a step that includes it (a request closed with tokens drawn ahead) is
+taken again only after that step, so its K/V are never written by two sequences at once.
 """
 from __future__ import annotations
 
@@ -59,10 +66,9 @@ from .cache import KVCache
 from .engine import PREFILL_CHUNK
 from .sampling import sample
 
-DEFAULT_PREFIX_BYTES = 256 << 20   # prefix cache budget when none is given
 MAX_ROWS = 16                      # rows per batched kernel call (qmatvec takes x [n <= 16, in])
 GATHER_SECONDS = 0.002             # a step waits this long at most for decoding slots still sampling
-MIN_PREFIX = 16                    # shortest prompt whose K/V the prefix cache keeps
+MIN_PREFIX = 16                    # a shared prefix is copied when it is this much longer than the cached one
 
 
 class _Job:
@@ -86,6 +92,10 @@ class _Slot:
         self.decoding = False      # past its prefill: will post a decode job after each token
         self.n = 0                 # positions [0, n) of cache hold this sequence's K/V
         self.ahead = None          # _Ahead: the stepping thread samples this sequence's tokens itself
+        self.kept: list[int] = []  # the last prompt, whose K/V sit at positions [0, len(kept)), kept after release
+        self.stepping = False      # in the step the stepping thread is running
+        self.release = False       # released during that step: freed when it ends
+        self.used = 0              # when it was last taken (a ticket number): the least recent is reused first
 
 
 class _Ahead:
@@ -173,31 +183,41 @@ class _Sequence:
     def __init__(self, engine: "BatchEngine"):
         self.engine, self.slot = engine, None
 
-    def __enter__(self):
-        self.slot = self.engine._acquire()
+    def __enter__(self):                  # the slot is taken by prefill, which knows the prompt
         return self
 
     def __exit__(self, *exc):
-        self.engine._release(self.slot)
+        if self.slot is not None:
+            self.engine._release(self.slot)
         self.slot = None
 
     def prefill(self, prompt: list[int]):
-        e, slot, C = self.engine, self.slot, self.engine.prefill_chunk
-        G = e.granule
-        reuse = 0
+        e, C, G = self.engine, self.engine.prefill_chunk, self.engine.granule
+        slot, reuse = e._acquire(prompt)      # a free slot, the one already holding most of the prompt
+        self.slot = slot
+        cached = 0                            # how much of the prompt the prefix cache already holds
         if e.prefix is not None:
             with e._cond:
-                key, reuse = e.prefix.lookup(prompt, G)
-                if key is not None:
-                    e.prefix.load(key, reuse, slot.cache)
+                key, n = e.prefix.lookup(prompt, G)
+                cached = n
+                if key is not None and n > reuse:
+                    e.prefix.load(key, n, slot.cache)
+                    reuse = n
+        with e._cond:
+            e._hits += reuse > 0
+            e._reused += reuse
+        slot.kept = list(prompt[:reuse])
         logits = None
         for s in range(reuse, len(prompt), C):
             logits = e._submit(_Job(slot, prompt[s:s + C], s))
+            slot.kept.extend(prompt[s:s + C])
         slot.n = len(prompt)
-        keep = len(prompt) // G * G
-        if e.prefix is not None and keep >= min(C, MIN_PREFIX):
-            with e._cond:
-                e.prefix.store(prompt[:keep], slot.cache)
+        if e.prefix is not None:
+            with e._cond:                     # a prefix this prompt shares with another one: keep a copy
+                others = [s.kept for s in e.slots if s is not slot] + list(e.prefix.entries)
+                keep = max((PrefixCache._common(o, prompt) for o in others), default=0) // G * G
+                if keep >= cached + min(C, MIN_PREFIX):     # worth a copy: 16 tokens past what it holds
+                    e.prefix.store(prompt[:keep], slot.cache)
         with e._cond:
             slot.decoding = True
             e._tokens += 1
@@ -231,7 +251,7 @@ class BatchEngine:
     def __init__(self, llm, parallel: int = 4, prefix_cache_bytes: int | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         """parallel: sequences decoded together (slots, each a KVCache of llm.n_ctx tokens, mapped as
-        it fills); prefix_cache_bytes: the prefix cache's budget (None: 256 MiB, 0: no prefix cache);
+        it fills); prefix_cache_bytes: the prefix cache's budget (None: one slot's full K/V, 0: no prefix cache);
         prefill_chunk: prompt tokens per prefill forward pass."""
         if int(parallel) < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -243,7 +263,7 @@ class BatchEngine:
         caches = KVCache.pooled(self.parallel, c.n_layer, llm.n_ctx, c.n_head_kv, c.head_dim, np.float32,
                                 cache.type_k, cache.type_v)         # one pool: one attention call per layer
         self.slots = [_Slot(i, kv) for i, kv in enumerate(caches)]
-        budget = DEFAULT_PREFIX_BYTES if prefix_cache_bytes is None else int(prefix_cache_bytes)
+        budget = self.slots[0].cache.nbytes if prefix_cache_bytes is None else int(prefix_cache_bytes)
         self.prefix = PrefixCache(budget) if budget > 0 else None
         self._dec = llm.model._decoder()
         # prefix reuse at any length where a prompt's K/V do not depend on its chunking, else whole chunks
@@ -255,6 +275,7 @@ class BatchEngine:
         self._closed = False
         self._steps = 0
         self._tokens = 0
+        self._hits = self._reused = 0           # requests that reused K/V (a slot's own or the prefix cache's), tokens
         self._thread = threading.Thread(target=self._run, name="spark-lab-batch", daemon=True)
         self._thread.start()
 
@@ -273,14 +294,13 @@ class BatchEngine:
 
     def stats(self) -> dict:
         with self._cond:
-            busy = [s for s in self.slots if s.busy]
+            busy = [s for s in self.slots if s.busy and not s.release]
             kv_tokens = sum(s.n for s in busy)
             per_token = self.slots[0].cache.nbytes // max(1, self.llm.n_ctx)
             prefix_bytes = self.prefix.nbytes if self.prefix is not None else 0
             return dict(slots=self.parallel, busy=len(busy), waiting=len(self._queue), kv_tokens=kv_tokens,
                         kv_bytes=kv_tokens * per_token + prefix_bytes,
-                        prefix_hits=self.prefix.hits if self.prefix is not None else 0,
-                        prefix_tokens_reused=self.prefix.tokens_reused if self.prefix is not None else 0,
+                        prefix_hits=self._hits, prefix_tokens_reused=self._reused,
                         prefix_entries=len(self.prefix.entries) if self.prefix is not None else 0,
                         prefix_bytes=prefix_bytes, steps=self._steps, tokens_generated=self._tokens)
 
@@ -298,7 +318,9 @@ class BatchEngine:
         self.close()
 
     # ------------------------------------------------------------------ slots
-    def _acquire(self) -> _Slot:
+    def _acquire(self, prompt: list[int]) -> tuple[_Slot, int]:
+        """FIFO: wait for a free slot -> (the free slot whose kept K/V share the longest prefix with
+        prompt, else the one taken least recently; how many of its positions the prompt reuses in place)."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batch engine is closed")
@@ -309,21 +331,28 @@ class BatchEngine:
                 while True:
                     if self._closed:
                         raise RuntimeError("the batch engine is closed")
-                    free = next((s for s in self.slots if not s.busy), None)
-                    if free is not None and self._queue[0] == ticket:
+                    free = [s for s in self.slots if not s.busy]
+                    if free and self._queue[0] == ticket:
                         break
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-            free.busy, free.decoding, free.n = True, False, 0
-            return free
+            G, limit = self.granule, (len(prompt) - 1) // self.granule * self.granule
+            reuse = [min(PrefixCache._common(s.kept, prompt), limit) // G * G for s in free]
+            best = max(range(len(free)), key=lambda i: (reuse[i], -free[i].used))   # else the least recent
+            slot = free[best]
+            slot.busy, slot.decoding, slot.n, slot.used = True, False, 0, ticket + 1
+            return slot, reuse[best]
 
     def _release(self, slot: _Slot) -> None:
         with self._cond:
+            slot.ahead = None          # the stepping thread drops it before its next step
+            if slot.stepping:          # its K/V may still be written: free it when that step ends
+                slot.release = True
+                return
             slot.busy = slot.decoding = False
             slot.n = 0
-            slot.ahead = None          # the stepping thread drops it before its next step
             self._cond.notify_all()
 
     def _submit(self, job: _Job):
@@ -378,6 +407,8 @@ class BatchEngine:
             taken = {id(j) for j in decode + prefill}
             self._jobs = [j for j in self._jobs if id(j) not in taken]
             ahead = [(s, s.ahead, s.n) for s in self._ahead_slots()]
+            for slot in [j.slot for j in decode + prefill] + [a[0] for a in ahead]:
+                slot.stepping = True
             return decode, ahead, prefill
 
     def _logits(self, rows):
@@ -435,6 +466,12 @@ class BatchEngine:
                 job.done.set()
             with self._cond:
                 self._steps += 1
+                for slot in self.slots:
+                    slot.stepping = False
+                    if slot.release:              # released during the step: free now
+                        slot.release = slot.busy = slot.decoding = False
+                        slot.n = 0
+                        self._cond.notify_all()
 
     def _advance(self, slot, a: _Ahead, n: int, logits, err) -> None:
         """A sampled-ahead sequence after its step: draw its next token and queue it."""

@@ -119,30 +119,40 @@ def test_closing_a_stream_frees_its_slot(tiny):
 
 
 def test_prefix_cache_hits_give_the_same_tokens_and_evict_lru(tiny):
+    from spark_lab.llm.batch import PrefixCache
+    from spark_lab.llm.cache import KVCache
     rng = np.random.default_rng(6)
     system = [int(t) for t in rng.integers(3, 250, size=70)]
     turns = [system + [int(t) for t in rng.integers(3, 250, size=9)] for _ in range(3)]
     kw = dict(max_new_tokens=6, temperature=0, stop_at_eos=False)
     with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0, prefill_chunk=16) as be:
         ref = [be.generate_tokens(t, **kw).token_ids for t in turns]
-    with BatchEngine(tiny, parallel=2, prefill_chunk=16) as be:
+    with BatchEngine(tiny, parallel=2, prefill_chunk=16) as be:            # one after another: the slot's own K/V
         got = [be.generate_tokens(t, **kw) for t in turns]
         st = be.stats()
-    assert [g.token_ids for g in got] == ref
-    assert [g.reused_prompt_tokens for g in got] == [0, 70, 70]              # all 70 shared (K/V chunking-exact)
-    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 140
+        again = be.generate_tokens(turns[2], **kw)                            # the same prompt: one token left to run
+    assert [g.token_ids for g in got] == ref and again.token_ids == ref[2]
+    assert [g.reused_prompt_tokens for g in got] == [0, 70, 70] and again.reused_prompt_tokens == len(turns[2]) - 1
+    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 140 and st["prefix_entries"] == 0
     c = tiny.config
     per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * 4                 # f32 K and V
-    with BatchEngine(tiny, parallel=1, prefix_cache_bytes=int(per_token * 64 * 2.5), prefill_chunk=16) as be:
-        a, b, d = (system[:64] + [1] * 10, [2] * 74, [3] * 74)
-        for p in (a, b, d):                                                   # each stores 74 tokens; room for 2
-            be.generate_tokens(p, **kw)
+    with BatchEngine(tiny, parallel=3, prefill_chunk=16) as be:            # at once: the shared 70 are copied
+        hold = [be.stream_tokens(t, max_new_tokens=50, temperature=0, stop_at_eos=False) for t in turns[:2]]
+        for h in hold:
+            next(h)                                                           # slots 0 and 1 stay busy
         st = be.stats()
-        assert st["prefix_entries"] == 2 and st["prefix_bytes"] <= per_token * 64 * 2.5
-        assert be.generate_tokens(system + [5], **kw).reused_prompt_tokens == 0     # a was evicted (LRU)
-        g = be.generate_tokens([3] * 74 + [9], **kw)                               # d is still there: one token
-        assert g.reused_prompt_tokens == 74                                         # left to run, as a prompt row
-        assert g.token_ids == alone(tiny, [3] * 74 + [9], **kw).token_ids
+        assert st["prefix_entries"] == 1 and st["prefix_bytes"] == per_token * 70
+        g = be.generate_tokens(turns[2], **kw)                                # slot 2 starts from the copy
+        for h in hold:
+            h.close()
+    assert g.reused_prompt_tokens == 70 and g.token_ids == ref[2]
+    cache = KVCache(c.n_layer, 128, c.n_head_kv, c.head_dim)
+    pc = PrefixCache(int(per_token * 74 * 2.5))                              # room for two 74-token entries
+    for key in ([1] * 74, [2] * 74, [3] * 74):
+        pc.store(key, cache)
+    assert len(pc.entries) == 2 and pc.nbytes <= per_token * 74 * 2.5
+    assert pc.lookup([1] * 74 + [5], 1) == (None, 0)                         # the least recent was evicted
+    assert pc.lookup([3] * 74 + [9], 1)[1] == 74 and pc.lookup([3] * 74 + [9], 16)[1] == 64
 
 
 def test_bad_requests_fail_clearly_without_taking_a_slot(tiny):
@@ -234,3 +244,19 @@ def test_stop_string_and_eos_with_tokens_sampled_ahead(tiny):
         again = be.generate_tokens(p, max_new_tokens=20, temperature=0, stop_at_eos=False)
     assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
     assert again.token_ids == ref.token_ids
+
+
+def test_next_turn_reuses_its_slot_in_place(tiny):
+    """A freed slot keeps its prompt's K/V: a chat's next turn (the last prompt + the answer + a new
+    message) takes that slot and prefills only what follows the last prompt, with the tokens it gets alone."""
+    kw = dict(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    p1 = prompts(1, seed=11, lo=20, hi=21)[0]
+    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0) as be:
+        g1 = be.generate_tokens(p1, **kw)
+        be.generate_tokens(prompts(1, seed=12)[0], **kw)                   # the other slot, meanwhile
+        p2 = p1 + g1.token_ids + [7, 8, 9]
+        g2 = be.generate_tokens(p2, **kw)
+        st = be.stats()
+    assert g2.reused_prompt_tokens == len(p1)                              # the answer's K/V came from decode steps
+    assert g2.token_ids == alone(tiny, p2, **kw).token_ids
+    assert st["prefix_hits"] == 1 and st["prefix_tokens_reused"] == len(p1)
