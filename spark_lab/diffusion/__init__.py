@@ -11,6 +11,8 @@ from .flux import FluxConfig, FluxTransformer2DModel, latent_image_ids, pack_lat
 from .flux_gguf import load_flux_gguf
 from .sd3 import SD3Transformer2DModel
 from .sdxl import StableDiffusionXLPipeline
+from .pipeline_flux import FluxPipeline
+from .pipeline_sd3 import StableDiffusion3Pipeline
 from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -19,4 +21,5 @@ __all__ = ["UNet2DConditionModel", "UNet2DModel", "AutoencoderKL", "DDPMSchedule
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerOutput", "load_scheduler",
            "calculate_shift", "SD3Transformer2DModel", "FluxTransformer2DModel", "FluxConfig", "load_flux_gguf",
            "pack_latents", "unpack_latents", "latent_image_ids", "TextToImagePipeline", "StableDiffusionXLPipeline",
+           "StableDiffusion3Pipeline", "FluxPipeline",
            "load_pipeline", "LoRAWeights", "image_inputs", "make_grid"]

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..device import array_module, to_device, to_host
 from ..kernels import attention, gelu, layernorm, rmsnorm, silu, timestep_embedding
-from .attention import linear_rows
+from .attention import dense
 from .loading import Params, load_model_folder, nbytes
 
 ROPE_THETA = 10000.0     # diffusers' FluxPosEmbed and BFL's EmbedND
@@ -150,15 +150,15 @@ def joint_attention(q, k, v):
 def heads_qkv(p: Params, x, heads: int, q_name: str, k_name: str, v_name: str, qn: str, kn: str):
     """x [B, T, Din] -> q, k, v [B, T, H, D], q and k RMS-normed per head (the qk-norm)."""
     B, T, _ = x.shape
-    q = linear_rows(x, p[q_name + ".weight"], p.get(q_name + ".bias")).reshape(B, T, heads, -1)
-    k = linear_rows(x, p[k_name + ".weight"], p.get(k_name + ".bias")).reshape(B, T, heads, -1)
-    v = linear_rows(x, p[v_name + ".weight"], p.get(v_name + ".bias")).reshape(B, T, heads, -1)
+    q = dense(p, q_name, x).reshape(B, T, heads, -1)
+    k = dense(p, k_name, x).reshape(B, T, heads, -1)
+    v = dense(p, v_name, x).reshape(B, T, heads, -1)
     return rmsnorm(q, p[qn + ".weight"], NORM_EPS), rmsnorm(k, p[kn + ".weight"], NORM_EPS), v
 
 
 def modulation(p: Params, silu_temb, n: int) -> list:
     """AdaLN's linear on SiLU(temb) [B, D] -> n vectors [B, 1, D] (shift, scale, gate, ...)."""
-    m = linear_rows(silu_temb, p["linear.weight"], p.get("linear.bias"))           # [B, n*D]
+    m = dense(p, "linear", silu_temb)                                              # [B, n*D]
     D = m.shape[-1] // n
     return [m[:, None, i * D:(i + 1) * D] for i in range(n)]
 
@@ -170,8 +170,8 @@ def modulate(x, shift, scale):
 
 def feed_forward(p: Params, x):
     """diffusers FeedForward (gelu-approximate): net.0.proj -> GELU(tanh) -> net.2."""
-    h = gelu(linear_rows(x, p["net.0.proj.weight"], p.get("net.0.proj.bias")), approximate="tanh")
-    return linear_rows(h, p["net.2.weight"], p.get("net.2.bias"))
+    h = gelu(dense(p, "net.0.proj", x), approximate="tanh")
+    return dense(p, "net.2", h)
 
 
 def double_block(p: Params, img, txt, silu_temb, cos, sin, heads: int):
@@ -187,8 +187,8 @@ def double_block(p: Params, img, txt, silu_temb, cos, sin, heads: int):
     q = apply_rope(xp.concatenate([cq, q], axis=1), cos, sin)                      # [B, T+N, H, Dh]
     k = apply_rope(xp.concatenate([ck, k], axis=1), cos, sin)
     o = joint_attention(q, k, xp.concatenate([cv, v], axis=1))                     # [B, T+N, D]
-    img = img + g * linear_rows(o[:, T:], a["to_out.0.weight"], a.get("to_out.0.bias"))
-    txt = txt + cg * linear_rows(o[:, :T], a["to_add_out.weight"], a.get("to_add_out.bias"))
+    img = img + g * dense(a, "to_out.0", o[:, T:])
+    txt = txt + cg * dense(a, "to_add_out", o[:, :T])
     img = img + g2 * feed_forward(p.sub("ff"), modulate(img, sh2, sc2))
     txt = txt + cg2 * feed_forward(p.sub("ff_context"), modulate(txt, csh2, csc2))
     return img, txt
@@ -199,17 +199,17 @@ def single_block(p: Params, x, silu_temb, cos, sin, heads: int):
     xp = array_module(x)
     shift, scale, gate = modulation(p.sub("norm"), silu_temb, 3)
     h = modulate(x, shift, scale)                                                   # [B, T+N, D]
-    mlp = gelu(linear_rows(h, p["proj_mlp.weight"], p.get("proj_mlp.bias")), approximate="tanh")  # [B, T+N, 4D]
+    mlp = gelu(dense(p, "proj_mlp", h), approximate="tanh")                          # [B, T+N, 4D]
     q, k, v = heads_qkv(p.sub("attn"), h, heads, "to_q", "to_k", "to_v", "norm_q", "norm_k")
     o = joint_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)        # [B, T+N, D]
-    o = linear_rows(xp.concatenate([o, mlp], axis=-1), p["proj_out.weight"], p.get("proj_out.bias"))
+    o = dense(p, "proj_out", xp.concatenate([o, mlp], axis=-1))
     return x + gate * o
 
 
 def mlp_embed(p: Params, x):
     """TimestepEmbedding / PixArtAlphaTextProjection: linear_1 -> SiLU -> linear_2."""
-    h = silu(linear_rows(x, p["linear_1.weight"], p.get("linear_1.bias")))
-    return linear_rows(h, p["linear_2.weight"], p.get("linear_2.bias"))
+    h = silu(dense(p, "linear_1", x))
+    return dense(p, "linear_2", h)
 
 
 def _per_batch(v, B: int, name: str):
@@ -225,6 +225,8 @@ def _per_batch(v, B: int, name: str):
 # ---------------------------------------------------------------------------- the model
 
 class FluxTransformer2DModel:
+    unfused_lora = True      # every linear layer adds its unfused LoRA factors at run time (attention.dense)
+
     def __init__(self, config: FluxConfig, params: Params):
         self.config, self.params = config, params
         c = config
@@ -315,8 +317,8 @@ class FluxTransformer2DModel:
 
         temb = self.time_text_embedding(timestep, guidance, pooled, B)                 # [B, D]
         st = silu(temb)                                                                 # every AdaLN reads SiLU(temb)
-        img = linear_rows(x, p["x_embedder.weight"], p.get("x_embedder.bias"))        # [B, N, D]
-        txt = linear_rows(ctx, p["context_embedder.weight"], p.get("context_embedder.bias"))  # [B, T, D]
+        img = dense(p, "x_embedder", x)                                                 # [B, N, D]
+        txt = dense(p, "context_embedder", ctx)                                         # [B, T, D]
         heads = c.num_attention_heads
         for i in range(c.num_layers):
             img, txt = double_block(p.sub(f"transformer_blocks.{i}"), img, txt, st, cos, sin, heads)
@@ -326,4 +328,4 @@ class FluxTransformer2DModel:
             h = single_block(p.sub(f"single_transformer_blocks.{i}"), h, st, cos, sin, heads)
         scale, shift = modulation(p.sub("norm_out"), st, 2)                            # diffusers' order: scale first
         h = modulate(h[:, T:], shift, scale)                                            # [B, N, D]
-        return linear_rows(h, p["proj_out.weight"], p.get("proj_out.bias"))           # [B, N, p*p*C_out]
+        return dense(p, "proj_out", h)                                                  # [B, N, p*p*C_out]

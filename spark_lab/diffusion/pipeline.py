@@ -3,7 +3,8 @@
 
 `TextToImagePipeline.from_pretrained(path)` (or `load_pipeline`) reads model_index.json's `_class_name`
 and returns the pipeline of that family (FAMILIES below): this class for Stable Diffusion 1.x/2.x and
-spark-emoji, `sdxl.StableDiffusionXLPipeline` for SDXL; other families are refused by name.
+spark-emoji, `sdxl.StableDiffusionXLPipeline` for SDXL, `pipeline_sd3` / `pipeline_flux` for SD3 and
+Flux; other families are refused by name.
 
 Two kinds of model folders load here as this class:
   * Stable Diffusion-style diffusers folders: unet/, vae/, text_encoder/ (CLIP), tokenizer/, scheduler/.
@@ -47,6 +48,12 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "spark_lab.diffusion.sdxl:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "spark_lab.diffusion.sdxl:StableDiffusionXLPipeline",
     "StableDiffusionXLInpaintPipeline": "spark_lab.diffusion.sdxl:StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline": "spark_lab.diffusion.pipeline_sd3:StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline": "spark_lab.diffusion.pipeline_sd3:StableDiffusion3Pipeline",
+    "StableDiffusion3InpaintPipeline": "spark_lab.diffusion.pipeline_sd3:StableDiffusion3Pipeline",
+    "FluxPipeline": "spark_lab.diffusion.pipeline_flux:FluxPipeline",
+    "FluxImg2ImgPipeline": "spark_lab.diffusion.pipeline_flux:FluxPipeline",
+    "FluxInpaintPipeline": "spark_lab.diffusion.pipeline_flux:FluxPipeline",
 }
 
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module, to_device
-from ..kernels import gelu, layernorm, linear, rmsnorm, silu
-from .attention import attend, linear_rows
+from ..kernels import gelu, layernorm, rmsnorm, silu
+from .attention import attend, dense, linear_rows
+from .lora import with_lora
 from .loading import Params, load_model_folder, nbytes
 from .unet_2d_condition import embed_time, mlp_embed
 
@@ -127,7 +128,7 @@ def modulate(x, shift, scale):
 
 def ada_params(p: Params, temb_act, n: int):
     """AdaLayerNorm's linear on silu(temb) [B, D] -> n chunks of [B, D] (diffusers' chunk order)."""
-    m = linear(temb_act, p["linear.weight"], p["linear.bias"])            # [B, n*D]
+    m = dense(p, "linear", temb_act)                                      # [B, n*D]
     B = m.shape[0]
     m = m.reshape(B, n, -1)
     return [m[:, i] for i in range(n)]
@@ -142,8 +143,8 @@ def plain_norm(x, p: Params | None = None, name: str = "norm"):
 
 def feed_forward(p: Params, x):
     """diffusers FeedForward "gelu-approximate": linear -> tanh-GELU -> linear; [B, T, D] -> [B, T, D]."""
-    h = gelu(linear_rows(x, p["net.0.proj.weight"], p["net.0.proj.bias"]), approximate="tanh")   # [B, T, 4D]
-    return linear_rows(h, p["net.2.weight"], p["net.2.bias"])
+    h = gelu(dense(p, "net.0.proj", x), approximate="tanh")              # [B, T, 4D]
+    return dense(p, "net.2", h)
 
 
 def attend_bounded(q, k, v):
@@ -160,6 +161,8 @@ def attend_bounded(q, k, v):
 
 
 class SD3Transformer2DModel:
+    unfused_lora = True      # every linear layer adds its unfused LoRA factors at run time (attention.dense)
+
     def __init__(self, config: SD3TransformerConfig, params: Params):
         self.config, self.params = config, params
         c = config
@@ -206,7 +209,9 @@ class SD3Transformer2DModel:
         P = c.patch_size
         h, w = x.shape[2] // P, x.shape[3] // P
         wt = p["pos_embed.proj.weight"]                                   # [D, C, p, p]
-        tokens = linear_rows(patchify(x, P), wt.reshape(wt.shape[0], -1), p["pos_embed.proj.bias"])  # [B, N, D]
+        patches = patchify(x, P)                                          # [B, N, C p p]
+        tokens = linear_rows(patches, wt.reshape(wt.shape[0], -1), p["pos_embed.proj.bias"])  # [B, N, D]
+        tokens = with_lora(p, "pos_embed.proj", patches, tokens)
         M = c.pos_embed_max_size
         top, left = (M - h) // 2, (M - w) // 2
         pos = self.pos_table[top:top + h, left:left + w].reshape(h * w, -1)   # [N, D]
@@ -217,7 +222,7 @@ class SD3Transformer2DModel:
         p = self.params.sub("time_text_embed")
         t = mlp_embed(p.sub("timestep_embedder"), embed_time(timestep, 256, True, 0, B))   # [B, D]
         q = p.sub("text_embedder")
-        y = linear(silu(linear(pooled, q["linear_1.weight"], q["linear_1.bias"])), q["linear_2.weight"], q["linear_2.bias"])
+        y = dense(q, "linear_2", silu(dense(q, "linear_1", pooled)))
         return t + y
 
     def _qk(self, p: Params, name: str, t, B: int, T: int):
@@ -241,27 +246,27 @@ class SD3Transformer2DModel:
         c = self.config
         H, Dh = c.num_attention_heads, c.attention_head_dim
         B, N, _ = x.shape
-        q = self._qk(p, "norm_q", linear_rows(x, p["to_q.weight"], p["to_q.bias"]), B, N)      # [B, N, H, Dh]
-        k = self._qk(p, "norm_k", linear_rows(x, p["to_k.weight"], p["to_k.bias"]), B, N)
-        v = linear_rows(x, p["to_v.weight"], p["to_v.bias"]).reshape(B, N, H, Dh)
+        q = self._qk(p, "norm_q", dense(p, "to_q", x), B, N)                 # [B, N, H, Dh]
+        k = self._qk(p, "norm_k", dense(p, "to_k", x), B, N)
+        v = dense(p, "to_v", x).reshape(B, N, H, Dh)
         xp = array_module(q)
         L = 0
         if ctx is not None:
             L = ctx.shape[1]
-            ck = self._qk(p, "norm_added_k", linear_rows(ctx, p["add_k_proj.weight"], p["add_k_proj.bias"]), B, L)
-            cv = linear_rows(ctx, p["add_v_proj.weight"], p["add_v_proj.bias"]).reshape(B, L, H, Dh)
+            ck = self._qk(p, "norm_added_k", dense(p, "add_k_proj", ctx), B, L)
+            cv = dense(p, "add_v_proj", ctx).reshape(B, L, H, Dh)
             k, v = xp.concatenate([k, ck], axis=1), xp.concatenate([v, cv], axis=1)           # [B, N+L, H, Dh]
             if context_out:
-                cq = self._qk(p, "norm_added_q", linear_rows(ctx, p["add_q_proj.weight"], p["add_q_proj.bias"]), B, L)
+                cq = self._qk(p, "norm_added_q", dense(p, "add_q_proj", ctx), B, L)
                 q = xp.concatenate([q, cq], axis=1)                                            # [B, N+L, H, Dh]
         Tq, Tk = q.shape[1], k.shape[1]
         heads_first = lambda t, T: xp.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(B * H, T, Dh)  # noqa: E731
         o = attend_bounded(heads_first(q, Tq), heads_first(k, Tk), heads_first(v, Tk))       # [B*H, Tq, Dh]
         o = o.reshape(B, H, Tq, Dh).transpose(0, 2, 1, 3).reshape(B, Tq, H * Dh)             # [B, Tq, D]
-        out = linear_rows(o[:, :N], p["to_out.0.weight"], p["to_out.0.bias"])                 # [B, N, D]
+        out = dense(p, "to_out.0", o[:, :N])                                                   # [B, N, D]
         if ctx is None or not context_out:
             return out, None
-        return out, linear_rows(o[:, N:], p["to_add_out.weight"], p["to_add_out.bias"])       # [B, L, D]
+        return out, dense(p, "to_add_out", o[:, N:])                                           # [B, L, D]
 
     def block(self, i: int, x, ctx, temb_act):
         """JointTransformerBlock i: (x [B, N, D], ctx [B, L, D]) -> (x, ctx; ctx None after the last block)."""
@@ -335,7 +340,7 @@ class SD3Transformer2DModel:
         # 1. tokens, conditioning vector, text tokens
         x = self.embed_patches(x)                                         # [B, N, D]
         temb_act = silu(self.conditioning(timestep, pooled, B))           # [B, D]: every AdaLN reads silu(temb)
-        ctx = linear_rows(ctx, p["context_embedder.weight"], p["context_embedder.bias"])   # [B, L, D]
+        ctx = dense(p, "context_embedder", ctx)                          # [B, L, D]
         # 2. the joint blocks
         for i in range(c.num_layers):
             if i not in skip:
@@ -343,6 +348,6 @@ class SD3Transformer2DModel:
         # 3. final AdaLN (scale, shift), projection to patches, back to an image
         scale, shift = ada_params(p.sub("norm_out"), temb_act, 2)
         x = modulate(plain_norm(x), shift, scale)
-        x = linear_rows(x, p["proj_out.weight"], p["proj_out.bias"])      # [B, N, p*p*C]
+        x = dense(p, "proj_out", x)                                       # [B, N, p*p*C]
         P = c.patch_size
         return unpatchify(x, P, H // P, W // P, c.out_channels)          # [B, C, H, W]

@@ -131,9 +131,12 @@ def test_prefix_cache_hits_give_the_same_tokens_and_evict_lru(tiny):
         got = [be.generate_tokens(t, **kw) for t in turns]
         st = be.stats()
         again = be.generate_tokens(turns[2], **kw)                            # the same prompt: one token left to run
+        G = be.granule          # 1 where prompt K/V do not depend on chunking (the CPU kernels), else whole chunks
+    shared = 70 // G * G
     assert [g.token_ids for g in got] == ref and again.token_ids == ref[2]
-    assert [g.reused_prompt_tokens for g in got] == [0, 70, 70] and again.reused_prompt_tokens == len(turns[2]) - 1
-    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 140 and st["prefix_entries"] == 0
+    assert [g.reused_prompt_tokens for g in got] == [0, shared, shared]
+    assert again.reused_prompt_tokens == (len(turns[2]) - 1) // G * G
+    assert st["prefix_hits"] == 2 and st["prefix_tokens_reused"] == 2 * shared and st["prefix_entries"] == 0
     c = tiny.config
     per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * 4                 # f32 K and V
     with BatchEngine(tiny, parallel=3, prefill_chunk=16) as be:            # at once: the shared 70 are copied
@@ -141,11 +144,11 @@ def test_prefix_cache_hits_give_the_same_tokens_and_evict_lru(tiny):
         for h in hold:
             next(h)                                                           # slots 0 and 1 stay busy
         st = be.stats()
-        assert st["prefix_entries"] == 1 and st["prefix_bytes"] == per_token * 70
+        assert st["prefix_entries"] == 1 and st["prefix_bytes"] == per_token * shared
         g = be.generate_tokens(turns[2], **kw)                                # slot 2 starts from the copy
         for h in hold:
             h.close()
-    assert g.reused_prompt_tokens == 70 and g.token_ids == ref[2]
+    assert g.reused_prompt_tokens == shared and g.token_ids == ref[2]
     cache = KVCache(c.n_layer, 128, c.n_head_kv, c.head_dim)
     pc = PrefixCache(int(per_token * 74 * 2.5))                              # room for two 74-token entries
     for key in ([1] * 74, [2] * 74, [3] * 74):
@@ -251,12 +254,13 @@ def test_next_turn_reuses_its_slot_in_place(tiny):
     message) takes that slot and prefills only what follows the last prompt, with the tokens it gets alone."""
     kw = dict(max_new_tokens=6, temperature=0, stop_at_eos=False)
     p1 = prompts(1, seed=11, lo=20, hi=21)[0]
-    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0) as be:
+    with BatchEngine(tiny, parallel=2, prefix_cache_bytes=0, prefill_chunk=16) as be:
+        G = be.granule                                                      # 1 on the CPU kernels, else 16
         g1 = be.generate_tokens(p1, **kw)
         be.generate_tokens(prompts(1, seed=12)[0], **kw)                   # the other slot, meanwhile
         p2 = p1 + g1.token_ids + [7, 8, 9]
         g2 = be.generate_tokens(p2, **kw)
         st = be.stats()
-    assert g2.reused_prompt_tokens == len(p1)                              # the answer's K/V came from decode steps
+    assert g2.reused_prompt_tokens == len(p1) // G * G                     # the answer's K/V came from decode steps
     assert g2.token_ids == alone(tiny, p2, **kw).token_ids
-    assert st["prefix_hits"] == 1 and st["prefix_tokens_reused"] == len(p1)
+    assert st["prefix_hits"] == 1 and st["prefix_tokens_reused"] == len(p1) // G * G
