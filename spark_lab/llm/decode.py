@@ -195,9 +195,7 @@ class Decoder:
         x[...] = K.embedding(m.tok_embd, np.array([token], np.int64))
         if c.embed_scale != 1.0:
             x *= np.float32(c.embed_scale)
-        q3, k3, v3 = self.q.reshape(H, hd), self.k.reshape(Hkv, hd), self.v.reshape(Hkv, hd)
-        f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
-        att3 = self.att.reshape(H, hd)
+        q3, k3 = self.q.reshape(H, hd), self.k.reshape(Hkv, hd)
         for i, (L, mv) in enumerate(zip(m.layers, self.layers)):
             g["rms_row"](x[0], L.attn_norm, eps, h[0])
             if "qkv" in mv:
@@ -216,20 +214,7 @@ class Decoder:
             cos, sin = self._table(theta, cache.n_ctx)
             g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
             g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
-            if f32:
-                cache.k[i, pos], cache.v[i, pos] = k3, v3
-            else:
-                cache.write(i, pos, k3[None], v3[None])
-            lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
-            if L.sinks is not None and f32:
-                attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
-            elif L.sinks is not None:                           # f16/q8_0 cache: the visible rows widened
-                kw, vw = cache.rows(i, lo, pos + 1)
-                attention_sinks_into(q3, kw, vw, L.sinks, c.attn_scale, 0, pos + 1 - lo, att3)
-            else:
-                attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
-                               None if cache.k_scale is None else cache.k_scale[i],
-                               None if cache.v_scale is None else cache.v_scale[i])
+            self._attend_each(i, L, sliding, self.q, self.k, self.v, self.att, [pos], [cache])
             mv["o"](self.att, o)
             if L.bo is not None:
                 o += L.bo
@@ -271,7 +256,8 @@ class Decoder:
         return b
 
     def _attend_each(self, i, L, sliding, q, k, v, att, positions, caches) -> None:
-        """step_batch's attention row by row: caches outside one pool, or attention sinks."""
+        """Write each row's K/V into its cache and attend, row by row (step; step_batch over caches
+        outside one pool, or with attention sinks). An f16/q8_0 cache with sinks: the visible rows widened."""
         c, H, Hkv, hd = self.c, self.c.n_head, self.c.n_head_kv, self.c.head_dim
         for r, (pos, cache) in enumerate(zip(positions, caches)):
             q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
