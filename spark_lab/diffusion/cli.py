@@ -70,7 +70,7 @@ def cmd_imagine(args) -> int:
 def _image_options(args):
     """--init/--mask/--strength/--lora -> (init PIL image, mask PIL image, strength, [(lora, scale)]),
     every file read and every size checked before the model loads."""
-    from .image_inputs import check_strength
+    from .image_inputs import check_strength, open_image
     from .lora import parse_lora_arg
 
     init_path, mask_path = getattr(args, "init", None), getattr(args, "mask", None)
@@ -86,9 +86,9 @@ def _image_options(args):
             raise ValueError(f"--strength must be in (0, 1], got {strength}") from None
     init = mask = None
     if init_path is not None:
-        init = _open_image(init_path, "--init")
+        init = open_image(init_path, "--init")
         if mask_path is not None:
-            mask = _open_image(mask_path, "--mask")
+            mask = open_image(mask_path, "--mask")
             if mask.size != init.size:
                 raise ValueError(f"--mask is {mask.size[0]}x{mask.size[1]} but --init is "
                                  f"{init.size[0]}x{init.size[1]}: they must be the same size")
@@ -99,20 +99,6 @@ def _image_options(args):
             raise FileNotFoundError(f"--lora {path}: no such file")
         loras.append((path, scale))
     return init, mask, strength, loras
-
-
-def _open_image(path, flag: str):
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{flag} {p}: no such file")
-    try:
-        im = Image.open(p)
-        im.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{flag} {p} is not an image Pillow can read ({e})") from None
-    return im
 
 
 def _check_out_dir(out: Path, mkdir: bool) -> None:

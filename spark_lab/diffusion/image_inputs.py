@@ -29,19 +29,25 @@ LUMA = (0.299, 0.587, 0.114)   # PIL's "L" conversion (ITU-R 601-2), as diffuser
 
 # ----------------------------------------------------------------------------- pixels
 
+def open_image(path, what: str = "image"):
+    """A picture file -> a loaded PIL image; one clear line when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"missing {what} file: {p}")
+    try:
+        image = Image.open(p)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {p} is not an image file Pillow can read ({e})") from None
+    return image
+
+
 def load_image(image, what: str = "image") -> np.ndarray:
     """A PIL image, a file path or an array [H, W, C] / [H, W] (uint8, or float in [0, 1])
     -> [H, W, C] float32 in [0, 1] on the host (C = 3 for RGB, 1 for grayscale)."""
     if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.is_file():
-            raise FileNotFoundError(f"missing {what} file: {p}")
-        from PIL import Image, UnidentifiedImageError
-        try:
-            image = Image.open(p)
-            image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{what} {p} is not an image file Pillow can read ({e})") from None
+        image = open_image(image, what)
     if hasattr(image, "convert") and hasattr(image, "mode"):          # PIL
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")

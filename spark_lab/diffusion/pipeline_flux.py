@@ -32,7 +32,7 @@ import numpy as np
 
 from ..device import array_module, to_device, to_host
 from .flux import FluxTransformer2DModel, latent_image_ids, pack_latents, unpack_latents
-from .pipeline import sub_folder
+from .pipeline import given_embeds, sub_folder
 from .pipeline_flow import FlowMatchPipeline, check_max_sequence_length, per_prompt, repeat_rows
 from .vae import AutoencoderKL
 
@@ -131,10 +131,7 @@ class FluxPipeline(FlowMatchPipeline):
         true_cfg = float(true_cfg_scale) > 1.0 and has_negative               # as diffusers: both are needed
         if true_cfg:
             if negative_prompt_embeds is not None:
-                if negative_pooled_prompt_embeds is None:
-                    raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-                neg = to_device(negative_prompt_embeds, np.float32)
-                npooled = to_device(negative_pooled_prompt_embeds, np.float32)
+                neg, npooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
             else:
                 negs = per_prompt(negative_prompt, P, "negative_prompt")
                 negs2 = per_prompt(negative_prompt_2, P, "negative_prompt_2") if negative_prompt_2 is not None else None

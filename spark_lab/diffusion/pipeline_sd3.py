@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module, to_device
-from .pipeline import sub_folder
+from .pipeline import given_embeds, sub_folder
 from .pipeline_flow import FlowMatchPipeline, check_max_sequence_length, per_prompt, repeat_rows
 from .pipeline_flux import refuse_foreign_lora
 from .sd3 import SD3Transformer2DModel
@@ -140,10 +140,7 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
         context, text = repeat_rows(cond, n), repeat_rows(pooled, n)             # [B, L, J], [B, P]
         if cfg:
             if negative_prompt_embeds is not None:
-                if negative_pooled_prompt_embeds is None:
-                    raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-                uncond = to_device(negative_prompt_embeds, np.float32)
-                upooled = to_device(negative_pooled_prompt_embeds, np.float32)
+                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
             else:
                 neg = per_prompt(negative_prompt if negative_prompt is not None else "", P, "negative_prompt")
                 neg2 = per_prompt(negative_prompt_2, P, "negative_prompt_2") if negative_prompt_2 is not None else neg

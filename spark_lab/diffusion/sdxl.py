@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module, to_device
-from .pipeline import TextToImagePipeline, sub_folder
+from .pipeline import TextToImagePipeline, given_embeds, sub_folder
 from .schedulers import load_scheduler
 from .unet_2d_condition import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -135,10 +135,7 @@ class StableDiffusionXLPipeline(TextToImagePipeline):
         time_ids = np.tile(ids, (B, 1))                                            # [B, k]
         if cfg:
             if negative_prompt_embeds is not None:
-                if negative_pooled_prompt_embeds is None:
-                    raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-                uncond = to_device(negative_prompt_embeds, np.float32)
-                upooled = to_device(negative_pooled_prompt_embeds, np.float32)
+                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
             elif negative_prompt is None and self.force_zeros_for_empty_prompt:
                 uncond, upooled = xp.zeros_like(cond), xp.zeros_like(pooled)      # SDXL's "no prompt"
             else:
