@@ -20,7 +20,10 @@ TEST_STAMP := $(VENV)/.spark-lab-test
 # the models' parity tests again on SPARK_LAB_DEVICE=strict (CuPy's rules on the CPU, transfers counted)
 STRICT_TESTS := tests/test_device_strict.py tests/test_device.py tests/llm/test_engine.py \
           tests/llm/test_transformers_parity.py tests/diffusion/test_pipeline.py tests/diffusion/test_models.py \
-          tests/llm/test_spark_archs.py tests/test_bert.py tests/llm/test_batch.py
+          tests/llm/test_spark_archs.py tests/test_bert.py tests/llm/test_batch.py \
+          tests/diffusion/test_sd3.py tests/diffusion/test_flux.py tests/diffusion/test_flow_match.py \
+          tests/diffusion/test_sdxl.py tests/diffusion/test_img2img.py tests/diffusion/test_lora.py \
+          tests/diffusion/test_pipeline_flow.py tests/diffusion/test_t5.py
 
 .PHONY: screenshot setup test-setup lab test test-unit test-strict test-notebooks test-browser bench models clean lock
 
