@@ -25,6 +25,7 @@ from ..quants import QuantTensor
 from .moe import moe_ffn
 
 _GLUE = None  # {name: compiled function}; False when numba is missing
+prange = range  # numba.prange once compiled
 
 
 def _rms_row(x, w, eps, out):
@@ -81,8 +82,8 @@ def _rope_batch(x, cos, sin, positions, rd, neox):
 
 
 def _swiglu_rows(g, u, out):
-    """_swiglu_row over each row; all [n, f]."""
-    for r in range(g.shape[0]):
+    """_swiglu_row over each row; all [n, f]; rows on the threads (each value's arithmetic is the same)."""
+    for r in prange(g.shape[0]):
         for i in range(g.shape[1]):
             out[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
 
@@ -95,8 +96,11 @@ def _glue():
         except ImportError:
             _GLUE = False
             return _GLUE
+        global prange
+        prange = numba.prange
         jit = numba.njit(cache=True, nogil=True, fastmath=False)
-        _GLUE = {f.__name__[1:]: jit(f) for f in (_rms_row, _rope_rows, _swiglu_row, _rms_rows, _swiglu_rows, _rope_batch)}
+        _GLUE = {f.__name__[1:]: jit(f) for f in (_rms_row, _rope_rows, _swiglu_row, _rms_rows, _rope_batch)}
+        _GLUE["swiglu_rows"] = numba.njit(cache=True, nogil=True, fastmath=False, parallel=True)(_swiglu_rows)
     return _GLUE
 
 
@@ -173,6 +177,8 @@ class Decoder:
                 mv.update(dict(gu=gu) if gu else dict(gate=_matvec(L.w_gate), up=_matvec(L.w_up)))
             self.layers.append(mv)
         self.out = _matvec(m.output)
+        self.rope = [(c.is_sliding(i), (c.rope_theta_local or c.rope_theta) if c.is_sliding(i) else c.rope_theta)
+                     for i in range(c.n_layer)]                # per layer: sliding window?, RoPE theta
         self.eps = np.float32(c.rms_eps)
         self.tables = {}                                        # theta -> (cos, sin) [n_ctx, rd/2]
         self._bufs = {}                                         # n -> step_batch's buffers [n, ...]
@@ -209,8 +215,7 @@ class Decoder:
             if c.qk_norm:
                 q3[...] = K.rmsnorm(q3, L.q_norm, c.rms_eps)
                 k3[...] = K.rmsnorm(k3, L.k_norm, c.rms_eps)
-            sliding = c.is_sliding(i)
-            theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
+            sliding, theta = self.rope[i]
             cos, sin = self._table(theta, cache.n_ctx)
             g["rope_rows"](q3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
             g["rope_rows"](k3, cos[pos], sin[pos], c.rope_dim, c.rope_neox)
@@ -316,8 +321,7 @@ class Decoder:
                     q += L.bq
                     k += L.bk
                     v += L.bv
-            sliding = c.is_sliding(i)
-            theta = (c.rope_theta_local or c.rope_theta) if sliding else c.rope_theta
+            sliding, theta = self.rope[i]
             if c.qk_norm:
                 for r in range(n):
                     q[r] = K.rmsnorm(q[r].reshape(H, hd), L.q_norm, c.rms_eps).reshape(-1)
