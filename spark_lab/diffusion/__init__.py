@@ -9,6 +9,7 @@ from .schedulers import (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, F
 from .flow_match import calculate_shift                  # after .schedulers (flow_match imports its base classes)
 from .flux import FluxConfig, FluxTransformer2DModel, latent_image_ids, pack_latents, unpack_latents
 from .flux_gguf import load_flux_gguf
+from .sd3_gguf import load_sd3_gguf
 from .sd3 import SD3Transformer2DModel
 from .sdxl import StableDiffusionXLPipeline
 from .pipeline_flux import FluxPipeline
@@ -19,7 +20,7 @@ from .vae import AutoencoderKL
 
 __all__ = ["UNet2DConditionModel", "UNet2DModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerOutput", "load_scheduler",
-           "calculate_shift", "SD3Transformer2DModel", "FluxTransformer2DModel", "FluxConfig", "load_flux_gguf",
+           "calculate_shift", "SD3Transformer2DModel", "load_sd3_gguf", "FluxTransformer2DModel", "FluxConfig", "load_flux_gguf",
            "pack_latents", "unpack_latents", "latent_image_ids", "TextToImagePipeline", "StableDiffusionXLPipeline",
            "StableDiffusion3Pipeline", "FluxPipeline",
            "load_pipeline", "LoRAWeights", "image_inputs", "make_grid"]

@@ -39,7 +39,7 @@ import numpy as np
 from ..device import array_module, to_device, to_host
 from ..kernels import attention, gelu, layernorm, rmsnorm, silu, timestep_embedding
 from .attention import dense
-from .loading import Params, load_model_folder, nbytes
+from .loading import Params, load_model_folder, nbytes, weight_formats
 
 ROPE_THETA = 10000.0     # diffusers' FluxPosEmbed and BFL's EmbedND
 TIME_CHANNELS = 256      # sinusoid width of the timestep and guidance embeddings
@@ -260,13 +260,8 @@ class FluxTransformer2DModel:
         return nbytes(self.params)
 
     def weight_formats(self) -> dict:
-        """{format: number of weight tensors} as the model holds them: a GGML type name for the
-        quantized ones (QuantTensor), "float32" for the rest."""
-        out: dict = {}
-        for t in self.params.tensors.values():
-            k = t.qtype.name if hasattr(t, "qtype") else "float32"
-            out[k] = out.get(k, 0) + 1
-        return out
+        """{format: number of weight tensors}: GGML type names for quantized ones, "float32" for the rest."""
+        return weight_formats(self.params)
 
     def time_text_embedding(self, timestep, guidance, pooled, B: int):
         """temb [B, D] = MLP(sinusoid(1000 t)) (+ MLP(sinusoid(1000 g))) + MLP(pooled)."""

@@ -148,3 +148,13 @@ def load_model_folder(folder: str | Path, variant: str | None = None, config_nam
 
 def nbytes(params: Params) -> int:
     return int(sum(int(a.nbytes) for a in params.tensors.values()))
+
+
+def weight_formats(params: Params) -> dict:
+    """{format: number of weight tensors} as a model holds them: a GGML type name for the quantized
+    ones (QuantTensor, from a GGUF), "float32" for the rest."""
+    out: dict = {}
+    for t in params.tensors.values():
+        k = t.qtype.name if hasattr(t, "qtype") else "float32"
+        out[k] = out.get(k, 0) + 1
+    return out

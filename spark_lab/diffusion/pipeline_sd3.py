@@ -71,7 +71,7 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
                              f"{c.joint_attention_dim}")
 
     @classmethod
-    def _load(cls, folder: Path, index: dict, scheduler, variant, name: str):
+    def _load(cls, folder: Path, index: dict, scheduler, variant, name: str, transformer_gguf=None):
         from ..text.clip import CLIPTextModelWithProjection, CLIPTokenizer
         from ..text.t5 import T5EncoderModel, T5Tokenizer
 
@@ -81,13 +81,25 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
         if (listed[0] is not None) if listed else (folder / "text_encoder_3").is_dir():
             te3 = T5EncoderModel.from_pretrained(sub("text_encoder_3"), variant=variant)
             tok3 = T5Tokenizer.from_pretrained(sub("tokenizer_3"))
-        return cls(SD3Transformer2DModel.from_pretrained(sub("transformer"), variant=variant),
-                   cls._scheduler(folder, scheduler), AutoencoderKL.from_pretrained(sub("vae"), variant=variant),
+        transformer = (SD3Transformer2DModel.from_pretrained(sub("transformer"), variant=variant)
+                       if transformer_gguf is None else SD3Transformer2DModel.from_gguf(transformer_gguf))
+        return cls(transformer, cls._scheduler(folder, scheduler), AutoencoderKL.from_pretrained(sub("vae"), variant=variant),
                    CLIPTextModelWithProjection.from_pretrained(sub("text_encoder"), variant=variant),
                    CLIPTokenizer.from_pretrained(sub("tokenizer")),
                    CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), variant=variant),
                    CLIPTokenizer.from_pretrained(sub("tokenizer_2")), te3, tok3, name=name,
                    default_guidance=float(index.get("_spark_lab_guidance_scale", DEFAULT_GUIDANCE_SD3)), folder=folder)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, scheduler: str | None = None, variant: str | None = None,
+                        transformer_gguf: str | Path | None = None):
+        """A diffusers StableDiffusion3Pipeline folder; transformer_gguf: take the transformer from that
+        GGUF file (ComfyUI-GGUF / city96 layout, its linear weights kept quantized; the folder then
+        needs no transformer/)."""
+        if transformer_gguf is not None and not Path(transformer_gguf).is_file():
+            raise FileNotFoundError(f"missing transformer GGUF file: {transformer_gguf}")
+        return super().from_pretrained(name_or_path, scheduler=scheduler, variant=variant,
+                                       transformer_gguf=transformer_gguf)
 
     def lora_parts(self) -> dict:
         return {"transformer": self.transformer.params.tensors, "text_encoder": self.text_encoder.w,

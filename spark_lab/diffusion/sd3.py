@@ -33,7 +33,7 @@ from ..device import array_module, to_device
 from ..kernels import gelu, layernorm, rmsnorm, silu
 from .attention import attend, dense, linear_rows
 from .lora import with_lora
-from .loading import Params, load_model_folder, nbytes
+from .loading import Params, load_model_folder, nbytes, weight_formats
 from .unet_2d_condition import embed_time, mlp_embed
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
@@ -186,6 +186,16 @@ class SD3Transformer2DModel:
             raise ValueError(f"SD3Transformer2DModel: pos_embed {tuple(table.shape)} does not fit "
                              f"pos_embed_max_size={M} and width {c.inner_dim}")
         self.pos_table = table.reshape(M, M, c.inner_dim)                 # [M, M, D]
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "SD3Transformer2DModel":
+        """A ComfyUI-GGUF / city96 SD3 / SD3.5 file; quantized weights stay quantized (see sd3_gguf.py)."""
+        from .sd3_gguf import load_sd3_gguf
+        return load_sd3_gguf(path)
+
+    def weight_formats(self) -> dict:
+        """{format: number of weight tensors}: GGML type names for quantized ones, "float32" for the rest."""
+        return weight_formats(self.params)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None, variant: str | None = None):
