@@ -93,11 +93,11 @@ def sub_folder(folder: Path, name: str) -> Path:
     return p
 
 
-def given_embeds(embeds, pooled, what: str = "negative_prompt_embeds"):
+def given_embeds(embeds, pooled, what: str):
     """Precomputed text embeddings and their pooled vector -> both on the device as float32
     (SDXL, SD3 and Flux take the two together)."""
     if pooled is None:
-        raise ValueError(f"{what} needs {what.replace('_prompt_embeds', '_pooled_prompt_embeds')} too")
+        raise ValueError(f"{what} needs {what.replace('prompt_embeds', 'pooled_prompt_embeds')} too")
     return to_device(embeds, np.float32), to_device(pooled, np.float32)
 
 

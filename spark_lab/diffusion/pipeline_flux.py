@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module, to_device, to_host
+from ..device import array_module, to_host
 from .flux import FluxTransformer2DModel, latent_image_ids, pack_latents, unpack_latents
 from .pipeline import given_embeds, sub_folder
 from .pipeline_flow import FlowMatchPipeline, check_max_sequence_length, per_prompt, repeat_rows
@@ -123,15 +123,14 @@ class FluxPipeline(FlowMatchPipeline):
             p2 = per_prompt(prompt_2, P, "prompt_2") if prompt_2 is not None else None
             cond, pooled = self.encode_prompt(prompts, p2, T)
         else:
-            if pooled_prompt_embeds is None:
-                raise ValueError("prompt_embeds needs pooled_prompt_embeds too (Flux conditions on both)")
-            cond, pooled = to_device(prompt_embeds, np.float32), to_device(pooled_prompt_embeds, np.float32)
+            cond, pooled = given_embeds(prompt_embeds, pooled_prompt_embeds, "prompt_embeds")
         context, text = repeat_rows(cond, n), repeat_rows(pooled, n)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         true_cfg = float(true_cfg_scale) > 1.0 and has_negative               # as diffusers: both are needed
         if true_cfg:
             if negative_prompt_embeds is not None:
-                neg, npooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
+                neg, npooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                          "negative_prompt_embeds")
             else:
                 negs = per_prompt(negative_prompt, P, "negative_prompt")
                 negs2 = per_prompt(negative_prompt_2, P, "negative_prompt_2") if negative_prompt_2 is not None else None

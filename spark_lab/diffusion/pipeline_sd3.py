@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module, to_device
+from ..device import array_module
 from .pipeline import given_embeds, sub_folder
 from .pipeline_flow import FlowMatchPipeline, check_max_sequence_length, per_prompt, repeat_rows
 from .pipeline_flux import refuse_foreign_lora
@@ -145,14 +145,13 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
             p3 = per_prompt(prompt_3, P, "prompt_3") if prompt_3 is not None else None
             cond, pooled = self.encode_prompt(prompts, p2, p3, T)
         else:
-            if pooled_prompt_embeds is None:
-                raise ValueError("prompt_embeds needs pooled_prompt_embeds too (SD3 conditions on both)")
-            cond, pooled = to_device(prompt_embeds, np.float32), to_device(pooled_prompt_embeds, np.float32)
+            cond, pooled = given_embeds(prompt_embeds, pooled_prompt_embeds, "prompt_embeds")
         cfg = guidance > 1.0
         context, text = repeat_rows(cond, n), repeat_rows(pooled, n)             # [B, L, J], [B, P]
         if cfg:
             if negative_prompt_embeds is not None:
-                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
+                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                          "negative_prompt_embeds")
             else:
                 neg = per_prompt(negative_prompt if negative_prompt is not None else "", P, "negative_prompt")
                 neg2 = per_prompt(negative_prompt_2, P, "negative_prompt_2") if negative_prompt_2 is not None else neg

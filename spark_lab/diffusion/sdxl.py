@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import array_module, to_device
+from ..device import array_module
 from .pipeline import TextToImagePipeline, given_embeds, sub_folder
 from .schedulers import load_scheduler
 from .unet_2d_condition import UNet2DConditionModel
@@ -119,9 +119,7 @@ class StableDiffusionXLPipeline(TextToImagePipeline):
             p2 = [prompt_2] * P if isinstance(prompt_2, str) else prompt_2
             cond, pooled = self.encode_prompt(prompts, p2)
         else:
-            if pooled_prompt_embeds is None:
-                raise ValueError("prompt_embeds needs pooled_prompt_embeds too (SDXL conditions on both)")
-            cond, pooled = to_device(prompt_embeds, np.float32), to_device(pooled_prompt_embeds, np.float32)
+            cond, pooled = given_embeds(prompt_embeds, pooled_prompt_embeds, "prompt_embeds")
         xp = array_module(cond)
         context = xp.repeat(cond, n, axis=0)                                      # [B, L, D]
         text = xp.repeat(pooled, n, axis=0)                                       # [B, P2]
@@ -135,7 +133,8 @@ class StableDiffusionXLPipeline(TextToImagePipeline):
         time_ids = np.tile(ids, (B, 1))                                            # [B, k]
         if cfg:
             if negative_prompt_embeds is not None:
-                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds)
+                uncond, upooled = given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                          "negative_prompt_embeds")
             elif negative_prompt is None and self.force_zeros_for_empty_prompt:
                 uncond, upooled = xp.zeros_like(cond), xp.zeros_like(pooled)      # SDXL's "no prompt"
             else:
