@@ -112,14 +112,12 @@ class _Ahead:
 
 
 class PrefixCache:
-    """Prompt prefixes' K/V (chunk-aligned), LRU under a byte budget."""
+    """Shared prompt prefixes' K/V, LRU under a byte budget."""
 
     def __init__(self, budget_bytes: int):
         self.budget = int(budget_bytes)
         self.entries: collections.OrderedDict[tuple, list] = collections.OrderedDict()  # tokens -> arrays
         self.nbytes = 0
-        self.hits = 0
-        self.tokens_reused = 0
 
     @staticmethod
     def _common(a, b) -> int:
@@ -130,13 +128,17 @@ class PrefixCache:
         diff = np.flatnonzero(x != y)
         return int(diff[0]) if diff.size else n
 
+    @classmethod
+    def usable(cls, tokens, prompt: list[int], granule: int) -> int:
+        """How many positions of K/V computed for `tokens` a prompt can reuse: their common prefix, a
+        multiple of granule, at most len(prompt) - 1 (the last token is always run, for its logits)."""
+        return min(cls._common(tokens, prompt), len(prompt) - 1) // granule * granule
+
     def lookup(self, prompt: list[int], granule: int):
-        """-> (key, usable length) of the entry sharing the longest prefix with prompt (a multiple of granule,
-        at most len(prompt) - 1: the last token is always run, for its logits); (None, 0) if none."""
+        """-> (key, usable length) of the entry sharing the longest prefix with prompt; (None, 0) if none."""
         best, best_n = None, 0
-        limit = (len(prompt) - 1) // granule * granule
         for key in self.entries:
-            n = min(self._common(key, prompt), limit) // granule * granule
+            n = self.usable(key, prompt, granule)
             if n > best_n:
                 best, best_n = key, n
         return best, best_n
@@ -147,8 +149,6 @@ class PrefixCache:
         for dst, src in zip(_kv_arrays(cache), self.entries[key]):
             if dst is not None:
                 dst[:, :n] = src[:, :n]
-        self.hits += 1
-        self.tokens_reused += n
 
     def store(self, tokens: list[int], cache: KVCache) -> None:
         n = len(tokens)
@@ -338,8 +338,7 @@ class BatchEngine:
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-            G, limit = self.granule, (len(prompt) - 1) // self.granule * self.granule
-            reuse = [min(PrefixCache._common(s.kept, prompt), limit) // G * G for s in free]
+            reuse = [PrefixCache.usable(s.kept, prompt, self.granule) for s in free]
             best = max(range(len(free)), key=lambda i: (reuse[i], -free[i].used))   # else the least recent
             slot = free[best]
             slot.busy, slot.decoding, slot.n, slot.used = True, False, 0, ticket + 1
