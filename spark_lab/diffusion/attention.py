@@ -13,7 +13,7 @@ import numpy as np
 
 from ..device import array_module
 from ..kernels import geglu, group_norm, layernorm, linear, matmul, softmax
-from .fused import attend_fused
+from .fused import attend_fused, softmax_rows_
 from .loading import Params
 from .lora import with_lora
 
@@ -24,6 +24,9 @@ SCORES_PER_CHUNK = 1 << 18
 # Heads this small (spark-emoji: 4) take the fused numba kernel (3x faster at 16x16 than the
 # matmul + softmax + matmul below); at 40+ BLAS's score products win.
 FUSED_MAX_HEAD_DIM = 16
+# Query rows per block on the BLAS + numba path (attend_heads): a [rows, Tk] score block of at
+# most this many elements stays in L2 between its two GEMMs and the softmax.
+BLOCK_SCORES = 1 << 18
 
 
 def attend(q, k, v):
@@ -41,6 +44,18 @@ def attend(q, k, v):
         out = attend_fused(q, k, v)                                     # numba, one pass per row
         if out is not None:
             return out
+    if xp is np:
+        out = _attend_blocks(q, k, v, 1)                                # BLAS + numba softmax
+        if out is not None:
+            return out
+    return _attend_reference(q, k, v)
+
+
+def _attend_reference(q, k, v):
+    """attend's array-module body (CuPy, and NumPy without numba): matmul, softmax, matmul."""
+    BH, Tq, D = q.shape
+    Tk = k.shape[1]
+    xp = array_module(q)
     q = q * (1.0 / D ** 0.5)
     kt = xp.ascontiguousarray(k.transpose(0, 2, 1))                     # [BH, D, Tk]: BLAS-friendly
     out = xp.empty((BH, Tq, v.shape[2]), dtype=np.float32)
@@ -49,6 +64,59 @@ def attend(q, k, v):
         p = softmax(matmul(q[s:s + step], kt[s:s + step]), axis=-1)   # [h, Tq, Tk]
         out[s:s + step] = matmul(p, v[s:s + step])                      # [h, Tq, D]
     return out
+
+
+def _attend_blocks(q, k, v, heads: int):
+    """Attention on the CPU with the heads side by side in the feature dim: q [B, Tq, H*D], k [B, Tk, H*D],
+    v [B, Tk, H*Dv] -> [B, Tq, H*Dv]; None without numba (or for other dtypes).
+
+    Per head and block of query rows: scores = q_h k_h^T by BLAS on strided views (no head-major
+    copies), e^(scale (s - max)) in place by a parallel numba loop (fused.softmax_rows_), the
+    unnormalised weights times v_h by BLAS, then each row times 1 / its sum while it is written out.
+    """
+    if not (q.dtype == k.dtype == v.dtype == np.float32):
+        return None
+    B, Tq, HD = q.shape
+    Tk = k.shape[1]
+    D, Dv = HD // heads, v.shape[2] // heads
+    scale = 1.0 / D ** 0.5
+    rows = max(1, min(Tq, BLOCK_SCORES // Tk))
+    out = np.empty((B, Tq, heads * Dv), dtype=np.float32)
+    sbuf = np.empty((rows, Tk), dtype=np.float32)                       # [rows, Tk] scores
+    obuf = np.empty((rows, Dv), dtype=np.float32)                       # [rows, Dv] unnormalised out
+    for b in range(B):
+        for h in range(heads):
+            kh = k[b, :, h * D:(h + 1) * D]                                # [Tk, D] (a view)
+            vh = v[b, :, h * Dv:(h + 1) * Dv]                              # [Tk, Dv]
+            for s0 in range(0, Tq, rows):
+                n = min(rows, Tq - s0)
+                sc = np.matmul(q[b, s0:s0 + n, h * D:(h + 1) * D], kh.T, out=sbuf[:n])   # [n, Tk]
+                inv = softmax_rows_(sc, scale)                             # [n]
+                if inv is None:
+                    return None
+                o = np.matmul(sc, vh, out=obuf[:n])                        # [n, Dv]
+                np.multiply(o, inv[:, None], out=out[b, s0:s0 + n, h * Dv:(h + 1) * Dv])
+    return out
+
+
+def attend_heads(q, k, v, heads: int):
+    """Attention with the heads side by side: q [B, Tq, H*D], k [B, Tk, H*D], v [B, Tk, H*Dv] -> [B, Tq, H*Dv].
+
+    The CPU takes _attend_blocks (no head-major copies); otherwise the heads go head-major
+    through attend.
+    """
+    B, Tq, HD = q.shape
+    Tk = k.shape[1]
+    D = HD // heads
+    xp = array_module(q)
+    if xp is np and D > FUSED_MAX_HEAD_DIM and Tk > 1:
+        out = _attend_blocks(q, k, v, heads)
+        if out is not None:
+            return out
+    Dv = v.shape[2] // heads
+    heads_first = lambda t, T, d: t.reshape(B, T, heads, d).transpose(0, 2, 1, 3).reshape(B * heads, T, d)  # noqa: E731
+    o = attend(heads_first(q, Tq, D), heads_first(k, Tk, D), heads_first(v, Tk, Dv))   # [B*H, Tq, Dv]
+    return o.reshape(B, heads, Tq, Dv).transpose(0, 2, 1, 3).reshape(B, Tq, heads * Dv)
 
 
 def linear_rows(x, w, b=None):
@@ -66,16 +134,12 @@ def multi_head_attention(p: Params, x, context, heads: int):
     B, Tq, _ = x.shape
     Tk = context.shape[1]
     v = dense(p, "to_v", context)                                           # [B, Tk, H*D]
-    HD = v.shape[-1]
-    D = HD // heads
     if Tk == 1:       # softmax over one key is exactly 1: every query gets to_out(v), computed once
         o = dense(p, "to_out.0", v)                                         # [B, 1, Cout]
         return array_module(o).broadcast_to(o, (B, Tq, o.shape[-1]))
     q = dense(p, "to_q", x)                                                 # [B, Tq, H*D]
     k = dense(p, "to_k", context)                                           # [B, Tk, H*D]
-    heads_first = lambda t, T: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3).reshape(B * heads, T, D)  # noqa: E731
-    o = attend(heads_first(q, Tq), heads_first(k, Tk), heads_first(v, Tk))   # [B*H, Tq, D]
-    o = o.reshape(B, heads, Tq, D).transpose(0, 2, 1, 3).reshape(B, Tq, HD)  # [B, Tq, H*D]
+    o = attend_heads(q, k, v, heads)                                        # [B, Tq, H*D]
     return dense(p, "to_out.0", o)                                          # [B, Tq, Cout]
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.activations import split_rows
+
 _KERNELS = None   # compiled on first use; False when numba is missing
+_SOFTMAX = None   # softmax_rows_ compiled (parallel) on first use; False without numba
 exp_parts = None  # kernels.expf.exp_parts, inlined; set when the kernels compile
 
 
@@ -96,6 +99,60 @@ def attend_rows4(q, kt, vt, out):
                     m = max(m, q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j])
             inv = np.float32(1.0) / tot
             out[h, i, 0], out[h, i, 1], out[h, i, 2], out[h, i, 3] = a0 * inv, a1 * inv, a2 * inv, a3 * inv
+
+
+def softmax_rows(s, scale, inv, lo, hi):
+    # rows lo..hi-1 of s [R, n] raw scores -> e^(scale (s - row max)) in place, inv[r] = 1 / row sum.
+    # Four short loops per row, run from L1 and vectorized: the max in 16 lanes (a plain running
+    # max does not vectorize: 4x slower), e^r with its 2^k bits (expf), then the product and the sum.
+    n = s.shape[1]
+    bits = np.empty(n, np.int32)
+    two_k = bits.view(np.float32)
+    lanes = np.empty(16, np.float32)
+    n16 = n - n % 16
+    for r in range(lo, hi):
+        row = s[r]
+        m = row[0]
+        if n16:
+            for i in range(16):
+                lanes[i] = row[i]
+            for j0 in range(16, n16, 16):
+                for i in range(16):
+                    x = row[j0 + i]
+                    lanes[i] = x if x > lanes[i] else lanes[i]
+            for i in range(16):
+                m = max(m, lanes[i])
+        for j in range(n16, n):
+            m = max(m, row[j])
+        m *= scale
+        for j in range(n):
+            row[j], bits[j] = exp_parts(row[j] * scale - m)
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = row[j] * two_k[j]
+            row[j] = e
+            tot += e
+        inv[r] = np.float32(1.0) / tot
+
+
+def _compile_softmax():
+    global _SOFTMAX
+    from ..kernels.expf import njit_with_exp
+    _SOFTMAX = njit_with_exp(softmax_rows)
+    return _SOFTMAX
+
+
+def softmax_rows_(s, scale: float):
+    """s [R, n] float32 C-contiguous raw scores -> (s = e^(scale (s - row max)) in place, inv [R] =
+    1 / row sums); None without numba. The caller multiplies its `s @ v` rows by inv: one pass over
+    [R, Dv] instead of a normalising pass over [R, n]. Rows are split across the threads
+    (kernels.split_rows)."""
+    kern = _SOFTMAX if _SOFTMAX is not None else _compile_softmax()
+    if kern is False:
+        return None
+    inv = np.empty(s.shape[0], np.float32)
+    split_rows(kern, s.shape[0], s, np.float32(scale), inv, work=s.size)
+    return inv
 
 
 def _compile():

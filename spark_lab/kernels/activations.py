@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..device import array_module
+from ..device import array_module, num_threads
 
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -17,6 +17,37 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # NumPy has no erf, and a relative bound on erfc keeps gelu's negative tail accurate.
 _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
                 0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+# ---------------------------------------------------------------------------- row shares on threads
+
+_POOL = None          # (threads, ThreadPoolExecutor) of split_rows' helper threads
+SPLIT_MIN_WORK = 1 << 15   # elements below which split_rows stays on the calling thread
+
+
+def split_rows(kernel, n: int, *args, work: int | None = None) -> None:
+    """kernel(*args, lo, hi) on rows [0, n), in num_threads() contiguous shares: one on this
+    thread, the others on helper threads. The kernel must release the GIL (numba nogil=True).
+
+    Plain threads waiting on a lock instead of numba's parallel=True: numba's OpenMP workers
+    spin after each parallel region and OpenBLAS's after each GEMM, and a UNet alternates the
+    two every fraction of a millisecond, so two spinning pools on two cores made a block of
+    attention 8x slower. Idle helper threads here sleep. work: elements in all (default n);
+    small work runs on this thread alone.
+    """
+    global _POOL
+    t = min(num_threads(), n)
+    if t <= 1 or (work if work is not None else n) < SPLIT_MIN_WORK:
+        kernel(*args, 0, n)
+        return
+    if _POOL is None or _POOL[0] < t - 1:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = (t - 1, ThreadPoolExecutor(t - 1, thread_name_prefix="spark_lab-rows"))
+    cuts = [n * i // t for i in range(t + 1)]
+    futures = [_POOL[1].submit(kernel, *args, cuts[i], cuts[i + 1]) for i in range(1, t)]
+    kernel(*args, cuts[0], cuts[1])
+    for f in futures:
+        f.result()
 
 
 def softmax(x, axis=-1, mask=None):

@@ -349,8 +349,8 @@ class Transformer:
                 kc, vc = (None, None) if rows_kernel and L.sinks is None else cache.view(i, pos + T)   # [pos+T, Hkv, hd]
                 if L.sinks is not None:
                     outs.append(attention_sinks(qs, kc, vc, L.sinks, q_offset=pos, window=window, scale=c.attn_scale))
-                elif rows_kernel and (o := attention_prompt(qs, cache, i, pos, c.attn_scale, window)) is not None:
-                    outs.append(o)                                  # [T, H, hd], each row as decoded alone
+                elif rows_kernel:                                   # numba is there: never None
+                    outs.append(attention_prompt(qs, cache, i, pos, c.attn_scale, window))   # [T, H, hd], rows as decoded alone
                 else:
                     outs.append(K.attention(qs, kc, vc, causal=True, q_offset=pos, window=window,
                                             scale=c.attn_scale))    # [T, H, hd]

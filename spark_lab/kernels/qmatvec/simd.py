@@ -200,6 +200,8 @@ def intrinsics():
     # TOKENS tokens. Per token the operations are exactly those of the one-token dot above (integer
     # block sums are exact; the float scaling is the same ops in the same order), so a token's
     # result does not depend on which other tokens share the call: bit-identical, row invariant.
+    # They prefetch the weights as the one-token dots do: a batched decode step reads every weight
+    # once from L3/memory, not from L2 (SmolLM2, 8 rows, 2 threads: step 16.0 -> 13.2 ms).
     # args: q, G, l0, m, d, xq int8 [n, cols], xo (= i0 cols + b 32), xqs int32 [n, nb],
     #       dx f32 [n, nb], so (= i0 nb + b), cols, nb, acc f32 [TOKENS, G]
 
@@ -228,7 +230,7 @@ def intrinsics():
                 tok = [token_args(k, args, u) for u in range(T)]
                 ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
                 for t in range(4):
-                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                     lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
                     for u in range(T):
                         xoff = tok[u][0]
@@ -257,7 +259,7 @@ def intrinsics():
                 tok = [token_args(k, args, u) for u in range(T)]
                 ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
                 for t in range(8):
-                    w = words16(k, k.ptr[0], G_, l0_, t)
+                    w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                     for u in range(T):
                         xoff = tok[u][0]
                         a = t % 4 if T <= 4 else t % 2
