@@ -112,6 +112,8 @@ def _jit():
         helpers = dict(fastmath=False, cache=True, nogil=True, inline="always")
         # numba resolves a kernel's globals when it compiles: each module gets the jitted helpers
         q8._round_f16 = _round_f16 = numba.njit(**helpers)(py(q8._round_f16))
+        q8.quantize_row = kernels.quantize_row = numba.njit(**helpers)(py(q8.quantize_row))
+        q8.x_buffers = kernels.x_buffers = numba.njit(**helpers)(py(q8.x_buffers))
         q8.quantize_x = kernels.quantize_x = quantize_x = numba.njit(**helpers)(py(q8.quantize_x))
         kernels._block_sums = numba.njit(**helpers)(py(kernels._block_sums))
         kernels._store = numba.njit(**helpers)(py(kernels._store))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .q8 import quantize_x
+from .q8 import quantize_row, quantize_x, x_buffers
 from .simd import LANES, TOKENS
 
 prange = range        # replaced by numba.prange when the kernels are compiled
@@ -122,7 +122,9 @@ def _m_nib(qs, d, m, x, out):
     """qs u8 [ng, nb, 4, G, 4] dwords; d, m [ng, nb, G]; x [n, nb*32] -> out [n, rows]."""
     ng, nb, _, G, _ = qs.shape
     n, cols = x.shape
-    xq, dx, xqs = quantize_x(x)
+    xq, dx, xqs = x_buffers(x)
+    for i in prange(n):                          # each row's int8 x on its own thread
+        quantize_row(x, i, xq, dx, xqs)
     full = n - n % TOKENS
     for g in prange(ng):
         acc = np.empty((TOKENS, G), np.float32)
@@ -145,7 +147,9 @@ def _m_q8_0(qs, d, x, out):
     """qs u8 [ng, nb, 8, G, 4] dwords of q + 128; d [ng, nb, G]; x [n, nb*32] -> out [n, rows]."""
     ng, nb, _, G, _ = qs.shape
     n, cols = x.shape
-    xq, dx, xqs = quantize_x(x)
+    xq, dx, xqs = x_buffers(x)
+    for i in prange(n):                          # each row's int8 x on its own thread
+        quantize_row(x, i, xq, dx, xqs)
     full = n - n % TOKENS
     for g in prange(ng):
         acc = np.empty((TOKENS, G), np.float32)

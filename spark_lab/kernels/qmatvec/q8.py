@@ -32,25 +32,32 @@ def quantize_x(x):
     xq = rint(x * (127 / max|x|)), dx = max|x| / 127 rounded to float16, xqs = sum of the block's
     xq (all zero where max|x| = 0): llama.cpp's Q8_0 activations on x86 (AVX path), so the
     products see the same x as llama.cpp's. The operations of quantize_q8, its NumPy twin."""
-    n, cols = x.shape
-    nb = cols // 32
-    xq = np.empty((n, cols), np.int8)
-    dx = np.empty((n, nb), np.float32)
-    xqs = np.empty((n, nb), np.int32)
-    for i in range(n):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[i, b * 32 + j]))
-            dx[i, b] = _round_f16(amax / np.float32(127.0))
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            t = 0
-            for j in range(32):
-                q = np.int32(np.rint(x[i, b * 32 + j] * inv))
-                xq[i, b * 32 + j] = q
-                t += q
-            xqs[i, b] = t
+    xq, dx, xqs = x_buffers(x)
+    for i in range(x.shape[0]):
+        quantize_row(x, i, xq, dx, xqs)
     return xq, dx, xqs
+
+
+def x_buffers(x):
+    """The empty (xq, dx, xqs) of `quantize_x` for x [n, cols]."""
+    n, cols = x.shape
+    return np.empty((n, cols), np.int8), np.empty((n, cols // 32), np.float32), np.empty((n, cols // 32), np.int32)
+
+
+def quantize_row(x, i, xq, dx, xqs):
+    """Row i of `quantize_x`, in place (rows are independent: the GEMMs split them over threads)."""
+    for b in range(x.shape[1] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[i, b * 32 + j]))
+        dx[i, b] = _round_f16(amax / np.float32(127.0))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        t = 0
+        for j in range(32):
+            q = np.int32(np.rint(x[i, b * 32 + j] * inv))
+            xq[i, b * 32 + j] = q
+            t += q
+        xqs[i, b] = t
 
 
 INT8_TYPES = INT8_X_TYPES   # their decode dots take x quantized to int8 (quants.INT8_X_TYPES)
