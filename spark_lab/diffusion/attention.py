@@ -5,15 +5,18 @@ Two flavours appear in checkpoints:
                      (AttnDownBlock2D, UNetMidBlock2D, the VAE's mid block)
   Transformer2D      GroupNorm -> proj_in -> N x [self-attn, cross-attn on the text, GEGLU MLP]
                      -> proj_out -> + x (the cross-attention blocks of UNet2DConditionModel)
-Attention runs head-major ([B*H, T, D]) on the matmul and softmax kernels, a few heads at a time.
+Attention on the CPU runs per head on strided views of [B, T, H*D] (BLAS scores, a numba row softmax,
+BLAS weighted values: _attend_blocks); elsewhere head-major ([B*H, T, D]) on matmul + softmax.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..device import array_module
-from ..kernels import geglu, group_norm, layernorm, linear, matmul, softmax
-from .fused import attend_fused, softmax_rows_
+from ..kernels import geglu, group_norm, linear, matmul, softmax
+from ..kernels.activations import matmul_rows, split_rows
+from ..kernels.norms import layernorm_affine
+from .fused import attend_fused, softmax_ready, softmax_rows_
 from .loading import Params
 from .lora import with_lora
 
@@ -24,9 +27,11 @@ SCORES_PER_CHUNK = 1 << 18
 # Heads this small (spark-emoji: 4) take the fused numba kernel (3x faster at 16x16 than the
 # matmul + softmax + matmul below); at 40+ BLAS's score products win.
 FUSED_MAX_HEAD_DIM = 16
-# Query rows per block on the BLAS + numba path (attend_heads): a [rows, Tk] score block of at
-# most this many elements stays in L2 between its two GEMMs and the softmax.
-BLOCK_SCORES = 1 << 18
+# Score elements per block of query rows on the BLAS + numba path (_attend_blocks). Fewer, bigger
+# GEMMs won over cache-sized blocks: SDXL's 1024 x 1024 self-attention (bench imagine, 2 BLAS threads)
+# took 1.22 s per image at 1 << 17, 1.09 s at 1 << 18, 1.00 s at 1 << 20 (a whole head per block);
+# on row_threads() 1 << 18 and 1 << 20 tie (0.67 s).
+BLOCK_SCORES = 1 << 20
 
 
 def attend(q, k, v):
@@ -71,32 +76,34 @@ def _attend_blocks(q, k, v, heads: int):
     v [B, Tk, H*Dv] -> [B, Tq, H*Dv]; None without numba (or for other dtypes).
 
     Per head and block of query rows: scores = q_h k_h^T by BLAS on strided views (no head-major
-    copies), e^(scale (s - max)) in place by a parallel numba loop (fused.softmax_rows_), the
-    unnormalised weights times v_h by BLAS, then each row times 1 / its sum while it is written out.
+    copies), e^(scale (s - max)) in place by a numba loop (fused.softmax_rows_), the unnormalised
+    weights times v_h by BLAS, then each row times 1 / its sum while it is written out. The
+    (batch, head, block) tasks are shared among row_threads() (kernels.split_rows).
     """
-    if not (q.dtype == k.dtype == v.dtype == np.float32):
+    if not (q.dtype == k.dtype == v.dtype == np.float32 and softmax_ready()):
         return None
     B, Tq, HD = q.shape
     Tk = k.shape[1]
-    D, Dv = HD // heads, v.shape[2] // heads
-    scale = 1.0 / D ** 0.5
     rows = max(1, min(Tq, BLOCK_SCORES // Tk))
-    out = np.empty((B, Tq, heads * Dv), dtype=np.float32)
+    tasks = [(b, h, s0) for b in range(B) for h in range(heads) for s0 in range(0, Tq, rows)]
+    out = np.empty((B, Tq, heads * (v.shape[2] // heads)), dtype=np.float32)
+    split_rows(_attend_tasks, len(tasks), q, k, v, heads, rows, tasks, out, work=len(tasks) * rows * Tk)
+    return out
+
+
+def _attend_tasks(q, k, v, heads, rows, tasks, out, lo, hi):
+    """_attend_blocks' tasks lo..hi-1, each (batch item, head, first query row), into out."""
+    Tk = k.shape[1]
+    D, Dv = q.shape[2] // heads, v.shape[2] // heads
+    scale = 1.0 / D ** 0.5
     sbuf = np.empty((rows, Tk), dtype=np.float32)                       # [rows, Tk] scores
     obuf = np.empty((rows, Dv), dtype=np.float32)                       # [rows, Dv] unnormalised out
-    for b in range(B):
-        for h in range(heads):
-            kh = k[b, :, h * D:(h + 1) * D]                                # [Tk, D] (a view)
-            vh = v[b, :, h * Dv:(h + 1) * Dv]                              # [Tk, Dv]
-            for s0 in range(0, Tq, rows):
-                n = min(rows, Tq - s0)
-                sc = np.matmul(q[b, s0:s0 + n, h * D:(h + 1) * D], kh.T, out=sbuf[:n])   # [n, Tk]
-                inv = softmax_rows_(sc, scale)                             # [n]
-                if inv is None:
-                    return None
-                o = np.matmul(sc, vh, out=obuf[:n])                        # [n, Dv]
-                np.multiply(o, inv[:, None], out=out[b, s0:s0 + n, h * Dv:(h + 1) * Dv])
-    return out
+    for b, h, s0 in tasks[lo:hi]:
+        n = min(rows, q.shape[1] - s0)
+        sc = np.matmul(q[b, s0:s0 + n, h * D:(h + 1) * D], k[b, :, h * D:(h + 1) * D].T, out=sbuf[:n])   # [n, Tk]
+        inv = softmax_rows_(sc, scale)                                     # [n]
+        o = np.matmul(sc, v[b, :, h * Dv:(h + 1) * Dv], out=obuf[:n])     # [n, Dv]
+        np.multiply(o, inv[:, None], out=out[b, s0:s0 + n, h * Dv:(h + 1) * Dv])
 
 
 def attend_heads(q, k, v, heads: int):
@@ -120,8 +127,15 @@ def attend_heads(q, k, v, heads: int):
 
 
 def linear_rows(x, w, b=None):
-    """linear on x [..., in] as one 2-D GEMM over all rows ([B, T, in] @ w.T would be B GEMMs, ~15% slower)."""
-    return linear(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape[:-1] + (w.shape[0],))
+    """linear on x [..., in] as one 2-D GEMM over all rows ([B, T, in] @ w.T would be B GEMMs, ~15% slower);
+    float32 on the CPU: in shares on row_threads() (kernels.matmul_rows)."""
+    x2 = x.reshape(-1, x.shape[-1])                                         # [rows, in]
+    if (array_module(x2) is np and isinstance(w, np.ndarray) and x2.dtype == w.dtype == np.float32
+            and w.ndim == 2 and w.shape[1] == x2.shape[1] and (b is None or b.shape == (w.shape[0],))):
+        y = matmul_rows(x2, w.T, np.empty((x2.shape[0], w.shape[0]), np.float32), b)
+    else:
+        y = linear(x2, w, b)
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def dense(p: Params, name: str, x):
@@ -172,7 +186,7 @@ class BasicTransformerBlock:
             raise ValueError(f"BasicTransformerBlock {p.prefix!r}: only the GEGLU feed-forward (ff.net.0.proj) is supported")
 
     def _ln(self, name, x):
-        return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], 1e-5)
+        return layernorm_affine(x, 1e-5, self.p[f"{name}.weight"], self.p[f"{name}.bias"])
 
     def __call__(self, x, context=None):
         p = self.p

@@ -37,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from ..device import array_module, to_device, to_host
-from ..kernels import attention, gelu, layernorm, rmsnorm, silu, timestep_embedding
-from .attention import dense
+from ..kernels import rmsnorm, silu, timestep_embedding
+from ..kernels.activations import gelu_tanh_
+from ..kernels.norms import layernorm_affine
+from .attention import attend_heads, dense
+from .fused import rms_rope_into
 from .loading import Params, load_model_folder, nbytes, weight_formats
 
 ROPE_THETA = 10000.0     # diffusers' FluxPosEmbed and BFL's EmbedND
@@ -138,13 +141,9 @@ def apply_rope(x, cos, sin):
 
 
 def joint_attention(q, k, v):
-    """q/k/v [B, T, H, D] -> [B, T, H*D]; full (unmasked) attention, one batch item at a time."""
+    """q/k/v [B, T, H, D] -> [B, T, H*D]; full (unmasked) attention (diffusion.attention.attend_heads)."""
     B, T, H, D = q.shape
-    xp = array_module(q)
-    out = xp.empty((B, T, H * D), dtype=np.float32)
-    for b in range(B):
-        out[b] = attention(q[b], k[b], v[b], causal=False).reshape(T, H * D)       # [T, H, D]
-    return out
+    return attend_heads(q.reshape(B, T, H * D), k.reshape(B, T, H * D), v.reshape(B, T, H * v.shape[3]), H)
 
 
 def heads_qkv(p: Params, x, heads: int, q_name: str, k_name: str, v_name: str, qn: str, kn: str):
@@ -156,6 +155,33 @@ def heads_qkv(p: Params, x, heads: int, q_name: str, k_name: str, v_name: str, q
     return rmsnorm(q, p[qn + ".weight"], NORM_EPS), rmsnorm(k, p[kn + ".weight"], NORM_EPS), v
 
 
+def joint_qkv(p: Params, streams: list, heads: int, cos, sin):
+    """NumPy: q, k, v [B, sum T, H, D] of the streams one after another (Flux's [txt; img]), each
+    stream (x [B, T, Din], q/k/v and qk-norm names) projected, q and k RMS-normed per head and turned
+    by RoPE in one numba pass straight into the joint arrays (no concatenation); heads_qkv,
+    apply_rope and concatenate where numba is missing."""
+    B = streams[0][0].shape[0]
+    Tt = sum(s[0].shape[1] for s in streams)
+    q = k = None
+    parts, t0 = [], 0
+    for x, qn, kn, vn, nq, nk in streams:
+        T = x.shape[1]
+        a, b = dense(p, qn, x).reshape(B, T, heads, -1), dense(p, kn, x).reshape(B, T, heads, -1)
+        if q is None:
+            q, k = (np.empty((B, Tt, heads, a.shape[-1]), np.float32) for _ in range(2))
+        if not (rms_rope_into(a, p[nq + ".weight"], cos, sin, NORM_EPS, t0, q)
+                and rms_rope_into(b, p[nk + ".weight"], cos, sin, NORM_EPS, t0, k)):
+            q = k = None
+            break
+        parts.append(dense(p, vn, x).reshape(B, T, heads, -1))
+        t0 += T
+    if q is None:                                                                  # no numba
+        done = [heads_qkv(p, *s[:1], heads, *s[1:]) for s in streams]
+        q, k, v = (np.concatenate([d[i] for d in done], axis=1) for i in range(3))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return q, k, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 def modulation(p: Params, silu_temb, n: int) -> list:
     """AdaLN's linear on SiLU(temb) [B, D] -> n vectors [B, 1, D] (shift, scale, gate, ...)."""
     m = dense(p, "linear", silu_temb)                                              # [B, n*D]
@@ -165,12 +191,12 @@ def modulation(p: Params, silu_temb, n: int) -> list:
 
 def modulate(x, shift, scale):
     """LayerNorm (no affine) of x [B, T, D], then * (1 + scale) + shift ([B, 1, D] each)."""
-    return layernorm(x, None, None, NORM_EPS) * (1.0 + scale) + shift
+    return layernorm_affine(x, NORM_EPS, 1.0 + scale, shift)
 
 
 def feed_forward(p: Params, x):
     """diffusers FeedForward (gelu-approximate): net.0.proj -> GELU(tanh) -> net.2."""
-    h = gelu(dense(p, "net.0.proj", x), approximate="tanh")
+    h = gelu_tanh_(dense(p, "net.0.proj", x))                                      # in place: a fresh array
     return dense(p, "net.2", h)
 
 
@@ -181,12 +207,17 @@ def double_block(p: Params, img, txt, silu_temb, cos, sin, heads: int):
     sh, sc, g, sh2, sc2, g2 = modulation(p.sub("norm1"), silu_temb, 6)
     csh, csc, cg, csh2, csc2, cg2 = modulation(p.sub("norm1_context"), silu_temb, 6)
     a = p.sub("attn")
-    q, k, v = heads_qkv(a, modulate(img, sh, sc), heads, "to_q", "to_k", "to_v", "norm_q", "norm_k")
-    cq, ck, cv = heads_qkv(a, modulate(txt, csh, csc), heads, "add_q_proj", "add_k_proj", "add_v_proj",
-                           "norm_added_q", "norm_added_k")
-    q = apply_rope(xp.concatenate([cq, q], axis=1), cos, sin)                      # [B, T+N, H, Dh]
-    k = apply_rope(xp.concatenate([ck, k], axis=1), cos, sin)
-    o = joint_attention(q, k, xp.concatenate([cv, v], axis=1))                     # [B, T+N, D]
+    hi, ht = modulate(img, sh, sc), modulate(txt, csh, csc)
+    if xp is np:                  # the numba qk-norm + RoPE pass writes both streams into [txt; img] in place
+        q, k, v = joint_qkv(a, [(ht, "add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"),
+                                (hi, "to_q", "to_k", "to_v", "norm_q", "norm_k")], heads, cos, sin)
+    else:
+        q, k, v = heads_qkv(a, hi, heads, "to_q", "to_k", "to_v", "norm_q", "norm_k")
+        cq, ck, cv = heads_qkv(a, ht, heads, "add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+        q = apply_rope(xp.concatenate([cq, q], axis=1), cos, sin)                  # [B, T+N, H, Dh]
+        k = apply_rope(xp.concatenate([ck, k], axis=1), cos, sin)
+        v = xp.concatenate([cv, v], axis=1)
+    o = joint_attention(q, k, v)                                                   # [B, T+N, D]
     img = img + g * dense(a, "to_out.0", o[:, T:])
     txt = txt + cg * dense(a, "to_add_out", o[:, :T])
     img = img + g2 * feed_forward(p.sub("ff"), modulate(img, sh2, sc2))
@@ -199,9 +230,13 @@ def single_block(p: Params, x, silu_temb, cos, sin, heads: int):
     xp = array_module(x)
     shift, scale, gate = modulation(p.sub("norm"), silu_temb, 3)
     h = modulate(x, shift, scale)                                                   # [B, T+N, D]
-    mlp = gelu(dense(p, "proj_mlp", h), approximate="tanh")                          # [B, T+N, 4D]
-    q, k, v = heads_qkv(p.sub("attn"), h, heads, "to_q", "to_k", "to_v", "norm_q", "norm_k")
-    o = joint_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)        # [B, T+N, D]
+    mlp = gelu_tanh_(dense(p, "proj_mlp", h))                                         # [B, T+N, 4D]
+    if xp is np:
+        q, k, v = joint_qkv(p.sub("attn"), [(h, "to_q", "to_k", "to_v", "norm_q", "norm_k")], heads, cos, sin)
+    else:
+        q, k, v = heads_qkv(p.sub("attn"), h, heads, "to_q", "to_k", "to_v", "norm_q", "norm_k")
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o = joint_attention(q, k, v)                                                    # [B, T+N, D]
     o = dense(p, "proj_out", xp.concatenate([o, mlp], axis=-1))
     return x + gate * o
 

@@ -9,6 +9,9 @@ bound is so loose that every exp underflows (sum < 1e-20) the row is redone with
 NumPy's exp is SIMD but numba's is a scalar libm call, so exp is `kernels.expf.exp_parts`, a
 polynomial LLVM vectorizes: relative error ~2e-7, like float32 itself. `attend` in attention.py
 (NumPy: matmul + softmax + matmul) stays the reference and the fallback without numba.
+
+Also here: softmax_rows_ (bigger heads: BLAS makes the scores, this turns them into unnormalised
+weights in place, the max in 16 lanes) and rms_rope_into (Flux's qk RMSNorm + RoPE in one pass).
 """
 from __future__ import annotations
 
@@ -17,12 +20,12 @@ import numpy as np
 from ..kernels.activations import split_rows
 
 _KERNELS = None   # compiled on first use; False when numba is missing
-_SOFTMAX = None   # softmax_rows_ compiled (parallel) on first use; False without numba
+_SOFTMAX = None   # softmax_rows compiled on first use; False without numba
 exp_parts = None  # kernels.expf.exp_parts, inlined; set when the kernels compile
 
 
-def attend_rows(q, kt, vt, out):
-    # q [BH, Tq, D] (pre-scaled), kt/vt [BH, D, Tk], out [BH, Tq, Dv]
+def attend_rows(q, kt, vt, out, lo, hi):
+    # heads lo..hi-1 of q [BH, Tq, D] (pre-scaled), kt/vt [BH, D, Tk], out [BH, Tq, Dv]
     BH, Tq, D = q.shape
     Tk, Dv = kt.shape[2], vt.shape[1]
     s = np.empty(Tk, np.float32)
@@ -30,7 +33,7 @@ def attend_rows(q, kt, vt, out):
     bits = np.empty(Tk, np.int32)
     two_n = bits.view(np.float32)
     kmax = np.empty(D, np.float32)
-    for h in range(BH):
+    for h in range(lo, hi):
         for d in range(D):
             a = np.float32(0.0)
             for j in range(Tk):
@@ -66,7 +69,7 @@ def attend_rows(q, kt, vt, out):
                     a += e[j] * vt[h, d, j]
                 out[h, i, d] = a * inv
 
-def attend_rows4(q, kt, vt, out):
+def attend_rows4(q, kt, vt, out, lo, hi):
     # the same for D = Dv = 4 (spark-emoji), two loops per query row: scores + exp, then the
     # sum and the weighted values together (the generic kernel makes ~11 passes per row)
     BH, Tq, D = q.shape
@@ -74,7 +77,7 @@ def attend_rows4(q, kt, vt, out):
     e = np.empty(Tk, np.float32)
     bits = np.empty(Tk, np.int32)
     two_n = bits.view(np.float32)
-    for h in range(BH):
+    for h in range(lo, hi):
         k0, k1, k2, k3 = kt[h, 0], kt[h, 1], kt[h, 2], kt[h, 3]
         v0, v1, v2, v3 = vt[h, 0], vt[h, 1], vt[h, 2], vt[h, 3]
         km0, km1, km2, km3 = np.abs(k0).max(), np.abs(k1).max(), np.abs(k2).max(), np.abs(k3).max()
@@ -142,16 +145,20 @@ def _compile_softmax():
     return _SOFTMAX
 
 
+def softmax_ready() -> bool:
+    """True when softmax_rows_ has its numba kernel (compiled or loaded here on first call)."""
+    return (_SOFTMAX if _SOFTMAX is not None else _compile_softmax()) is not False
+
+
 def softmax_rows_(s, scale: float):
     """s [R, n] float32 C-contiguous raw scores -> (s = e^(scale (s - row max)) in place, inv [R] =
     1 / row sums); None without numba. The caller multiplies its `s @ v` rows by inv: one pass over
-    [R, Dv] instead of a normalising pass over [R, n]. Rows are split across the threads
-    (kernels.split_rows)."""
+    [R, Dv] instead of a normalising pass over [R, n]."""
     kern = _SOFTMAX if _SOFTMAX is not None else _compile_softmax()
     if kern is False:
         return None
     inv = np.empty(s.shape[0], np.float32)
-    split_rows(kern, s.shape[0], s, np.float32(scale), inv, work=s.size)
+    kern(s, np.float32(scale), inv, 0, s.shape[0])
     return inv
 
 
@@ -173,5 +180,51 @@ def attend_fused(q, k, v):
     kt = np.ascontiguousarray(k.transpose(0, 2, 1))                       # [BH, D, Tk]
     vt = np.ascontiguousarray(v.transpose(0, 2, 1))                       # [BH, Dv, Tk]
     out = np.empty((BH, Tq, v.shape[2]), dtype=np.float32)
-    kern[1 if D == v.shape[2] == 4 else 0](np.ascontiguousarray(qs), kt, vt, out)
+    split_rows(kern[1 if D == v.shape[2] == 4 else 0], BH, np.ascontiguousarray(qs), kt, vt, out,
+               work=BH * Tq * kt.shape[2] * D // 4)                   # heads on row_threads()
     return out
+
+
+# ---------------------------------------------------------------------------- Flux: qk RMSNorm + RoPE
+
+_RMS_ROPE = None   # compiled on first use; False without numba
+
+
+def _compile_rms_rope():
+    global _RMS_ROPE
+    try:
+        import numba
+    except ImportError:
+        _RMS_ROPE = False
+        return _RMS_ROPE
+    _RMS_ROPE = numba.njit(cache=True, nogil=True, error_model="numpy")(rms_rope_rows)
+    return _RMS_ROPE
+
+
+def rms_rope_rows(x, w, cos, sin, eps, t0, out):
+    # x [B, T, H, D] -> out[:, t0:t0+T] ([B, Ttot, H, D]): each head's vector RMS-normed (times w [D]),
+    # then its pairs (2j, 2j+1) turned by cos/sin[t0 + t, j] ([Ttot, D/2])
+    B, T, H, D = x.shape
+    for b in range(B):
+        for t in range(T):
+            c, s = cos[t0 + t], sin[t0 + t]
+            for h in range(H):
+                v, o = x[b, t, h], out[b, t0 + t, h]
+                ss = np.float32(0.0)
+                for d in range(D):
+                    ss += v[d] * v[d]
+                r = np.float32(np.sqrt(ss * np.float32(1.0 / D) + eps))
+                for j in range(D // 2):
+                    a0, a1 = v[2 * j] / r * w[2 * j], v[2 * j + 1] / r * w[2 * j + 1]
+                    o[2 * j] = a0 * c[j] - a1 * s[j]
+                    o[2 * j + 1] = a1 * c[j] + a0 * s[j]
+
+
+def rms_rope_into(x, w, cos, sin, eps: float, t0: int, out) -> bool:
+    """Flux's per-head qk RMSNorm then RoPE of x [B, T, H, D] written into out[:, t0:t0+T]
+    ([B, Ttot, H, D], float32, C-contiguous); False (nothing written) without numba."""
+    kern = _RMS_ROPE if _RMS_ROPE is not None else _compile_rms_rope()
+    if kern is False:
+        return False
+    kern(np.ascontiguousarray(x), np.ascontiguousarray(w, dtype=np.float32), cos, sin, np.float32(eps), int(t0), out)
+    return True

@@ -5,6 +5,8 @@ Scalars are Python floats so float32 inputs stay float32 under NumPy 2's promoti
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -19,35 +21,104 @@ _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
                 0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
 
-# ---------------------------------------------------------------------------- row shares on threads
+# ---------------------------------------------------------------------------- rows on our own threads
 
-_POOL = None          # (threads, ThreadPoolExecutor) of split_rows' helper threads
-SPLIT_MIN_WORK = 1 << 15   # elements below which split_rows stays on the calling thread
+SPLIT_MIN_WORK = 1 << 17   # elements (or multiply-adds / 16) below which split_rows stays on this thread (~50-100 us)
+SPLIT_PIECES = 1           # pieces per thread (SDXL bench, 2 threads: 1 piece 2.41 s, 2: 2.60 s, 4: 2.58 s)
+_SPLIT = 1            # threads split_rows uses: > 1 only inside `row_threads()`
+_POOL = None          # (size, ThreadPoolExecutor): split_rows' helper threads
+_BLAS = None          # threadpoolctl controllers of the loaded OpenBLAS libraries
+_HELPER = "spark_lab-rows"   # the helper threads' name prefix
 
 
 def split_rows(kernel, n: int, *args, work: int | None = None) -> None:
-    """kernel(*args, lo, hi) on rows [0, n), in num_threads() contiguous shares: one on this
-    thread, the others on helper threads. The kernel must release the GIL (numba nogil=True).
-
-    Plain threads waiting on a lock instead of numba's parallel=True: numba's OpenMP workers
-    spin after each parallel region and OpenBLAS's after each GEMM, and a UNet alternates the
-    two every fraction of a millisecond, so two spinning pools on two cores made a block of
-    attention 8x slower. Idle helper threads here sleep. work: elements in all (default n);
-    small work runs on this thread alone.
-    """
+    """kernel(*args, lo, hi) over rows [0, n): inside `row_threads()`, in contiguous pieces that
+    this thread and the helper threads take in turn until none is left (the kernel must release
+    the GIL: numba nogil, a BLAS call); elsewhere, or for less than SPLIT_MIN_WORK of work
+    (default n), in one call here. Pieces are taken, not handed out: a helper thread that wakes
+    late finds its piece done by the caller instead of keeping the caller waiting."""
     global _POOL
-    t = min(num_threads(), n)
-    if t <= 1 or (work if work is not None else n) < SPLIT_MIN_WORK:
-        kernel(*args, 0, n)
+    t = min(_SPLIT, n)
+    if t <= 1 or (n if work is None else work) < SPLIT_MIN_WORK or threading.current_thread().name.startswith(_HELPER):
+        kernel(*args, 0, n)                       # (a helper thread never waits on its own pool)
         return
     if _POOL is None or _POOL[0] < t - 1:
         from concurrent.futures import ThreadPoolExecutor
-        _POOL = (t - 1, ThreadPoolExecutor(t - 1, thread_name_prefix="spark_lab-rows"))
-    cuts = [n * i // t for i in range(t + 1)]
-    futures = [_POOL[1].submit(kernel, *args, cuts[i], cuts[i + 1]) for i in range(1, t)]
-    kernel(*args, cuts[0], cuts[1])
-    for f in futures:
-        f.result()
+        _POOL = (t - 1, ThreadPoolExecutor(t - 1, thread_name_prefix=_HELPER))
+    k = min(n, SPLIT_PIECES * t)
+    cuts = [n * i // k for i in range(k + 1)]
+    order = iter(range(k))                        # next() on it is atomic under the GIL
+
+    def take():
+        for i in order:
+            kernel(*args, cuts[i], cuts[i + 1])
+    futures = [_POOL[1].submit(take) for _ in range(t - 1)]
+    try:
+        take()
+    finally:
+        for f in futures:
+            f.result()
+
+
+@contextmanager
+def row_threads(n: int | None = None):
+    """Within: OpenBLAS runs on the calling thread only and split_rows shares rows among n threads
+    (default num_threads()), so every kernel of a model's forward (GEMM shares, norms, softmax,
+    activations) uses the same few threads, which sleep when idle.
+
+    Why not OpenBLAS's own threads plus numba's parallel=True: their workers spin after each
+    call, and a UNet alternates a GEMM and a pointwise pass every fraction of a millisecond, so
+    a pool's spinning worker kept the other pool's thread off the second core (a block of
+    attention: 8x slower on 2 cores). UNet2DConditionModel runs big inputs inside this.
+    """
+    global _SPLIT, _BLAS
+    n = num_threads() if n is None else int(n)
+    if n <= 1 or _SPLIT > 1:                      # one thread, or already inside
+        yield
+        return
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS = [c for c in ThreadpoolController().lib_controllers if c.internal_api == "openblas"]
+        except ImportError:
+            _BLAS = []
+    before = [c.num_threads for c in _BLAS]
+    for c in _BLAS:
+        c.set_num_threads(1)
+    _SPLIT = n
+    try:
+        yield
+    finally:
+        _SPLIT = 1
+        for c, k in zip(_BLAS, before):
+            c.set_num_threads(k)
+
+
+def matmul_rows(x, w, out, b=None):
+    """out = x @ w (+ b) for x [M, K], w [K, N] (a view, e.g. a weight's .T), out [M, N]: shares on
+    split_rows' threads, each one single-threaded BLAS call. Shares of rows when x is the bigger
+    operand (M >= N), else of columns, so that the threads read the bigger one once between them
+    (Flux, 288 rows x 768 -> 3072: columns 4.7 ms, rows 5.1 ms on 2 threads)."""
+    M, N = out.shape
+    work = M * N * x.shape[1] // 16
+    if M >= N:
+        split_rows(_mm_rows, M, x, w, b, out, work=work)
+    else:
+        split_rows(_mm_cols, N, x, w, b, out, work=work)
+    return out
+
+
+def _mm_rows(x, w, b, out, lo, hi):
+    o = np.matmul(x[lo:hi], w, out=out[lo:hi])
+    if b is not None:
+        o += b
+
+
+def _mm_cols(x, w, b, out, lo, hi):
+    o = out[:, lo:hi]
+    np.matmul(x, w[:, lo:hi], out=o)
+    if b is not None:
+        o += b[lo:hi]
 
 
 def softmax(x, axis=-1, mask=None):
@@ -161,14 +232,14 @@ def _compile_geglu():
     ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
-    def kernel(x, out):
-        # x [R, 2f], out [R, f]: out = x[:, :f] * g * Phi(g), g = x[:, f:]
-        R, f = out.shape
+    def kernel(x, out, lo, hi):
+        # rows lo..hi-1 of x [R, 2f], out [R, f]: out = x[:, :f] * g * Phi(g), g = x[:, f:]
+        f = out.shape[1]
         pe = np.empty(f, np.float32)            # e^r * t / 2, per column
         b1 = np.empty(f, np.int32)              # 2^n = 2^n1 * 2^n2 (two normal factors reach
         b2 = np.empty(f, np.int32)              # the subnormal tail, like np.exp)
         s1, s2 = b1.view(np.float32), b2.view(np.float32)
-        for r in range(R):
+        for r in range(lo, hi):
             for j in range(f):
                 g = x[r, f + j]
                 z = abs(g) * sqrt_half
@@ -216,5 +287,84 @@ def _geglu_fused(x):
     f = x.shape[-1] // 2
     x2 = np.ascontiguousarray(x.reshape(-1, 2 * f))                     # [R, 2f]
     out = np.empty((x2.shape[0], f), dtype=np.float32)
-    kern(x2, out)
+    split_rows(kern, x2.shape[0], x2, out, work=x2.size)              # rows on row_threads()
     return out.reshape(x.shape[:-1] + (f,))
+
+
+# ---------------------------------------------------------------------------- tanh GELU in place
+
+# gelu_tanh_ on this many float32 elements or more takes the numba kernel (6x less time than
+# NumPy's tanh formula, which makes five passes and a temporary)
+GELU_FUSED_MIN = 1 << 14
+_GELU_TANH = None   # compiled on first use; False without numba
+
+
+def _compile_gelu_tanh():
+    global _GELU_TANH
+    try:
+        import numba
+    except ImportError:
+        _GELU_TANH = False
+        return _GELU_TANH
+    c1, c3 = np.float32(-2.0 * _SQRT_2_OVER_PI), np.float32(-2.0 * _SQRT_2_OVER_PI * 0.044715)
+    log2e = np.float32(1.0 / math.log(2.0))
+    ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+    def kernel(x, lo, hi):
+        # rows lo..hi-1 of x [R, n] in place: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)),
+        # u = sqrt(2/pi) (x + 0.044715 x^3); e^v = 2^k e^r as in group_norm's SiLU
+        n = x.shape[1]
+        e = np.empty(n, np.float32)
+        b1 = np.empty(n, np.int32)
+        b2 = np.empty(n, np.int32)
+        s1, s2 = b1.view(np.float32), b2.view(np.float32)
+        for r in range(lo, hi):
+            row = x[r]
+            for i in range(n):
+                t = row[i]
+                v = min(max(t * (c1 + c3 * t * t), np.float32(-103.0)), np.float32(88.0))
+                k = np.floor(v * log2e + np.float32(0.5))
+                rr = v - k * ln2_hi - k * ln2_lo
+                q = np.float32(1.0 / 5040.0)
+                q = q * rr + np.float32(1.0 / 720.0)
+                q = q * rr + np.float32(1.0 / 120.0)
+                q = q * rr + np.float32(1.0 / 24.0)
+                q = q * rr + np.float32(1.0 / 6.0)
+                q = q * rr + np.float32(0.5)
+                q = q * rr + np.float32(1.0)
+                q = q * rr + np.float32(1.0)
+                e[i] = q
+                ki = np.int32(k)
+                k1 = ki >> np.int32(1)
+                b1[i] = (k1 + np.int32(127)) << np.int32(23)
+                b2[i] = (ki - k1 + np.int32(127)) << np.int32(23)
+            for i in range(n):
+                row[i] = row[i] / (np.float32(1.0) + e[i] * s1[i] * s2[i])
+
+    _GELU_TANH = kernel
+    return _GELU_TANH
+
+
+def gelu_tanh_(x):
+    """gelu(x, approximate="tanh") written over x itself (x: a fresh array the caller owns, e.g. a
+    linear layer's output): one numba pass for big float32 arrays on the CPU, NumPy in place
+    elsewhere. Same numbers as gelu(..., "tanh") to ~3e-7 relative."""
+    xp = array_module(x)
+    if (xp is np and x.dtype == np.float32 and x.size >= GELU_FUSED_MIN and x.flags.c_contiguous
+            and x.ndim >= 1 and x.shape[-1] > 0):
+        kern = _GELU_TANH if _GELU_TANH is not None else _compile_gelu_tanh()
+        if kern is not False:
+            x2 = x.reshape(-1, x.shape[-1])
+            split_rows(kern, x2.shape[0], x2, work=x2.size)
+            return x
+    u = x * x
+    u *= 0.044715
+    u += 1.0
+    u *= x
+    u *= _SQRT_2_OVER_PI                                  # u = sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(u, out=u)
+    u += 1.0
+    u *= 0.5
+    x *= u
+    return x

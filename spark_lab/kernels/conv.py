@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from ..device import array_module
+from .activations import matmul_rows, split_rows
 
 # 3x3, stride 1, padding 1 convs with at least this many input channels take
 # Winograd F(2x2, 3x3) when numba is there: 16 GEMMs of [tiles, C] @ [C, O] do 4 multiply-adds
@@ -76,7 +77,12 @@ def conv2d(x, w, b=None, stride=1, padding=0, groups=1):
     K = Cg * kh * kw
     wm = w.reshape(groups, O // groups, K)                                 # [g, O/g, K]
     if kh == kw == 1 and sh == sw == 1 and ph == pw == 0 and groups == 1:
-        out = wm[0] @ x.reshape(N, C, H * W)                               # [O, C] @ [N, C, HW] -> [N, O, HW]
+        if xp is np and x.dtype == np.float32:                             # [O, C] @ [N, C, HW] -> [N, O, HW]
+            out = np.empty((N, O, H * W), np.float32)
+            split_rows(_batched_matmul, N, np.broadcast_to(wm[0], (N, O, C)), x.reshape(N, C, H * W), out,
+                       work=N * O * C * H * W // 16)                          # images on row_threads()
+        else:
+            out = wm[0] @ x.reshape(N, C, H * W)
         out = out.reshape(N, O, H, W)
     else:
         reuse = xp is np and x.dtype == np.float32                         # CPU: reused work buffers
@@ -92,7 +98,10 @@ def conv2d(x, w, b=None, stride=1, padding=0, groups=1):
             for j in range(kw):
                 cols[:, i, j] = xc[:, :, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw]
         cols = cols.reshape(groups, K, N * Ho * Wo)                        # [g, Cg*kh*kw, N*Ho*Wo]
-        y = wm[0] @ cols[0] if groups == 1 else wm @ cols                  # [(g,) O/g, N*Ho*Wo]
+        if groups == 1 and reuse:                                          # [O, N*Ho*Wo], column shares
+            y = matmul_rows(wm[0], cols[0], np.empty((O, N * Ho * Wo), np.float32))
+        else:
+            y = wm[0] @ cols[0] if groups == 1 else wm @ cols              # [(g,) O/g, N*Ho*Wo]
         y = y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3)                  # [N, O, Ho, Wo] (a view)
         out = xp.ascontiguousarray(y)
     if b is not None:
@@ -127,69 +136,71 @@ def _compile_winograd():
     # is a numba transpose that reads one source row and scatters it (2x NumPy's strided copy).
 
     @numba.njit(cache=True, nogil=True)
-    def to_nhwc_padded(x, xp):
-        # x [N, C, H, W] -> the inside of xp [N, Hp, Wp, C] (its zero border is left alone)
+    def to_nhwc_padded(x, xp, lo, hi):
+        # rows lo..hi-1 (n * H + h) of x [N, C, H, W] -> the inside of xp [N, Hp, Wp, C]
+        # (its zero border is left alone)
         N, C, H, W = x.shape
-        for n in range(N):
-            for h in range(H):
-                for c in range(C):
-                    src = x[n, c, h]
-                    for w in range(W):
-                        xp[n, h + 1, w + 1, c] = src[w]
+        for task in range(lo, hi):
+            n, h = task // H, task % H
+            for c in range(C):
+                src = x[n, c, h]
+                for w in range(W):
+                    xp[n, h + 1, w + 1, c] = src[w]
 
     @numba.njit(cache=True, nogil=True)
-    def input_transform(xp, th, tw, V):
-        # xp [N, 2th+2, 2tw+2, C] zero-bordered -> V [16, N*th*tw, C] = B^T d B per 4x4 tile d.
-        # Row a of B^T is d[i0] + sign * d[i1], so V[4a + b] needs 4 of the 16 inputs.
+    def input_transform(xp, th, tw, V, lo, hi):
+        # tile rows lo..hi-1 (n * th + ti) of xp [N, 2th+2, 2tw+2, C] zero-bordered -> V [16, N*th*tw, C]
+        # = B^T d B per 4x4 tile d. Row a of B^T is d[i0] + sign * d[i1], so V[4a + b] needs 4 of the 16 inputs.
         pick = ((0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0))
-        N, C = xp.shape[0], xp.shape[3]
-        for n in range(N):
-            for ti in range(th):
-                r = 2 * ti
-                for tj in range(tw):
-                    s = 2 * tj
-                    t = (n * th + ti) * tw + tj
-                    for k in range(16):
-                        i0, i1, sa = pick[k // 4]
-                        j0, j1, sb = pick[k % 4]
-                        sa, sb = np.float32(sa), np.float32(sb)
-                        a00, a01 = xp[n, r + i0, s + j0], xp[n, r + i0, s + j1]    # [C] each
-                        a10, a11 = xp[n, r + i1, s + j0], xp[n, r + i1, s + j1]
-                        v = V[k, t]
-                        for c in range(C):
-                            v[c] = (a00[c] + sb * a01[c]) + sa * (a10[c] + sb * a11[c])
+        C = xp.shape[3]
+        for task in range(lo, hi):
+            n, ti = task // th, task % th
+            r = 2 * ti
+            for tj in range(tw):
+                s = 2 * tj
+                t = (n * th + ti) * tw + tj
+                for k in range(16):
+                    i0, i1, sa = pick[k // 4]
+                    j0, j1, sb = pick[k % 4]
+                    sa, sb = np.float32(sa), np.float32(sb)
+                    a00, a01 = xp[n, r + i0, s + j0], xp[n, r + i0, s + j1]    # [C] each
+                    a10, a11 = xp[n, r + i1, s + j0], xp[n, r + i1, s + j1]
+                    v = V[k, t]
+                    for c in range(C):
+                        v[c] = (a00[c] + sb * a01[c]) + sa * (a10[c] + sb * a11[c])
 
     @numba.njit(cache=True, nogil=True)
-    def output_transform(M, bias, th, tw, out):
-        # M [16, N*th*tw, O] -> out [N, O, H, W] = A^T m A per tile + bias, cropped at odd edges;
-        # the tile rows land channels-last in Y [2, 2tw, O], then are transposed into out
+    def output_transform(M, bias, th, tw, out, lo, hi):
+        # tile rows lo..hi-1 (n * th + ti) of M [16, N*th*tw, O] -> out [N, O, H, W] = A^T m A per
+        # tile + bias, cropped at odd edges; the tile rows land channels-last in Y [2, 2tw, O],
+        # then are transposed into out
         N, O, H, W = out.shape
         S = np.empty((2, 4, O), np.float32)
         Y = np.empty((2, 2 * tw, O), np.float32)
-        for n in range(N):
-            for ti in range(th):
-                for tj in range(tw):
-                    t = (n * th + ti) * tw + tj
-                    for b in range(4):                   # rows: A^T m
-                        m0, m1, m2, m3 = M[b, t], M[4 + b, t], M[8 + b, t], M[12 + b, t]
-                        s0, s1 = S[0, b], S[1, b]
-                        for o in range(O):
-                            s0[o] = m0[o] + m1[o] + m2[o]
-                            s1[o] = m1[o] - m2[o] - m3[o]
-                    for a in range(2):                   # columns: (A^T m) A, + bias
-                        u0, u1, u2, u3 = S[a, 0], S[a, 1], S[a, 2], S[a, 3]
-                        ya, yb = Y[a, 2 * tj], Y[a, 2 * tj + 1]
-                        for o in range(O):
-                            ya[o] = u0[o] + u1[o] + u2[o] + bias[o]
-                        for o in range(O):
-                            yb[o] = u1[o] - u2[o] - u3[o] + bias[o]
-                for a in range(2):
-                    i = 2 * ti + a
-                    if i < H:
-                        for o in range(O):
-                            dst = out[n, o, i]
-                            for w in range(W):
-                                dst[w] = Y[a, w, o]
+        for task in range(lo, hi):
+            n, ti = task // th, task % th
+            for tj in range(tw):
+                t = (n * th + ti) * tw + tj
+                for b in range(4):                   # rows: A^T m
+                    m0, m1, m2, m3 = M[b, t], M[4 + b, t], M[8 + b, t], M[12 + b, t]
+                    s0, s1 = S[0, b], S[1, b]
+                    for o in range(O):
+                        s0[o] = m0[o] + m1[o] + m2[o]
+                        s1[o] = m1[o] - m2[o] - m3[o]
+                for a in range(2):                   # columns: (A^T m) A, + bias
+                    u0, u1, u2, u3 = S[a, 0], S[a, 1], S[a, 2], S[a, 3]
+                    ya, yb = Y[a, 2 * tj], Y[a, 2 * tj + 1]
+                    for o in range(O):
+                        ya[o] = u0[o] + u1[o] + u2[o] + bias[o]
+                    for o in range(O):
+                        yb[o] = u1[o] - u2[o] - u3[o] + bias[o]
+            for a in range(2):
+                i = 2 * ti + a
+                if i < H:
+                    for o in range(O):
+                        dst = out[n, o, i]
+                        for w in range(W):
+                            dst[w] = Y[a, w, o]
 
     @numba.njit(cache=True, nogil=True)
     def phases_to_nchw(Y, bias, out):
@@ -223,6 +234,10 @@ def _winograd_weight(w):
     return U
 
 
+def _batched_matmul(a, b, out, lo, hi):
+    np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi])
+
+
 def _winograd3x3(x, w, b):
     """conv2d for 3x3, stride 1, padding 1 by Winograd F(2x2, 3x3); None without numba.
 
@@ -239,7 +254,7 @@ def _winograd3x3(x, w, b):
     # xpad = x with a zero border, channels-last [N, 2th+2, 2tw+2, C]; only the inside is
     # written, so the reused buffer's zero border stays
     xpad = _scratch("xpad", (N, 2 * th + 2, 2 * tw + 2, C), zero=True)
-    kern[0](np.ascontiguousarray(x), xpad)
+    split_rows(kern[0], N * H, np.ascontiguousarray(x), xpad, work=x.size)   # rows on row_threads()
     U = _winograd_weight(w)                                                # [16, C, O]
     out = np.empty((N, O, H, W), dtype=np.float32)
     bias = np.zeros(O, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
@@ -248,14 +263,29 @@ def _winograd3x3(x, w, b):
     else:                                                                  # per image, `rows` tile rows
         rows = max(1, min(th, WINOGRAD_CHUNK_BYTES // (64 * tw * C)))
         chunks = [(slice(n, n + 1), t0, min(th, t0 + rows)) for n in range(N) for t0 in range(0, th, rows)]
-    for n, t0, t1 in chunks:
-        xs = xpad[n, 2 * t0:2 * t1 + 2]                                    # [n, 2r+2, 2tw+2, C] (contiguous)
-        T = xs.shape[0] * (t1 - t0) * tw
-        V = _scratch("V", (16, T, C))
-        kern[1](xs, t1 - t0, tw, V)                                        # [16, tiles, C]
-        M = np.matmul(V, U, out=_scratch("M", (16, T, O)))                 # [16, tiles, C] @ [16, C, O]
-        kern[2](M, bias, t1 - t0, tw, out[n, :, 2 * t0:min(H, 2 * t1)])
+    if len(chunks) > 1:                 # whole chunks on row_threads() (each thread its own buffers)
+        split_rows(_winograd_chunks, len(chunks), kern, xpad, U, bias, tw, out, chunks, False,
+                   work=16 * N * th * tw * C * O // 16)
+    else:                               # one chunk: each step's rows shared among the threads
+        _winograd_chunks(kern, xpad, U, bias, tw, out, chunks, True, 0, 1)
     return out
+
+
+def _winograd_chunks(kern, xpad, U, bias, tw, out, chunks, share, lo, hi):
+    """_winograd3x3's chunks lo..hi-1: input transform, 16 GEMMs, output transform; share: split
+    each step's rows among row_threads() (else all on this thread)."""
+    run = split_rows if share else (lambda k, n, *a, work=None: k(*a, 0, n))   # noqa: E731
+    C, O, H = xpad.shape[3], U.shape[2], out.shape[2]
+    for n, t0, t1 in chunks[lo:hi]:
+        xs = xpad[n, 2 * t0:2 * t1 + 2]                                    # [n, 2r+2, 2tw+2, C] (contiguous)
+        nr = xs.shape[0] * (t1 - t0)                                       # tile rows in this chunk
+        T = nr * tw
+        V = _scratch("V", (16, T, C))
+        run(kern[1], nr, xs, t1 - t0, tw, V, work=V.size)                  # [16, tiles, C]
+        M = _scratch("M", (16, T, O))                                      # [16, tiles, C] @ [16, C, O]
+        run(_batched_matmul, 16, V, U, M, work=T * C * O)
+        run(kern[2], nr, M, bias, t1 - t0, tw, out[n, :, 2 * t0:min(H, 2 * t1)], work=M.size)
+
 
 # Nearest x2 then a 3x3 conv equals four 2x2 convs on the small input, one per output-pixel
 # parity: an output row 2i+a sees upsampled rows 2i+a-1..2i+a+1, which are small rows
@@ -315,7 +345,7 @@ def upsample2x_conv3x3(x, w, b=None):
             out[:, :, a::2, c::2] = conv2d(xpad[:, :, a:a + H + 1, c:c + W + 1], k, b)
         return out
     xpad = _scratch("uxpad", (N, H + 2, W + 2, C), zero=True)              # channels-last, zero border
-    kern[0](np.ascontiguousarray(x), xpad)
+    split_rows(kern[0], N * H, np.ascontiguousarray(x), xpad, work=x.size)
     P = _phase_weights(w)                                                  # [4, 4C, O]
     Y = _scratch("uY", (4, N * H * W, O))
     cols = _scratch("ucols", (N, H, W, 2, 2, C))                           # pixel, tap (u, v), channel
@@ -324,7 +354,7 @@ def upsample2x_conv3x3(x, w, b=None):
             for u in (0, 1):
                 for v in (0, 1):
                     cols[:, :, :, u, v] = xpad[:, a + u:a + u + H, c + v:c + v + W]
-            np.matmul(cols.reshape(N * H * W, 4 * C), P[2 * a + c], out=Y[2 * a + c])   # [NHW, O]
+            matmul_rows(cols.reshape(N * H * W, 4 * C), P[2 * a + c], Y[2 * a + c])    # [NHW, O]
     out = np.empty((N, O, 2 * H, 2 * W), dtype=np.float32)
     bias = np.zeros(O, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     kern[3](Y.reshape(4, N, H, W, O), bias, out)

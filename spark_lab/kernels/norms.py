@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from ..device import array_module
+from .activations import split_rows
 
 
 def _check_vec(name, x, v, n, what):
@@ -110,55 +111,55 @@ def _compile_group_norm():
     ln2_hi, ln2_lo = np.float32(0.693359375), np.float32(-2.12194440e-4)
 
     @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
-    def kernel(x, G, w, b, eps, act, out):
-        # x/out [N, C, L] (L = spatial size), w/b [C]
+    def kernel(x, G, w, b, eps, act, out, lo, hi):
+        # groups lo..hi-1 (n * G + g) of x/out [N, C, L] (L = spatial size), w/b [C]
         N, C, L = x.shape
         cg = C // G
         e = np.empty(L, np.float32)
         b1 = np.empty(L, np.int32)
         b2 = np.empty(L, np.int32)
         s1, s2 = b1.view(np.float32), b2.view(np.float32)
-        for n in range(N):
-            for g in range(G):
-                tot = 0.0
-                for c in range(g * cg, (g + 1) * cg):
+        for task in range(lo, hi):
+            n, g = task // G, task % G
+            tot = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                for i in range(L):
+                    tot += x[n, c, i]
+            mu = tot / (cg * L)
+            ss = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                for i in range(L):
+                    d = x[n, c, i] - mu
+                    ss += d * d
+            inv = 1.0 / np.sqrt(ss / (cg * L) + eps)
+            m32 = np.float32(mu)                     # (x - mean) first: folding the mean into
+            for c in range(g * cg, (g + 1) * cg):    # the shift cancels badly when |mean| >> std
+                a, sh = np.float32(inv * w[c]), b[c]
+                if not act:
                     for i in range(L):
-                        tot += x[n, c, i]
-                mu = tot / (cg * L)
-                ss = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    for i in range(L):
-                        d = x[n, c, i] - mu
-                        ss += d * d
-                inv = 1.0 / np.sqrt(ss / (cg * L) + eps)
-                m32 = np.float32(mu)                     # (x - mean) first: folding the mean into
-                for c in range(g * cg, (g + 1) * cg):    # the shift cancels badly when |mean| >> std
-                    a, sh = np.float32(inv * w[c]), b[c]
-                    if not act:
-                        for i in range(L):
-                            out[n, c, i] = (x[n, c, i] - m32) * a + sh
-                        continue
-                    for i in range(L):                   # y / (1 + e^-y), e^-y = 2^n e^r
-                        y = (x[n, c, i] - m32) * a + sh
-                        v = min(max(-y, np.float32(-103.0)), np.float32(88.0))
-                        k = np.floor(v * log2e + np.float32(0.5))
-                        r = v - k * ln2_hi - k * ln2_lo
-                        q = np.float32(1.0 / 5040.0)
-                        q = q * r + np.float32(1.0 / 720.0)
-                        q = q * r + np.float32(1.0 / 120.0)
-                        q = q * r + np.float32(1.0 / 24.0)
-                        q = q * r + np.float32(1.0 / 6.0)
-                        q = q * r + np.float32(0.5)
-                        q = q * r + np.float32(1.0)
-                        q = q * r + np.float32(1.0)
-                        e[i] = q
-                        ki = np.int32(k)
-                        k1 = ki >> np.int32(1)
-                        b1[i] = (k1 + np.int32(127)) << np.int32(23)
-                        b2[i] = (ki - k1 + np.int32(127)) << np.int32(23)
-                    for i in range(L):
-                        y = (x[n, c, i] - m32) * a + sh
-                        out[n, c, i] = y / (np.float32(1.0) + e[i] * s1[i] * s2[i])
+                        out[n, c, i] = (x[n, c, i] - m32) * a + sh
+                    continue
+                for i in range(L):                   # y / (1 + e^-y), e^-y = 2^n e^r
+                    y = (x[n, c, i] - m32) * a + sh
+                    v = min(max(-y, np.float32(-103.0)), np.float32(88.0))
+                    k = np.floor(v * log2e + np.float32(0.5))
+                    r = v - k * ln2_hi - k * ln2_lo
+                    q = np.float32(1.0 / 5040.0)
+                    q = q * r + np.float32(1.0 / 720.0)
+                    q = q * r + np.float32(1.0 / 120.0)
+                    q = q * r + np.float32(1.0 / 24.0)
+                    q = q * r + np.float32(1.0 / 6.0)
+                    q = q * r + np.float32(0.5)
+                    q = q * r + np.float32(1.0)
+                    q = q * r + np.float32(1.0)
+                    e[i] = q
+                    ki = np.int32(k)
+                    k1 = ki >> np.int32(1)
+                    b1[i] = (k1 + np.int32(127)) << np.int32(23)
+                    b2[i] = (ki - k1 + np.int32(127)) << np.int32(23)
+                for i in range(L):
+                    y = (x[n, c, i] - m32) * a + sh
+                    out[n, c, i] = y / (np.float32(1.0) + e[i] * s1[i] * s2[i])
 
     _GN = kernel
     return _GN
@@ -174,5 +175,77 @@ def _group_norm_fused(x, G, w, b, eps, act):
     w = np.ones(C, np.float32) if w is None else np.ascontiguousarray(w, dtype=np.float32)
     b = np.zeros(C, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     out = np.empty(x3.shape, dtype=np.float32)
-    kern(x3, G, w, b, eps, act, out)
+    split_rows(kern, N * G, x3, G, w, b, eps, act, out, work=x3.size)    # groups on row_threads()
     return out.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------- LayerNorm, then w and b per batch item
+
+LAYERNORM_FUSED_MIN = 1 << 14   # float32 elements from which layernorm_affine takes the numba kernel
+_LN = None   # compiled on first use; False without numba
+
+
+def _compile_layernorm():
+    global _LN
+    try:
+        import numba
+    except ImportError:
+        _LN = False
+        return _LN
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+    def kernel(x, w, b, T, eps, out, lo, hi):
+        # rows lo..hi-1 of x/out [R, D]; row r takes w[r // T], b[r // T] ([Bw, D] each)
+        D = x.shape[1]
+        for r in range(lo, hi):
+            row, o = x[r], out[r]
+            wr, br = w[r // T], b[r // T]
+            tot = 0.0
+            for i in range(D):
+                tot += row[i]
+            mu = np.float32(tot / D)
+            ss = 0.0
+            for i in range(D):
+                d = row[i] - mu
+                ss += d * d
+            inv = np.float32(1.0 / np.sqrt(ss / D + eps))
+            for i in range(D):
+                o[i] = (row[i] - mu) * inv * wr[i] + br[i]
+
+    _LN = kernel
+    return _LN
+
+
+def layernorm_affine(x, eps, w=None, b=None):
+    """LayerNorm of x [B, T, D] over D (no weights of its own), then * w + b, where w and b are [D]
+    or one row per batch item [B, 1, D] (AdaLN: w = 1 + scale, b = shift); None: 1 and 0.
+
+    Big float32 inputs on the CPU take one numba pass per row (statistics in float64);
+    elsewhere the NumPy body: layernorm(x) * w + b.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"layernorm_affine: x {tuple(x.shape)} must be [B, T, D]")
+    B, T, D = x.shape
+    xp = array_module(x)
+    for name, v in (("w", w), ("b", b)):
+        if v is not None and tuple(v.shape) not in ((D,), (B, 1, D), (1, 1, D)):
+            raise ValueError(f"layernorm_affine: {name} {tuple(v.shape)} does not fit x {tuple(x.shape)} "
+                             f"(want [{D}] or [{B}, 1, {D}])")
+    if xp is np and x.dtype == np.float32 and x.size >= LAYERNORM_FUSED_MIN:
+        kern = _LN if _LN is not None else _compile_layernorm()
+        if kern is not False:
+            rows = lambda v, fill: (np.full((1, D), fill, np.float32) if v is None  # noqa: E731
+                                    else np.ascontiguousarray(v, dtype=np.float32).reshape(-1, D))
+            w2, b2 = rows(w, 1.0), rows(b, 0.0)                               # [1 or B, D]
+            nb = max(w2.shape[0], b2.shape[0])                                 # 1: shared by every row
+            w2, b2 = (np.ascontiguousarray(np.broadcast_to(v, (nb, D))) for v in (w2, b2))
+            x2 = np.ascontiguousarray(x).reshape(B * T, D)
+            out = np.empty((B * T, D), np.float32)
+            split_rows(kern, B * T, x2, w2, b2, T if nb == B else B * T, float(eps), out, work=x2.size)
+            return out.reshape(B, T, D)
+    y = layernorm(x, None, None, eps)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
