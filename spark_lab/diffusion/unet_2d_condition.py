@@ -19,7 +19,7 @@ import numpy as np
 
 from ..device import array_module, to_device, to_host
 from ..kernels import linear, silu, timestep_embedding
-from ..kernels.activations import row_threads
+from ..kernels.activations import row_share_count, row_threads, share_items
 from .attention import Transformer2D
 from .blocks import DOWN_TYPES, MID_TYPES, UP_TYPES, DownBlock, MidBlock, UpBlock, check_block_type
 from .loading import Params, load_model_folder, nbytes
@@ -31,6 +31,10 @@ from .resnet import conv, norm
 # and costs on small ones (bench imagine, 2 threads: the SDXL row's 2 x 64 x 64 went 3.2 -> 2.4 s
 # per image, spark-emoji's 2 x 32 x 32 0.50 -> 0.70 s, its ops too short to share).
 ROW_THREADS_MIN_PIXELS = 4096
+# On row_threads(), a batch of rows (CFG's two halves) is split among the threads, each running the
+# whole forward on its rows (kernels.share_items) instead of every GEMM and kernel being shared:
+# no hand-off per op, so neither thread waits on the other until the end. Off: per-op shares.
+SPLIT_BATCH = True
 
 
 def _per_block(v, n: int, name: str) -> list:
@@ -254,11 +258,45 @@ class UNet2DConditionModel:
         once on N rows and their outputs are tiled, instead of computing the same rows twice.
         added_cond_kwargs (SDXL): {"text_embeds": [N*repeat, P], "time_ids": [N*repeat, k]}; these
         differ between the two halves, so with them every block runs on N*repeat rows.
+        Big inputs on the CPU with 2+ threads run the rows in groups side by side (SPLIT_BATCH).
         """
         pixels = sample.shape[0] * repeat * sample.shape[2] * sample.shape[3] if getattr(sample, "ndim", 0) == 4 else 0
         big = pixels >= ROW_THREADS_MIN_PIXELS
         with row_threads() if big else nullcontext():
+            groups = self._row_groups(sample, timestep, encoder_hidden_states, class_labels, repeat,
+                                      added_cond_kwargs) if big else 1
+            if groups > 1:
+                return self._forward_groups(groups, sample, timestep, encoder_hidden_states, repeat, added_cond_kwargs)
             return self._forward(sample, timestep, encoder_hidden_states, class_labels, repeat, added_cond_kwargs)
+
+    def _row_groups(self, sample, timestep, context, class_labels, repeat, added_cond_kwargs) -> int:
+        """How many groups of rows __call__ runs side by side on the threads (1: one forward on all)."""
+        rows = sample.shape[0] * repeat
+        if not SPLIT_BATCH or rows < 2 or class_labels is not None or np.size(timestep) > 1:
+            return 1
+        if not (isinstance(sample, np.ndarray) and array_module(context) is np and getattr(context, "ndim", 0) == 3
+                and context.shape[0] == rows):
+            return 1                                       # (the device, or a shape _forward will refuse)
+        if any(getattr(v, "ndim", 0) < 1 or v.shape[0] != rows for v in (added_cond_kwargs or {}).values()):
+            return 1                                       # (_forward checks these on all rows)
+        if repeat > 1 and self.config.addition_embed_type is None and not (self.down and self.down[0].attentions):
+            return 1                                       # its text-free leading blocks run once on N rows
+        return row_share_count(rows)
+
+    def _forward_groups(self, groups, sample, timestep, context, repeat, added_cond_kwargs):
+        """_forward on `groups` contiguous slices of the N * repeat rows, one per thread (share_items)
+        -> [N*repeat, Cout, H, W]. Row j is sample[j % N] with context[j] (repeat-major, as _forward tiles)."""
+        N, rows = sample.shape[0], sample.shape[0] * repeat
+        cuts = [rows * g // groups for g in range(groups + 1)]
+        kw = added_cond_kwargs or {}
+
+        def run(g):
+            lo, hi = cuts[g], cuts[g + 1]
+            take = np.arange(lo, hi) % N
+            x = sample[lo:hi] if repeat == 1 else sample[take]
+            added = {k: v[lo:hi] for k, v in kw.items()}                               # [hi - lo, ...] each
+            return self._forward(x, timestep, context[lo:hi], None, 1, added or added_cond_kwargs)
+        return np.concatenate(share_items(run, groups), axis=0)
 
     def _forward(self, sample, timestep, encoder_hidden_states, class_labels, repeat, added_cond_kwargs):
         c, p = self.config, self.params

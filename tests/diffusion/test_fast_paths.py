@@ -1,6 +1,8 @@
 """The CPU fast paths the diffusion models take (bench imagine, #19) against NumPy / torch references:
 attend_heads (BLAS on strided head views + the numba row softmax), gelu_tanh_, layernorm_affine,
 and the Winograd kernels' row ranges."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -113,10 +115,43 @@ def test_row_threads_shares_and_restores():
     assert act._SPLIT == 1 and [c.num_threads for c in blas] == before
 
 
-def test_unet_on_row_threads_matches_one_thread(monkeypatch):
+def test_share_items_runs_each_item_whole_on_one_thread():
+    """share_items inside row_threads(2): every item once, in order in the result, the items spread
+    over 2 threads, and split_rows inside an item stays on that item's thread; outside: in order here."""
+    from spark_lab.kernels import activations as act
+    min_work, act.SPLIT_MIN_WORK = act.SPLIT_MIN_WORK, 1
+    try:
+        other = threading.Event()                               # set by an item on a helper thread
+        main = threading.get_ident()
+
+        def item(i):
+            where = set()
+            act.split_rows(lambda lo, hi: where.add(threading.get_ident()), 1000)
+            if threading.get_ident() != main:
+                other.set()
+            elif i == 0:
+                other.wait(10)                                  # item 0 holds this thread: a helper takes the next
+            return i * i, threading.get_ident(), where
+        with act.row_threads(2):
+            got = act.share_items(item, 6)
+        assert [g[0] for g in got] == [i * i for i in range(6)]
+        assert all(g[2] == {g[1]} for g in got)                 # nested split_rows: on the item's thread
+        assert len({g[1] for g in got}) == 2
+        assert [g[0] for g in act.share_items(item, 3)] == [0, 1, 4]
+        assert act.row_share_count(5) == 1
+    finally:
+        act.SPLIT_MIN_WORK = min_work
+
+
+@pytest.mark.parametrize("split_batch", [False, True])
+def test_unet_on_row_threads_matches_one_thread(split_batch, monkeypatch):
     """The SDXL-style UNet (bench imagine's quick size, CFG batched) gives the same numbers with its
-    kernels shared among 2 threads as on 1."""
+    kernels shared among 2 threads (split_batch=False) or its two CFG rows on a thread each
+    (split_batch=True: each thread's kernels stay on it) as on 1."""
     pytest.importorskip("numba")
+    from spark_lab.device import array_module, to_device
+    if array_module(to_device(np.zeros(1, np.float32))) is not np:
+        pytest.skip("row_threads are the CPU's (NumPy) paths; this device has its own")
     pytest.importorskip("diffusers")
     from spark_lab.benchmarks import imagine_families as fam
     from spark_lab.diffusion import UNet2DConditionModel
@@ -130,6 +165,10 @@ def test_unet_on_row_threads_matches_one_thread(monkeypatch):
     from spark_lab.diffusion import unet_2d_condition
     monkeypatch.setattr(unet_2d_condition, "ROW_THREADS_MIN_PIXELS", 0)      # share even these tiny maps
     monkeypatch.setattr(act, "SPLIT_MIN_WORK", 1)
+    monkeypatch.setattr(unet_2d_condition, "SPLIT_BATCH", split_batch)
+    forward, threads = model._forward, set()
+    monkeypatch.setattr(model, "_forward", lambda x, *a: (threads.add((threading.get_ident(), x.shape[0] * a[3])),
+                                                          forward(x, *a))[1])
     added = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
     run = lambda: model(inp["latents"], 500, inp["context"], repeat=2, added_cond_kwargs=added)  # noqa: E731
     monkeypatch.setattr(act, "num_threads", lambda: 1)
@@ -138,8 +177,12 @@ def test_unet_on_row_threads_matches_one_thread(monkeypatch):
     seen = []
     split = act.split_rows
     monkeypatch.setattr(act, "split_rows", lambda *a, **k: (seen.append(act._SPLIT), split(*a, **k))[1])
+    threads.clear()
     two = run()
     assert seen and max(seen) == 2
+    # split: one forward of one row (sample x repeat) on each of 2 threads; else one of both rows
+    assert sorted(n for _, n in threads) == ([1, 1] if split_batch else [2])
+    assert len({t for t, _ in threads}) == (2 if split_batch else 1)
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5 * float(np.abs(one).max()))
 
 
