@@ -1,17 +1,22 @@
 """Reading diffusers / transformers folders: config.json + safetensors -> float32 arrays.
 
-A model folder holds `config.json` and one of
-    diffusion_pytorch_model.safetensors        (diffusers, float32 or whatever it was saved in)
-    diffusion_pytorch_model.fp16.safetensors   (diffusers' "fp16 variant")
-    model.safetensors / model.fp16.safetensors (transformers, e.g. CLIPTextModel)
-Every tensor is cast to float32 and placed through the allocator (tag "weights").
-`Params` is a flat name -> array dict with `sub(prefix)` views, so model code reads
+A model folder holds `config.json` and its weights under one of two stems,
+`diffusion_pytorch_model` (diffusers) or `model` (transformers, e.g. CLIPTextModel, T5), as
+    {stem}.safetensors                          one file, float32 or whatever it was saved in
+    {stem}.{variant}.safetensors                a variant: "fp16", "bf16", ... (only the file name differs)
+    {stem}.safetensors.index.json               sharded (FLUX.1-dev, SD3.5-large, T5-XXL): a
+        + {stem}-00001-of-0000N.safetensors     weight_map {tensor name: shard file}
+    {stem}.safetensors.index.{variant}.json     a sharded variant, as save_pretrained(variant=...)
+        + {stem}.{variant}-00001-of-0000N.safetensors   writes it
+Every tensor is cast to float32 and placed through the allocator (tag "weights"), one memory-mapped
+shard at a time. `Params` is a flat name -> array dict with `sub(prefix)` views, so model code reads
 `p["conv1.weight"]` inside `down_blocks.0.resnets.1` without spelling the whole key.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,30 +39,92 @@ def read_json(path: str | Path) -> dict:
     return out
 
 
+def _candidates(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    """The files that hold `stem`'s weights in `variant` (None: the plain ones), single file first.
+    `{stem}.{variant}.safetensors.index.json` is an older spelling of the sharded variant's index."""
+    if variant is None:
+        return [folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"]
+    return [folder / f"{stem}.{variant}.safetensors", folder / f"{stem}.safetensors.index.{variant}.json",
+            folder / f"{stem}.{variant}.safetensors.index.json"]
+
+
+def _variants(folder: Path, stem: str) -> set:
+    """The variants that `stem` has weights in: "fp16" from {stem}.fp16.safetensors or an fp16 index
+    (shards, {stem}.fp16-00001-of-00002.safetensors, count only through their index)."""
+    s = re.escape(stem)
+    pats = [rf"{s}\.([^.]+)\.safetensors", rf"{s}\.safetensors\.index\.([^.]+)\.json",
+            rf"{s}\.([^.]+)\.safetensors\.index\.json"]
+    out = set()
+    for f in folder.iterdir():
+        for pat in pats if f.is_file() else ():
+            m = re.fullmatch(pat, f.name)
+            if m and not re.search(r"-\d+-of-\d+$", m.group(1)):
+                out.add(m.group(1))
+    return out
+
+
 def find_weights(folder: str | Path, variant: str | None = None) -> Path:
-    """The safetensors file of a model folder; the fp16 variant when asked or when it is the only one."""
+    """The weights of a model folder: a .safetensors file, or the .safetensors.index[.variant].json
+    of a sharded checkpoint (`weight_files` lists its shards). The `variant` asked for first, then the
+    plain weights, then the one variant there is (a folder saved with only variant="bf16" loads
+    without naming it; everything is upcast to float32, so the variant only picks the file)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"missing model folder: {folder}")
-    order = []
     for stem in WEIGHT_NAMES:
-        plain, fp16 = folder / f"{stem}.safetensors", folder / f"{stem}.fp16.safetensors"
-        order += [fp16, plain] if variant == "fp16" else [plain, fp16]
-    for p in order:
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHT_NAMES[0]}[.fp16].safetensors "
-                            f"or {WEIGHT_NAMES[1]}[.fp16].safetensors")
+        order = (_candidates(folder, stem, variant) if variant else []) + _candidates(folder, stem, None)
+        for p in order:
+            if p.is_file():
+                return p
+        others = sorted(_variants(folder, stem) - {variant})
+        if len(others) > 1:
+            raise ValueError(f"{folder} holds {stem} weights in variants {', '.join(others)} and no plain "
+                             f"{stem}.safetensors: pass variant= to pick one")
+        if others:
+            return next(p for p in _candidates(folder, stem, others[0]) if p.is_file())
+    shards = sorted(folder.glob("*-00001-of-*.safetensors"))
+    hint = f" (shard {shards[0].name} is there, but not the .safetensors.index.json that lists the shards)" \
+        if shards else ""
+    raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHT_NAMES[0]}[.variant].safetensors or "
+                            f"{WEIGHT_NAMES[1]}[.variant].safetensors, or a sharded .safetensors.index.json{hint}")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files behind `find_weights`' answer: [path] for one file; for an index.json
+    the shard files its weight_map names, each once, in order, all checked to exist."""
+    path = Path(path)
+    if not path.name.endswith(".json"):
+        return [path]
+    wmap = read_json(path).get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        raise ValueError(f"{path} is not a safetensors index: it has no weight_map of tensor name -> shard file")
+    for name, f in wmap.items():
+        # a shard sits next to its index: a path ("../x", "/etc/x") is a broken or hostile index
+        if not isinstance(f, str) or f in ("", ".", "..") or Path(f).name != f or "\\" in f:
+            raise ValueError(f"{path}: weight_map[{name!r:.60}] is {f!r:.60}, not a shard file name in the same folder")
+    files = [path.parent / f for f in dict.fromkeys(wmap.values())]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"missing weight shard {f.name} in {path.parent} (listed in {path.name})")
+    return files
+
+
+def iter_tensors(path: str | Path):
+    """(name, NumPy view) over a safetensors file or every shard of an index.json, one memory-mapped
+    shard at a time, so a caller that keeps only what it needs never holds all shards at once."""
+    for f in weight_files(path):
+        yield from read_safetensors(f).items()
 
 
 def load_safetensors(path: str | Path, prefix_strip: str = "") -> dict:
-    """A safetensors file -> {name: float32 array on the device} (fp16/bf16 upcast)."""
+    """A safetensors file, or a sharded checkpoint's index.json -> {name: float32 array on the device}
+    (fp16/bf16 upcast)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing weight file: {path}")
     alloc = get_allocator()
     out = {}
-    for name, a in read_safetensors(path).items():
+    for name, a in iter_tensors(path):
         key = name[len(prefix_strip):] if prefix_strip and name.startswith(prefix_strip) else name
         out[key] = alloc.place(np.ascontiguousarray(a, dtype=np.float32), tag="weights", what=key)
     return out

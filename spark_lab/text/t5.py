@@ -319,30 +319,12 @@ class T5EncoderModel:
 
 def _read_encoder_tensors(folder: Path, variant: str | None) -> dict:
     """name -> host array (memory-mapped) of the encoder's tensors: one safetensors file, or the
-    shards a `model[.fp16].safetensors.index.json` lists (T5-XXL checkpoints are sharded). A full
+    shards a `model.safetensors.index[.fp16].json` lists (T5-XXL checkpoints are sharded). A full
     T5 (encoder + decoder) checkpoint works too: decoder.* and lm_head are not read."""
-    from ..diffusion.loading import find_weights, read_json, read_safetensors
+    from ..diffusion.loading import find_weights, iter_tensors
 
-    index = None
-    for stem in (["model.fp16", "model"] if variant == "fp16" else ["model", "model.fp16"]):
-        if (folder / f"{stem}.safetensors.index.json").is_file():
-            index = folder / f"{stem}.safetensors.index.json"
-            break
-    if index is None:
-        files = [find_weights(folder, variant)]
-    else:
-        wmap = read_json(index).get("weight_map")
-        if not isinstance(wmap, dict) or not wmap:
-            raise ValueError(f"{index} has no weight_map")
-        files = [folder / f for f in dict.fromkeys(wmap.values())]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"missing weight shard {f} (listed in {index.name})")
-    out = {}
-    for f in files:
-        for name, a in read_safetensors(f).items():
-            if name.startswith(("encoder.", "shared.")):
-                out[name] = a
+    path = find_weights(folder, variant)
+    out = {name: a for name, a in iter_tensors(path) if name.startswith(("encoder.", "shared."))}
     if not out:
-        raise ValueError(f"no T5 encoder weights (encoder.*, shared.weight) in {', '.join(str(f) for f in files)}")
+        raise ValueError(f"no T5 encoder weights (encoder.*, shared.weight) in {path}")
     return out
