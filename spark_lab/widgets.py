@@ -262,7 +262,11 @@ def _find_latents(args, kwargs):
 
 
 class ImageGallery(widgets.VBox):
-    """Prompt, steps and seed in; a live preview of each denoising step; finished images collect below."""
+    """Prompt, steps and seed in; a live preview of each denoising step; finished images collect below.
+
+    The gallery is the hub of the image tools: each tile has a "use as init" button (or upload a
+    picture with "add image"), and the image-to-image and inpainting panels of widgets_images made
+    with `gallery=` start from the chosen tile and add their results here as new tiles."""
 
     def __init__(self, pipe, num_inference_steps: int = 25, seed: int = 0, guidance_scale: float | None = None,
                  prompt: str = "", preview_size: int = 192, thumb_size: int = 128,
@@ -279,18 +283,24 @@ class ImageGallery(widgets.VBox):
         except (TypeError, ValueError):
             self._quiet = False
         self.preview_size, self.thumb_size = preview_size, thumb_size
-        self.images: list = []          # PIL images made so far
+        self.images: list = []          # PIL images made so far, one per tile
+        self.captions: list = []        # [n] each tile's caption
+        self.selected: int | None = None   # the tile chosen as init image
+        self._listeners: list = []      # fn(image) called when a tile is chosen
         self.previews = 0               # step previews shown during the last generate()
         self.prompt = widgets.Text(value=prompt, placeholder="a prompt", layout=widgets.Layout(width="60%"))
         self.steps = widgets.IntSlider(value=num_inference_steps, min=1, max=100, description="steps")
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
         self.button = widgets.Button(description="Generate", button_style="primary", icon="image")
+        self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="add image")
         self.preview = widgets.Image(format="png", width=preview_size, height=preview_size)
         self.gallery = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.status = widgets.HTML()
+        self.selection = widgets.HTML("init image: none chosen (press <i>use as init</i> under a tile)")
         self.button.on_click(lambda _b: self.generate())
+        self.upload.observe(self._on_upload, names="value")
         super().__init__([widgets.HBox([self.prompt, self.button]), widgets.HBox([self.steps, self.seed]),
-                          self.preview, self.status, self.gallery])
+                          self.preview, self.status, widgets.HBox([self.upload, self.selection]), self.gallery])
 
     def _on_step(self, *args, **kwargs):
         lat = _find_latents(args, kwargs)
@@ -329,19 +339,65 @@ class ImageGallery(widgets.VBox):
             self.button.disabled = False
         dt = time.perf_counter() - t0
         img = images[0]
-        self.images.append(img)
         self.preview.value = _png(img.resize((self.preview_size, self.preview_size)))
+        self.add(img, prompt, seed=kw["seed"])
+        self.status.value = f"{kw['num_inference_steps']} steps in {dt:.1f} s ({dt / kw['num_inference_steps']:.2f} s/step)"
+        return img
+
+    # the tiles
+    def add(self, img, prompt: str, **settings) -> int:
+        """A new tile: the image over 'prompt (seed 3, strength 0.85, ...)' (settings that are None are
+        left out, a loaded LoRA is named with its scale) and a "use as init" button; returns its index."""
+        notes = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items() if v is not None]
+        notes += [f"LoRA {a.name.removesuffix('.safetensors')} {a.scale:.2f}"
+                  for a in getattr(self.pipe, "adapters", None) or []]
+        text = f"{prompt} ({', '.join(notes)})" if notes else prompt
+        i = len(self.images)
+        self.images.append(img)
+        self.captions.append(text)
         # the caption is an HTML line, not Image(tooltip=...): ipywidgets 8's front end reads
         # model.description.length when a tooltip is set, and Image has no description, so the
         # view fails to render ("Failed to create view for 'ImageView'")
-        label = html.escape(f"{prompt} (seed {kw['seed']})")
+        label = html.escape(text)
         caption = widgets.HTML(f'<div title="{label}" style="width:{self.thumb_size}px;font-size:11px;'
                                f'overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{label}</div>')
+        use = widgets.Button(description="use as init", layout=widgets.Layout(width=f"{self.thumb_size}px"))
+        use.on_click(lambda _b: self.select(i))
         thumb = widgets.VBox([widgets.Image(value=_png(img), format="png", width=self.thumb_size,
-                                            height=self.thumb_size), caption])
+                                            height=self.thumb_size), caption, use],
+                             layout=widgets.Layout(border="2px solid transparent", padding="2px"))
         self.gallery.children = tuple(self.gallery.children) + (thumb,)
-        self.status.value = f"{kw['num_inference_steps']} steps in {dt:.1f} s ({dt / kw['num_inference_steps']:.2f} s/step)"
-        return img
+        return i
+
+    def select(self, index: int):
+        """Tile `index` becomes the init image: outlined here, passed to every `on_select` listener."""
+        if not -len(self.images) <= index < len(self.images):
+            raise ValueError(f"no tile {index}: the gallery has {len(self.images)}")
+        self.selected = index % len(self.images)
+        for k, tile in enumerate(self.gallery.children):
+            tile.layout.border = "2px solid #1e88e5" if k == self.selected else "2px solid transparent"
+        self.selection.value = f"init image: tile {self.selected} ({html.escape(self.captions[self.selected])})"
+        for fn in self._listeners:
+            fn(self.images[self.selected])
+
+    @property
+    def init_image(self):
+        """The chosen tile's PIL image (the newest tile while none is chosen; None when empty)."""
+        if self.selected is not None:
+            return self.images[self.selected]
+        return self.images[-1] if self.images else None
+
+    def on_select(self, fn):
+        """Call fn(image) whenever a tile is chosen as init image."""
+        self._listeners.append(fn)
+
+    def _on_upload(self, change):
+        files = change["new"]
+        if files:
+            from PIL import Image
+            f = files[-1]      # ipywidgets 8: a tuple of {"name", "content": memoryview, ...}
+            img = Image.open(io.BytesIO(bytes(f["content"]))).convert("RGB")
+            self.select(self.add(img, f"upload: {f['name']}"))
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -4,6 +4,10 @@ Like widgets.py, each panel is an `ipywidgets.VBox` with a plain method that doe
 does (`ImageToImagePanel.run`, `InpaintPanel.repaint`, `LoRAScalePanel.show`, `MaskPainter.paint`),
 so a notebook can press it once by itself and a test can drive it without a browser.
 
+Given `gallery=` (a `widgets.ImageGallery`), the image-to-image and inpainting panels start from the
+gallery's chosen tile, follow its "use as init" buttons and uploads, and add each result to the
+gallery as a new tile captioned with its prompt, seed and strength.
+
 The mask painter draws on an ipycanvas `MultiCanvas` (layer 0: the image, layer 1: the mask in
 translucent blue); the mask itself lives here, in `MaskPainter.mask` ([H, W] bool, True = repaint),
 so the canvas is only a view of it and is redrawn whenever a browser view (re)connects.
@@ -105,8 +109,23 @@ def describe_plan(plan: dict) -> str:
             f"from t = {plan['start']}{mix}")
 
 
+def gallery_image(image, gallery):
+    """The init image a panel starts from: the one given, else the gallery's chosen (or newest) tile."""
+    if image is None and gallery is not None:
+        image = gallery.init_image
+    if image is None:
+        raise ValueError("no init image: give image=, or a gallery= with at least one tile")
+    return image
+
+
 class _Panel(widgets.VBox):
-    """A pipeline call behind a button: disabled while it runs, errors in the status line."""
+    """A pipeline call behind a button: disabled while it runs, errors in the status line; with a
+    gallery, its chosen tile becomes the init image and each result a new tile."""
+
+    def _follow(self, gallery):
+        self.gallery = gallery
+        if gallery is not None:
+            gallery.on_select(self.set_image)
 
     def _call(self, **kw):
         self.button.disabled = True
@@ -125,13 +144,14 @@ class _Panel(widgets.VBox):
 # ----------------------------------------------------------------------------- image to image
 
 class ImageToImagePanel(_Panel):
-    """An init image (the one given, or an upload), a prompt and a strength in; the result beside it."""
+    """An init image (the one given, a gallery tile, or an upload), a prompt and a strength in; the
+    result beside it (and in the gallery)."""
 
-    def __init__(self, pipe, image, prompt: str = "", strength: float = 0.8, num_inference_steps: int = 25,
-                 seed: int = 0, size: int = 160):
+    def __init__(self, pipe, image=None, prompt: str = "", strength: float = 0.8, num_inference_steps: int = 25,
+                 seed: int = 0, size: int = 160, gallery=None):
         self.pipe, self.size = pipe, size
         self.side = native_size(pipe)
-        self.image = fit_image(image, self.side)
+        self.image = fit_image(gallery_image(image, gallery), self.side)
         self.result = None
         self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="50%"))
         self.strength = widgets.FloatSlider(value=strength, min=0.05, max=1.0, step=0.05, description="strength",
@@ -152,6 +172,7 @@ class ImageToImagePanel(_Panel):
                           widgets.HBox([captioned(self.init_view, "init image"),
                                         captioned(self.result_view, "result")]),
                           self.status])
+        self._follow(gallery)
 
     def set_image(self, image):
         self.image = fit_image(image, self.side)
@@ -170,9 +191,12 @@ class ImageToImagePanel(_Panel):
         except ValueError as e:
             self.status.value = error_html(e)
             raise
+        seed = int(self.seed.value)
         self.result = self._call(prompt=self.prompt.value, image=self.image, strength=s,
-                                 num_inference_steps=steps, seed=int(self.seed.value))[0]
+                                 num_inference_steps=steps, seed=seed)[0]
         self.result_view.value = png(self.result, self.size)
+        if self.gallery is not None:
+            self.gallery.add(self.result, self.prompt.value, seed=seed, strength=s)
         self.status.value = f"{html.escape(plan)}; {self.seconds:.2f} s"
         return self.result
 
@@ -313,14 +337,15 @@ class MaskPainter(widgets.VBox):
 
 
 class InpaintPanel(_Panel):
-    """Paint a mask over the image, give a prompt, press Repaint: image, mask and result side by side,
-    and how many pixels outside the mask changed (none should)."""
+    """Paint a mask over the image (the one given, a gallery tile, or an upload), give a prompt, press
+    Repaint: image, mask and result side by side (the result in the gallery too), and how many pixels
+    outside the mask changed (none should)."""
 
-    def __init__(self, pipe, image, prompt: str = "", strength: float = 1.0, num_inference_steps: int = 25,
-                 seed: int = 0, zoom: int = 8, size: int = 128):
+    def __init__(self, pipe, image=None, prompt: str = "", strength: float = 1.0, num_inference_steps: int = 25,
+                 seed: int = 0, zoom: int = 8, size: int = 128, gallery=None):
         self.pipe, self.size = pipe, size
         self.side = native_size(pipe)
-        self.painter = MaskPainter(fit_image(image, self.side), zoom=zoom)
+        self.painter = MaskPainter(fit_image(gallery_image(image, gallery), self.side), zoom=zoom)
         self.result = None
         self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="50%"))
         self.strength = widgets.FloatSlider(value=strength, min=0.05, max=1.0, step=0.05, description="strength",
@@ -337,24 +362,32 @@ class InpaintPanel(_Panel):
         super().__init__([widgets.HBox([self.prompt, self.button]),
                           widgets.HBox([self.strength, self.steps, self.seed]),
                           widgets.HBox([self.painter, widgets.VBox([self.upload])]), row, self.status])
+        self._follow(gallery)
 
     @property
     def image(self):
         return self.painter.image
 
+    def set_image(self, image):
+        """A new image under the painted mask (the mask stays)."""
+        self.painter.set_image(fit_image(image, self.side))
+
     def _on_upload(self, change):
         data = uploaded(change["new"])
         if data is not None:
-            self.painter.set_image(fit_image(data, self.side))
+            self.set_image(data)
 
     def repaint(self):
         """Inpaint the painted region with the panel's prompt; returns the PIL result."""
         mask = self.painter.mask_image()
+        s, seed = float(self.strength.value), int(self.seed.value)
         self.result = self._call(prompt=self.prompt.value, image=self.image, mask_image=mask,
-                                 strength=float(self.strength.value), num_inference_steps=int(self.steps.value),
-                                 seed=int(self.seed.value))[0]
+                                 strength=s, num_inference_steps=int(self.steps.value), seed=seed)[0]
         for view, img in zip(self.views, [self.image, mask.convert("RGB"), self.result]):
             view.value = png(img, self.size)
+        if self.gallery is not None:
+            self.gallery.add(self.result, self.prompt.value, seed=seed, strength=s,
+                             mask=f"{int(self.painter.mask.sum())} px")
         changed, biggest = self.outside_change()
         kept = int((~self.painter.mask).sum())
         self.status.value = (f"outside the mask {changed} of {kept} pixels changed (largest difference "

@@ -153,3 +153,80 @@ def test_lora_scale_panel_sets_the_scale_and_redraws(pipe, tmp_path):
     finally:
         pipe.unload_lora_weights()
     assert np.abs(want - pipe(prompts, output_type="np", **kw)).max() > 1e-2   # the LoRA made a difference
+
+
+def test_gallery_tile_to_image_to_image_and_back_into_the_gallery(pipe):
+    from spark_lab.widgets import ImageGallery
+
+    g = ImageGallery(pipe, num_inference_steps=3, seed=4)
+    g.prompt.value = "a smiling sun"
+    g.button.click()                                                       # tile 0: text to image
+    g.seed.value = 5
+    g.generate("a cat")                                                    # tile 1
+    p = wi.ImageToImagePanel(pipe, gallery=g, prompt="a ghost", strength=0.6, num_inference_steps=5, seed=2)
+    assert p.image.tobytes() == g.images[1].tobytes()                      # none chosen yet: the newest tile
+    g.gallery.children[0].children[2].click()                              # tile 0's "use as init"
+    assert g.selected == 0 and "tile 0" in g.selection.value and p.image.tobytes() == g.images[0].tobytes()
+    assert g.gallery.children[0].layout.border != g.gallery.children[1].layout.border   # tile 0 is outlined
+    p.button.click()
+    want = pipe("a ghost", image=g.images[0], strength=0.6, num_inference_steps=5, seed=2, progress=False)[0]
+    assert len(g.images) == 3 and len(g.gallery.children) == 3
+    np.testing.assert_array_equal(np.asarray(g.images[2]), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(p.result), np.asarray(want))
+    assert g.captions == ["a smiling sun (seed 4)", "a cat (seed 5)", "a ghost (seed 2, strength 0.60)"]
+    assert "a ghost (seed 2, strength 0.60)" in g.gallery.children[2].children[1].value
+    g.gallery.children[2].children[2].click()                              # continue from the result's tile
+    assert p.image.tobytes() == want.tobytes()
+    # an uploaded picture becomes a tile and the init image
+    g._on_upload({"new": ({"name": "big.png", "content": memoryview(png_bytes(picture(24, 16, seed=3)))},)})
+    assert g.selected == 3 and g.captions[3] == "upload: big.png" and p.image.size == (8, 8)
+    with pytest.raises(ValueError, match="no tile 7"):
+        g.select(7)
+    with pytest.raises(ValueError, match="no init image"):
+        wi.ImageToImagePanel(pipe, gallery=ImageGallery(pipe))
+
+
+def test_gallery_tile_to_inpainting_and_back_into_the_gallery(pipe):
+    pytest.importorskip("ipycanvas")
+    from spark_lab.widgets import ImageGallery
+
+    g = ImageGallery(pipe, num_inference_steps=3, seed=6)
+    g.generate("a dog")
+    g.generate("a red apple")
+    p = wi.InpaintPanel(pipe, gallery=g, prompt="a rocket", num_inference_steps=4, seed=1)
+    p.painter.paint_rect(0, 0, 4, 8)                                       # the left half
+    g.select(0)                                                            # the mask stays, the image changes
+    assert p.image.tobytes() == g.images[0].tobytes() and p.painter.mask.sum() == 32
+    p.button.click()
+    want = pipe("a rocket", image=g.images[0], mask_image=p.painter.mask_image(), strength=1.0,
+                num_inference_steps=4, seed=1, progress=False)[0]
+    assert len(g.images) == 3
+    np.testing.assert_array_equal(np.asarray(g.images[2]), np.asarray(want))
+    assert p.outside_change() == (0, 0)
+    assert g.captions[2] == "a rocket (seed 1, strength 1.00, mask 32 px)"
+    # an uploaded mask works the same way
+    right = Image.new("L", (8, 8), 0)
+    right.paste(255, (4, 0, 8, 8))
+    p.painter._on_upload({"new": ({"name": "m.png", "content": memoryview(png_bytes(right))},)})
+    p.repaint()
+    want = pipe("a rocket", image=g.images[0], mask_image=right, strength=1.0, num_inference_steps=4, seed=1,
+                progress=False)[0]
+    np.testing.assert_array_equal(np.asarray(g.images[3]), np.asarray(want))
+
+
+def test_gallery_captions_name_a_loaded_lora(pipe, tmp_path):
+    from spark_lab.diffusion.lora_edit import style_lora
+    from spark_lab.widgets import ImageGallery
+
+    lora = style_lora(pipe, "fire", tmp_path / "fire.safetensors", captions=["a cat", "a dog", "a red apple"])
+    g = ImageGallery(pipe, num_inference_steps=2)
+    pipe.load_lora_weights(lora.path, scale=0.5, fuse=False)
+    try:
+        panel = wi.LoRAScalePanel(pipe, ["a cat"], num_inference_steps=2)
+        panel.slider.value = 1.25
+        g.generate("a cat")
+    finally:
+        pipe.unload_lora_weights()
+    g.generate("a cat")
+    assert g.captions == ["a cat (seed 0, LoRA fire 1.25)", "a cat (seed 0)"]
+    assert g.images[0].tobytes() != g.images[1].tobytes()
