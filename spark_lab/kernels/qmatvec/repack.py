@@ -12,6 +12,7 @@ from ...ggml_types import GGMLQuantizationType as QT
 
 from ...device import array_module
 from ...quants import BLOCK_SIZES, QuantTensor, _k_scale_min, release_raw
+from .repack_cache import CacheEntry
 
 FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K, QT.MXFP4)
 
@@ -282,10 +283,17 @@ def _repack(q, blocks, G, fast: bool = True):
 PREPARE_ROWS = 4096
 
 
-def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bool, ng_total: int | None = None):
+def _alloc(specs, cache: CacheEntry | None = None) -> list:
+    """Arrays of [(shape, dtype)]: in the cache entry's new file when there is one (and room), else memory."""
+    arrays = cache.alloc(specs) if cache is not None else None
+    return arrays if arrays is not None else [_empty(shape, dt) for shape, dt in specs]
+
+
+def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bool, ng_total: int | None = None,
+                 cache: CacheEntry | None = None):
     """Repack qt's rows PREPARE_ROWS at a time into dst[i][g0:g0 + its groups] (dst allocated
-    here when None, with ng_total groups, default its own); each step's raw pages are dropped
-    when `release`. -> (kind, dst)."""
+    here when None, with ng_total groups, default its own, in `cache`'s file when given); each
+    step's raw pages are dropped when `release`. -> (kind, dst)."""
     rows, cols = qt.shape
     bs, ts = BLOCK_SIZES[qt.qtype]
     raw = np.asarray(qt.data).reshape(rows, cols // bs, ts)
@@ -296,7 +304,7 @@ def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bo
     if direct:
         kind = "nib" if qt.qtype == QT.Q4_K else "q6_k"
         if dst is None:
-            dst = [_empty(shape, dt) for shape, dt in _k_shapes(qt.qtype, (ng_total or ng) * G, cols // bs, G)]
+            dst = _alloc(_k_shapes(qt.qtype, (ng_total or ng) * G, cols // bs, G), cache)
     for r0 in range(0, ng * G, step):
         r1 = min(r0 + step, ng * G)
         blocks = raw[r0:min(r1, rows)]
@@ -307,7 +315,7 @@ def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bo
                 blocks = np.concatenate([blocks, np.zeros((r1 - rows, *blocks.shape[1:]), np.uint8)])
             kind, arrays = _repack(qt.qtype, blocks, G)
             if dst is None:
-                dst = [_empty((ng_total or ng, *a.shape[1:]), a.dtype) for a in arrays]
+                dst = _alloc([((ng_total or ng, *a.shape[1:]), a.dtype) for a in arrays], cache)
             for d, a in zip(dst, arrays):
                 d[g0 + r0 // G:g0 + r1 // G] = a
         if release and qt.data.flags.c_contiguous:
@@ -328,7 +336,14 @@ def prepare(qt: QuantTensor, G: int | None = None, release: bool = True, what: s
         return None
     rows, cols = qt.shape
     G = G or _choose_group(rows)
-    kind, arrays = _repack_into(qt, G, None, 0, release)
+    cache = CacheEntry.of([qt], G)                                         # a big GGUF: the copy on disk
+    hit = cache.load() if cache is not None else None
+    if hit is not None:
+        kind, arrays = hit
+    else:
+        kind, arrays = _repack_into(qt, G, None, 0, release, cache=cache)
+        if cache is not None:
+            cache.commit(kind)
     qt.packed = Packed(kind, rows, cols, G, _place(tuple(arrays), what))
     if release:
         release_raw(qt)
@@ -352,10 +367,17 @@ def prepare_stack(qts, release: bool = True, what: str = "") -> tuple | None:
     if any(q.shape[0] % G for q in qts):                                   # padding rows would sit between the parts
         return None
     ng = [q.shape[0] // G for q in qts]
-    dst, g0 = None, 0                                                      # allocated whole by the first part
-    for q, n in zip(qts, ng):
-        kind, dst = _repack_into(q, G, dst, g0, release, ng_total=sum(ng))
-        g0 += n
+    cache = CacheEntry.of(qts, G)
+    hit = cache.load() if cache is not None else None
+    if hit is not None:
+        kind, dst = hit
+    else:
+        dst, g0 = None, 0                                                  # allocated whole by the first part
+        for q, n in zip(qts, ng):
+            kind, dst = _repack_into(q, G, dst, g0, release, ng_total=sum(ng), cache=cache)
+            g0 += n
+        if cache is not None:
+            cache.commit(kind)
     stacked = _place(tuple(dst), what)
     g0 = 0
     for q, n in zip(qts, ng):
