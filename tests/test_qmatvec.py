@@ -260,11 +260,11 @@ def test_gemm_that_does_not_compile_falls_back_to_tiles(monkeypatch):
 
     def broken(*args):
         raise NumbaError("no vector ops here")
-    kernels["m_nib"] = broken
+    kernels["m_q4_k"] = broken                                         # Q4_K's own layout and GEMM
     monkeypatch.setattr(qm, "_JIT", kernels)
-    with pytest.warns(RuntimeWarning, match="nib GEMM does not compile here"):
+    with pytest.warns(RuntimeWarning, match="q4_k GEMM does not compile here"):
         y = qm.qmatmul(x, qt)
-    assert kernels["m_nib"] is None and close(y, qm.reference(x, qt), rtol=1e-5)
+    assert kernels["m_q4_k"] is None and close(y, qm.reference(x, qt), rtol=1e-5)
     assert qm.qgemm(x, qt) is None and np.array_equal(qm.qmatmul(x, qt), y)
 
 

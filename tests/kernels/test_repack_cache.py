@@ -150,7 +150,7 @@ def test_llm_tokens_equal_with_the_cache(tmp_path, cache_on, monkeypatch):
     assert first.token_ids == second.token_ids == want.token_ids and len(want.token_ids) == 8
 
 
-def test_prune_drops_stale_entries_and_dead_temporaries(tmp_path, cache_on):
+def test_prune_drops_stale_entries_and_dead_temporaries(tmp_path, cache_on, monkeypatch):
     (a,), _ = _file_weights(tmp_path, [(QT.Q8_0, 64, 256)], name="a.bin")
     (b,), _ = _file_weights(tmp_path, [(QT.Q8_0, 64, 256)], name="b.bin")
     qm.prepare(a)
@@ -164,3 +164,5 @@ def test_prune_drops_stale_entries_and_dead_temporaries(tmp_path, cache_on):
     assert repack_cache.prune(cache_on) == 3
     assert len(_entries(cache_on)) == 1 and mine.exists() and not dead.exists()
     assert len(list(cache_on.glob("*.bin"))) == 1
+    monkeypatch.setattr(repack_cache, "LAYOUT", repack_cache.LAYOUT + 1)  # the kernels' layout moved on
+    assert repack_cache.prune(cache_on) == 2 and _entries(cache_on) == []

@@ -32,8 +32,11 @@ bytes, one per row. The inner loop then runs across rows (SIMD lanes) instead of
 row, which needs no horizontal sum and no float reassociation: the kernels compile with
 fastmath=False and every row's sum is taken in a fixed order.
 
-    nibble types (Q4_0, Q4_1, Q4_K): qs u8 [ng, nb, 16, G], d, m [ng, nb, G]
-        value = d * q + m per 32-value block (Q4_0: m = -8 d; Q4_K: one block per sub-block)
+    nibble types (Q4_0, Q4_1): qs u8 [ng, nb, 16, G], d, m [ng, nb, G]
+        value = d * q + m per 32-value block (Q4_0: m = -8 d)
+    Q4_K: qs as the nibble types (one block per 32-value sub-block), sc, mn u8 [ng, nb, G] (the 6-bit
+        scales and mins), dd, dmn f32 [ng, nb/8, G] (d, -dmin per super-block); the kernels form
+        d = dd * sc, m = dmn * mn per sub-block (kernels._q4_k_scales) and run the nibble dot
     Q5_0: qs u8 [ng, nb, 16, G], qh u8 [ng, nb, 4, G] (bit j = high bit of value j), d [ng, nb, G]
     Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
     Q6_K: qs u8 [ng, nb, 16, G] low nibbles, qh u8 [ng, nb, 8, G] 2-bit highs, s f32 [ng, nb, 2, G]
@@ -43,8 +46,10 @@ fastmath=False and every row's sum is taken in a fixed order.
 Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
 (the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales that GGML stores as
 float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
-so Q4_1, Q5_0, Q8_0 and MXFP4 repack to exactly their raw size, Q4_0 to 1.11x; the K-quants' scale
-products d * sc become float32 (Q4_K 1.33x, Q6_K 1.2x). See `Packed.nbytes`.
+so Q4_1, Q5_0, Q8_0 and MXFP4 repack to exactly their raw size, Q4_0 to 1.11x, Q4_K to 1.06x
+(its scales as bytes: decode streams these arrays, and with float32 products per sub-block, 1.33x,
+an 8B model's decode was bound by the extra bytes); Q6_K's scale products d * sc are float32 (1.2x).
+See `Packed.nbytes`.
 
 Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0, MXFP4; llama.cpp's Q8 idea). A decode step is a race
 through ~100 MB of weights, and the float kernel above was compute-bound on unpacking nibbles
@@ -117,6 +122,7 @@ def _jit():
         q8.quantize_x = kernels.quantize_x = quantize_x = numba.njit(**helpers)(py(q8.quantize_x))
         kernels._block_sums = numba.njit(**helpers)(py(kernels._block_sums))
         kernels._store = numba.njit(**helpers)(py(kernels._store))
+        kernels._q4_k_scales = numba.njit(**helpers)(py(kernels._q4_k_scales))
         # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
         # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box
         _JIT = {name: numba.njit(**dict(opts, parallel=not name.startswith("t_")))(f)
@@ -285,7 +291,7 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
     return o2.reshape(want) if out is None else out
 
 
-GEMM_KINDS = ("nib", "q8_0")   # Packed kinds with an int8 GEMM (`qgemm`)
+GEMM_KINDS = ("nib", "q4_k", "q8_0")   # Packed kinds with an int8 GEMM (`qgemm`)
 
 
 def row_exact(qt: QuantTensor) -> bool:

@@ -62,19 +62,6 @@ def _pair_nibbles(codes):
     return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
 
 
-def _unpack_q4_k(blocks):
-    """blocks u8 [rows, ns, 144] -> codes [rows, ns*8, 32], d [rows, ns*8], m [rows, ns*8]."""
-    rows, ns, _ = blocks.shape
-    b = blocks.reshape(rows * ns, 144)
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16], np)
-    qs = b[:, 16:].reshape(-1, 4, 1, 32)
-    codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(rows, ns * 8, 32)
-    d32 = (d[:, None] * sc.astype(np.float32)).reshape(rows, ns * 8)
-    m32 = -(dmin[:, None] * mn.astype(np.float32)).reshape(rows, ns * 8)
-    return codes, d32, m32
-
-
 def _unpack_q6_k(blocks):
     """blocks u8 [rows, ns, 210] -> codes 0..63 [rows, ns*8, 32], scales d*sc [rows, ns*8, 2]."""
     rows, ns, _ = blocks.shape
@@ -132,28 +119,29 @@ def _w16(u, e):
     return np.uint32(u[e]) | (np.uint32(u[e + 1]) << np.uint32(16))
 
 
-def _pack_q4_k(raw, f16, qs, d, m):
+def _pack_q4_k(raw, f16, qs, sc, mn, dd, dmn):
     """raw u32 [n, ns*36] rows of Q4_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (word w of a
-    32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), d, m f32 [ng, ns*8, G]
-    (d*sc, -(dmin*mn)). f16: f32 [65536], every float16 bit pattern widened as NumPy does."""
+    32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), sc, mn u8 [ng, ns*8, G]
+    (the 6-bit scales and mins), dd, dmn f32 [ng, ns, G] (d and -dmin of each super-block: the
+    kernels form d*sc and -dmin*mn, the float products `quants.dequantize` makes). f16: f32 [65536],
+    every float16 bit pattern widened as NumPy does."""
     n, ns = raw.shape[0], raw.shape[1] // 36
     ng, G = qs.shape[0], qs.shape[3]
-    mu = m.view(np.uint32)                           # -x as a sign flip: LLVM may fold a float negation
+    mu = dmn.view(np.uint32)                         # -x as a sign flip: LLVM may fold a float negation
     zero = np.zeros(raw.shape[1], np.uint32)         # into the product, which keeps a NaN's sign
     for g in prange(ng):
         for s in range(ns):
             o, b8 = 36 * s, 8 * s
             for l in range(G):
                 b = raw[g * G + l] if g * G + l < n else zero
-                dd, dm = f16[b[o] & 0xFFFF], f16[b[o] >> 16]
+                dd[g, s, l], dmn[g, s, l] = f16[b[o] & 0xFFFF], f16[b[o] >> 16]
+                mu[g, s, l] ^= np.uint32(0x80000000)
                 for k in range(4):                   # 6-bit scales and mins (quants._k_scale_min)
                     a, bb, c = (b[o + 1] >> 8 * k) & 255, (b[o + 2] >> 8 * k) & 255, (b[o + 3] >> 8 * k) & 255
-                    d[g, b8 + k, l] = dd * np.float32(a & 63)
-                    m[g, b8 + k, l] = dm * np.float32(bb & 63)
-                    d[g, b8 + 4 + k, l] = dd * np.float32((c & 15) | ((a >> 2) & 48))
-                    m[g, b8 + 4 + k, l] = dm * np.float32((c >> 4) | ((bb >> 2) & 48))
-                for k in range(8):
-                    mu[g, b8 + k, l] ^= np.uint32(0x80000000)
+                    sc[g, b8 + k, l] = a & 63
+                    mn[g, b8 + k, l] = bb & 63
+                    sc[g, b8 + 4 + k, l] = (c & 15) | ((a >> 2) & 48)
+                    mn[g, b8 + 4 + k, l] = (c >> 4) | ((bb >> 2) & 48)
                 for p in range(4):                   # 32 code bytes: sub-block 2p in the low nibbles, 2p+1 high
                     for w in range(4):
                         x, y = b[o + 4 + 8 * p + w], b[o + 8 + 8 * p + w]
@@ -226,7 +214,8 @@ def _k_shapes(q, rows: int, ns: int, G: int):
     """The repacked arrays' (shape, dtype) for `rows` rows of ns super-blocks (rows a multiple of G)."""
     ng, nb = rows // G, ns * 8
     if q == QT.Q4_K:
-        return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.float32), ((ng, nb, G), np.float32)]
+        return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.uint8), ((ng, nb, G), np.uint8),
+                ((ng, ns, G), np.float32), ((ng, ns, G), np.float32)]
     return [((ng, nb, 16, G), np.uint8), ((ng, nb, 8, G), np.uint8), ((ng, nb, 2, G), np.float32)]
 
 
@@ -238,8 +227,8 @@ def _pack_k(q, raw, out) -> None:
         raw = np.array(raw)
     raw = raw.view(np.uint32 if word == 4 else np.uint16)
     if q == QT.Q4_K:
-        qs, d, m = out
-        k["q4_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), d, m)
+        qs, sc, mn, dd, dmn = out
+        k["q4_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), sc, mn, dd, dmn)
     else:
         k["q6_k"](raw, _F16, *out)
 
@@ -249,7 +238,7 @@ def _repack_k(q, blocks, G):
     rows, ns, ts = blocks.shape
     out = [np.empty(shape, dt) for shape, dt in _k_shapes(q, rows, ns, G)]
     _pack_k(q, blocks.reshape(rows, ns * ts), out)
-    return ("nib" if q == QT.Q4_K else "q6_k"), tuple(out)
+    return ("q4_k" if q == QT.Q4_K else "q6_k"), tuple(out)
 
 
 def _repack(q, blocks, G, fast: bool = True):
@@ -262,9 +251,16 @@ def _repack(q, blocks, G, fast: bool = True):
         return "nib", (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G))
     if q == QT.MXFP4:                                                      # the E8M0 byte stays a byte
         return "mxfp4", (_words(blocks[..., 1:], G), _lanes(np.ascontiguousarray(blocks[..., 0]), G))
-    if q == QT.Q4_K:
-        codes, d, m = _unpack_q4_k(blocks)
-        return "nib", (_words(_pair_nibbles(codes), G), _lanes(d, G), _lanes(m, G))
+    if q == QT.Q4_K:                                                      # scales stay bytes (_pack_q4_k)
+        rows, ns, _ = blocks.shape
+        b = blocks.reshape(rows * ns, 144)
+        sc, mn = _k_scale_min(b[:, 4:16], np)                              # [rows*ns, 8] each
+        d = _f16(b[:, 0:2]).reshape(rows, ns)
+        dmn = (_f16(b[:, 2:4]).view(np.uint32) ^ np.uint32(0x80000000)).view(np.float32).reshape(rows, ns)
+        qs = b[:, 16:].reshape(-1, 4, 1, 32)
+        codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(rows, ns * 8, 32)
+        return "q4_k", (_words(_pair_nibbles(codes), G), _lanes(sc.reshape(rows, ns * 8), G),
+                        _lanes(mn.reshape(rows, ns * 8), G), _lanes(d, G), _lanes(dmn, G))
     if q == QT.Q5_0:
         return "q5_0", (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G))
     if q == QT.Q8_0:
@@ -302,7 +298,7 @@ def _repack_into(qt: QuantTensor, G: int, dst: list | None, g0: int, release: bo
     kind = None
     direct = qt.qtype in (QT.Q4_K, QT.Q6_K) and _shuffles()              # the kernels write dst in place
     if direct:
-        kind = "nib" if qt.qtype == QT.Q4_K else "q6_k"
+        kind = "q4_k" if qt.qtype == QT.Q4_K else "q6_k"
         if dst is None:
             dst = _alloc(_k_shapes(qt.qtype, (ng_total or ng) * G, cols // bs, G), cache)
     for r0 in range(0, ng * G, step):

@@ -20,8 +20,9 @@ Its .json sidecar is renamed into place last, after the arrays: a half-written e
 process) is never read. SPARK_LAB_REPACK_CACHE=0 turns the cache off; =1 uses it for any file
 size (tests); unset: files of MIN_FILE_BYTES or more. Without room on disk (what the entry needs
 plus MIN_FREE_BYTES) the arrays go to memory as before. The first entry a process looks up
-sweeps the folder once: entries whose GGUF is gone or changed since, and temporary files of
-processes that no longer run, are deleted (`prune`); `rm -rf ~/.cache/spark_lab/repacked` is safe.
+sweeps the folder once: entries whose GGUF is gone or changed since or whose LAYOUT is not this
+one, and temporary files of processes that no longer run, are deleted (`prune`);
+`rm -rf ~/.cache/spark_lab/repacked` is safe.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-LAYOUT = 1                     # repack.py's array layouts; a change makes every old entry a miss
+LAYOUT = 2                     # repack.py's array layouts; a change makes every old entry a miss
 MIN_FILE_BYTES = 1 << 30       # GGUFs this big or bigger keep their repacked copy on disk
 MIN_FREE_BYTES = 2 << 30       # leave this much disk free
 ALIGN = 4096                   # each array starts on a page
@@ -159,6 +160,8 @@ class CacheEntry:
 
 
 def _stale(key: dict) -> bool:
+    if key.get("layout") != LAYOUT:                            # made by another version of the kernels
+        return True
     try:
         st = os.stat(key["file"])
     except OSError:
@@ -177,8 +180,8 @@ def _alive(pid: int) -> bool:
 
 
 def prune(root: Path | None = None) -> int:
-    """Delete entries whose GGUF is gone or changed, temporary files of dead processes and files
-    orphaned an hour ago or more -> how many files were deleted."""
+    """Delete entries whose GGUF is gone or changed or whose layout is another version's, temporary
+    files of dead processes and files orphaned an hour ago or more -> how many files were deleted."""
     global _PRUNED
     _PRUNED = True
     root = cache_root() if root is None else root
