@@ -181,22 +181,22 @@ def _m_q4_k(qs, sc, mn, dd, dmn, x, out):
     full = n - n % TOKENS
     for g in prange(ng):
         acc = np.empty((TOKENS, G), np.float32)
-        dv = np.empty(G, np.float32)
-        mv = np.empty(G, np.float32)
+        dv = np.empty((nb, G), np.float32)       # the group's scale products, formed once for all its tokens
+        mv = np.empty((nb, G), np.float32)
+        for b in range(nb):
+            _q4_k_scales(sc, mn, dd, dmn, g, b, dv[b], mv[b])
         for i0 in range(0, full, TOKENS):
             acc[:] = 0.0
             for b in range(nb):
-                _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv)
                 for l0 in range(0, G, LANES):
-                    vdot8_nib_t(qs[g, b], G, l0, mv, dv, xq, i0 * cols + b * 32, xqs, dx, i0 * nb + b, cols, nb, acc)
+                    vdot8_nib_t(qs[g, b], G, l0, mv[b], dv[b], xq, i0 * cols + b * 32, xqs, dx, i0 * nb + b, cols, nb, acc)
             for u in range(TOKENS):
                 _store(out, i0 + u, g * G, acc[u])
         for i in range(full, n):
             acc[0, :] = 0.0
             for b in range(nb):
-                _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv)
                 for l0 in range(0, G, LANES):
-                    vdot8_nib(qs[g, b], G, l0, mv, xq[i], b * 32, dv, xqs[i, b], dx[i, b], acc[0])
+                    vdot8_nib(qs[g, b], G, l0, mv[b], xq[i], b * 32, dv[b], xqs[i, b], dx[i, b], acc[0])
             _store(out, i, g * G, acc[0])
 
 

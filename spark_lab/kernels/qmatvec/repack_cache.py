@@ -71,7 +71,7 @@ class CacheEntry:
 
     def __init__(self, path: Path, key: dict):
         self.path, self.key = path, key
-        self._tmp = self._arrays = self._specs = None
+        self._tmp = self._specs = None        # the file being written and its layout (alloc -> commit)
 
     @classmethod
     def of(cls, qts, G: int) -> "CacheEntry | None":
@@ -136,9 +136,7 @@ class CacheEntry:
         except OSError:
             return None
         self._tmp, self._specs = tmp, dict(bytes=total, arrays=layout)
-        self._arrays = [np.frombuffer(mm, np.dtype(dt), int(np.prod(shape)), o).reshape(shape)
-                        for o, shape, dt in layout]
-        return self._arrays
+        return [np.frombuffer(mm, np.dtype(dt), int(np.prod(shape)), o).reshape(shape) for o, shape, dt in layout]
 
     def commit(self, kind: str) -> None:
         """The arrays are complete: move the file into place, then its sidecar (the entry exists)."""
