@@ -13,7 +13,7 @@ from .q8 import quantize_row, quantize_x, x_buffers
 from .simd import LANES, TOKENS
 
 prange = range        # replaced by numba.prange when the kernels are compiled
-vdot8_nib = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
+vdot8_nib = vdot8_q4_k = q4_k_scales = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
 deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = deq_mxfp4 = None
 
 
@@ -61,9 +61,8 @@ def _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv):
     `quants.dequantize`, formed here from the bytes (the repacked copy keeps 0.59 bytes per weight
     instead of 0.75 with two float32 per 32 values)."""
     s = b // 8
-    for l in range(dv.shape[0]):
-        dv[l] = dd[g, s, l] * np.float32(sc[g, b, l])
-        mv[l] = dmn[g, s, l] * np.float32(mn[g, b, l])
+    for l0 in range(0, dv.shape[0], LANES):
+        q4_k_scales(sc[g, b], mn[g, b], dd[g, s], dmn[g, s], l0, dv, mv)
 
 
 def _k_q4_k(qs, sc, mn, dd, dmn, x, out):
@@ -72,14 +71,12 @@ def _k_q4_k(qs, sc, mn, dd, dmn, x, out):
     xq, dx, xqs = quantize_x(x)
     for g in prange(ng):
         acc = np.empty((x.shape[0], G), np.float32)
-        dv = np.empty(G, np.float32)
-        mv = np.empty(G, np.float32)
         acc[:] = 0.0
         for b in range(nb):
-            _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv)
             for i in range(x.shape[0]):
                 for l0 in range(0, G, LANES):
-                    vdot8_nib(qs[g, b], G, l0, mv, xq[i], b * 32, dv, xqs[i, b], dx[i, b], acc[i])
+                    vdot8_q4_k(qs[g, b], G, l0, sc[g, b], mn[g, b], dd[g, b // 8], dmn[g, b // 8], xq[i], b * 32,
+                               xqs[i, b], dx[i, b], acc[i])
         for i in range(x.shape[0]):
             _store(out, i, g * G, acc[i])
 

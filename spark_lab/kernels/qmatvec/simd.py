@@ -154,6 +154,29 @@ def intrinsics():
     def isum(k, chains):
         return k.b.add(k.b.add(chains[0], chains[1]), k.b.add(chains[2], chains[3]))
 
+    def nib_dot(k, G_, l0_, xq, xoff_, xqs_, dx_, d_, m_, acc, acc_off):
+        """acc[acc_off:+16] += dx * (d * sum_j (lo_j xq_j + hi_j xq_16+j) + m * xqs): lanes l0..l0+15
+        of the nibble block k.ptr[0]; xq, acc: argument numbers; d_, m_ <16 x float> scales."""
+        b = k.b
+        low = const(0x0F0F0F0F)
+        ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+        for t in range(4):                                       # dword t: values 4t..4t+3 and 16+4t..16+4t+3
+            w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+            lo, hi = b.and_(w, low), b.and_(b.lshr(w, const(4)), low)
+            ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+            ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+        s = b.sitofp(isum(k, ch), fv)
+        inner = b.call(k.fma, [m_, k.splat(b.sitofp(xqs_, ir.FloatType())), b.fmul(d_, s)])
+        k.update(acc, acc_off, b.fmul(k.splat(dx_), inner))
+
+    def q4_k_scales16(k, sc, mn, dd, dmn, l0_):
+        """<16 x float> d * sc and dmin-products * mn of lanes l0..l0+15 (arguments sc, mn: u8 [G]
+        of a sub-block; dd, dmn: f32 [G] of its super-block): the float32 products of
+        `quants.dequantize`, one vector multiply each."""
+        b = k.b
+        return (b.fmul(k.floats16(dd, l0_), b.uitofp(k.bytes16(k.ptr[sc], l0_), fv)),
+                b.fmul(k.floats16(dmn, l0_), b.uitofp(k.bytes16(k.ptr[mn], l0_), fv)))
+
     # args: q [words, G, 4] bytes, G, l0, (extra arrays...), xq int8 [cols], xoff, ..., acc [G]
     @intrinsic
     def vdot8_nib(typingctx, q, G, l0, m, xq, xoff, d, xqs, dx, acc):
@@ -162,18 +185,35 @@ def intrinsics():
 
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
-            G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[5], args[7], args[8]
-            low = const(0x0F0F0F0F)
-            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
-            for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
-                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
-                ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-                ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[4], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
-            d_, m_ = k.floats16(6, l0_), k.floats16(3, l0_)
-            s = builder.sitofp(isum(k, ch), fv)
-            inner = builder.call(k.fma, [m_, k.splat(builder.sitofp(xqs_, ir.FloatType())), builder.fmul(d_, s)])
-            k.update(9, l0_, builder.fmul(k.splat(dx_), inner))
+            l0_ = args[2]
+            nib_dot(k, args[1], l0_, 4, args[5], args[7], args[8], k.floats16(6, l0_), k.floats16(3, l0_), 9, l0_)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def vdot8_q4_k(typingctx, q, G, l0, sc, mn, dd, dmn, xq, xoff, xqs, dx, acc):
+        """vdot8_nib with Q4_K's scales formed from their bytes in registers (d * sc, dmin-products * mn
+        of 16 lanes): a decode step reads the 6-bit scales once and writes no scratch."""
+        sig = types.void(q, G, l0, sc, mn, dd, dmn, xq, xoff, xqs, dx, acc)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            l0_ = args[2]
+            d_, m_ = q4_k_scales16(k, 3, 4, 5, 6, l0_)
+            nib_dot(k, args[1], l0_, 7, args[8], args[9], args[10], d_, m_, 11, l0_)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def q4_k_scales(typingctx, sc, mn, dd, dmn, l0, dv, mv):
+        """dv[l0:+16], mv[l0:+16] = d * sc, dmin-products * mn (the scratch of the GEMM and tiles)."""
+        sig = types.void(sc, mn, dd, dmn, l0, dv, mv)
+
+        def codegen(context, builder, sg, args):
+            k = Block(context, builder, sg, args)
+            l0_ = args[4]
+            for i, v in zip((5, 6), q4_k_scales16(k, 0, 1, 2, 3, l0_)):
+                builder.store(v, builder.bitcast(k.at(k.ptr[i], l0_), fv.as_pointer()), align=1)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -495,6 +535,6 @@ def intrinsics():
 
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
     return {"vdot8_nib_t": vdot8_nib_tokens(TOKENS), "vdot8_q8_0_t": vdot8_q8_0_tokens(TOKENS),
-            "vdot8_nib": vdot8_nib, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
+            "vdot8_nib": vdot8_nib, "vdot8_q4_k": vdot8_q4_k, "q4_k_scales": q4_k_scales, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
             "vdot8_mxfp4": vdot8_mxfp4, "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0,
             "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k, "deq_mxfp4": deq_mxfp4}
