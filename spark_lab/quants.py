@@ -24,7 +24,7 @@ QK_K = 256  # super-block size of the K-quants
 # qtype -> (values per block, bytes per block)
 # Types whose products see x rounded to int8 per 32-value block (llama.cpp's Q8 activations): the
 # CPU kernels' dots (kernels.qmatvec) and, so that both give the same tokens, the GPU's products.
-INT8_X_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0, QT.MXFP4)
+INT8_X_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.MXFP4)
 
 BLOCK_SIZES: dict[QT, tuple[int, int]] = {
     QT.F32: (1, 4),

@@ -61,7 +61,7 @@ def test_step_on_the_shipped_models(name):
     # The step's RMSNorm sums in another order (1e-7); where a product rounds x to int8 blocks, that
     # now and then moves a value across a rounding boundary (1/127 of its block's max), and 30
     # layers carry it to ~0.7 of a logit: the size of llama.cpp's own distance from float32 x
-    # (test_llamacpp_parity: within 1.0). Gemma 3's Q5_0/Q6_K products stay float, but its
+    # (test_llamacpp_parity: within 1.0). Gemma 3's Q5_0 products stay float, but its
     # activations (10^4 and more before its norms) amplify the sum order alone to ~0.2.
     got, ref = step_and_reference(llm.model, ids, 128, cache_rtol=0.1)
     assert got.argmax() == ref.argmax()

@@ -11,8 +11,8 @@ weight dword is loaded and unpacked once per 8 tokens (`simd.vdot8_*_tokens`). P
 operations are those of the one-token dot, so row i is bit-identical to qmatvec(x[i]) for any n
 and any batch-mates (batched decode relies on it); `qmatvec` uses it for n >= TOKENS. Measured on
 one 8B layer's matrices, 512 tokens, 2 threads (benchmarks/qgemm.py, load average ~13): Q4_K
-45-48 GFLOP/s vs 13-22 for tiles + BLAS (2.2-3.4x), Q8_0 56 vs 17. Q6_K and Q5_0 (float decode
-kernels) and MXFP4 keep the tiles + BLAS below.
+45-48 GFLOP/s vs 13-22 for tiles + BLAS (2.2-3.4x), Q8_0 56 vs 17. Q6_K, Q5_0 and MXFP4 keep the
+tiles + BLAS below (a batched decode step runs their one-token dot per row).
 
 Prefill of the other types. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
 beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
@@ -36,11 +36,12 @@ fastmath=False and every row's sum is taken in a fixed order.
         value = d * q + m per 32-value block (Q4_0: m = -8 d)
     Q4_K: qs as the nibble types (one block per 32-value sub-block), sc, mn u8 [ng, nb, G] (the 6-bit
         scales and mins), dd, dmn f32 [ng, nb/8, G] (d, -dmin per super-block); the kernels form
-        d = dd * sc, m = dmn * mn per sub-block (kernels._q4_k_scales) and run the nibble dot
+        d = dd * sc, m = dmn * mn per sub-block in registers (simd.vdot8_q4_k) and run the nibble dot
     Q5_0: qs u8 [ng, nb, 16, G], qh u8 [ng, nb, 4, G] (bit j = high bit of value j), d [ng, nb, G]
     Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
-    Q6_K: qs u8 [ng, nb, 16, G] low nibbles, qh u8 [ng, nb, 8, G] 2-bit highs, s f32 [ng, nb, 2, G]
-        (one scale per 16 values: values 0..15 and 16..31 of each 32-block)
+    Q6_K: qs u8 [ng, nb, 4, G, 4] low nibbles (the Q4_K dwords), qh u8 [ng, nb, 2, G, 4] 2-bit highs
+        (dwords that a shift lines up with the nibble words), sc i8 [ng, nb, 2, G] (one scale per 16
+        values: values 0..15 and 16..31 of each 32-block), dd f32 [ng, nb/8, G]: s = dd * sc
     MXFP4: qs u8 [ng, nb, 4, G, 4] E2M1 codes (nibble layout, dwords), e u8 [ng, nb, G] E8M0 scales
 
 Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
@@ -48,10 +49,10 @@ Byte j of a 32-value block holds value j in its low nibble and value j + 16 in i
 float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
 so Q4_1, Q5_0, Q8_0 and MXFP4 repack to exactly their raw size, Q4_0 to 1.11x, Q4_K to 1.06x
 (its scales as bytes: decode streams these arrays, and with float32 products per sub-block, 1.33x,
-an 8B model's decode was bound by the extra bytes); Q6_K's scale products d * sc are float32 (1.2x).
+an 8B model's decode was bound by the extra bytes), Q6_K to 1.01x (the same treatment).
 See `Packed.nbytes`.
 
-Int8 activations (Q4_0, Q4_1, Q4_K, Q8_0, MXFP4; llama.cpp's Q8 idea). A decode step is a race
+Int8 activations (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, MXFP4; llama.cpp's Q8 idea). A decode step is a race
 through ~100 MB of weights, and the float kernel above was compute-bound on unpacking nibbles
 to floats (~4.6 GB/s). So for these types x is quantized per 32-value block to int8 (scale
 dx = max|x| / 127, `quantize_x`), the weight bytes are stored as dwords of 4 consecutive values
@@ -61,7 +62,9 @@ sums are exact integers; only the per-block scaling rounds. The result is dequan
 (`reference`, to ~1e-7), ~5e-3 from the float32 product, as in llama.cpp; prefill rounds x the
 same way. MXFP4's E2M1 values doubled are integers (0, 1, 2, 3, 4, 6, 8, 12 and negatives):
 its codes become 12 + that integer in registers (a few byte ops), dotted as unsigned bytes, and
-12 sum(xq) and the halved scale 2^(e-128) are applied per block. Q5_0 and Q6_K keep the float kernels (float32 sums in a fixed order, ~1e-6 of
+12 sum(xq) and the halved scale 2^(e-128) are applied per block. Q6_K's 6-bit codes are put
+together from a nibble dword and a shifted high-bits dword (u8 0..63), each 16-value half summed
+on its own chain, 32 times the half's int8 sum of x taken off. Q5_0 keeps the float kernel (float32 sums in a fixed order, ~1e-6 of
 `quant_matmul`). With a 2 KB software prefetch the int8 kernels stream ~8-10 GB/s on one core
 here, the rate of a plain read loop.
 
@@ -122,6 +125,7 @@ def _jit():
         q8.quantize_x = kernels.quantize_x = quantize_x = numba.njit(**helpers)(py(q8.quantize_x))
         kernels._block_sums = numba.njit(**helpers)(py(kernels._block_sums))
         kernels._store = numba.njit(**helpers)(py(kernels._store))
+        kernels._half_sums = numba.njit(**helpers)(py(kernels._half_sums))
         kernels._q4_k_scales = numba.njit(**helpers)(py(kernels._q4_k_scales))
         # the tile dequantizers run on the calling thread: BLAS's threads do the prefill's parallel
         # part, and two thread pools handing the cores to each other were 2-5x slower on a busy box

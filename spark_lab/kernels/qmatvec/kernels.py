@@ -13,7 +13,7 @@ from .q8 import quantize_row, quantize_x, x_buffers
 from .simd import LANES, TOKENS
 
 prange = range        # replaced by numba.prange when the kernels are compiled
-vdot8_nib = vdot8_q4_k = q4_k_scales = vdot_q5_0 = vdot8_q8_0 = vdot_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
+vdot8_nib = vdot8_q4_k = q4_k_scales = vdot_q5_0 = vdot8_q8_0 = vdot8_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
 deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = deq_mxfp4 = None
 
 
@@ -123,18 +123,35 @@ def _k_q8_0(qs, d, x, out):
             _store(out, i, g * G, acc)
 
 
-def _k_q6_k(qs, qh, s, x, out):
-    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s [ng, nb, 2, G]."""
-    ng, nb, _, G = qs.shape
-    xs = _block_sums(x, 16)                                                # [n, 2 * nb] half-block sums
+def _half_sums(xq):
+    """xq int8 [n, cols] -> int32 [n, cols // 16]: the sums of each 16 values (Q6_K's scale halves)."""
+    n, cols = xq.shape
+    xh = np.empty((n, cols // 16), np.int32)
+    for i in range(n):
+        for h in range(cols // 16):
+            t = 0
+            for j in range(16):
+                t += xq[i, 16 * h + j]
+            xh[i, h] = t
+    return xh
+
+
+def _k_q6_k(qs, qh, sc, dd, x, out):
+    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd f32 [ng, nb/8, G];
+    x quantized here (int8 per 32 values, as for Q4_K: llama.cpp's Q8_K activations do the same)."""
+    ng, nb, _, G, _ = qs.shape
+    xq, dx, xqs = quantize_x(x)
+    xh = _half_sums(xq)
     for g in prange(ng):
-        acc = np.empty(G, np.float32)
-        for i in range(x.shape[0]):
-            acc[:] = 0.0
-            for b in range(nb):
+        acc = np.empty((x.shape[0], G), np.float32)
+        acc[:] = 0.0
+        for b in range(nb):
+            for i in range(x.shape[0]):
                 for l0 in range(0, G, LANES):
-                    vdot_q6_k(qs[g, b], G, l0, qh[g, b], x[i], b * 32, s[g, b], xs[i, 2 * b], xs[i, 2 * b + 1], acc)
-            _store(out, i, g * G, acc)
+                    vdot8_q6_k(qs[g, b], G, l0, qh[g, b], sc[g, b], dd[g, b // 8], xq[i], b * 32,
+                               xh[i, 2 * b], xh[i, 2 * b + 1], dx[i, b], acc[i])
+        for i in range(x.shape[0]):
+            _store(out, i, g * G, acc[i])
 
 
 # ---------------------------------------------------------------------------- int8 GEMM (prefill, batches)
@@ -287,14 +304,14 @@ def _t_q8_0(qs, d, g0, g1, tile):
                 deq_q8_0(qs[g, b], G, l0, d[g, b], tile, b * 32, (g - g0) * G + l0, nc)
 
 
-def _t_q6_k(qs, qh, s, g0, g1, tile):
-    """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 8, G]; s f32 [ng, nb, 2, G]."""
-    _, nb, _, G = qs.shape
+def _t_q6_k(qs, qh, sc, dd, g0, g1, tile):
+    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd f32 [ng, nb/8, G]."""
+    _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):
         for b in range(nb):
             for l0 in range(0, G, LANES):
-                deq_q6_k(qs[g, b], G, l0, qh[g, b], s[g, b], tile, b * 32, (g - g0) * G + l0, nc)
+                deq_q6_k(qs[g, b], G, l0, qh[g, b], sc[g, b], dd[g, b // 8], tile, b * 32, (g - g0) * G + l0, nc)
 
 
 SOURCES = {"m_nib": _m_nib, "m_q4_k": _m_q4_k, "m_q8_0": _m_q8_0, "nib": _k_nib, "q4_k": _k_q4_k, "q5_0": _k_q5_0,

@@ -149,45 +149,38 @@ def _pack_q4_k(raw, f16, qs, sc, mn, dd, dmn):
                         qs[g, b8 + 2 * p + 1, w, l] = ((x >> 4) & _LO) | (y & _HI)
 
 
-def _pack_q6_k(raw, f16, qs, qh, sc):
-    """raw u16 [n, ns*105] rows of Q6_K blocks (n <= ng*G) -> qs u8 [ng, ns*8, 16, G] (low nibbles
-    paired as in Q4_K), qh u8 [ng, ns*8, 8, G] (2-bit highs of values j, j+8, j+16, j+24 in byte j),
-    sc f32 [ng, ns*8, 2, G] (d * the int8 scale of each 16 values)."""
+def _pack_q6_k(raw, f16, qs, qh, sc, dd):
+    """raw u16 [n, ns*105] rows of Q6_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (low nibbles
+    paired as in Q4_K: byte j of a sub-block = code j & 15 | (code j+16 & 15) << 4), qh u32
+    [ng, ns*8, 2, G] (byte j < 8: the 2-bit highs of values j, j+16, j+8, j+24 in bits 0, 2, 4, 6,
+    so word t % 2 shifted by 4 (t // 2) lines them up with nibble word t), sc i8 [ng, ns*8, 2, G]
+    (the int8 scale of each 16 values), dd f32 [ng, ns, G] (d: the kernels form d * sc, the float
+    product `quants.dequantize` makes)."""
     n, ns = raw.shape[0], raw.shape[1] // 105
     ng, G = qs.shape[0], qs.shape[3]
     zero = np.zeros(raw.shape[1], np.uint16)
     for g in prange(ng):
-        T = np.empty((8, 6, G), np.uint32)           # a super-block's words per sub-block (4 qs, 2 qh), lanes last
         for s in range(ns):
             o, b8 = 105 * s, 8 * s
             for l in range(G):
                 u = raw[g * G + l] if g * G + l < n else zero
-                dd = f16[u[o + 104]]
+                dd[g, s, l] = f16[u[o + 104]]
                 for k in range(8):
                     v = u[o + 96 + k]
-                    sc[g, b8 + k, 0, l] = dd * np.float32(np.int8(v & 255))
-                    sc[g, b8 + k, 1, l] = dd * np.float32(np.int8(v >> 8))
+                    sc[g, b8 + k, 0, l] = np.int8(v & 255)
+                    sc[g, b8 + k, 1, l] = np.int8(v >> 8)
                 for h in range(2):                   # values 128h + 32i + j: ql byte 64h + 32(i%2) + j, nibble i//2
                     for i in range(4):
                         lo = o + 32 * h + 16 * (i % 2)
                         for w in range(4):
                             x, y = _w16(u, lo + 2 * w), _w16(u, lo + 8 + 2 * w)
-                            T[4 * h + i, w, l] = ((x & _LO) | ((y & _LO) << 4)) if i < 2 else (((x >> 4) & _LO) | (y & _HI))
-                    for w in range(2):               # qh byte 32h + j, bits 2i..2i+1
+                            qs[g, b8 + 4 * h + i, w, l] = ((x & _LO) | ((y & _LO) << 4)) if i < 2 else (((x >> 4) & _LO) | (y & _HI))
+                    for w in range(2):               # qh byte 32h + j, bits 2i..2i+1: value 32i + j
                         q0, q1 = _w16(u, o + 64 + 16 * h + 2 * w), _w16(u, o + 68 + 16 * h + 2 * w)
                         q2, q3 = _w16(u, o + 72 + 16 * h + 2 * w), _w16(u, o + 76 + 16 * h + 2 * w)
                         for i in range(4):
-                            T[4 * h + i, 4 + w, l] = (((q0 >> 2 * i) & _B2) | (((q1 >> 2 * i) & _B2) << 2)
-                                                      | (((q2 >> 2 * i) & _B2) << 4) | (((q3 >> 2 * i) & _B2) << 6))
-            for t in range(8):                       # words -> bytes, G lanes at a time (vectorized)
-                for w in range(4):
-                    for k in range(4):
-                        for l in range(G):
-                            qs[g, b8 + t, 4 * w + k, l] = (T[t, w, l] >> 8 * k) & 255
-                for w in range(2):
-                    for k in range(4):
-                        for l in range(G):
-                            qh[g, b8 + t, 4 * w + k, l] = (T[t, 4 + w, l] >> 8 * k) & 255
+                            qh[g, b8 + 4 * h + i, w, l] = (((q0 >> 2 * i) & _B2) | (((q2 >> 2 * i) & _B2) << 2)
+                                                          | (((q1 >> 2 * i) & _B2) << 4) | (((q3 >> 2 * i) & _B2) << 6))
 
 
 _SHUFFLE = None   # {"q4_k", "q6_k": numba-compiled kernel}, False without numba
@@ -216,7 +209,8 @@ def _k_shapes(q, rows: int, ns: int, G: int):
     if q == QT.Q4_K:
         return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.uint8), ((ng, nb, G), np.uint8),
                 ((ng, ns, G), np.float32), ((ng, ns, G), np.float32)]
-    return [((ng, nb, 16, G), np.uint8), ((ng, nb, 8, G), np.uint8), ((ng, nb, 2, G), np.float32)]
+    return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, 2, G, 4), np.uint8), ((ng, nb, 2, G), np.int8),
+            ((ng, ns, G), np.float32)]
 
 
 def _pack_k(q, raw, out) -> None:
@@ -230,7 +224,8 @@ def _pack_k(q, raw, out) -> None:
         qs, sc, mn, dd, dmn = out
         k["q4_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), sc, mn, dd, dmn)
     else:
-        k["q6_k"](raw, _F16, *out)
+        qs, qh, sc, dd = out
+        k["q6_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), qh.view(np.uint32).reshape(qh.shape[:4]), sc, dd)
 
 
 def _repack_k(q, blocks, G):
@@ -267,10 +262,14 @@ def _repack(q, blocks, G, fast: bool = True):
         w = _words(blocks[..., 2:], G)
         w ^= np.uint8(128)                                                 # int8 q -> u8 q + 128, in place
         return "q8_0", (w, _lanes(_h16(blocks[..., 0:2]), G))
-    codes, s = _unpack_q6_k(blocks)                                        # Q6_K
+    rows, ns, _ = blocks.shape                                             # Q6_K: scales stay int8 (_pack_q6_k)
+    codes, _ = _unpack_q6_k(blocks)
     hi = codes >> 4                                                        # [rows, nb, 32] in 0..3
-    qh = (hi[..., 0:8] | (hi[..., 8:16] << 2) | (hi[..., 16:24] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
-    return "q6_k", (_lanes(_pair_nibbles(codes & 15), G), _lanes(qh, G), _lanes(s, G))
+    qh = (hi[..., 0:8] | (hi[..., 16:24] << 2) | (hi[..., 8:16] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
+    b = blocks.reshape(rows * ns, 210)
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(rows, ns * 8, 2)
+    d = _f16(b[:, 208:210]).reshape(rows, ns)
+    return "q6_k", (_words(_pair_nibbles(codes & 15), G), _words(qh, G), _lanes(sc, G), _lanes(d, G))
 
 
 # Rows repacked per step: the temporaries of a step stay a few MB, and with release the raw

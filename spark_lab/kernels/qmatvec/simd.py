@@ -387,26 +387,42 @@ def intrinsics():
             return context.get_dummy_value()
         return sig, codegen
 
+    def q6_k_codes(k, q, qh, G_, l0_, t, ahead=0):
+        """The 6-bit codes of nibble word t of a Q6_K sub-block (repack._pack_q6_k), lanes l0..l0+15,
+        as dwords of u8: (values 4t..4t+3, values 16+4t..16+4t+3)."""
+        b = k.b
+        w = words16(k, k.ptr[q], G_, l0_, t, ahead)
+        h = b.lshr(words16(k, k.ptr[qh], G_, l0_, t % 2, ahead if t < 2 else 0), const(4 * (t // 2)))
+        low, two = const(0x0F0F0F0F), const(0x03030303)
+        lo = b.or_(b.and_(w, low), b.shl(b.and_(h, two), const(4)))
+        hi = b.or_(b.and_(b.lshr(w, const(4)), low), b.shl(b.and_(b.lshr(h, const(2)), two), const(4)))
+        return lo, hi
+
+    def q6_k_scales16(k, sc, d, G_, l0_):
+        """<16 x float> d * sc of the two 16-value halves, lanes l0..l0+15 (sc i8 [2, G], d f32 [G])."""
+        b = k.b
+        dv = k.floats16(d, l0_)
+        return [b.fmul(dv, b.sitofp(k.bytes16(k.ptr[sc], off, signed=True), fv)) for off in (l0_, b.add(l0_, G_))]
+
     @intrinsic
-    def vdot_q6_k(typingctx, q, G, l0, qh, x, xoff, s, xs0, xs1, acc):
-        """acc[l0:+16] += s0 (sum_{j<16} q_j x_j - 32 xs0) + s1 (sum_{j>=16} q_j x_j - 32 xs1)."""
-        sig = types.void(q, G, l0, qh, x, xoff, s, xs0, xs1, acc)
+    def vdot8_q6_k(typingctx, q, G, l0, qh, sc, d, xq, xoff, xh0, xh1, dx, acc):
+        """acc[l0:+16] += dx * (s0 (sum_{j<16} q_j xq_j - 32 xh0) + s1 (sum_{j>=16} q_j xq_j - 32 xh1)),
+        q_j the 6-bit codes (u8 for VPDPBUSD), s = d * sc, xh the int8 x sums of each half."""
+        sig = types.void(q, G, l0, qh, sc, d, xq, xoff, xh0, xh1, dx, acc)
 
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
-            G_, l0_, xoff_, xs0_, xs1_ = args[1], args[2], args[5], args[7], args[8]
-            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]   # 2-bit highs, 4 per byte
-            lo, hi = zeros(_CHAINS // 2), zeros(_CHAINS // 2)
-            for j in range(16):
-                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
-                for half, code, ch in ((0, builder.and_(v, const(15)), lo), (1, builder.lshr(v, const(4)), hi)):
-                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
-                    k.dot(ch, j % len(ch), builder.or_(code, builder.shl(top, const(4))), k.x(xoff_, 16 * half + j))
-            c32 = ir.Constant(ir.FloatType(), 32.0)
-            t0 = builder.fsub(k.total(lo), k.splat(builder.fmul(xs0_, c32)))
-            t1 = builder.fsub(k.total(hi), k.splat(builder.fmul(xs1_, c32)))
-            s0, s1 = k.floats16(6, l0_), k.floats16(6, builder.add(l0_, G_))
-            k.update(9, l0_, builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)]))
+            G_, l0_, xoff_, dx_ = args[1], args[2], args[7], args[10]
+            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            for t in range(4):
+                lo, hi = q6_k_codes(k, 0, 3, G_, l0_, t, AHEAD)
+                ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+                ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+            t0, t1 = [builder.sitofp(builder.sub(builder.add(ch[2 * h], ch[2 * h + 1]),
+                                                 splat_int(k, builder.mul(builder.trunc(x, i32) if x.type != i32 else x, ir.Constant(i32, 32)))), fv)
+                      for h, x in ((0, args[8]), (1, args[9]))]
+            s0, s1 = q6_k_scales16(k, 4, 5, G_, l0_)
+            k.update(11, l0_, builder.fmul(k.splat(dx_), builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)])))
             return context.get_dummy_value()
         return sig, codegen
 
@@ -494,23 +510,20 @@ def intrinsics():
         return sig, codegen
 
     @intrinsic
-    def deq_q6_k(typingctx, q, G, l0, qh, s, tile, row0, col, nc):
-        """s0 * (q - 32) for values 0..15, s1 * (q - 32) for 16..31; q = nibble | 2 high bits << 4."""
-        sig = types.void(q, G, l0, qh, s, tile, row0, col, nc)
+    def deq_q6_k(typingctx, q, G, l0, qh, sc, d, tile, row0, col, nc):
+        """s0 * (q - 32) for values 0..15, s1 * (q - 32) for 16..31; s = d * sc (repack._pack_q6_k)."""
+        sig = types.void(q, G, l0, qh, sc, d, tile, row0, col, nc)
 
         def codegen(context, builder, sg, args):
             k = Tile(context, builder, sg, args)
-            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[6], args[7], args[8]
-            h = [k.bytes16(k.ptr[3], k.row(G_, l0_, r)) for r in range(8)]
-            sc = (k.floats16(4, l0_), k.floats16(4, builder.add(l0_, G_)))
-            for j in range(16):
-                v = k.bytes16(k.ptr[0], k.row(G_, l0_, j))
-                vals = []
-                for half, code in ((0, builder.and_(v, const(15))), (1, builder.lshr(v, const(4)))):
-                    top = builder.and_(builder.lshr(h[j & 7], const(2 * (2 * half + (j >> 3)))), const(3))
-                    q32 = builder.sub(builder.or_(code, builder.shl(top, const(4))), const(32))
-                    vals.append(builder.fmul(sc[half], builder.sitofp(q32, fv)))
-                k.pair(5, row0_, col_, nc_, j, *vals)
+            G_, l0_, row0_, col_, nc_ = args[1], args[2], args[7], args[8], args[9]
+            s0, s1 = q6_k_scales16(k, 4, 5, G_, l0_)
+            for t in range(4):
+                lo, hi = q6_k_codes(k, 0, 3, G_, l0_, t)
+                for jj in range(4):
+                    vals = [builder.fmul(s_, builder.sitofp(builder.sub(bytes_of_words(k, w, jj), const(32)), fv))
+                            for s_, w in ((s0, lo), (s1, hi))]
+                    k.pair(6, row0_, col_, nc_, 4 * t + jj, *vals)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -535,6 +548,6 @@ def intrinsics():
 
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
     return {"vdot8_nib_t": vdot8_nib_tokens(TOKENS), "vdot8_q8_0_t": vdot8_q8_0_tokens(TOKENS),
-            "vdot8_nib": vdot8_nib, "vdot8_q4_k": vdot8_q4_k, "q4_k_scales": q4_k_scales, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot_q6_k": vdot_q6_k,
+            "vdot8_nib": vdot8_nib, "vdot8_q4_k": vdot8_q4_k, "q4_k_scales": q4_k_scales, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot8_q6_k": vdot8_q6_k,
             "vdot8_mxfp4": vdot8_mxfp4, "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0,
             "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k, "deq_mxfp4": deq_mxfp4}
