@@ -24,12 +24,18 @@ on timing or thread count. Rows are widened on the fly from the cache's storage 
     q8_0   int8 [Tk, Hkv, D] with float32 scales [Tk, Hkv, D/32]
 
 16 values per step by `kv_rows.widen16` (VCVTPH2PS for f16, sign-extend + convert x block scale
-for q8_0) when D is a multiple of 16, else a scalar loop (f16 by integer shifts). Scores are kept
-head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
-Llama-3-8B shapes, one thread (CPU ms, `python -m spark_lab.benchmarks.attention`): f16 22.8 ->
-~17, q8_0 24.9 -> ~13; what is left is arithmetic (the scores' dot products ~6 ms, the value
-sums ~7 ms), not memory: the cache streams at well under the machine's bandwidth. NaN scores
-give NaN outputs (numba's "numpy" error model), never a ZeroDivisionError.
+for q8_0, each with a read hint 2 KB ahead) when D is a multiple of 16, else a scalar loop (f16
+by integer shifts). For head dims 64, 128 and 256 the keys go 16 at a time: 16 positions' rows
+of every KV head are widened in memory order into a [Hkv, 16, D] buffer (one KV head's 16 rows
+contiguous: rows 4 KB apart fell into one L1 set and doubled the time), then `attn_blocks`'
+scores16 / wsum16 take each query head of the group: 16 scores from 16 independent FMA chains
+and one folding tree instead of a horizontal sum per key, and the output row kept in registers
+over the 16 values. Keys past the last whole 16 take the one-at-a-time loops below. Scores are
+kept head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
+Llama-3-8B shapes, one thread (`python -m spark_lab.benchmarks.attention`, this AMD box): q8_0
+9.9 -> ~7 ms, f16 15 -> ~9.6 ms. NaN scores give NaN outputs (numba's "numpy" error model),
+never a ZeroDivisionError. numba's cache watches this file only: after editing attn_blocks.py or
+kv_rows.py, touch this one.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compi
 prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
 widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
+scores16_64 = scores16_128 = scores16_256 = None   # attn_blocks' intrinsics per head dim, set by _compile()
+wsum16_64 = wsum16_128 = wsum16_256 = None
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
 
 
@@ -95,7 +103,25 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
         for h in range(Hq):
             for d in range(D):
                 qs[h, d] = Q[r, h, d] * scale
-        for j in range(m_):                          # scores, a row of all KV heads at a time
+        # 16 keys at a time where the head dim has an unrolled pair (attn_blocks): each KV head's 16
+        # rows widened once into kb / vb, then every query head that shares them
+        blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
+        nb16 = m_ // 16 if blocked else 0
+        kb = np.empty((Hkv, 16, D), np.float32)      # 16 positions' rows, read in memory order
+        for jb in range(nb16):
+            for t in range(16):
+                for g in range(Hkv):
+                    widen_row(k, ks, j0 + 16 * jb + t, g, kb[g, t])
+            for g in range(Hkv):
+                for hh in range(G):
+                    h = g * G + hh
+                    if D == 128:
+                        scores16_128(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
+                    elif D == 64:
+                        scores16_64(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
+                    else:
+                        scores16_256(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
+        for j in range(16 * nb16, m_):               # scores, a row of all KV heads at a time
             for g in range(Hkv):
                 if vec_k:
                     widen_row(k, ks, j0 + j, g, krow)
@@ -121,7 +147,21 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
             cm[r, c, h], cl[r, c, h] = mh, tot
         o = co[r, c]
         o[...] = 0.0
-        for j in range(m_):                          # weighted values
+        vb = np.empty((Hkv, 16, Dv), np.float32)
+        for jb in range(nb16):                       # weighted values, 16 keys at a time
+            for t in range(16):
+                for g in range(Hkv):
+                    widen_row(v, vs, j0 + 16 * jb + t, g, vb[g, t])
+            for g in range(Hkv):
+                for hh in range(G):
+                    h = g * G + hh
+                    if D == 128:
+                        wsum16_128(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
+                    elif D == 64:
+                        wsum16_64(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
+                    else:
+                        wsum16_256(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
+        for j in range(16 * nb16, m_):               # the rest, one key at a time
             for g in range(Hkv):
                 if vec_v:
                     widen_row(v, vs, j0 + j, g, vrow)
@@ -192,6 +232,9 @@ def _compile():
         from .kv_rows import widen16_intrinsic
         overload(_widen_row, inline="always")(partial(_widen_ov, widen16_intrinsic()))
         widen_row = _widen_row
+    from . import attn_blocks
+    for D in attn_blocks.DIMS:
+        globals()[f"scores16_{D}"], globals()[f"wsum16_{D}"] = attn_blocks.build(D)
     prange = numba.prange
     _KERNEL = njit_with_exp(_attend, parallel=True)   # reassociated sums vectorize; ~1e-7 relative
     return _KERNEL

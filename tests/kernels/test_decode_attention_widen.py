@@ -57,6 +57,22 @@ def test_long_context_paths_match_numpy_on_widened_values(tk, tv, Tk, lo):
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("D", [64, 256, 96])                                 # 96: no unrolled 16-key pair
+@pytest.mark.parametrize("tk,tv", [("f32", "f32"), ("f16", "q8_0")])
+def test_sixteen_key_blocks_match_numpy_for_each_head_dim(D, tk, tv):
+    rng = np.random.default_rng(D)
+    Hq, Hkv, Tk = 6, 2, 16 * 5 + 7                                              # 5 blocks of 16 keys, 7 after
+    q = rng.standard_normal((Hq, D), dtype=np.float32)
+    kf = rng.standard_normal((Tk, Hkv, D), dtype=np.float32)
+    vf = rng.standard_normal((Tk, Hkv, D), dtype=np.float32)
+    k, ks, kw = (kf, None, kf) if tk == "f32" else _store(kf, tk)
+    v, vs, vw = (vf, None, vf) if tv == "f32" else _store(vf, tv)
+    out = np.full((Hq, D), np.nan, np.float32)
+    assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
+    want = attention(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+
+
 def test_result_does_not_depend_on_thread_count():
     from spark_lab.device import num_threads, set_threads
     rng = np.random.default_rng(3)
