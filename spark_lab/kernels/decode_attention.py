@@ -54,6 +54,8 @@ widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), se
 scores16_64 = scores16_128 = scores16_256 = None   # attn_blocks' intrinsics per head dim, set by _compile()
 wsum16_64 = wsum16_128 = wsum16_256 = None
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
+BLOCK = 256        # keys per online-softmax block: a block's scores stay in L2 (a chunk's whole
+                   # [Hq, keys] scores were fresh pages every call: 6 MB cleared per layer at 16k)
 
 
 def _load_row(a, s, tab, j, g, row):
@@ -93,9 +95,9 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
         vs = VS[min(sl, VS.shape[0] - 1), min(layer, VS.shape[1] - 1)]
         j0, j1 = lo[r] + c * n // nc, lo[r] + (c + 1) * n // nc
         m_ = j1 - j0
-        s = np.empty((Hq, m_), np.float32)           # scores, head-major: the softmax reads them in order
-        e = np.empty((Hq, m_), np.float32)
-        bits = np.empty((Hq, m_), np.int32)          # 2^n factors of the exponentials
+        s = np.empty((Hq, BLOCK), np.float32)        # a block's scores, head-major: the softmax reads them in order
+        e = np.empty((Hq, BLOCK), np.float32)
+        bits = np.empty((Hq, BLOCK), np.int32)       # 2^n factors of the exponentials
         two = bits.view(np.float32)
         krow = np.empty(D, np.float32)
         vrow = np.empty(Dv, np.float32)
@@ -106,72 +108,82 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
         # 16 keys at a time where the head dim has an unrolled pair (attn_blocks): each KV head's 16
         # rows widened once into kb / vb, then every query head that shares them
         blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
-        nb16 = m_ // 16 if blocked else 0
         kb = np.empty((Hkv, 16, D), np.float32)      # 16 positions' rows, read in memory order
-        for jb in range(nb16):
-            for t in range(16):
-                for g in range(Hkv):
-                    widen_row(k, ks, j0 + 16 * jb + t, g, kb[g, t])
-            for g in range(Hkv):
-                for hh in range(G):
-                    h = g * G + hh
-                    if D == 128:
-                        scores16_128(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
-                    elif D == 64:
-                        scores16_64(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
-                    else:
-                        scores16_256(kb, g * 16 * D, D, qs, h * D, s, h * m_ + 16 * jb)
-        for j in range(16 * nb16, m_):               # scores, a row of all KV heads at a time
-            for g in range(Hkv):
-                if vec_k:
-                    widen_row(k, ks, j0 + j, g, krow)
-                else:
-                    load_row(k, ks, tab, j0 + j, g, krow)
-                for hh in range(G):
-                    h = g * G + hh
-                    acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += qs[h, d] * krow[d]
-                    s[h, j] = acc
-        for h in range(Hq):
-            mh = np.float32(-np.inf)
-            for j in range(m_):
-                mh = max(mh, s[h, j])
-            for j in range(m_):                      # exp(s - m): a polynomial, vectorized
-                e[h, j], bits[h, j] = exp_parts(s[h, j] - mh)
-            tot = np.float32(0.0)
-            for j in range(m_):
-                x = e[h, j] * two[h, j]
-                e[h, j] = x
-                tot += x
-            cm[r, c, h], cl[r, c, h] = mh, tot
-        o = co[r, c]
-        o[...] = 0.0
         vb = np.empty((Hkv, 16, Dv), np.float32)
-        for jb in range(nb16):                       # weighted values, 16 keys at a time
-            for t in range(16):
+        run_m, run_l, o = cm[r, c], cl[r, c], co[r, c]   # the running max, sum of exps, weighted values
+        run_m[:] = -np.inf
+        run_l[:] = 0.0
+        o[...] = 0.0
+        for b0 in range(j0, j1, BLOCK):              # online softmax over blocks of keys
+            nk = min(BLOCK, j1 - b0)
+            nb16 = nk // 16 if blocked else 0
+            for jb in range(nb16):
+                for t in range(16):
+                    for g in range(Hkv):
+                        widen_row(k, ks, b0 + 16 * jb + t, g, kb[g, t])
                 for g in range(Hkv):
-                    widen_row(v, vs, j0 + 16 * jb + t, g, vb[g, t])
-            for g in range(Hkv):
-                for hh in range(G):
-                    h = g * G + hh
-                    if D == 128:
-                        wsum16_128(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
-                    elif D == 64:
-                        wsum16_64(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
+                    for hh in range(G):
+                        h = g * G + hh
+                        if D == 128:
+                            scores16_128(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
+                        elif D == 64:
+                            scores16_64(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
+                        else:
+                            scores16_256(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
+            for j in range(16 * nb16, nk):           # scores, a row of all KV heads at a time
+                for g in range(Hkv):
+                    if vec_k:
+                        widen_row(k, ks, b0 + j, g, krow)
                     else:
-                        wsum16_256(vb, g * 16 * Dv, Dv, e, h * m_ + 16 * jb, o, h * Dv)
-        for j in range(16 * nb16, m_):               # the rest, one key at a time
-            for g in range(Hkv):
-                if vec_v:
-                    widen_row(v, vs, j0 + j, g, vrow)
-                else:
-                    load_row(v, vs, tab, j0 + j, g, vrow)
-                for hh in range(G):
-                    h = g * G + hh
-                    w = e[h, j]
+                        load_row(k, ks, tab, b0 + j, g, krow)
+                    for hh in range(G):
+                        h = g * G + hh
+                        acc = np.float32(0.0)
+                        for d in range(D):
+                            acc += qs[h, d] * krow[d]
+                        s[h, j] = acc
+            for h in range(Hq):
+                mh = run_m[h]
+                for j in range(nk):
+                    mh = max(mh, s[h, j])
+                if mh != run_m[h]:                   # a new max: rescale what was summed so far
+                    f = np.float32(np.exp(run_m[h] - mh))
+                    run_l[h] *= f
                     for d in range(Dv):
-                        o[h, d] += w * vrow[d]
+                        o[h, d] *= f
+                    run_m[h] = mh
+                for j in range(nk):                  # exp(s - m): a polynomial, vectorized
+                    e[h, j], bits[h, j] = exp_parts(s[h, j] - mh)
+                tot = np.float32(0.0)
+                for j in range(nk):
+                    x = e[h, j] * two[h, j]
+                    e[h, j] = x
+                    tot += x
+                run_l[h] += tot
+            for jb in range(nb16):                   # weighted values, 16 keys at a time
+                for t in range(16):
+                    for g in range(Hkv):
+                        widen_row(v, vs, b0 + 16 * jb + t, g, vb[g, t])
+                for g in range(Hkv):
+                    for hh in range(G):
+                        h = g * G + hh
+                        if D == 128:
+                            wsum16_128(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
+                        elif D == 64:
+                            wsum16_64(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
+                        else:
+                            wsum16_256(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
+            for j in range(16 * nb16, nk):           # the rest, one key at a time
+                for g in range(Hkv):
+                    if vec_v:
+                        widen_row(v, vs, b0 + j, g, vrow)
+                    else:
+                        load_row(v, vs, tab, b0 + j, g, vrow)
+                    for hh in range(G):
+                        h = g * G + hh
+                        w = e[h, j]
+                        for d in range(Dv):
+                            o[h, d] += w * vrow[d]
     for r in range(n_rows):                          # chunks combined: rescaled to the global max
         nc = min(NCHUNK, max(1, (hi[r] - lo[r]) // 256))
         for h in range(Hq):

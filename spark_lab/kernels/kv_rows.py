@@ -11,7 +11,7 @@ the bits (shifts, masks, a rebias multiply) does not reach.
 from __future__ import annotations
 
 LANES = 16
-PREFETCH_BYTES = 2048   # a read hint this far ahead: the cache streams through once per step
+PREFETCH_VALUES = 1024   # a read hint this many values ahead: the cache streams through once per step
 _INTRINSIC = None
 
 
@@ -47,7 +47,7 @@ def widen16_intrinsic():
             i8p = ir.IntType(8).as_pointer()
             i32 = ir.IntType(32)
             pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-            builder.call(pf, [builder.gep(builder.bitcast(p, i8p), [ir.Constant(ir.IntType(64), PREFETCH_BYTES)]),
+            builder.call(pf, [builder.bitcast(builder.gep(p, [ir.Constant(ir.IntType(64), PREFETCH_VALUES)]), i8p),
                               ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
             if dt == types.float32:
                 x = builder.load(builder.bitcast(p, fv.as_pointer()), align=4)
