@@ -51,6 +51,7 @@ exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compi
 prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
 widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
+widen_block = None  # _widen_block compiled, set by _compile()
 scores16_64 = scores16_128 = scores16_256 = None   # attn_blocks' intrinsics per head dim, set by _compile()
 wsum16_64 = wsum16_128 = wsum16_256 = None
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
@@ -69,6 +70,13 @@ def _widen_row(a, sc, j, g, row):
     q8_0 codes times their block's scale sc[j, g, d // 32]."""
     for d in range(row.shape[0]):
         row[d] = a[j, g, d]
+
+
+def _widen_block(a, sc, j, buf):
+    """buf [Hkv, 16, D] = positions j..j+15 of a, every KV head, widened and read in memory order."""
+    for t in range(16):
+        for g in range(buf.shape[0]):
+            widen_row(a, sc, j + t, g, buf[g, t])
 
 
 def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
@@ -118,9 +126,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
             nk = min(BLOCK, j1 - b0)
             nb16 = nk // 16 if blocked else 0
             for jb in range(nb16):
-                for t in range(16):
-                    for g in range(Hkv):
-                        widen_row(k, ks, b0 + 16 * jb + t, g, kb[g, t])
+                widen_block(k, ks, b0 + 16 * jb, kb)
                 for g in range(Hkv):
                     for hh in range(G):
                         h = g * G + hh
@@ -161,9 +167,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
                     tot += x
                 run_l[h] += tot
             for jb in range(nb16):                   # weighted values, 16 keys at a time
-                for t in range(16):
-                    for g in range(Hkv):
-                        widen_row(v, vs, b0 + 16 * jb + t, g, vb[g, t])
+                widen_block(v, vs, b0 + 16 * jb, vb)
                 for g in range(Hkv):
                     for hh in range(G):
                         h = g * G + hh
@@ -205,7 +209,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
 
 def _compile():
     """Compile (or load from numba's cache) the kernel; False without numba."""
-    global _KERNEL, prange, load_row, widen_row
+    global _KERNEL, prange, load_row, widen_row, widen_block
     try:
         import numba
         from numba import types
@@ -244,6 +248,7 @@ def _compile():
         from .kv_rows import widen16_intrinsic
         overload(_widen_row, inline="always")(partial(_widen_ov, widen16_intrinsic()))
         widen_row = _widen_row
+    widen_block = numba.njit(inline="always", nogil=True)(_widen_block)
     from . import attn_blocks
     for D in attn_blocks.DIMS:
         globals()[f"scores16_{D}"], globals()[f"wsum16_{D}"] = attn_blocks.build(D)
