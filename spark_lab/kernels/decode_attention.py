@@ -116,8 +116,8 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
         # 16 keys at a time where the head dim has an unrolled pair (attn_blocks): each KV head's 16
         # rows widened once into kb / vb, then every query head that shares them
         blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
-        kb = np.empty((Hkv, 16, D), np.float32)      # 16 positions' rows, read in memory order
-        vb = np.empty((Hkv, 16, Dv), np.float32)
+        kb = np.empty((Hkv, 16 if blocked else 0, D), np.float32)   # 16 positions' rows, read in memory order
+        vb = np.empty((Hkv, 16 if blocked else 0, Dv), np.float32)
         run_m, run_l, o = cm[r, c], cl[r, c], co[r, c]   # the running max, sum of exps, weighted values
         run_m[:] = -np.inf
         run_l[:] = 0.0

@@ -62,17 +62,12 @@ def _pair_nibbles(codes):
     return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
 
 
-def _unpack_q6_k(blocks):
-    """blocks u8 [rows, ns, 210] -> codes 0..63 [rows, ns*8, 32], scales d*sc [rows, ns*8, 2]."""
-    rows, ns, _ = blocks.shape
-    b = blocks.reshape(rows * ns, 210)
-    ql, qh, sc = b[:, 0:128], b[:, 128:192], b[:, 192:208]
-    d = _f16(b[:, 208:210])
+def _q6_k_codes(b, rows, ns):
+    """Q6_K blocks b u8 [rows * ns, 210] -> their 6-bit codes 0..63 [rows, ns*8, 32]."""
+    ql, qh = b[:, 0:128], b[:, 128:192]
     lo = np.concatenate([ql.reshape(-1, 2, 1, 64) & 15, ql.reshape(-1, 2, 1, 64) >> 4], axis=2).reshape(-1, 8, 32)
     hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
-    codes = (lo | (hi.reshape(-1, 8, 32) << 4)).reshape(rows, ns * 8, 32)
-    s = (d[:, None] * sc.view(np.int8).astype(np.float32)).reshape(rows, ns * 8, 2)
-    return codes, s
+    return (lo | (hi.reshape(-1, 8, 32) << 4)).reshape(rows, ns * 8, 32)
 
 
 def _empty(shape, dtype) -> np.ndarray:
@@ -263,10 +258,10 @@ def _repack(q, blocks, G, fast: bool = True):
         w ^= np.uint8(128)                                                 # int8 q -> u8 q + 128, in place
         return "q8_0", (w, _lanes(_h16(blocks[..., 0:2]), G))
     rows, ns, _ = blocks.shape                                             # Q6_K: scales stay int8 (_pack_q6_k)
-    codes, _ = _unpack_q6_k(blocks)
+    b = blocks.reshape(rows * ns, 210)
+    codes = _q6_k_codes(b, rows, ns)
     hi = codes >> 4                                                        # [rows, nb, 32] in 0..3
     qh = (hi[..., 0:8] | (hi[..., 16:24] << 2) | (hi[..., 8:16] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
-    b = blocks.reshape(rows * ns, 210)
     sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(rows, ns * 8, 2)
     d = _f16(b[:, 208:210]).reshape(rows, ns)
     return "q6_k", (_words(_pair_nibbles(codes & 15), G), _words(qh, G), _lanes(sc, G), _lanes(d, G))
