@@ -13,10 +13,20 @@ imported (spark_lab/__init__.py registers the import hook), so every kernel modu
 without each one calling it. The same hook keeps numba's import from importing coverage.py when no
 coverage measurement is running (`_without_coverage`). SPARK_LAB_NUMBA_REFRESH=1 keeps numba's own
 behaviour for both.
+
+The same patch widens what a cached kernel's validity depends on. numba keys a cache entry on a
+hash of the one source file that defines the function, but spark_lab's kernels are assembled from
+their package's other modules (`qmatvec/kernels.py` calls the LLVM-IR intrinsics of `simd.py`,
+`decode_attention.py` those of `attn_blocks.py` and `kv_rows.py`): an edit there, or an upgrade
+that changes only them, loaded the old machine code. `source_stamp(path)` hashes the file and,
+recursively, every module of its own package that it imports (`from .x import`, `from . import x`,
+at any indent), so such a change recompiles.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +37,31 @@ MODULE = "numba.core.caching"
 def _ours(cache) -> bool:
     code = getattr(getattr(cache, "_py_func", None), "__code__", None)
     return code is not None and os.path.abspath(code.co_filename).startswith(PACKAGE)
+
+
+_LOCAL_IMPORT = re.compile(r"^[ \t]*from \.(\w*) import ([\w, ()]+)", re.M)
+
+
+def local_imports(path: Path) -> list[Path]:
+    """The modules of path's own package that path imports (files that exist), in source order."""
+    out = []
+    for mod, names in _LOCAL_IMPORT.findall(path.read_text(encoding="utf-8")):
+        cands = [mod] if mod else [n.strip() for n in names.strip("()").split(",")]
+        out += [p for p in (path.with_name(c + ".py") for c in cands if c) if p.is_file()]
+    return out
+
+
+def source_stamp(path) -> bytes:
+    """sha256 over the contents of path and of the same-package modules it imports, recursively."""
+    seen, todo, h = set(), [Path(path).resolve()], hashlib.sha256()
+    while todo:
+        p = todo.pop(0)
+        if p in seen:
+            continue
+        seen.add(p)
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        todo += local_imports(p)
+    return h.digest()
 
 
 def patch(caching) -> bool:
@@ -49,6 +84,20 @@ def patch(caching) -> bool:
     load_overload._spark_lab = True
     load_overload.__doc__ = orig.__doc__
     cls.load_overload = load_overload
+
+    init = cls.__init__
+
+    def __init__(self, py_func):
+        init(self, py_func)
+        cache_file = getattr(self, "_cache_file", None)
+        if _ours(self) and hasattr(cache_file, "_source_stamp"):
+            try:
+                cache_file._source_stamp = source_stamp(py_func.__code__.co_filename)
+            except OSError:                         # a source that cannot be read: numba's own stamp stays
+                pass
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
     return True
 
 

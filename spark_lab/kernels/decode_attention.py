@@ -34,8 +34,8 @@ over the 16 values. Keys past the last whole 16 take the one-at-a-time loops bel
 kept head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
 Llama-3-8B shapes, one thread (`python -m spark_lab.benchmarks.attention`, this AMD box): q8_0
 9.9 -> ~7 ms, f16 15 -> ~9.6 ms. NaN scores give NaN outputs (numba's "numpy" error model),
-never a ZeroDivisionError. numba's cache watches this file only: after editing attn_blocks.py or
-kv_rows.py, touch this one.
+never a ZeroDivisionError. numba's cache entries are keyed on this file and the
+modules it imports (kv_rows.py, attn_blocks.py, expf.py: `numba_cache.source_stamp`).
 """
 from __future__ import annotations
 

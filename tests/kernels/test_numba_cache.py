@@ -64,3 +64,39 @@ def test_only_spark_lab_sources_take_the_short_path():
     theirs = types.SimpleNamespace(_py_func=json.dumps)
     assert numba_cache._ours(ours) and not numba_cache._ours(theirs)
     assert numba_cache._ours(types.SimpleNamespace(_py_func=here)) is False   # tests/ is not the package
+
+
+def test_source_stamp_follows_the_package_modules_a_kernel_imports(tmp_path):
+    """A cached kernel is keyed on its file and the same-package modules it imports: editing only
+    an imported module (where the LLVM-IR intrinsics live) changes the stamp, so numba recompiles."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "kern.py").write_text("from .simd import LANES\n\ndef f():\n    from . import blocks, missing\n    return LANES\n")
+    (pkg / "simd.py").write_text("LANES = 16\n")
+    (pkg / "blocks.py").write_text("from .simd import LANES\n")
+    (pkg / "other.py").write_text("X = 1\n")
+    assert [p.name for p in numba_cache.local_imports(pkg / "kern.py")] == ["simd.py", "blocks.py"]
+    s0 = numba_cache.source_stamp(pkg / "kern.py")
+    assert numba_cache.source_stamp(pkg / "kern.py") == s0
+    (pkg / "other.py").write_text("X = 2\n")                    # not imported: same stamp
+    assert numba_cache.source_stamp(pkg / "kern.py") == s0
+    (pkg / "blocks.py").write_text("from .simd import LANES  # edited\n")
+    s1 = numba_cache.source_stamp(pkg / "kern.py")
+    assert s1 != s0
+    (pkg / "simd.py").write_text("LANES = 8\n")
+    assert numba_cache.source_stamp(pkg / "kern.py") not in (s0, s1)
+
+
+def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
+    """qmatvec's kernels.py stamp covers simd.py and q8.py; decode attention's covers kv_rows and attn_blocks."""
+    from pathlib import Path
+    import spark_lab
+    root = Path(spark_lab.__file__).parent / "kernels"
+    assert {p.name for p in numba_cache.local_imports(root / "qmatvec" / "kernels.py")} >= {"simd.py", "q8.py"}
+    assert {p.name for p in numba_cache.local_imports(root / "decode_attention.py")} >= {"kv_rows.py", "attn_blocks.py"}
+    import numba.core.caching as caching
+    from spark_lab.kernels import qmatvec as qm
+    if qm._jit() is None:
+        pytest.skip("numba kernels unavailable")
+    cache = caching.FunctionCache(qm.kernels.SOURCES["nib"])
+    assert cache._cache_file._source_stamp == numba_cache.source_stamp(root / "qmatvec" / "kernels.py")

@@ -2,8 +2,8 @@
 (prefill), over the row-interleaved arrays of `repack.py`, built from the block intrinsics of
 `simd.py`. The package's `_jit` compiles them (it first sets this module's `prange`, the
 intrinsics and the jitted helpers below as globals: numba resolves globals when it compiles).
-numba's on-disk cache only notices edits to this file: after changing simd.py or q8.py, delete
-__pycache__/kernels.*.nbi (or touch this file), else the old machine code is loaded.
+numba's on-disk cache entries are keyed on this file and the modules it imports (simd.py, q8.py;
+`numba_cache.source_stamp`), so an edit to any of them recompiles.
 """
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 written in LLVM IR (`intrinsics()` builds them; `kernels.py` calls them).
 
 Lanes are 16 output rows of a row-interleaved weight (`repack.py`); each intrinsic handles one
-32-value block of those 16 rows. numba's cache watches only the file of the function it
-compiles, so after editing this file clear the cached kernels
-(spark_lab/kernels/qmatvec/__pycache__/*.nbi, *.nbc) or touch kernels.py.
+32-value block of those 16 rows. An edit here recompiles the kernels that use it (numba's cache
+entries are keyed on kernels.py and the modules it imports: `numba_cache.source_stamp`).
 """
 from __future__ import annotations
 # ---------------------------------------------------------------------------- SIMD block dots (LLVM IR)
@@ -43,6 +42,13 @@ def vnni() -> bool:
     return _cpu_has("avx512vnni")
 
 
+def avx2() -> bool:
+    """True when the host CPU has AVX2 (and no AVX512-VNNI is needed for it): the int8 dots then
+    compile to VPMADDUBSW + VPMADDWD on 256-bit halves, the table look-ups to VPSHUFB.
+    SPARK_LAB_VNNI=0 turns it off too."""
+    return _cpu_has("avx2")
+
+
 def byte_table() -> bool:
     """True when the host CPU has AVX512-BW: MXFP4's 16-entry code table is then one VPSHUFB per
     64 codes (else a few portable byte ops). SPARK_LAB_VNNI=0 turns it off too."""
@@ -56,7 +62,7 @@ def intrinsics():
     from numba.extending import intrinsic
 
     L = LANES
-    VNNI, PSHUFB = vnni(), byte_table()
+    VNNI, PSHUFB, AVX2 = vnni(), byte_table(), avx2()
     AHEAD = PREFETCH_BYTES
     fv, iv, bv = ir.VectorType(ir.FloatType(), L), ir.VectorType(ir.IntType(32), L), ir.VectorType(ir.IntType(8), L)
     hv = ir.VectorType(ir.IntType(16), L)
@@ -121,17 +127,49 @@ def intrinsics():
     b64, w64 = ir.VectorType(ir.IntType(8), L * 4), ir.VectorType(ir.IntType(16), L * 4)
     i32 = ir.IntType(32)
 
-    def dot4(k, c, a, w):
-        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32>."""
+    b32, h16, i8v = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(i32, 8)
+
+    def x86(k, name, ret, *args):
+        fn = cgutils.get_or_insert_function(k.b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+        return k.b.call(fn, list(args))
+
+    def halves(k, v):  # <64 x i8> -> its two <32 x i8> halves (the 256-bit registers of AVX2)
+        return [k.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 32), list(range(h, h + 32)))) for h in (0, 32)]
+
+    def joined(k, lo, hi):  # two <n x T> -> <2n x T>
+        n = lo.type.count
+        return k.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
+
+    def dot4(k, c, a, w, small=True):
+        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32>.
+
+        small: every byte of a is below 128 (the 4-bit codes, Q6_K's 6-bit ones, MXFP4's biased
+        values). With AVX2 and no VNNI, VPMADDUBSW sums byte pairs to int16, which cannot saturate
+        then (2 x 127 x 128 < 2^15), and VPMADDWD the int16 pairs to int32. Q8_0's bytes are
+        q + 128 (small=False): there AVX2 takes |q| and x with q's sign, so the sum is that of
+        q x, without the 128 sum(x) the other paths include (see Q8_BIAS)."""
         b = k.b
         if VNNI:
             fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
             return b.call(fn, [c, a, w])
+        if AVX2:
+            ones = ir.Constant(h16, [1] * 16)
+            parts = []
+            for ah, wh in zip(halves(k, b.bitcast(a, b64)), halves(k, b.bitcast(w, b64))):
+                if not small:                                               # q = u - 128: |q| and x * sign(q)
+                    q = b.xor(ah, ir.Constant(b32, [0x80] * 32))
+                    ah = x86(k, "llvm.abs.v32i8", b32, q, ir.Constant(ir.IntType(1), 0))
+                    wh = x86(k, "llvm.x86.avx2.psign.b", b32, wh, q)
+                pairs = x86(k, "llvm.x86.avx2.pmadd.ub.sw", h16, ah, wh)
+                parts.append(x86(k, "llvm.x86.avx2.pmadd.wd", i8v, pairs, ones))
+            return b.add(c, joined(k, *parts))
         p = b.mul(b.zext(b.bitcast(a, b64), w64), b.sext(b.bitcast(w, b64), w64))          # <64 x i16>, no overflow
         for j in range(4):
             sel = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
             c = b.add(c, b.sext(sel, iv))
         return c
+
+    Q8_BIAS = 0 if AVX2 and not VNNI else 128      # what Q8_0's dots take off per unit of sum(x)
 
     def words16(k, ptr, G, l0, t, ahead=0):  # <16 x i32>: dword row t of a [words, G, 4] block, lanes l0..l0+15
         off = k.b.mul(k.b.add(k.b.mul(G, ir.Constant(G.type, t)), l0), ir.Constant(G.type, 4))
@@ -228,8 +266,8 @@ def intrinsics():
             ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
             for t in range(8):
                 w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                ch[t % 4] = dot4(k, ch[t % 4], w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 128))
+                ch[t % 4] = dot4(k, ch[t % 4], w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))), False)
+            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
             s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
             return context.get_dummy_value()
@@ -303,11 +341,11 @@ def intrinsics():
                     for u in range(T):
                         xoff = tok[u][0]
                         a = t % 4 if T <= 4 else t % 2
-                        ch[u][a] = dot4(k, ch[u][a], w, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
+                        ch[u][a] = dot4(k, ch[u][a], w, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))), False)
                 d_ = k.floats16(4, l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
-                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 128))
+                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
                     s = builder.sitofp(builder.sub(isum(k, ch[u]), splat_int(k, corr)), fv)
                     k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(d_, s)))
                 return context.get_dummy_value()
@@ -327,6 +365,9 @@ def intrinsics():
         if PSHUFB and vt == b64:                                        # a table look-up per 16-byte lane
             fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(b64, [b64, b64]), "llvm.x86.avx512.pshuf.b.512")
             return b.call(fn, [ir.Constant(b64, [ir.Constant(w, v) for v in E2M1_BIASED * 4]), c])
+        if AVX2 and vt == b64:                                          # the same per 16 bytes of each half
+            table = ir.Constant(b32, [ir.Constant(w, v) for v in E2M1_BIASED * 2])
+            return joined(k, *(x86(k, "llvm.x86.avx2.pshuf.b", b32, table, h) for h in halves(k, c)))
         c_ = lambda v: ir.Constant(vt, [ir.Constant(w, v)] * n)          # noqa: E731
         m = b.and_(c, c_(7))                                            # magnitude code: 0 1 2 3 4 5 6 7
         over = b.select(b.icmp_unsigned(">", m, c_(4)), b.sub(m, c_(4)), c_(0))
