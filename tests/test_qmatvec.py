@@ -248,7 +248,7 @@ def test_rows_are_invariant_to_the_batch(q):
         if gemm:
             assert same_bits(qm.qmatmul(X[:n], qt), one[:n]), n
             assert same_bits(qm.qgemm(X[n - 1:], qt), one[n - 1:]), n   # any offset into the batch
-    assert gemm == (q in (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0))
+    assert gemm == (q in (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0, QT.Q6_K, QT.MXFP4))
 
 
 def test_gemm_that_does_not_compile_falls_back_to_tiles(monkeypatch):

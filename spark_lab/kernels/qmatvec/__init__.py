@@ -2,19 +2,20 @@
 
     y = qmatvec(x, qt)     # x [in] or [n, in] f32 (n small), qt QuantTensor [out, in] -> [out] / [n, out]
     y = qmatmul(x, qt)     # x [n, in], n large (a prompt): the int8 GEMM, else dequantized tiles + BLAS
-    y = qgemm(x, qt)       # the int8 GEMM alone (Q4_0, Q4_1, Q4_K, Q8_0), None where it does not apply
+    y = qgemm(x, qt)       # the int8 GEMM alone (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, MXFP4), None where it does not apply
 
-Int8 GEMM (prefill and batches of the int8 types with dword layouts: Q4_0, Q4_1, Q4_K, Q8_0).
+Int8 GEMM (prefill and batches of the int8 types with dword layouts: Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, MXFP4).
 The decode dots extended over tokens: each thread takes a group of G weight rows (~200 KB of an
 8B layer's Q4_K, so it stays in L2) and runs all n tokens through it, TOKENS (8) at a time, so a
 weight dword is loaded and unpacked once per 8 tokens (`simd.vdot8_*_tokens`). Per token the
 operations are those of the one-token dot, so row i is bit-identical to qmatvec(x[i]) for any n
 and any batch-mates (batched decode relies on it); `qmatvec` uses it for n >= TOKENS. Measured on
 one 8B layer's matrices, 512 tokens, 2 threads (benchmarks/qgemm.py, load average ~13): Q4_K
-45-48 GFLOP/s vs 13-22 for tiles + BLAS (2.2-3.4x), Q8_0 56 vs 17. Q6_K, Q5_0 and MXFP4 keep the
-tiles + BLAS below (a batched decode step runs their one-token dot per row).
+45-48 GFLOP/s vs 13-22 for tiles + BLAS (2.2-3.4x), Q8_0 56 vs 17; on a Zen 3 (AVX2, 128 tokens, one
+thread) Q4_K ~130-150 vs ~78, Q6_K 109 vs 55. Q5_0 keeps the tiles + BLAS below (a batched decode
+step runs its one-token dot per row).
 
-Prefill of the other types. A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
+Prefill of the other types (Q5_0; any type where the GEMM does not compile). A prompt of n tokens does 2 n FLOPs per weight, so there BLAS wins, and the cost to
 beat is the float32 copy of the weight it needs. `qmatmul` dequantizes the repacked weight a
 tile of output rows at a time (512 KB of float32 with one thread, so it is still in L2 when the
 GEMM reads it; the whole weight with several, see TILE_BYTES) into a per-thread scratch buffer, with explicit 16-lane SIMD code (about 5 Gvalues/s on one
@@ -57,7 +58,8 @@ through ~100 MB of weights, and the float kernel above was compute-bound on unpa
 to floats (~4.6 GB/s). So for these types x is quantized per 32-value block to int8 (scale
 dx = max|x| / 127, `quantize_x`), the weight bytes are stored as dwords of 4 consecutive values
 of one row ([words, G, 4]), and a 64-byte load is 16 rows x 4 values: VPDPBUSD adds four u8 x s8
-products per int32 lane (AVX512-VNNI; elsewhere LLVM lowers plain widening multiplies). Block
+products per int32 lane (AVX512-VNNI; with AVX2, VPMADDUBSW + VPMADDWD on 256-bit halves, int16 sums of
+several blocks' bytes before each VPMADDWD (`simd.Sums`); elsewhere LLVM lowers plain widening multiplies). Block
 sums are exact integers; only the per-block scaling rounds. The result is dequant(W) @ q8(x)
 (`reference`, to ~1e-7), ~5e-3 from the float32 product, as in llama.cpp; prefill rounds x the
 same way. MXFP4's E2M1 values doubled are integers (0, 1, 2, 3, 4, 6, 8, 12 and negatives):
@@ -295,7 +297,7 @@ def qmatmul(x, qt: QuantTensor, out=None, tile_bytes: int | None = None):
     return o2.reshape(want) if out is None else out
 
 
-GEMM_KINDS = ("nib", "q4_k", "q8_0")   # Packed kinds with an int8 GEMM (`qgemm`)
+GEMM_KINDS = ("nib", "q4_k", "q8_0", "q6_k", "mxfp4")   # Packed kinds with an int8 GEMM (`qgemm`)
 
 
 def row_exact(qt: QuantTensor) -> bool:

@@ -13,7 +13,8 @@ from .q8 import quantize_row, quantize_x, x_buffers
 from .simd import LANES, TOKENS
 
 prange = range        # replaced by numba.prange when the kernels are compiled
-vdot8_nib = vdot8_q4_k = q4_k_scales = vdot_q5_0 = vdot8_q8_0 = vdot8_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None   # the intrinsics of simd.py, set by _jit()
+vdot8_nib = vdot8_q4_k = q4_k_scales = vdot_q5_0 = vdot8_q8_0 = vdot8_q6_k = vdot8_mxfp4 = vdot8_nib_t = vdot8_q8_0_t = None
+vdot8_q6_k_t = vdot8_mxfp4_t = None   # the intrinsics of simd.py, set by _jit()
 deq_nib = deq_q4_0 = deq_q5_0 = deq_q8_0 = deq_q6_k = deq_mxfp4 = None
 
 
@@ -239,6 +240,59 @@ def _m_q8_0(qs, d, x, out):
             _store(out, i, g * G, acc[0])
 
 
+def _m_q6_k(qs, qh, sc, dd, x, out):
+    """_k_q6_k's layout through the GEMM: x [n, nb*32] -> out [n, rows]."""
+    ng, nb, _, G, _ = qs.shape
+    n, cols = x.shape
+    xq, dx, xqs = x_buffers(x)
+    for i in prange(n):                          # each row's int8 x on its own thread
+        quantize_row(x, i, xq, dx, xqs)
+    xh = _half_sums(xq)
+    full = n - n % TOKENS
+    for g in prange(ng):
+        acc = np.empty((TOKENS, G), np.float32)
+        for i0 in range(0, full, TOKENS):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_q6_k_t(qs[g, b], G, l0, qh[g, b], sc[g, b], dd[g, b // 8], xq, i0 * cols + b * 32, xh, dx,
+                                 i0 * nb + b, cols, nb, acc)
+            for u in range(TOKENS):
+                _store(out, i0 + u, g * G, acc[u])
+        for i in range(full, n):
+            acc[0, :] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_q6_k(qs[g, b], G, l0, qh[g, b], sc[g, b], dd[g, b // 8], xq[i], b * 32,
+                               xh[i, 2 * b], xh[i, 2 * b + 1], dx[i, b], acc[0])
+            _store(out, i, g * G, acc[0])
+
+
+def _m_mxfp4(qs, e, x, out):
+    """_k_mxfp4's layout through the GEMM: x [n, nb*32] -> out [n, rows]."""
+    ng, nb, _, G, _ = qs.shape
+    n, cols = x.shape
+    xq, dx, xqs = x_buffers(x)
+    for i in prange(n):                          # each row's int8 x on its own thread
+        quantize_row(x, i, xq, dx, xqs)
+    full = n - n % TOKENS
+    for g in prange(ng):
+        acc = np.empty((TOKENS, G), np.float32)
+        for i0 in range(0, full, TOKENS):
+            acc[:] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_mxfp4_t(qs[g, b], G, l0, e[g, b], e[g, b], xq, i0 * cols + b * 32, xqs, dx, i0 * nb + b, cols, nb, acc)
+            for u in range(TOKENS):
+                _store(out, i0 + u, g * G, acc[u])
+        for i in range(full, n):
+            acc[0, :] = 0.0
+            for b in range(nb):
+                for l0 in range(0, G, LANES):
+                    vdot8_mxfp4(qs[g, b], G, l0, xq[i], b * 32, e[g, b], xqs[i, b], dx[i, b], acc[0])
+            _store(out, i, g * G, acc[0])
+
+
 # ---------------------------------------------------------------------------- tile dequantizers (prefill)
 # Groups g0..g1 of a repacked weight -> tile f32 [cols, (g1 - g0) * G]: the dequantized rows
 # g0*G .. g1*G, transposed, so that lane l of a group is a contiguous column and the G lanes
@@ -314,7 +368,7 @@ def _t_q6_k(qs, qh, sc, dd, g0, g1, tile):
                 deq_q6_k(qs[g, b], G, l0, qh[g, b], sc[g, b], dd[g, b // 8], tile, b * 32, (g - g0) * G + l0, nc)
 
 
-SOURCES = {"m_nib": _m_nib, "m_q4_k": _m_q4_k, "m_q8_0": _m_q8_0, "nib": _k_nib, "q4_k": _k_q4_k, "q5_0": _k_q5_0,
+SOURCES = {"m_nib": _m_nib, "m_q4_k": _m_q4_k, "m_q8_0": _m_q8_0, "m_q6_k": _m_q6_k, "m_mxfp4": _m_mxfp4, "nib": _k_nib, "q4_k": _k_q4_k, "q5_0": _k_q5_0,
            "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4,
            "t_nib": _t_nib, "t_q4_k": _t_q4_k, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k,
            "t_mxfp4": _t_mxfp4}

@@ -140,34 +140,76 @@ def intrinsics():
         n = lo.type.count
         return k.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
 
-    def dot4(k, c, a, w, small=True):
-        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32>.
-
-        small: every byte of a is below 128 (the 4-bit codes, Q6_K's 6-bit ones, MXFP4's biased
-        values). With AVX2 and no VNNI, VPMADDUBSW sums byte pairs to int16, which cannot saturate
-        then (2 x 127 x 128 < 2^15), and VPMADDWD the int16 pairs to int32. Q8_0's bytes are
-        q + 128 (small=False): there AVX2 takes |q| and x with q's sign, so the sum is that of
-        q x, without the 128 sum(x) the other paths include (see Q8_BIAS)."""
+    def dot4(k, c, a, w):
+        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32> (VNNI or portable)."""
         b = k.b
         if VNNI:
             fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
             return b.call(fn, [c, a, w])
-        if AVX2:
-            ones = ir.Constant(h16, [1] * 16)
-            parts = []
-            for ah, wh in zip(halves(k, b.bitcast(a, b64)), halves(k, b.bitcast(w, b64))):
-                if not small:                                               # q = u - 128: |q| and x * sign(q)
-                    q = b.xor(ah, ir.Constant(b32, [0x80] * 32))
-                    ah = x86(k, "llvm.abs.v32i8", b32, q, ir.Constant(ir.IntType(1), 0))
-                    wh = x86(k, "llvm.x86.avx2.psign.b", b32, wh, q)
-                pairs = x86(k, "llvm.x86.avx2.pmadd.ub.sw", h16, ah, wh)
-                parts.append(x86(k, "llvm.x86.avx2.pmadd.wd", i8v, pairs, ones))
-            return b.add(c, joined(k, *parts))
         p = b.mul(b.zext(b.bitcast(a, b64), w64), b.sext(b.bitcast(w, b64), w64))          # <64 x i16>, no overflow
         for j in range(4):
             sel = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
             c = b.add(c, b.sext(sel, iv))
         return c
+
+    class Sums:
+        """n integer sums of dword products at once (one per token, or per half-block): add(j, a, w)
+        adds to sum j the 4 products u8 (a) x s8 (w) of each lane's dword; total(j) -> <16 x i32>.
+
+        bound: the largest byte of a (15 for nibbles, 24 for MXFP4's biased codes, 63 for Q6_K), or
+        None for Q8_0's q + 128 bytes. VNNI (or the portable code): each add is one VPDPBUSD into
+        `chains` round-robin chains per sum. AVX2: each add is VPMADDUBSW on the two 256-bit halves
+        (byte pairs to int16), and up to 32767 // (2 * 127 * bound) of them are summed in int16
+        before one VPMADDWD takes the int16 pairs to int32 (8 adds per VPMADDWD for nibbles: it
+        cannot overflow, x being -127..127). Q8_0 there takes |q| and x with q's sign, one add per
+        VPMADDWD, and its sums lack the 128 sum(x) of the other paths (Q8_BIAS). Integer sums are
+        exact, so every path gives the same numbers."""
+
+        def __init__(self, k, n, bound, chains=4):
+            self.k, self.bound = k, bound
+            self.run = 1 if bound is None else max(1, 32767 // (2 * 127 * bound))
+            self.ch = [[ir.Constant(iv, [0] * L) for _ in range(chains)] for _ in range(n)]
+            self.count = [0] * n
+            self.pend = [None] * n          # AVX2: int16 partial sums (two <16 x i16> halves) and their count
+            self.npend = [0] * n
+
+        def _chain_add(self, j, v):
+            c = self.count[j] % len(self.ch[j])
+            self.ch[j][c] = self.k.b.add(self.ch[j][c], v)
+            self.count[j] += 1
+
+        def add(self, j, a, w):
+            k, b = self.k, self.k.b
+            if VNNI or not AVX2:
+                c = self.count[j] % len(self.ch[j])
+                self.ch[j][c] = dot4(k, self.ch[j][c], a, w)
+                self.count[j] += 1
+                return
+            pairs = []
+            for ah, wh in zip(halves(k, b.bitcast(a, b64)), halves(k, b.bitcast(w, b64))):
+                if self.bound is None:                                      # q = u - 128: |q| and x * sign(q)
+                    q = b.xor(ah, ir.Constant(b32, [0x80] * 32))
+                    ah = x86(k, "llvm.abs.v32i8", b32, q, ir.Constant(ir.IntType(1), 0))
+                    wh = x86(k, "llvm.x86.avx2.psign.b", b32, wh, q)
+                pairs.append(x86(k, "llvm.x86.avx2.pmadd.ub.sw", h16, ah, wh))
+            old = self.pend[j]
+            self.pend[j] = pairs if old is None else [b.add(o, p) for o, p in zip(old, pairs)]
+            self.npend[j] += 1
+            if self.npend[j] == self.run:
+                self._flush(j)
+
+        def _flush(self, j):
+            if self.pend[j] is not None:
+                ones = ir.Constant(h16, [1] * 16)
+                self._chain_add(j, joined(self.k, *(x86(self.k, "llvm.x86.avx2.pmadd.wd", i8v, h, ones) for h in self.pend[j])))
+                self.pend[j], self.npend[j] = None, 0
+
+        def total(self, j):
+            self._flush(j)
+            ch = self.ch[j][:max(1, min(self.count[j], len(self.ch[j])))]
+            while len(ch) > 1:
+                ch = [self.k.b.add(ch[i], ch[i + 1]) if i + 1 < len(ch) else ch[i] for i in range(0, len(ch), 2)]
+            return ch[0]
 
     Q8_BIAS = 0 if AVX2 and not VNNI else 128      # what Q8_0's dots take off per unit of sum(x)
 
@@ -189,21 +231,18 @@ def intrinsics():
     def splat_word(k, ptr, off):  # <16 x i32> splat of the 4 bytes at ptr + off
         return splat_int(k, k.b.load(k.b.bitcast(k.at(ptr, off), i32.as_pointer()), align=1))
 
-    def isum(k, chains):
-        return k.b.add(k.b.add(chains[0], chains[1]), k.b.add(chains[2], chains[3]))
-
     def nib_dot(k, G_, l0_, xq, xoff_, xqs_, dx_, d_, m_, acc, acc_off):
         """acc[acc_off:+16] += dx * (d * sum_j (lo_j xq_j + hi_j xq_16+j) + m * xqs): lanes l0..l0+15
         of the nibble block k.ptr[0]; xq, acc: argument numbers; d_, m_ <16 x float> scales."""
         b = k.b
         low = const(0x0F0F0F0F)
-        ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+        sums = Sums(k, 1, 15)
         for t in range(4):                                       # dword t: values 4t..4t+3 and 16+4t..16+4t+3
             w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
             lo, hi = b.and_(w, low), b.and_(b.lshr(w, const(4)), low)
-            ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-            ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
-        s = b.sitofp(isum(k, ch), fv)
+            sums.add(0, lo, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+            sums.add(0, hi, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+        s = b.sitofp(sums.total(0), fv)
         inner = b.call(k.fma, [m_, k.splat(b.sitofp(xqs_, ir.FloatType())), b.fmul(d_, s)])
         k.update(acc, acc_off, b.fmul(k.splat(dx_), inner))
 
@@ -263,12 +302,12 @@ def intrinsics():
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
             G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
-            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            sums = Sums(k, 1, None)
             for t in range(8):
                 w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                ch[t % 4] = dot4(k, ch[t % 4], w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))), False)
+                sums.add(0, w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
             corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
-            s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
+            s = builder.sitofp(builder.sub(sums.total(0), splat_int(k, corr)), fv)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
@@ -306,19 +345,18 @@ def intrinsics():
                 G_, l0_ = args[1], args[2]
                 low = const(0x0F0F0F0F)
                 tok = [token_args(k, args, u) for u in range(T)]
-                ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
+                sums = Sums(k, T, 15, 4 if T <= 4 else 2)                   # 16 int32 chains in all
                 for t in range(4):
                     w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                     lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
                     for u in range(T):
                         xoff = tok[u][0]
-                        a, c = (t % 2, 2 + t % 2) if T <= 4 else (0, 1)      # 16 int32 chains in all
-                        ch[u][a] = dot4(k, ch[u][a], lo, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
-                        ch[u][c] = dot4(k, ch[u][c], hi, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 + 4 * t))))
+                        sums.add(u, lo, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
+                        sums.add(u, hi, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 + 4 * t))))
                 d_, m_ = k.floats16(4, l0_), k.floats16(3, l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
-                    s = builder.sitofp(isum(k, ch[u]), fv)
+                    s = builder.sitofp(sums.total(u), fv)
                     inner = builder.call(k.fma, [m_, k.splat(builder.sitofp(xqs_, ir.FloatType())), builder.fmul(d_, s)])
                     k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), inner))
                 return context.get_dummy_value()
@@ -335,18 +373,17 @@ def intrinsics():
                 k = Block(context, builder, sg, args)
                 G_, l0_ = args[1], args[2]
                 tok = [token_args(k, args, u) for u in range(T)]
-                ch = [[ir.Constant(iv, [0] * L) for _ in range(4)] for _ in range(T)]
+                sums = Sums(k, T, None, 4 if T <= 4 else 2)
                 for t in range(8):
                     w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                     for u in range(T):
                         xoff = tok[u][0]
-                        a = t % 4 if T <= 4 else t % 2
-                        ch[u][a] = dot4(k, ch[u][a], w, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))), False)
+                        sums.add(u, w, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
                 d_ = k.floats16(4, l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
                     corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
-                    s = builder.sitofp(builder.sub(isum(k, ch[u]), splat_int(k, corr)), fv)
+                    s = builder.sitofp(builder.sub(sums.total(u), splat_int(k, corr)), fv)
                     k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(d_, s)))
                 return context.get_dummy_value()
             return sig, codegen
@@ -393,15 +430,15 @@ def intrinsics():
             k = Block(context, builder, sg, args)
             G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
             low = const(0x0F0F0F0F)
-            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            sums = Sums(k, 1, 24)
             for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
                 w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                 for half, codes in ((0, builder.and_(w, low)), (1, builder.and_(builder.lshr(w, const(4)), low))):
                     u = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
                     xw = splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 16 * half + 4 * t)))
-                    ch[2 * half + t % 2] = dot4(k, ch[2 * half + t % 2], u, xw)
+                    sums.add(0, u, xw)
             corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 12))
-            s = builder.sitofp(builder.sub(isum(k, ch), splat_int(k, corr)), fv)
+            s = builder.sitofp(builder.sub(sums.total(0), splat_int(k, corr)), fv)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(e8m0_half(k, k.ptr[5], l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
@@ -454,18 +491,81 @@ def intrinsics():
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
             G_, l0_, xoff_, dx_ = args[1], args[2], args[7], args[10]
-            ch = [ir.Constant(iv, [0] * L) for _ in range(4)]
+            sums = Sums(k, 2, 63, 2)                             # the two 16-value halves, 2 chains each
             for t in range(4):
                 lo, hi = q6_k_codes(k, 0, 3, G_, l0_, t, AHEAD)
-                ch[t % 2] = dot4(k, ch[t % 2], lo, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-                ch[2 + t % 2] = dot4(k, ch[2 + t % 2], hi, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
-            t0, t1 = [builder.sitofp(builder.sub(builder.add(ch[2 * h], ch[2 * h + 1]),
+                sums.add(0, lo, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
+                sums.add(1, hi, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+            t0, t1 = [builder.sitofp(builder.sub(sums.total(h),
                                                  splat_int(k, builder.mul(builder.trunc(x, i32) if x.type != i32 else x, ir.Constant(i32, 32)))), fv)
                       for h, x in ((0, args[8]), (1, args[9]))]
             s0, s1 = q6_k_scales16(k, 4, 5, G_, l0_)
             k.update(11, l0_, builder.fmul(k.splat(dx_), builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)])))
             return context.get_dummy_value()
         return sig, codegen
+
+    # ---- Q6_K and MXFP4 for TOKENS rows of x (their int8 GEMMs): per token the operations of
+    # vdot8_q6_k / vdot8_mxfp4 above, in their order, so a row is bit-identical to its mat-vec.
+
+    def vdot8_q6_k_tokens(T):
+        @intrinsic
+        def vdot(typingctx, q, G, l0, qh, sc, d, xq, xo, xh, dx, so, cols, nb, acc):
+            """vdot8_q6_k for T tokens: xh int32 [n, cols/16] the int8 x sums of each half-block,
+            xo = i0 cols + b 32, so = i0 nb + b, acc f32 [T, G]."""
+            sig = types.void(q, G, l0, qh, sc, d, xq, xo, xh, dx, so, cols, nb, acc)
+
+            def codegen(context, builder, sg, args):
+                k = Block(context, builder, sg, args)
+                G_, l0_, xo_, so_, cols_, nb_ = args[1], args[2], args[7], args[10], args[11], args[12]
+                n_ = lambda v, ty: ir.Constant(ty, v)                       # noqa: E731
+                xoffs = [builder.add(xo_, builder.mul(cols_, n_(u, cols_.type))) for u in range(T)]
+                sums = Sums(k, 2 * T, 63, 2 if T <= 4 else 1)
+                for t in range(4):
+                    lo, hi = q6_k_codes(k, 0, 3, G_, l0_, t, AHEAD)
+                    for u in range(T):
+                        sums.add(2 * u, lo, splat_word(k, k.ptr[6], builder.add(xoffs[u], n_(4 * t, xo_.type))))
+                        sums.add(2 * u + 1, hi, splat_word(k, k.ptr[6], builder.add(xoffs[u], n_(16 + 4 * t, xo_.type))))
+                s0, s1 = q6_k_scales16(k, 4, 5, G_, l0_)
+                for u in range(T):
+                    soff = builder.add(so_, builder.mul(nb_, n_(u, nb_.type)))
+                    h2 = builder.mul(soff, n_(2, soff.type))
+                    t0, t1 = [builder.sitofp(builder.sub(sums.total(2 * u + h), splat_int(k, builder.mul(
+                        builder.load(k.at(k.ptr[8], builder.add(h2, n_(h, h2.type)))), ir.Constant(i32, 32)))), fv)
+                              for h in (0, 1)]
+                    dx_ = builder.load(k.at(k.ptr[9], soff))
+                    k.update(13, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)])))
+                return context.get_dummy_value()
+            return sig, codegen
+        return vdot
+
+    def vdot8_mxfp4_tokens(T):
+        @intrinsic
+        def vdot(typingctx, q, G, l0, m, e, xq, xo, xqs, dx, so, cols, nb, acc):
+            """vdot8_mxfp4 for T tokens (m is unused, for the nibble kernels' signature; e the E8M0 bytes)."""
+            sig = types.void(q, G, l0, m, e, xq, xo, xqs, dx, so, cols, nb, acc)
+
+            def codegen(context, builder, sg, args):
+                k = Block(context, builder, sg, args)
+                G_, l0_ = args[1], args[2]
+                low = const(0x0F0F0F0F)
+                tok = [token_args(k, args, u) for u in range(T)]
+                sums = Sums(k, T, 24, 4 if T <= 4 else 2)
+                for t in range(4):
+                    w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+                    for half, codes in ((0, builder.and_(w, low)), (1, builder.and_(builder.lshr(w, const(4)), low))):
+                        uc = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
+                        for u in range(T):
+                            xoff = tok[u][0]
+                            sums.add(u, uc, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 * half + 4 * t))))
+                scale = e8m0_half(k, k.ptr[4], l0_)
+                for u in range(T):
+                    _, xqs_, dx_ = tok[u]
+                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 12))
+                    s = builder.sitofp(builder.sub(sums.total(u), splat_int(k, corr)), fv)
+                    k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(scale, s)))
+                return context.get_dummy_value()
+            return sig, codegen
+        return vdot
 
     # ---- tile dequantizers: one 32-value block of 16 lanes (rows) -> tile[row0 + j, col:col+16], j < 32.
     # The float32 operations of quants.dequantize, in its order (a multiply, then an add: no FMA).
@@ -589,6 +689,7 @@ def intrinsics():
 
     deq_q4_0, deq_nib = deq_nib_factory(True), deq_nib_factory(False)
     return {"vdot8_nib_t": vdot8_nib_tokens(TOKENS), "vdot8_q8_0_t": vdot8_q8_0_tokens(TOKENS),
+            "vdot8_q6_k_t": vdot8_q6_k_tokens(TOKENS), "vdot8_mxfp4_t": vdot8_mxfp4_tokens(TOKENS),
             "vdot8_nib": vdot8_nib, "vdot8_q4_k": vdot8_q4_k, "q4_k_scales": q4_k_scales, "vdot_q5_0": vdot_q5_0, "vdot8_q8_0": vdot8_q8_0, "vdot8_q6_k": vdot8_q6_k,
             "vdot8_mxfp4": vdot8_mxfp4, "deq_nib": deq_nib, "deq_q4_0": deq_q4_0, "deq_q5_0": deq_q5_0,
             "deq_q8_0": deq_q8_0, "deq_q6_k": deq_q6_k, "deq_mxfp4": deq_mxfp4}
