@@ -104,7 +104,8 @@ def test_demo_answers_do_not_loop(demo_rows):
 
 def test_notebook_questions_are_answered(smollm):
     """The questions notebooks 00 and 03 and the browser test ask are in the set and answered well:
-    on at least 2 of seeds 0-2 (a sampled answer moves when the engine's rounding does)."""
+    on at least 5 of seeds 0-7 (a sampled answer moves when the engine's rounding does: on a Zen 3
+    box the mountain question failed seeds 0 and 2 and passed 1 and 3-9)."""
     qs = {q["question"]: q for q in Q.load_questions()}
     asked = ["What is the capital of France?",               # 00_welcome
              "What is the capital of Japan?",                # tests/browser/test_jupyterlab.py
@@ -113,8 +114,8 @@ def test_notebook_questions_are_answered(smollm):
     for question in asked:
         assert question in qs
         answers = [smollm.chat(Q.demo_messages(question), max_new_tokens=Q.MAX_NEW_TOKENS, seed=seed).text
-                   for seed in range(3)]
-        assert sum(Q.passes(a, qs[question]) for a in answers) >= 2, answers
+                   for seed in range(8)]
+        assert sum(Q.passes(a, qs[question]) for a in answers) >= 5, answers
 
 
 def test_haiku_does_not_loop(smollm):
