@@ -453,6 +453,8 @@ def test_moe_matvec_reads_only_the_picked_experts():
     assert qm.moe_matvec(xs, stack, ids, out=out) is out
     for j, e in enumerate(ids):
         assert close(out[j], qm.reference(xs[j], stack[e]), rtol=1e-6)
+        assert same_bits(out[j], qm.qmatvec(xs[j], stack[e]))           # MXFP4: one fused call, each row qmatvec's
+        assert same_bits(y[j], qm.qmatvec(x, stack[e]))
     assert close(qm.moe_matvec(xs, stack.experts, ids), out, rtol=0)   # a list of QuantTensors works the same
 
 

@@ -91,10 +91,38 @@ def moe_matvec(x, experts, expert_ids, out=None):
         out = np.empty((k, rows), np.float32)
     elif out.shape != (k, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"moe_matvec: out must be float32 C-contiguous of shape {(k, rows)}, got {out.dtype} {tuple(out.shape)}")
-    for j, e in enumerate(ids.tolist()):
-        w = experts[e]
+    picked = [experts[e] for e in ids.tolist()]
+    for e, w in zip(ids.tolist(), picked):
         if w.shape != first.shape or w.qtype != first.qtype:
             raise ValueError(f"moe_matvec: expert {e} is {w.qtype.name} {w.shape}, expert {int(ids[0])} "
                              f"{first.qtype.name} {first.shape}: one stack holds one type and shape")
+    if _fused(x, picked, out):
+        return out
+    for j, w in enumerate(picked):
         qmatvec(x if x.ndim == 1 else x[j], w, out=out[j])            # [cols] -> [rows], only expert e read
     return out
+
+
+def _fused(x, picked, out) -> bool:
+    """MXFP4 experts (gpt-oss): all k mat-vecs in one parallel kernel call, x quantized once. One call
+    per expert ran 4.4 MB each (gpt-oss-20b), too short for two threads to stream at full rate. Rows
+    are those of qmatvec per expert, bit for bit. False where it does not apply (then one call each)."""
+    from . import _jit, prepare
+    from ...ggml_types import GGMLQuantizationType as QT
+    k = _jit()
+    if not k or k.get("mxfp4_experts") is None or picked[0].qtype != QT.MXFP4 or type(x) is not np.ndarray \
+            or any(array_module(w.data) is not np for w in picked):
+        return False
+    packs = [w.packed or prepare(w) for w in picked]
+    if any(p is None or p.kind != "mxfp4" for p in packs) or len({p.arrays[0].shape for p in packs}) != 1:
+        return False
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    try:
+        k["mxfp4_experts"](tuple(p.arrays[0] for p in packs), tuple(p.arrays[1] for p in packs), x2, out)
+    except Exception as e:                                             # e.g. a numba without tuple indexing
+        from . import _numba_error
+        if not isinstance(e, _numba_error()):
+            raise
+        k["mxfp4_experts"] = None
+        return False
+    return True

@@ -96,6 +96,24 @@ def _k_mxfp4(qs, e, x, out):
             _store(out, i, g * G, acc)
 
 
+def _k_mxfp4_experts(qs, e, x, out):
+    """k experts' _k_mxfp4 in one parallel loop: qs, e tuples of k experts' arrays (one shape);
+    x [1, cols] (one input for all: gate, up) or [k, cols] (row j for expert j: down); out [k, rows].
+    The threads share k * ng groups instead of ng per call; each row's numbers are _k_mxfp4's."""
+    k = len(qs)
+    ng, nb, _, G, _ = qs[0].shape
+    xq, dx, xqs = quantize_x(x)
+    for w in prange(k * ng):
+        j, g = w // ng, w % ng
+        i = 0 if x.shape[0] == 1 else j
+        q, sc = qs[j], e[j]
+        acc = np.zeros(G, np.float32)
+        for b in range(nb):
+            for l0 in range(0, G, LANES):
+                vdot8_mxfp4(q[g, b], G, l0, xq[i], b * 32, sc[g, b], xqs[i, b], dx[i, b], acc)
+        _store(out, j, g * G, acc)
+
+
 def _k_q5_0(qs, qh, d, x, out):
     """qs u8 [ng, nb, 16, G]; qh u8 [ng, nb, 4, G]; d [ng, nb, G]."""
     ng, nb, _, G = qs.shape
@@ -369,6 +387,6 @@ def _t_q6_k(qs, qh, sc, dd, g0, g1, tile):
 
 
 SOURCES = {"m_nib": _m_nib, "m_q4_k": _m_q4_k, "m_q8_0": _m_q8_0, "m_q6_k": _m_q6_k, "m_mxfp4": _m_mxfp4, "nib": _k_nib, "q4_k": _k_q4_k, "q5_0": _k_q5_0,
-           "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4,
+           "q8_0": _k_q8_0, "q6_k": _k_q6_k, "mxfp4": _k_mxfp4, "mxfp4_experts": _k_mxfp4_experts,
            "t_nib": _t_nib, "t_q4_k": _t_q4_k, "t_q5_0": _t_q5_0, "t_q8_0": _t_q8_0, "t_q6_k": _t_q6_k,
            "t_mxfp4": _t_mxfp4}
