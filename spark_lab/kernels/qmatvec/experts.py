@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...device import array_module
+from ...ggml_types import GGMLQuantizationType as QT
 from ...quants import BLOCK_SIZES, QuantTensor, as_qtype
 
 
@@ -107,8 +108,7 @@ def _fused(x, picked, out) -> bool:
     """MXFP4 experts (gpt-oss): all k mat-vecs in one parallel kernel call, x quantized once. One call
     per expert ran 4.4 MB each (gpt-oss-20b), too short for two threads to stream at full rate. Rows
     are those of qmatvec per expert, bit for bit. False where it does not apply (then one call each)."""
-    from . import _jit, prepare
-    from ...ggml_types import GGMLQuantizationType as QT
+    from . import _jit, _numba_error, prepare                         # the package imports this module
     k = _jit()
     if not k or k.get("mxfp4_experts") is None or picked[0].qtype != QT.MXFP4 or type(x) is not np.ndarray \
             or any(array_module(w.data) is not np for w in picked):
@@ -119,10 +119,7 @@ def _fused(x, picked, out) -> bool:
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     try:
         k["mxfp4_experts"](tuple(p.arrays[0] for p in packs), tuple(p.arrays[1] for p in packs), x2, out)
-    except Exception as e:                                             # e.g. a numba without tuple indexing
-        from . import _numba_error
-        if not isinstance(e, _numba_error()):
-            raise
+    except _numba_error():                                             # e.g. a numba without tuple indexing
         k["mxfp4_experts"] = None
         return False
     return True

@@ -173,17 +173,15 @@ def intrinsics():
             self.pend = [None] * n          # AVX2: int16 partial sums (two <16 x i16> halves) and their count
             self.npend = [0] * n
 
-        def _chain_add(self, j, v):
+        def _chain(self, j, f):  # the next chain of sum j (round-robin) <- f(that chain)
             c = self.count[j] % len(self.ch[j])
-            self.ch[j][c] = self.k.b.add(self.ch[j][c], v)
+            self.ch[j][c] = f(self.ch[j][c])
             self.count[j] += 1
 
         def add(self, j, a, w):
             k, b = self.k, self.k.b
             if VNNI or not AVX2:
-                c = self.count[j] % len(self.ch[j])
-                self.ch[j][c] = dot4(k, self.ch[j][c], a, w)
-                self.count[j] += 1
+                self._chain(j, lambda c: dot4(k, c, a, w))
                 return
             pairs = []
             for ah, wh in zip(halves(k, b.bitcast(a, b64)), halves(k, b.bitcast(w, b64))):
@@ -201,7 +199,8 @@ def intrinsics():
         def _flush(self, j):
             if self.pend[j] is not None:
                 ones = ir.Constant(h16, [1] * 16)
-                self._chain_add(j, joined(self.k, *(x86(self.k, "llvm.x86.avx2.pmadd.wd", i8v, h, ones) for h in self.pend[j])))
+                v = joined(self.k, *(x86(self.k, "llvm.x86.avx2.pmadd.wd", i8v, h, ones) for h in self.pend[j]))
+                self._chain(j, lambda c: self.k.b.add(c, v))
                 self.pend[j], self.npend[j] = None, 0
 
         def total(self, j):
@@ -227,6 +226,10 @@ def intrinsics():
     def splat_int(k, v):  # <16 x i32> splat of an i32
         e = k.b.insert_element(ir.Constant(iv, ir.Undefined), v, ir.Constant(i32, 0))
         return k.b.shuffle_vector(e, e, ir.Constant(ir.VectorType(i32, L), [0] * L))
+
+    def less(k, total, xs, c):  # <16 x float>: total - c * xs, xs an integer sum of x (any int width)
+        xs = k.b.trunc(xs, i32) if xs.type != i32 else xs
+        return k.b.sitofp(k.b.sub(total, splat_int(k, k.b.mul(xs, ir.Constant(i32, c)))), fv)
 
     def splat_word(k, ptr, off):  # <16 x i32> splat of the 4 bytes at ptr + off
         return splat_int(k, k.b.load(k.b.bitcast(k.at(ptr, off), i32.as_pointer()), align=1))
@@ -306,8 +309,7 @@ def intrinsics():
             for t in range(8):
                 w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
                 sums.add(0, w, splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
-            s = builder.sitofp(builder.sub(sums.total(0), splat_int(k, corr)), fv)
+            s = less(k, sums.total(0), xqs_, Q8_BIAS)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(k.floats16(5, l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
@@ -382,8 +384,7 @@ def intrinsics():
                 d_ = k.floats16(4, l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
-                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, Q8_BIAS))
-                    s = builder.sitofp(builder.sub(sums.total(u), splat_int(k, corr)), fv)
+                    s = less(k, sums.total(u), xqs_, Q8_BIAS)
                     k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(d_, s)))
                 return context.get_dummy_value()
             return sig, codegen
@@ -437,8 +438,7 @@ def intrinsics():
                     u = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
                     xw = splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 16 * half + 4 * t)))
                     sums.add(0, u, xw)
-            corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 12))
-            s = builder.sitofp(builder.sub(sums.total(0), splat_int(k, corr)), fv)
+            s = less(k, sums.total(0), xqs_, 12)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(e8m0_half(k, k.ptr[5], l0_), s)))
             return context.get_dummy_value()
         return sig, codegen
@@ -496,9 +496,7 @@ def intrinsics():
                 lo, hi = q6_k_codes(k, 0, 3, G_, l0_, t, AHEAD)
                 sums.add(0, lo, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
                 sums.add(1, hi, splat_word(k, k.ptr[6], builder.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
-            t0, t1 = [builder.sitofp(builder.sub(sums.total(h),
-                                                 splat_int(k, builder.mul(builder.trunc(x, i32) if x.type != i32 else x, ir.Constant(i32, 32)))), fv)
-                      for h, x in ((0, args[8]), (1, args[9]))]
+            t0, t1 = [less(k, sums.total(h), x, 32) for h, x in ((0, args[8]), (1, args[9]))]
             s0, s1 = q6_k_scales16(k, 4, 5, G_, l0_)
             k.update(11, l0_, builder.fmul(k.splat(dx_), builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)])))
             return context.get_dummy_value()
@@ -529,8 +527,7 @@ def intrinsics():
                 for u in range(T):
                     soff = builder.add(so_, builder.mul(nb_, n_(u, nb_.type)))
                     h2 = builder.mul(soff, n_(2, soff.type))
-                    t0, t1 = [builder.sitofp(builder.sub(sums.total(2 * u + h), splat_int(k, builder.mul(
-                        builder.load(k.at(k.ptr[8], builder.add(h2, n_(h, h2.type)))), ir.Constant(i32, 32)))), fv)
+                    t0, t1 = [less(k, sums.total(2 * u + h), builder.load(k.at(k.ptr[8], builder.add(h2, n_(h, h2.type)))), 32)
                               for h in (0, 1)]
                     dx_ = builder.load(k.at(k.ptr[9], soff))
                     k.update(13, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.call(k.fma, [s1, t1, builder.fmul(s0, t0)])))
@@ -560,8 +557,7 @@ def intrinsics():
                 scale = e8m0_half(k, k.ptr[4], l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
-                    corr = builder.mul(builder.trunc(xqs_, i32) if xqs_.type != i32 else xqs_, ir.Constant(i32, 12))
-                    s = builder.sitofp(builder.sub(sums.total(u), splat_int(k, corr)), fv)
+                    s = less(k, sums.total(u), xqs_, 12)
                     k.update(12, acc_at(k, args, u), builder.fmul(k.splat(dx_), builder.fmul(scale, s)))
                 return context.get_dummy_value()
             return sig, codegen
