@@ -16,10 +16,12 @@ from __future__ import annotations
 
 LANES = 16
 _CHAINS = 4
-# The int8 kernels ask for the weight bytes this far ahead of the ones they read: a token streams
-# every weight from memory once, and the hardware prefetcher alone got ~5 GB/s of the ~9.7 GB/s a
-# plain read loop gets on one core here; 2 KB ahead got ~8 GB/s (1, 2, 4, 8 KB tried).
-PREFETCH_BYTES = 2048
+# The int8 kernels ask for the weight bytes this far ahead of the ones they read, into L2
+# (PREFETCHT1): a token streams every weight from memory once, and the hardware prefetcher alone
+# falls short. On a Zen 4 VM whose core reads ~25-30 GB/s, 2 threads, real 8B shapes: none 15-17
+# GB/s per matrix, 2 KB ahead into L1 (PREFETCHT0, the old setting, tuned on a ~10 GB/s core)
+# 22-26, 4-8 KB into L2 26-38 (16 KB: 24-27). Into L1 that far ahead evicts lines before use.
+PREFETCH_BYTES = 8192
 # rows of x (tokens) per multi-token dot: each weight dword loaded serves this many (4 x 4 int32
 # chains of sums live in registers)
 TOKENS = 8
@@ -218,10 +220,10 @@ def intrinsics():
             prefetch(k, k.at(ptr, k.b.add(off, ir.Constant(G.type, ahead))))
         return k.b.load(k.b.bitcast(k.at(ptr, off), iv.as_pointer()), align=1)
 
-    def prefetch(k, ptr):  # a read hint: the weights stream from memory once per token
+    def prefetch(k, ptr):  # a read hint into L2 (locality 2): the weights stream from memory once per token
         i8p = ir.IntType(8).as_pointer()
         fn = cgutils.get_or_insert_function(k.b.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        k.b.call(fn, [k.b.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        k.b.call(fn, [k.b.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
     def splat_int(k, v):  # <16 x i32> splat of an i32
         e = k.b.insert_element(ir.Constant(iv, ir.Undefined), v, ir.Constant(i32, 0))
