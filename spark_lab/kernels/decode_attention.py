@@ -24,7 +24,7 @@ on timing or thread count. Rows are widened on the fly from the cache's storage 
     q8_0   int8 [Tk, Hkv, D] with float32 scales [Tk, Hkv, D/32]
 
 16 values per step by `kv_rows.widen16` (VCVTPH2PS for f16, sign-extend + convert x block scale
-for q8_0, each with a read hint 2 KB ahead) when D is a multiple of 16, else a scalar loop (f16
+for q8_0, each with a read hint 2048 values ahead into L2) when D is a multiple of 16, else a scalar loop (f16
 by integer shifts). For head dims 64, 128 and 256 the keys go 16 at a time: 16 positions' rows
 of every KV head are widened in memory order into a [Hkv, 16, D] buffer (one KV head's 16 rows
 contiguous: rows 4 KB apart fell into one L1 set and doubled the time), then `attn_blocks`'

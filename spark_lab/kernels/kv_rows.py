@@ -11,7 +11,8 @@ the bits (shifts, masks, a rebias multiply) does not reach.
 from __future__ import annotations
 
 LANES = 16
-PREFETCH_VALUES = 1024   # a read hint this many values ahead: the cache streams through once per step
+PREFETCH_VALUES = 2048   # a read hint this many values ahead, into L2: the cache streams through once per step
+                         # (f16 at 16k, 2 threads, Zen 4: 1024 values into L1 5.4 ms/layer, 2048 into L2 3.9)
 _INTRINSIC = None
 
 
@@ -48,7 +49,7 @@ def widen16_intrinsic():
             i32 = ir.IntType(32)
             pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
             builder.call(pf, [builder.bitcast(builder.gep(p, [ir.Constant(ir.IntType(64), PREFETCH_VALUES)]), i8p),
-                              ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                              ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
             if dt == types.float32:
                 x = builder.load(builder.bitcast(p, fv.as_pointer()), align=4)
             elif dt == types.uint16:
