@@ -166,3 +166,26 @@ def test_prune_drops_stale_entries_and_dead_temporaries(tmp_path, cache_on, monk
     assert len(list(cache_on.glob("*.bin"))) == 1
     monkeypatch.setattr(repack_cache, "LAYOUT", repack_cache.LAYOUT + 1)  # the kernels' layout moved on
     assert repack_cache.prune(cache_on) == 2 and _entries(cache_on) == []
+
+
+def test_read_ahead_walks_a_files_entries_in_the_order_they_were_written(tmp_path, cache_on, monkeypatch):
+    specs = [(QT.Q4_K, 64, 256), (QT.Q8_0, 96, 256), (QT.Q6_K, 32, 256)]
+    ws, _ = _file_weights(tmp_path, specs)
+    others, _ = _file_weights(tmp_path, [(QT.Q4_K, 64, 256)], seed=1, name="other.bin")
+    made = []
+    for i, w in enumerate(ws + others):
+        qm.prepare(w)
+        newest = max(cache_on.glob("*.bin"), key=lambda p: p.stat().st_mtime_ns)
+        os.utime(newest, ns=(10**18 + i * 10**9,) * 2)                  # distinct ages, in use order
+        made.append(newest)
+    t = repack_cache._READ_AHEAD[os.path.realpath(tmp_path / "w.bin")]
+    t.join(5)
+    key = json.loads(made[0].with_suffix(".json").read_text())["key"]
+    order = repack_cache.entries_in_use_order(key, cache_on)
+    assert [p for p, _ in order] == made[:3]                             # this GGUF's, oldest first
+    assert [n for _, n in order] == [p.stat().st_size for p in made[:3]]
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((n, advice)))
+    budget = order[0][1] + order[1][1]
+    assert repack_cache._advise(order, budget) == budget                 # stops where the memory ends
+    assert asked == [(order[0][1], os.POSIX_FADV_WILLNEED), (order[1][1], os.POSIX_FADV_WILLNEED)]

@@ -22,7 +22,10 @@ size (tests); unset: files of MIN_FILE_BYTES or more. Without room on disk (what
 plus MIN_FREE_BYTES) the arrays go to memory as before. The first entry a process looks up
 sweeps the folder once: entries whose GGUF is gone or changed since or whose LAYOUT is not this
 one, and temporary files of processes that no longer run, are deleted (`prune`);
-`rm -rf ~/.cache/spark_lab/repacked` is safe.
+`rm -rf ~/.cache/spark_lab/repacked` is safe. The first lookup for a GGUF also starts `read_ahead`:
+a thread asking the kernel to read that GGUF's entries into the page cache, oldest first (the
+order a forward pass uses them), so a cold process's first prompt does not fault them in a few
+pages at a time (gpt-oss-20b, page cache dropped: first token 22.5-25.3 s -> 18.0-18.5 s).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ MIN_FILE_BYTES = 1 << 30       # GGUFs this big or bigger keep their repacked co
 MIN_FREE_BYTES = 2 << 30       # leave this much disk free
 ALIGN = 4096                   # each array starts on a page
 _PRUNED = False                # prune() ran in this process
+_READ_AHEAD: dict = {}         # GGUF path -> the thread reading its entries ahead (read_ahead)
 
 
 def _mode() -> str | None:
@@ -93,6 +97,8 @@ class CacheEntry:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         if not _PRUNED:
             prune()
+        if key["file"] not in _READ_AHEAD:
+            read_ahead(key)
         return cls(cache_root() / digest, key)
 
     # ------------------------------------------------------------------ read
@@ -205,3 +211,82 @@ def prune(root: Path | None = None) -> int:
         except (OSError, ValueError, AttributeError):
             continue
     return gone
+
+
+# ---------------------------------------------------------------------------- read-ahead
+
+def entries_in_use_order(key: dict, root: Path | None = None) -> list[tuple[Path, int]]:
+    """(.bin path, bytes) of the complete entries of key's GGUF (same path, size, mtime, LAYOUT),
+    oldest first: the process that wrote them repacked each weight as a layer first ran, so file
+    age is the order a forward pass reads them."""
+    root = cache_root() if root is None else root
+    found = []
+    try:
+        names = list(root.glob("*.json"))
+    except OSError:
+        return []
+    for meta in names:
+        try:
+            k = json.loads(meta.read_text()).get("key", {})
+            if (k.get("file"), k.get("size"), k.get("mtime_ns"), k.get("layout")) != \
+                    (key["file"], key["size"], key["mtime_ns"], LAYOUT):
+                continue
+            b = meta.with_suffix(".bin")
+            st = b.stat()
+            found.append((st.st_mtime_ns, str(b), st.st_size))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return [(Path(b), n) for _, b, n in sorted(found)]
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _advise(entries, budget: int) -> int:
+    """Ask the kernel to read each file into the page cache (POSIX_FADV_WILLNEED), in order, until
+    `budget` bytes -> bytes asked for."""
+    asked = 0
+    for path, n in entries:
+        if asked + n > budget:
+            break
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            continue
+        asked += n
+    return asked
+
+
+def read_ahead(key: dict):
+    """Start reading the GGUF's cached entries from disk in the background, in the order a forward
+    pass uses them (first use of the cache for that GGUF in this process).
+
+    Why. A cold process whose entries are not in the page cache (evicted by another big process)
+    faults the repacked weights in as the first prompt's layers touch them: a few page-sized reads
+    at a time, ~0.5 GB/s here, while the disk streams 1 GB/s. Asked for in order ahead of use, the
+    pages are there when the layers run. Only as much as fits in the memory available now (less 1
+    GiB): reading past it would evict the pages the first layers need. Returns the thread."""
+    import threading
+    if not hasattr(os, "posix_fadvise"):
+        return None
+
+    def run():
+        entries = entries_in_use_order(key)
+        _advise(entries, _available_bytes() - (1 << 30))
+
+    t = threading.Thread(target=run, name="spark-lab-read-ahead", daemon=True)
+    _READ_AHEAD[key["file"]] = t
+    t.start()
+    return t
