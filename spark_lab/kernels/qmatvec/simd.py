@@ -236,17 +236,27 @@ def intrinsics():
     def splat_word(k, ptr, off):  # <16 x i32> splat of the 4 bytes at ptr + off
         return splat_int(k, k.b.load(k.b.bitcast(k.at(ptr, off), i32.as_pointer()), align=1))
 
+    def nibble_sums(k, sums, G_, l0_, xq, xoffs, codes=None):
+        """sums[u] += the nibble block k.ptr[0] (lanes l0..l0+15) dotted with token u's int8 x at
+        xoffs[u] of array argument xq: dword t holds values 4t..4t+3 (low nibbles) and 16+4t..16+4t+3
+        (high); codes, if given, maps the nibble bytes first (MXFP4's E2M1 table). Every sum takes
+        its products in one order (t, then low before high), whatever the token count."""
+        b = k.b
+        low = const(0x0F0F0F0F)
+        for t in range(4):
+            w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
+            for half, c in ((0, b.and_(w, low)), (1, b.and_(b.lshr(w, const(4)), low))):
+                if codes is not None:
+                    c = b.bitcast(codes(k, b.bitcast(c, b64), b64), iv)
+                for u, xoff in enumerate(xoffs):
+                    sums.add(u, c, splat_word(k, k.ptr[xq], b.add(xoff, ir.Constant(xoff.type, 16 * half + 4 * t))))
+
     def nib_dot(k, G_, l0_, xq, xoff_, xqs_, dx_, d_, m_, acc, acc_off):
         """acc[acc_off:+16] += dx * (d * sum_j (lo_j xq_j + hi_j xq_16+j) + m * xqs): lanes l0..l0+15
         of the nibble block k.ptr[0]; xq, acc: argument numbers; d_, m_ <16 x float> scales."""
         b = k.b
-        low = const(0x0F0F0F0F)
         sums = Sums(k, 1, 15)
-        for t in range(4):                                       # dword t: values 4t..4t+3 and 16+4t..16+4t+3
-            w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-            lo, hi = b.and_(w, low), b.and_(b.lshr(w, const(4)), low)
-            sums.add(0, lo, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 4 * t))))
-            sums.add(0, hi, splat_word(k, k.ptr[xq], b.add(xoff_, ir.Constant(xoff_.type, 16 + 4 * t))))
+        nibble_sums(k, sums, G_, l0_, xq, [xoff_])
         s = b.sitofp(sums.total(0), fv)
         inner = b.call(k.fma, [m_, k.splat(b.sitofp(xqs_, ir.FloatType())), b.fmul(d_, s)])
         k.update(acc, acc_off, b.fmul(k.splat(dx_), inner))
@@ -347,16 +357,9 @@ def intrinsics():
             def codegen(context, builder, sg, args):
                 k = Block(context, builder, sg, args)
                 G_, l0_ = args[1], args[2]
-                low = const(0x0F0F0F0F)
                 tok = [token_args(k, args, u) for u in range(T)]
                 sums = Sums(k, T, 15, 4 if T <= 4 else 2)                   # 16 int32 chains in all
-                for t in range(4):
-                    w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                    lo, hi = builder.and_(w, low), builder.and_(builder.lshr(w, const(4)), low)
-                    for u in range(T):
-                        xoff = tok[u][0]
-                        sums.add(u, lo, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 4 * t))))
-                        sums.add(u, hi, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 + 4 * t))))
+                nibble_sums(k, sums, G_, l0_, 5, [x[0] for x in tok])
                 d_, m_ = k.floats16(4, l0_), k.floats16(3, l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
@@ -432,14 +435,8 @@ def intrinsics():
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
             G_, l0_, xoff_, xqs_, dx_ = args[1], args[2], args[4], args[6], args[7]
-            low = const(0x0F0F0F0F)
             sums = Sums(k, 1, 24)
-            for t in range(4):                                   # dword t: values 4t..4t+3 and 16+4t..16+4t+3
-                w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                for half, codes in ((0, builder.and_(w, low)), (1, builder.and_(builder.lshr(w, const(4)), low))):
-                    u = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
-                    xw = splat_word(k, k.ptr[3], builder.add(xoff_, ir.Constant(xoff_.type, 16 * half + 4 * t)))
-                    sums.add(0, u, xw)
+            nibble_sums(k, sums, G_, l0_, 3, [xoff_], e2m1_biased)
             s = less(k, sums.total(0), xqs_, 12)
             k.update(8, l0_, builder.fmul(k.splat(dx_), builder.fmul(e8m0_half(k, k.ptr[5], l0_), s)))
             return context.get_dummy_value()
@@ -546,16 +543,9 @@ def intrinsics():
             def codegen(context, builder, sg, args):
                 k = Block(context, builder, sg, args)
                 G_, l0_ = args[1], args[2]
-                low = const(0x0F0F0F0F)
                 tok = [token_args(k, args, u) for u in range(T)]
                 sums = Sums(k, T, 24, 4 if T <= 4 else 2)
-                for t in range(4):
-                    w = words16(k, k.ptr[0], G_, l0_, t, AHEAD)
-                    for half, codes in ((0, builder.and_(w, low)), (1, builder.and_(builder.lshr(w, const(4)), low))):
-                        uc = builder.bitcast(e2m1_biased(k, builder.bitcast(codes, b64), b64), iv)
-                        for u in range(T):
-                            xoff = tok[u][0]
-                            sums.add(u, uc, splat_word(k, k.ptr[5], builder.add(xoff, ir.Constant(xoff.type, 16 * half + 4 * t))))
+                nibble_sums(k, sums, G_, l0_, 5, [x[0] for x in tok], e2m1_biased)
                 scale = e8m0_half(k, k.ptr[4], l0_)
                 for u in range(T):
                     _, xqs_, dx_ = tok[u]
