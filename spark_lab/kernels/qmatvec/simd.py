@@ -20,7 +20,7 @@ _CHAINS = 4
 # (PREFETCHT1): a token streams every weight from memory once, and the hardware prefetcher alone
 # falls short. On a Zen 4 VM whose core reads ~25-30 GB/s, 2 threads, real 8B shapes: none 15-17
 # GB/s per matrix, 2 KB ahead into L1 (PREFETCHT0, the old setting, tuned on a ~10 GB/s core)
-# 22-26, 4-8 KB into L2 26-38 (16 KB: 24-27). Into L1 that far ahead evicts lines before use.
+# 22-26, 4-8 KB into L2 26-38 (16 KB: 24-27). One core alone: 2 KB into L1 12-18, 8 KB into L2 20-22.
 PREFETCH_BYTES = 8192
 # rows of x (tokens) per multi-token dot: each weight dword loaded serves this many (4 x 4 int32
 # chains of sums live in registers)
