@@ -458,6 +458,22 @@ def test_moe_matvec_reads_only_the_picked_experts():
     assert close(qm.moe_matvec(xs, stack.experts, ids), out, rtol=0)   # a list of QuantTensors works the same
 
 
+@pytest.mark.parametrize("qtype", [QT.MXFP4, QT.Q4_0], ids=lambda q: q.name)
+def test_moe_matvec_pair_is_two_moe_matvecs(qtype):
+    # gate and up of a token in one call (the fused MXFP4 kernel over 2k experts; other types: two calls)
+    from spark_lab.kernels.qmatvec import ExpertStack
+    rng = np.random.default_rng(24)
+    stacks = [ExpertStack(np.stack([random_weight(qtype, 64, 256, rng).data for _ in range(6)]), qtype, (6, 64, 256))
+              for _ in range(2)]
+    ids = np.array([3, 0, 5, 1])
+    x = rng.standard_normal(256).astype(np.float32)
+    g, u = qm.moe_matvec_pair(x, stacks[0], stacks[1], ids)
+    assert g.shape == u.shape == (4, 64)
+    assert same_bits(g, qm.moe_matvec(x, stacks[0], ids)) and same_bits(u, qm.moe_matvec(x, stacks[1], ids))
+    with pytest.raises(ValueError, match=r"expert ids must be integers in \[0, 6\), got \[6\]"):
+        qm.moe_matvec_pair(x, stacks[0], stacks[1], [6])
+
+
 def test_moe_matvec_errors():
     from spark_lab.kernels.qmatvec import ExpertStack
     rng = np.random.default_rng(22)

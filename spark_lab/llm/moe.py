@@ -146,8 +146,10 @@ def _gather(h, ex: Experts, ids, w, config):
         picks = ids[0]                                                       # stays on the device
         mats = ex.stacks
         mv = ck.moe_matvec_mxfp4
-    g = mv(h[0], mats[0], picks)                                             # [k, ff]
-    u = mv(h[0], mats[1], picks)
+    if xp is np:
+        g, u = qm.moe_matvec_pair(h[0], mats[0], mats[1], picks)             # [k, ff] each, one kernel call
+    else:
+        g, u = mv(h[0], mats[0], picks), mv(h[0], mats[1], picks)
     if ex.gate_b is not None:
         g = g + ex.gate_b[picks]
         u = u + ex.up_b[picks]

@@ -91,12 +91,12 @@ from ...device import array_module, num_threads
 from ...quants import QuantTensor, quant_matmul
 from . import kernels, q8, simd
 from .q8 import INT8_TYPES, _round_f16, quantize_q8, quantize_x, reference
-from .experts import ExpertStack, moe_matvec
+from .experts import ExpertStack, moe_matvec, moe_matvec_pair
 from .repack import FAST_TYPES, PREPARE_ROWS, Packed, prepare, prepare_stack, raw_rows
 from .simd import LANES, PREFETCH_BYTES, vnni
 
 __all__ = ["qmatvec", "qmatmul", "dequantize", "supports", "available", "prepare", "prepare_stack", "raw_rows",
-           "moe_matvec", "ExpertStack",
+           "moe_matvec", "moe_matvec_pair", "ExpertStack",
            "Packed", "quantize_x", "quantize_q8", "reference", "vnni", "FAST_TYPES", "INT8_TYPES", "MAX_BATCH",
            "PREPARE_ROWS", "LANES", "qgemm", "GEMM_KINDS", "PREFETCH_BYTES", "TILE_BYTES", "TILE_BYTES_THREADED", "_round_f16"]
 

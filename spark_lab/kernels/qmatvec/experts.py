@@ -77,6 +77,34 @@ def moe_matvec(x, experts, expert_ids, out=None):
     reads only the selected experts' weights (NumPy arrays; CuPy stacks: `cuda_kernels.moe_matvec_mxfp4`).
     """
     from . import qmatvec                                              # the package's entry point
+    x, picked, rows = _pick(x, experts, expert_ids)
+    k = len(picked)
+    if out is None:
+        out = np.empty((k, rows), np.float32)
+    elif out.shape != (k, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"moe_matvec: out must be float32 C-contiguous of shape {(k, rows)}, got {out.dtype} {tuple(out.shape)}")
+    if _fused(x, picked, out):
+        return out
+    for j, w in enumerate(picked):
+        qmatvec(x if x.ndim == 1 else x[j], w, out=out[j])            # [cols] -> [rows], only expert e read
+    return out
+
+
+def moe_matvec_pair(x, first, second, expert_ids):
+    """One x [cols] through the same picked experts of two stacks (gate and up) -> ([k, rows],
+    [k, rows']), each moe_matvec(x, stack, expert_ids) bit for bit; one kernel call for both where
+    the fused MXFP4 kernel applies (a token's gate and up: 2k mat-vecs shared by the threads)."""
+    x, pa, rows = _pick(x, first, expert_ids)
+    _, pb, rows_b = _pick(x, second, expert_ids)
+    if x.ndim == 1 and rows == rows_b and pa[0].shape == pb[0].shape and pa[0].qtype == pb[0].qtype:
+        out = np.empty((2 * len(pa), rows), np.float32)
+        if _fused(x, pa + pb, out):
+            return out[:len(pa)], out[len(pa):]
+    return moe_matvec(x, first, expert_ids), moe_matvec(x, second, expert_ids)
+
+
+def _pick(x, experts, expert_ids):
+    """Checked arguments of moe_matvec -> (x as float32, the picked experts, their rows)."""
     ids = np.asarray(expert_ids).reshape(-1)
     E = len(experts)
     if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or int(ids.min()) < 0 or int(ids.max()) >= E:
@@ -88,20 +116,12 @@ def moe_matvec(x, experts, expert_ids, out=None):
     if x.shape not in ((cols,), (k, cols)):
         raise ValueError(f"moe_matvec: x of shape {tuple(x.shape)} does not match {k} experts of shape "
                          f"{first.shape} (needs [{cols}] or [{k}, {cols}])")
-    if out is None:
-        out = np.empty((k, rows), np.float32)
-    elif out.shape != (k, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"moe_matvec: out must be float32 C-contiguous of shape {(k, rows)}, got {out.dtype} {tuple(out.shape)}")
     picked = [experts[e] for e in ids.tolist()]
     for e, w in zip(ids.tolist(), picked):
         if w.shape != first.shape or w.qtype != first.qtype:
             raise ValueError(f"moe_matvec: expert {e} is {w.qtype.name} {w.shape}, expert {int(ids[0])} "
                              f"{first.qtype.name} {first.shape}: one stack holds one type and shape")
-    if _fused(x, picked, out):
-        return out
-    for j, w in enumerate(picked):
-        qmatvec(x if x.ndim == 1 else x[j], w, out=out[j])            # [cols] -> [rows], only expert e read
-    return out
+    return x, picked, rows
 
 
 def _fused(x, picked, out) -> bool:
