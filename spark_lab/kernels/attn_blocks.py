@@ -1,24 +1,33 @@
-"""Sixteen keys at a time for decode attention: two numba intrinsics in LLVM IR, per head dim D.
+"""Sixteen keys at a time for decode attention: numba intrinsics in LLVM IR, per head dim D and
+number of query heads H (1, 2 or 4) that share the keys.
 
-    scores16(kb, ko, ks, q, qoff, s, soff)   # s.flat[soff + t] = q.flat[qoff:qoff+D] . K_t   t < 16
-    wsum16(vb, vo, vs, e, eoff, o, ooff)     # o.flat[ooff:ooff+D] += sum_t e.flat[eoff + t] * V_t
+    scores(k, ks, koff, kst, q, qoff, s, soff, sst)
+        # s.flat[soff + h sst + t] = q.flat[qoff + h D : qoff + (h+1) D] . K_t     h < H, t < 16
+    wsum(v, vs, voff, vst, e, eoff, est, o, ooff)
+        # o.flat[ooff + h D : ooff + (h+1) D] += sum_t e.flat[eoff + h est + t] V_t
 
-K_t = kb.flat[ko + t ks : ko + t ks + D]: 16 float32 key rows ks elements apart (widened from the
-cache's storage by `kv_rows.widen16`), V_t likewise; q, s, e, o: float32 arrays read or written
-at an element offset.
+K_t = k.flat[koff + t kst : koff + t kst + D] is one key row in the cache's storage: float32,
+uint16 holding float16 bits (one VCVTPH2PS per 16 values), or int8 q8_0 codes (sign extended,
+converted, times the row's block scale ks.flat[(koff + t kst + d) / 32]; ks is never read for the
+float types). V_t likewise. q, s, e, o: float32 arrays read or written at an element offset.
 
-Why. A decode step at long context spends its time here, one query head against thousands of
-keys. numba's loops take one key at a time: a dot of D values ends in a horizontal sum (a chain of
-shuffles and adds per key and head), and the weighted sum of values loads and stores the output
-row for every key. Here the D/16 vectors of 16 keys go to 16 independent fused multiply-add
-chains (no reduction per key), which a transposing tree of 15 adds then folds into one vector of
-16 scores; and the values' output row stays in D/16 registers over the 16 keys. Every sum is taken
-in a fixed order (the tree's), so a row's numbers depend on its keys only.
+Why. A decode step at long context spends its time here: an 8B model at 16k keys does 134 M
+multiply-adds per layer over 64 MB of f16 rows. The work is a register tile, so that each value
+loaded from the cache or the query feeds several fused multiply-adds and the loads never outnumber
+the FMAs: scores take H heads x 16/H keys (H query chunks and 16/H key chunks per 16 FMAs; 16
+independent chains, no reduction per key), and a transposing tree of 15 adds folds the 16 chains into
+one vector of H x 16/H scores; the weighted sum keeps H heads x 16/H chunks of the output rows in
+registers over the 16 keys (16/H value chunks and H weights per 16 FMAs). Rows are widened straight
+from the cache into registers: no float32 copy of the block is written and read back. Each read of
+the cache also asks for the same bytes AHEAD positions later into L2. Every sum is taken in a fixed
+order, so a row's numbers depend on its keys only.
 """
 from __future__ import annotations
 
 LANES = 16
-DIMS = (64, 128, 256)     # head dims with an unrolled pair (others take the kernel's plain loops)
+DIMS = (64, 128, 256)     # head dims with tiles (others take the kernel's plain loops)
+HEADS = (4, 2, 1)         # query heads per tile; a group of G takes 4s, then a 2, then a 1
+AHEAD = 32                # read hint distance in key positions (16-64 measured alike, 8 slower, none 2x slower)
 _BUILT: dict = {}
 
 
@@ -36,7 +45,7 @@ def _masks(n: int):
 
 
 def build(D: int):
-    """(scores16, wsum16) intrinsics for head dim D (a multiple of 16); built once per D."""
+    """{H: (scores, wsum)} intrinsics for head dim D (a multiple of 16); built once per D."""
     if D in _BUILT:
         return _BUILT[D]
     from llvmlite import ir
@@ -44,21 +53,23 @@ def build(D: int):
     from numba.extending import intrinsic
 
     L, C = LANES, D // LANES
-    f32 = ir.FloatType()
+    f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
     fv = ir.VectorType(f32, L)
-    mask_t = ir.VectorType(ir.IntType(32), L)
+    mask_t = ir.VectorType(i32, L)
+    order = _fold_order(L)
+    inverse = [order.index(t) for t in range(L)]                # lane holding chain t
 
     def ptr(context, builder, ty, val):
         return context.make_array(ty)(context, builder, val).data
 
+    def at(builder, off, n):
+        return builder.add(off, ir.Constant(i64, n))
+
     def vload(builder, p, off):
         return builder.load(builder.bitcast(builder.gep(p, [off]), fv.as_pointer()), align=4)
 
-    def vstore(builder, v, p, off):
-        builder.store(v, builder.bitcast(builder.gep(p, [off]), fv.as_pointer()), align=4)
-
     def splat(builder, s):
-        v = builder.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+        v = builder.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(i32, 0))
         return builder.shuffle_vector(v, v, ir.Constant(mask_t, [0] * L))
 
     def fold(builder, vs):
@@ -70,57 +81,111 @@ def build(D: int):
                                builder.shuffle_vector(vs[2 * i], vs[2 * i + 1], m2)) for i in range(len(vs) // 2)]
         return vs[0]
 
-    order = _fold_order(L)
-    inverse = [order.index(t) for t in range(L)]                # lane holding row t
+    def rows_of(dt):
+        """(chunk(off) -> <16 x float> of the row values at element offset off, hint(off)) for storage dt."""
+        def make(builder, p, sp):
+            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                                                "llvm.prefetch.p0")
 
-    def idx(builder, v, ty):
-        return v if ty == types.intp else builder.sext(v, ir.IntType(64))
+            def hint(off, ahead):
+                q = builder.bitcast(builder.gep(p, [builder.add(off, ahead)]), i8.as_pointer())
+                builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
-    def row_offsets(builder, off, off_t, stride, stride_t):
-        o, st = idx(builder, off, off_t), idx(builder, stride, stride_t)
-        return [builder.add(o, builder.mul(st, ir.Constant(st.type, t))) for t in range(L)]
+            def chunk(off):
+                q = builder.gep(p, [off])
+                if dt == types.float32:
+                    return builder.load(builder.bitcast(q, fv.as_pointer()), align=4)
+                if dt == types.uint16:
+                    h = builder.load(builder.bitcast(q, ir.VectorType(ir.IntType(16), L).as_pointer()), align=2)
+                    return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), L)), fv)
+                c = builder.load(builder.bitcast(q, ir.VectorType(i8, L).as_pointer()), align=1)
+                s = builder.load(builder.gep(sp, [builder.lshr(off, ir.Constant(i64, 5))]))
+                return builder.fmul(builder.sitofp(c, fv), splat(builder, s))
+            return chunk, hint
+        per_line = {types.float32: 1, types.uint16: 2, types.int8: 4}[dt]   # 16-value chunks per 64-byte line
+        return make, per_line
 
-    @intrinsic
-    def scores16(typingctx, kb, ko, kst, q, qoff, s, soff):
-        sig = types.void(kb, ko, kst, q, qoff, s, soff)
+    def ok(a, sc):
+        return (isinstance(a, types.Array) and a.dtype in (types.float32, types.uint16, types.int8)
+                and isinstance(sc, types.Array) and sc.dtype == types.float32)
 
-        def codegen(context, builder, sg, args):
-            kp, qp, sp = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 3, 5))
-            qo, so = idx(builder, args[4], sg.args[4]), idx(builder, args[6], sg.args[6])
-            rows = row_offsets(builder, args[1], sg.args[1], args[2], sg.args[2])
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-            acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]
-            for c in range(C):
-                qv = vload(builder, qp, builder.add(qo, ir.Constant(qo.type, c * L)))
-                for t in range(L):
-                    acc[t] = builder.call(fma, [vload(builder, kp, builder.add(rows[t], ir.Constant(rows[t].type, c * L))), qv, acc[t]])
-            r = fold(builder, acc)
-            r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))
-            vstore(builder, r, sp, so)
-            return context.get_dummy_value()
-        return sig, codegen
+    def scores_for(H):
+        KT = L // H                                             # keys per sub-tile
 
-    @intrinsic
-    def wsum16(typingctx, vb, vo, vst, e, eoff, o, ooff):
-        sig = types.void(vb, vo, vst, e, eoff, o, ooff)
+        @intrinsic
+        def scores(typingctx, k, ks, koff, kst, q, qoff, s, soff, sst):
+            if not ok(k, ks):
+                return None
+            sig = types.void(k, ks, koff, kst, q, qoff, s, soff, sst)
+            make, per_line = rows_of(k.dtype)
 
-        def codegen(context, builder, sg, args):
-            vp, ep, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 3, 5))
-            eo, oo = idx(builder, args[4], sg.args[4]), idx(builder, args[6], sg.args[6])
-            rows = row_offsets(builder, args[1], sg.args[1], args[2], sg.args[2])
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-            offs = [builder.add(oo, ir.Constant(oo.type, c * L)) for c in range(C)]
-            acc = [vload(builder, op, off) for off in offs]
-            for t in range(L):
-                w = splat(builder, builder.load(builder.gep(ep, [builder.add(eo, ir.Constant(eo.type, t))])))
-                for c in range(C):
-                    acc[c] = builder.call(fma, [w, vload(builder, vp, builder.add(rows[t], ir.Constant(rows[t].type, c * L))), acc[c]])
-            for c in range(C):
-                vstore(builder, acc[c], op, offs[c])
-            return context.get_dummy_value()
-        return sig, codegen
+            def codegen(context, builder, sg, args):
+                kp, sp, qp, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 6))
+                ko, kstride, qo, so, sstride = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 7, 8))
+                chunk, hint = make(builder, kp, sp)
+                ahead = builder.mul(kstride, ir.Constant(i64, AHEAD))
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
+                for sub in range(H):
+                    rows = [builder.add(ko, builder.mul(kstride, ir.Constant(i64, sub * KT + t))) for t in range(KT)]
+                    acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]          # chain h KT + t
+                    for c in range(C):
+                        qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
+                        for t in range(KT):
+                            off = at(builder, rows[t], c * L)
+                            if c % per_line == 0:
+                                hint(off, ahead)
+                            kv = chunk(off)
+                            for h in range(H):
+                                acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
+                    r = fold(builder, acc)
+                    r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))     # lane h KT + t
+                    for h in range(H):
+                        part = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, KT), list(range(h * KT, h * KT + KT))))
+                        dst = builder.gep(op, [builder.add(so, builder.add(builder.mul(sstride, ir.Constant(i64, h)),
+                                                                           ir.Constant(i64, sub * KT)))])
+                        builder.store(part, builder.bitcast(dst, ir.VectorType(f32, KT).as_pointer()), align=4)
+                return context.get_dummy_value()
+            return sig, codegen
+        return scores
 
-    _BUILT[D] = (scores16, wsum16)
+    def wsum_for(H):
+        CT = min(L // H, C)                                     # output chunks per head per pass
+
+        @intrinsic
+        def wsum(typingctx, v, vs, voff, vst, e, eoff, est, o, ooff):
+            if not ok(v, vs):
+                return None
+            sig = types.void(v, vs, voff, vst, e, eoff, est, o, ooff)
+            make, per_line = rows_of(v.dtype)
+
+            def codegen(context, builder, sg, args):
+                vp, sp, ep, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 7))
+                vo, vstride, eo, estride, oo = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 6, 8))
+                chunk, hint = make(builder, vp, sp)
+                ahead = builder.mul(vstride, ir.Constant(i64, AHEAD))
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
+                rows = [builder.add(vo, builder.mul(vstride, ir.Constant(i64, t))) for t in range(L)]
+                ehead = [builder.add(eo, builder.mul(estride, ir.Constant(i64, h))) for h in range(H)]
+                for p in range(C // CT):
+                    offs = [[at(builder, oo, h * D + (p * CT + c) * L) for c in range(CT)] for h in range(H)]
+                    acc = [[vload(builder, op, offs[h][c]) for c in range(CT)] for h in range(H)]
+                    for t in range(L):
+                        w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
+                        for c in range(CT):
+                            off = at(builder, rows[t], (p * CT + c) * L)
+                            if (p * CT + c) % per_line == 0:
+                                hint(off, ahead)
+                            vv = chunk(off)
+                            for h in range(H):
+                                acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
+                    for h in range(H):
+                        for c in range(CT):
+                            builder.store(acc[h][c], builder.bitcast(builder.gep(op, [offs[h][c]]), fv.as_pointer()), align=4)
+                return context.get_dummy_value()
+            return sig, codegen
+        return wsum
+
+    _BUILT[D] = {H: (scores_for(H), wsum_for(H)) for H in HEADS}
     return _BUILT[D]
 
 

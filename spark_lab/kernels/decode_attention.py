@@ -23,17 +23,17 @@ on timing or thread count. Rows are widened on the fly from the cache's storage 
     f16    uint16 float16 bits [Tk, Hkv, D]
     q8_0   int8 [Tk, Hkv, D] with float32 scales [Tk, Hkv, D/32]
 
-16 values per step by `kv_rows.widen16` (VCVTPH2PS for f16, sign-extend + convert x block scale
-for q8_0, each with a read hint 2048 values ahead into L2) when D is a multiple of 16, else a scalar loop (f16
-by integer shifts). For head dims 64, 128 and 256 the keys go 16 at a time: 16 positions' rows
-of every KV head are widened in memory order into a [Hkv, 16, D] buffer (one KV head's 16 rows
-contiguous: rows 4 KB apart fell into one L1 set and doubled the time), then `attn_blocks`'
-scores16 / wsum16 take each query head of the group: 16 scores from 16 independent FMA chains
-and one folding tree instead of a horizontal sum per key, and the output row kept in registers
-over the 16 values. Keys past the last whole 16 take the one-at-a-time loops below. Scores are
+For head dims 64, 128 and 256, keys go 16 at a time through `attn_blocks`' register tiles, which
+widen each row straight from the cache into registers (VCVTPH2PS for f16; sign-extend, convert and
+times the block scale for q8_0) and feed every value loaded to several multiply-adds: scores take up
+to 4 query heads of a group x 4 keys (16 FMA chains folded by one tree of adds), the weighted sum
+keeps 4 heads x 4 chunks of the output in registers over the 16 values; each read of the cache asks
+for the rows 32 positions ahead into L2 (without it the same kernel took twice as long). Other head
+dims, and keys past the last whole 16, take `kv_rows.widen16` (16 values per step) or a scalar loop. Scores are
 kept head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
-Llama-3-8B shapes, one thread (`python -m spark_lab.benchmarks.attention`, this AMD box): q8_0
-9.9 -> ~7 ms, f16 15 -> ~9.6 ms. NaN scores give NaN outputs (numba's "numpy" error model),
+Llama-3-8B shapes, 2 threads, Zen 4 (`python -m spark_lab.benchmarks.attention`): f16 4.3 -> 2.6-2.8 ms
+(the tiles alone, in L1, run at ~3 G FMA/s per core; the rest is the memory: 64 MB at ~25 GB/s),
+q8_0 ~3.9 (unchanged: converting int8 costs three instructions per 16 values), f32 6.0 -> 4.3. NaN scores give NaN outputs (numba's "numpy" error model),
 never a ZeroDivisionError. numba's cache entries are keyed on this file and the
 modules it imports (kv_rows.py, attn_blocks.py, expf.py: `numba_cache.source_stamp`).
 """
@@ -51,9 +51,10 @@ exp_parts = None   # kernels.expf.exp_parts compiled for inlining, set by _compi
 prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
 widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
-widen_block = None  # _widen_block compiled, set by _compile()
-scores16_64 = scores16_128 = scores16_256 = None   # attn_blocks' intrinsics per head dim, set by _compile()
-wsum16_64 = wsum16_128 = wsum16_256 = None
+score_group = None  # _score_group compiled, set by _compile()
+wsum_group = None   # _wsum_group compiled, set by _compile()
+sc64_4 = sc64_2 = sc64_1 = sc128_4 = sc128_2 = sc128_1 = sc256_4 = sc256_2 = sc256_1 = None   # attn_blocks'
+ws64_4 = ws64_2 = ws64_1 = ws128_4 = ws128_2 = ws128_1 = ws256_4 = ws256_2 = ws256_1 = None   # tiles, by D and heads
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
 BLOCK = 256        # keys per online-softmax block: a block's scores stay in L2 (a chunk's whole
                    # [Hq, keys] scores were fresh pages every call: 6 MB cleared per layer at 16k)
@@ -72,11 +73,72 @@ def _widen_row(a, sc, j, g, row):
         row[d] = a[j, g, d]
 
 
-def _widen_block(a, sc, j, buf):
-    """buf [Hkv, 16, D] = positions j..j+15 of a, every KV head, widened and read in memory order."""
-    for t in range(16):
-        for g in range(buf.shape[0]):
-            widen_row(a, sc, j + t, g, buf[g, t])
+def _score_group(k, ks, koff, kst, qs, h0, G, s, col):
+    """s[h, col:col+16] = scores of query heads h0..h0+G-1 against the 16 key rows at flat offset
+    koff of k (stride kst): tiles of 4 heads, then 2, then 1 (attn_blocks)."""
+    D = qs.shape[1]
+    h = h0
+    while h < h0 + G:
+        n = h0 + G - h
+        so = h * s.shape[1] + col
+        if n >= 4:
+            if D == 128:
+                sc128_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            elif D == 64:
+                sc64_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            else:
+                sc256_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            h += 4
+        elif n >= 2:
+            if D == 128:
+                sc128_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            elif D == 64:
+                sc64_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            else:
+                sc256_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            h += 2
+        else:
+            if D == 128:
+                sc128_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            elif D == 64:
+                sc64_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            else:
+                sc256_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            h += 1
+
+
+def _wsum_group(v, vs, voff, vst, e, h0, G, col, o):
+    """o[h] += sum_t e[h, col + t] V_t for query heads h0..h0+G-1 over the 16 value rows at flat
+    offset voff of v (stride vst): tiles of 4 heads, then 2, then 1 (attn_blocks)."""
+    D = o.shape[1]
+    h = h0
+    while h < h0 + G:
+        n = h0 + G - h
+        eo = h * e.shape[1] + col
+        if n >= 4:
+            if D == 128:
+                ws128_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            elif D == 64:
+                ws64_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            else:
+                ws256_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            h += 4
+        elif n >= 2:
+            if D == 128:
+                ws128_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            elif D == 64:
+                ws64_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            else:
+                ws256_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            h += 2
+        else:
+            if D == 128:
+                ws128_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            elif D == 64:
+                ws64_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            else:
+                ws256_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            h += 1
 
 
 def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
@@ -113,11 +175,9 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
         for h in range(Hq):
             for d in range(D):
                 qs[h, d] = Q[r, h, d] * scale
-        # 16 keys at a time where the head dim has an unrolled pair (attn_blocks): each KV head's 16
-        # rows widened once into kb / vb, then every query head that shares them
+        # 16 keys at a time where the head dim has tiles (attn_blocks): rows read straight from the cache
         blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
-        kb = np.empty((Hkv, 16 if blocked else 0, D), np.float32)   # 16 positions' rows, read in memory order
-        vb = np.empty((Hkv, 16 if blocked else 0, Dv), np.float32)
+        kst = Hkv * D                                # a position's stride in the cache, in values
         run_m, run_l, o = cm[r, c], cl[r, c], co[r, c]   # the running max, sum of exps, weighted values
         run_m[:] = -np.inf
         run_l[:] = 0.0
@@ -126,16 +186,8 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
             nk = min(BLOCK, j1 - b0)
             nb16 = nk // 16 if blocked else 0
             for jb in range(nb16):
-                widen_block(k, ks, b0 + 16 * jb, kb)
                 for g in range(Hkv):
-                    for hh in range(G):
-                        h = g * G + hh
-                        if D == 128:
-                            scores16_128(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
-                        elif D == 64:
-                            scores16_64(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
-                        else:
-                            scores16_256(kb, g * 16 * D, D, qs, h * D, s, h * BLOCK + 16 * jb)
+                    score_group(k, ks, ((b0 + 16 * jb) * Hkv + g) * D, kst, qs, g * G, G, s, 16 * jb)
             for j in range(16 * nb16, nk):           # scores, a row of all KV heads at a time
                 for g in range(Hkv):
                     if vec_k:
@@ -167,16 +219,8 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
                     tot += x
                 run_l[h] += tot
             for jb in range(nb16):                   # weighted values, 16 keys at a time
-                widen_block(v, vs, b0 + 16 * jb, vb)
                 for g in range(Hkv):
-                    for hh in range(G):
-                        h = g * G + hh
-                        if D == 128:
-                            wsum16_128(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
-                        elif D == 64:
-                            wsum16_64(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
-                        else:
-                            wsum16_256(vb, g * 16 * Dv, Dv, e, h * BLOCK + 16 * jb, o, h * Dv)
+                    wsum_group(v, vs, ((b0 + 16 * jb) * Hkv + g) * Dv, kst, e, g * G, G, 16 * jb, o)
             for j in range(16 * nb16, nk):           # the rest, one key at a time
                 for g in range(Hkv):
                     if vec_v:
@@ -209,7 +253,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
 
 def _compile():
     """Compile (or load from numba's cache) the kernel; False without numba."""
-    global _KERNEL, prange, load_row, widen_row, widen_block
+    global _KERNEL, prange, load_row, widen_row, score_group, wsum_group
     try:
         import numba
         from numba import types
@@ -248,10 +292,12 @@ def _compile():
         from .kv_rows import widen16_intrinsic
         overload(_widen_row, inline="always")(partial(_widen_ov, widen16_intrinsic()))
         widen_row = _widen_row
-    widen_block = numba.njit(inline="always", nogil=True)(_widen_block)
     from . import attn_blocks
     for D in attn_blocks.DIMS:
-        globals()[f"scores16_{D}"], globals()[f"wsum16_{D}"] = attn_blocks.build(D)
+        for H, (sc, ws) in attn_blocks.build(D).items():
+            globals()[f"sc{D}_{H}"], globals()[f"ws{D}_{H}"] = sc, ws
+    score_group = numba.njit(inline="always", nogil=True)(_score_group)
+    wsum_group = numba.njit(inline="always", nogil=True)(_wsum_group)
     prange = numba.prange
     _KERNEL = njit_with_exp(_attend, parallel=True)   # reassociated sums vectorize; ~1e-7 relative
     return _KERNEL
