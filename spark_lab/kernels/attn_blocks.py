@@ -82,25 +82,34 @@ def build(D: int):
         return vs[0]
 
     def rows_of(dt):
-        """(chunk(off) -> <16 x float> of the row values at element offset off, hint(off)) for storage dt."""
+        """(chunk(row, c) -> <16 x float>: values 16c.. of the row at element offset row; hint) for storage dt."""
         def make(builder, p, sp):
             pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
                                                 "llvm.prefetch.p0")
 
-            def hint(off, ahead):
-                q = builder.bitcast(builder.gep(p, [builder.add(off, ahead)]), i8.as_pointer())
+            def hint(off, ahead, row_start=False):
+                at = builder.add(off, ahead)
+                q = builder.bitcast(builder.gep(p, [at]), i8.as_pointer())
                 builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                if dt == types.int8 and row_start:       # the row's block scales: 128 B per position at 8 KV heads
+                    q = builder.bitcast(builder.gep(sp, [builder.lshr(at, ir.Constant(i64, 5))]), i8.as_pointer())
+                    builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
-            def chunk(off):
-                q = builder.gep(p, [off])
+            memo = {}                                   # a q8_0 block's scale, splat once per row and block
+
+            def chunk(row, c):                          # chunk c of the row at element offset row
+                q = builder.gep(p, [at(builder, row, c * L)])
                 if dt == types.float32:
                     return builder.load(builder.bitcast(q, fv.as_pointer()), align=4)
                 if dt == types.uint16:
                     h = builder.load(builder.bitcast(q, ir.VectorType(ir.IntType(16), L).as_pointer()), align=2)
                     return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), L)), fv)
-                c = builder.load(builder.bitcast(q, ir.VectorType(i8, L).as_pointer()), align=1)
-                s = builder.load(builder.gep(sp, [builder.lshr(off, ir.Constant(i64, 5))]))
-                return builder.fmul(builder.sitofp(c, fv), splat(builder, s))
+                key = (id(row), c // 2)
+                if key not in memo:
+                    srow = builder.lshr(row, ir.Constant(i64, 5))                   # row is a multiple of 32
+                    memo[key] = splat(builder, builder.load(builder.gep(sp, [at(builder, srow, c // 2)])))
+                codes = builder.load(builder.bitcast(q, ir.VectorType(i8, L).as_pointer()), align=1)
+                return builder.fmul(builder.sitofp(codes, fv), memo[key])
             return chunk, hint
         per_line = {types.float32: 1, types.uint16: 2, types.int8: 4}[dt]   # 16-value chunks per 64-byte line
         return make, per_line
@@ -131,10 +140,9 @@ def build(D: int):
                     for c in range(C):
                         qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
                         for t in range(KT):
-                            off = at(builder, rows[t], c * L)
                             if c % per_line == 0:
-                                hint(off, ahead)
-                            kv = chunk(off)
+                                hint(at(builder, rows[t], c * L), ahead, c == 0)
+                            kv = chunk(rows[t], c)
                             for h in range(H):
                                 acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
                     r = fold(builder, acc)
@@ -172,10 +180,9 @@ def build(D: int):
                     for t in range(L):
                         w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
                         for c in range(CT):
-                            off = at(builder, rows[t], (p * CT + c) * L)
                             if (p * CT + c) % per_line == 0:
-                                hint(off, ahead)
-                            vv = chunk(off)
+                                hint(at(builder, rows[t], (p * CT + c) * L), ahead, p * CT + c == 0)
+                            vv = chunk(rows[t], p * CT + c)
                             for h in range(H):
                                 acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
                     for h in range(H):
