@@ -34,6 +34,12 @@ def test_widen16_is_exact_for_every_type():
     assert np.array_equal(out, x)
 
 
+def _numpy(q, k, v, **kw):
+    """attention()'s NumPy body (a mask that keeps every key turns its one-query fast path, which is
+    the kernel under test, off)."""
+    return attention(q, k, v, mask=np.ones((1, 1, k.shape[0]), bool), **kw)
+
+
 def _store(x, t):
     if t == "f16":
         return x.astype(np.float16).view(np.uint16), None, x.astype(np.float16).astype(np.float32)
@@ -53,7 +59,7 @@ def test_long_context_paths_match_numpy_on_widened_values(tk, tv, Tk, lo):
     v, vs, vw = _store(vf, tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), lo, Tk, out, ks, vs)
-    want = attention(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
+    want = _numpy(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
@@ -69,7 +75,7 @@ def test_sixteen_key_blocks_match_numpy_for_each_head_dim(D, tk, tv):
     v, vs, vw = (vf, None, vf) if tv == "f32" else _store(vf, tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
-    want = attention(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    want = _numpy(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
@@ -90,3 +96,19 @@ def test_result_does_not_depend_on_thread_count():
     finally:
         set_threads(n)
     assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 8, 128), (7, 1, 128), (16, 2, 64), (10, 2, 256)])   # G = 1, 7, 8, 5
+@pytest.mark.parametrize("tk,tv", [("f16", "f16"), ("q8_0", "q8_0")])
+def test_tiles_cover_every_query_group_size(Hq, Hkv, D, tk, tv):
+    # attn_blocks' tiles take 4 heads of a group, then 2, then 1: a group of 7 is 4 + 2 + 1, of 5 is 4 + 1;
+    # each tile's head offset lands in its own rows of the output (a wrong one shows as another head's numbers)
+    rng = np.random.default_rng(Hq * D)
+    Tk = 16 * 20 + 5                                                          # two blocks of 256 keys, a 5-key tail
+    q = rng.standard_normal((Hq, D), dtype=np.float32)
+    k, ks, kw = _store(rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tk)
+    v, vs, vw = _store(rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tv)
+    out = np.full((Hq, D), np.nan, np.float32)
+    assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
+    want = _numpy(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
