@@ -1,9 +1,9 @@
-"""Sixteen keys at a time for decode attention: numba intrinsics in LLVM IR, per head dim D and
-number of query heads H (1, 2 or 4) that share the keys.
+"""Sixteen keys at a time for decode attention: numba intrinsics in LLVM IR, one pair per number of
+query heads H (4, 2 or 1) that share the keys, each with a body per head dim D in DIMS (a switch on D).
 
-    scores(k, ks, koff, kst, q, qoff, s, soff, sst)
+    scores(k, ks, koff, kst, q, qoff, s, soff, sst, D)
         # s.flat[soff + h sst + t] = q.flat[qoff + h D : qoff + (h+1) D] . K_t     h < H, t < 16
-    wsum(v, vs, voff, vst, e, eoff, est, o, ooff)
+    wsum(v, vs, voff, vst, e, eoff, est, o, ooff, D)
         # o.flat[ooff + h D : ooff + (h+1) D] += sum_t e.flat[eoff + h est + t] V_t
 
 K_t = k.flat[koff + t kst : koff + t kst + D] is one key row in the cache's storage: float32,
@@ -44,15 +44,15 @@ def _masks(n: int):
     return first, second
 
 
-def build(D: int):
-    """{H: (scores, wsum)} intrinsics for head dim D (a multiple of 16); built once per D."""
-    if D in _BUILT:
-        return _BUILT[D]
+def build():
+    """{H: (scores, wsum)} intrinsics; built once."""
+    if _BUILT:
+        return _BUILT
     from llvmlite import ir
     from numba.core import cgutils, types
     from numba.extending import intrinsic
 
-    L, C = LANES, D // LANES
+    L = LANES
     f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
     fv = ir.VectorType(f32, L)
     mask_t = ir.VectorType(i32, L)
@@ -114,6 +114,18 @@ def build(D: int):
         per_line = {types.float32: 1, types.uint16: 2, types.int8: 4}[dt]   # 16-value chunks per 64-byte line
         return make, per_line
 
+    def per_dim(context, builder, d_arg, d_ty, emit):
+        """emit(D) for the head dim the argument holds, one case per D in DIMS; no code for others."""
+        end = builder.append_basic_block("tile.end")
+        sw = builder.switch(context.cast(builder, d_arg, d_ty, types.int64), end)
+        for D in DIMS:
+            case = builder.append_basic_block(f"tile.d{D}")
+            sw.add_case(ir.Constant(i64, D), case)
+            builder.position_at_end(case)
+            emit(D)
+            builder.branch(end)
+        builder.position_at_end(end)
+
     def ok(a, sc):
         return (isinstance(a, types.Array) and a.dtype in (types.float32, types.uint16, types.int8)
                 and isinstance(sc, types.Array) and sc.dtype == types.float32)
@@ -122,78 +134,83 @@ def build(D: int):
         KT = L // H                                             # keys per sub-tile
 
         @intrinsic
-        def scores(typingctx, k, ks, koff, kst, q, qoff, s, soff, sst):
+        def scores(typingctx, k, ks, koff, kst, q, qoff, s, soff, sst, dim):
             if not ok(k, ks):
                 return None
-            sig = types.void(k, ks, koff, kst, q, qoff, s, soff, sst)
+            sig = types.void(k, ks, koff, kst, q, qoff, s, soff, sst, dim)
             make, per_line = rows_of(k.dtype)
 
             def codegen(context, builder, sg, args):
                 kp, sp, qp, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 6))
                 ko, kstride, qo, so, sstride = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 7, 8))
-                chunk, hint = make(builder, kp, sp)
                 ahead = builder.mul(kstride, ir.Constant(i64, AHEAD))
                 fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-                for sub in range(H):
-                    rows = [builder.add(ko, builder.mul(kstride, ir.Constant(i64, sub * KT + t))) for t in range(KT)]
-                    acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]          # chain h KT + t
-                    for c in range(C):
-                        qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
-                        for t in range(KT):
-                            if c % per_line == 0:
-                                hint(at(builder, rows[t], c * L), ahead, c == 0)
-                            kv = chunk(rows[t], c)
-                            for h in range(H):
-                                acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
-                    r = fold(builder, acc)
-                    r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))     # lane h KT + t
-                    for h in range(H):
-                        part = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, KT), list(range(h * KT, h * KT + KT))))
-                        dst = builder.gep(op, [builder.add(so, builder.add(builder.mul(sstride, ir.Constant(i64, h)),
-                                                                           ir.Constant(i64, sub * KT)))])
-                        builder.store(part, builder.bitcast(dst, ir.VectorType(f32, KT).as_pointer()), align=4)
+
+                def body(D):
+                    chunk, hint = make(builder, kp, sp)
+                    for sub in range(H):
+                        rows = [builder.add(ko, builder.mul(kstride, ir.Constant(i64, sub * KT + t))) for t in range(KT)]
+                        acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]          # chain h KT + t
+                        for c in range(D // L):
+                            qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
+                            for t in range(KT):
+                                if c % per_line == 0:
+                                    hint(at(builder, rows[t], c * L), ahead, c == 0)
+                                kv = chunk(rows[t], c)
+                                for h in range(H):
+                                    acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
+                        r = fold(builder, acc)
+                        r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))     # lane h KT + t
+                        for h in range(H):
+                            part = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, KT), list(range(h * KT, h * KT + KT))))
+                            dst = builder.gep(op, [builder.add(so, builder.add(builder.mul(sstride, ir.Constant(i64, h)),
+                                                                               ir.Constant(i64, sub * KT)))])
+                            builder.store(part, builder.bitcast(dst, ir.VectorType(f32, KT).as_pointer()), align=4)
+                per_dim(context, builder, args[9], sg.args[9], body)
                 return context.get_dummy_value()
             return sig, codegen
         return scores
 
     def wsum_for(H):
-        CT = min(L // H, C)                                     # output chunks per head per pass
-
         @intrinsic
-        def wsum(typingctx, v, vs, voff, vst, e, eoff, est, o, ooff):
+        def wsum(typingctx, v, vs, voff, vst, e, eoff, est, o, ooff, dim):
             if not ok(v, vs):
                 return None
-            sig = types.void(v, vs, voff, vst, e, eoff, est, o, ooff)
+            sig = types.void(v, vs, voff, vst, e, eoff, est, o, ooff, dim)
             make, per_line = rows_of(v.dtype)
 
             def codegen(context, builder, sg, args):
                 vp, sp, ep, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 7))
                 vo, vstride, eo, estride, oo = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 6, 8))
-                chunk, hint = make(builder, vp, sp)
                 ahead = builder.mul(vstride, ir.Constant(i64, AHEAD))
                 fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-                rows = [builder.add(vo, builder.mul(vstride, ir.Constant(i64, t))) for t in range(L)]
-                ehead = [builder.add(eo, builder.mul(estride, ir.Constant(i64, h))) for h in range(H)]
-                for p in range(C // CT):
-                    offs = [[at(builder, oo, h * D + (p * CT + c) * L) for c in range(CT)] for h in range(H)]
-                    acc = [[vload(builder, op, offs[h][c]) for c in range(CT)] for h in range(H)]
-                    for t in range(L):
-                        w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
-                        for c in range(CT):
-                            if (p * CT + c) % per_line == 0:
-                                hint(at(builder, rows[t], (p * CT + c) * L), ahead, p * CT + c == 0)
-                            vv = chunk(rows[t], p * CT + c)
-                            for h in range(H):
-                                acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
-                    for h in range(H):
-                        for c in range(CT):
-                            builder.store(acc[h][c], builder.bitcast(builder.gep(op, [offs[h][c]]), fv.as_pointer()), align=4)
+
+                def body(D):
+                    chunk, hint = make(builder, vp, sp)
+                    CT = min(L // H, D // L)                        # output chunks per head per pass
+                    rows = [builder.add(vo, builder.mul(vstride, ir.Constant(i64, t))) for t in range(L)]
+                    ehead = [builder.add(eo, builder.mul(estride, ir.Constant(i64, h))) for h in range(H)]
+                    for p in range(D // L // CT):
+                        offs = [[at(builder, oo, h * D + (p * CT + c) * L) for c in range(CT)] for h in range(H)]
+                        acc = [[vload(builder, op, offs[h][c]) for c in range(CT)] for h in range(H)]
+                        for t in range(L):
+                            w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
+                            for c in range(CT):
+                                if (p * CT + c) % per_line == 0:
+                                    hint(at(builder, rows[t], (p * CT + c) * L), ahead, p * CT + c == 0)
+                                vv = chunk(rows[t], p * CT + c)
+                                for h in range(H):
+                                    acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
+                        for h in range(H):
+                            for c in range(CT):
+                                builder.store(acc[h][c], builder.bitcast(builder.gep(op, [offs[h][c]]), fv.as_pointer()), align=4)
+                per_dim(context, builder, args[9], sg.args[9], body)
                 return context.get_dummy_value()
             return sig, codegen
         return wsum
 
-    _BUILT[D] = {H: (scores_for(H), wsum_for(H)) for H in HEADS}
-    return _BUILT[D]
+    _BUILT.update({H: (scores_for(H), wsum_for(H)) for H in HEADS})
+    return _BUILT
 
 
 def _fold_order(L: int = LANES):

@@ -54,8 +54,7 @@ load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
 widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
 score_group = None  # _score_group compiled, set by _compile()
 wsum_group = None   # _wsum_group compiled, set by _compile()
-sc64_4 = sc64_2 = sc64_1 = sc128_4 = sc128_2 = sc128_1 = sc256_4 = sc256_2 = sc256_1 = None   # attn_blocks'
-ws64_4 = ws64_2 = ws64_1 = ws128_4 = ws128_2 = ws128_1 = ws256_4 = ws256_2 = ws256_1 = None   # tiles, by D and heads
+scores4 = scores2 = scores1 = wsum4 = wsum2 = wsum1 = None   # attn_blocks' tiles by query heads, set by _compile()
 NCHUNK = 2         # key chunks at long context (threads; one chunk under 512 keys)
 BLOCK = 256        # keys per online-softmax block: a block's scores stay in L2 (a chunk's whole
                    # [Hq, keys] scores were fresh pages every call: 6 MB cleared per layer at 16k)
@@ -81,30 +80,14 @@ def _score_group(k, ks, koff, kst, qs, h0, G, s, col):
     h = h0
     while h < h0 + G:
         n = h0 + G - h
-        so = h * s.shape[1] + col
         if n >= 4:
-            if D == 128:
-                sc128_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            elif D == 64:
-                sc64_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            else:
-                sc256_4(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            scores4(k, ks, koff, kst, qs, h * D, s, h * s.shape[1] + col, s.shape[1], D)
             h += 4
         elif n >= 2:
-            if D == 128:
-                sc128_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            elif D == 64:
-                sc64_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            else:
-                sc256_2(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            scores2(k, ks, koff, kst, qs, h * D, s, h * s.shape[1] + col, s.shape[1], D)
             h += 2
         else:
-            if D == 128:
-                sc128_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            elif D == 64:
-                sc64_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
-            else:
-                sc256_1(k, ks, koff, kst, qs, h * D, s, so, s.shape[1])
+            scores1(k, ks, koff, kst, qs, h * D, s, h * s.shape[1] + col, s.shape[1], D)
             h += 1
 
 
@@ -115,30 +98,14 @@ def _wsum_group(v, vs, voff, vst, e, h0, G, col, o):
     h = h0
     while h < h0 + G:
         n = h0 + G - h
-        eo = h * e.shape[1] + col
         if n >= 4:
-            if D == 128:
-                ws128_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            elif D == 64:
-                ws64_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            else:
-                ws256_4(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            wsum4(v, vs, voff, vst, e, h * e.shape[1] + col, e.shape[1], o, h * D, D)
             h += 4
         elif n >= 2:
-            if D == 128:
-                ws128_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            elif D == 64:
-                ws64_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            else:
-                ws256_2(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            wsum2(v, vs, voff, vst, e, h * e.shape[1] + col, e.shape[1], o, h * D, D)
             h += 2
         else:
-            if D == 128:
-                ws128_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            elif D == 64:
-                ws64_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
-            else:
-                ws256_1(v, vs, voff, vst, e, eo, e.shape[1], o, h * D)
+            wsum1(v, vs, voff, vst, e, h * e.shape[1] + col, e.shape[1], o, h * D, D)
             h += 1
 
 
@@ -294,9 +261,8 @@ def _compile():
         overload(_widen_row, inline="always")(partial(_widen_ov, widen16_intrinsic()))
         widen_row = _widen_row
     from . import attn_blocks
-    for D in attn_blocks.DIMS:
-        for H, (sc, ws) in attn_blocks.build(D).items():
-            globals()[f"sc{D}_{H}"], globals()[f"ws{D}_{H}"] = sc, ws
+    for H, (sc, ws) in attn_blocks.build().items():
+        globals()[f"scores{H}"], globals()[f"wsum{H}"] = sc, ws
     score_group = numba.njit(inline="always", nogil=True)(_score_group)
     wsum_group = numba.njit(inline="always", nogil=True)(_wsum_group)
     prange = numba.prange
