@@ -5,13 +5,9 @@ import pytest
 from spark_lab.kernels import attention
 from spark_lab.kernels import attention as attention_mod  # noqa: F401
 from spark_lab.kernels.decode_attention import attention_one
+from tests.kernels.numpy_attention import numpy_attention as _reference
 
 pytest.importorskip("numba")
-
-
-def _reference(q, k, v, **kw):
-    # the NumPy body: give it a mask that keeps everything, which disables the fast path
-    return attention(q, k, v, mask=np.ones((1, 1, k.shape[0]), bool), **kw)
 
 
 @pytest.mark.parametrize("Hq,Hkv,D,Tk,window", [(9, 3, 64, 37, None), (4, 1, 256, 20, 8), (4, 4, 16, 1, None)])

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from spark_lab.kernels.attention import attention
 from spark_lab.kernels.decode_attention import attention_into
 from spark_lab.llm.cache import quantize_q8_rows
+from tests.kernels.numpy_attention import numpy_attention
 
 numba = pytest.importorskip("numba")
 
@@ -34,12 +34,6 @@ def test_widen16_is_exact_for_every_type():
     assert np.array_equal(out, x)
 
 
-def _numpy(q, k, v, **kw):
-    """attention()'s NumPy body (a mask that keeps every key turns its one-query fast path, which is
-    the kernel under test, off)."""
-    return attention(q, k, v, mask=np.ones((1, 1, k.shape[0]), bool), **kw)
-
-
 def _store(x, t):
     if t == "f16":
         return x.astype(np.float16).view(np.uint16), None, x.astype(np.float16).astype(np.float32)
@@ -59,7 +53,7 @@ def test_long_context_paths_match_numpy_on_widened_values(tk, tv, Tk, lo):
     v, vs, vw = _store(vf, tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), lo, Tk, out, ks, vs)
-    want = _numpy(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
+    want = numpy_attention(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
@@ -75,7 +69,7 @@ def test_sixteen_key_blocks_match_numpy_for_each_head_dim(D, tk, tv):
     v, vs, vw = (vf, None, vf) if tv == "f32" else _store(vf, tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
-    want = _numpy(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    want = numpy_attention(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
@@ -110,5 +104,5 @@ def test_tiles_cover_every_query_group_size(Hq, Hkv, D, tk, tv):
     v, vs, vw = _store(rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
-    want = _numpy(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    want = numpy_attention(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from spark_lab.kernels.attention import attention
 from spark_lab.kernels.decode_attention import attention_into
 from spark_lab.llm.cache import KVCache
 from spark_lab.llm.engine import LLM
+from tests.kernels.numpy_attention import numpy_attention
 from tests.llm.tiny import write_tiny_gguf
 
 
@@ -38,11 +38,11 @@ def test_decode_kernel_reads_each_type_as_its_widened_values():
         c = KVCache(1, 64, 2, 64, type_k=tk, type_v=tv)
         c.write(0, 0, k, v)
         kw, vw = c.rows(0, 0, 40)
-        want = attention(q[None], kw, vw, mask=np.ones((1, 1, 40), bool), causal=True, q_offset=39, window=None, scale=0.125)[0]
+        want = numpy_attention(q[None], kw, vw, causal=True, q_offset=39, window=None, scale=0.125)[0]
         out = np.empty((8, 64), np.float32)
         assert attention_into(q, c.k[0], c.v[0], 0.125, 5, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
-        want5 = attention(q[None], kw[5:], vw[5:], mask=np.ones((1, 1, 35), bool), causal=True, q_offset=34, window=None, scale=0.125)[0]
+        want5 = numpy_attention(q[None], kw[5:], vw[5:], causal=True, q_offset=34, window=None, scale=0.125)[0]
         assert np.allclose(out, want5, rtol=1e-5, atol=1e-6)
         assert attention_into(q, c.k[0], c.v[0], 0.125, 0, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
