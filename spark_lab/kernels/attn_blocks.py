@@ -88,11 +88,11 @@ def build():
                                                 "llvm.prefetch.p0")
 
             def hint(off, ahead, row_start=False):
-                at = builder.add(off, ahead)
-                q = builder.bitcast(builder.gep(p, [at]), i8.as_pointer())
+                off = builder.add(off, ahead)
+                q = builder.bitcast(builder.gep(p, [off]), i8.as_pointer())
                 builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
                 if dt == types.int8 and row_start:       # the row's block scales: 128 B per position at 8 KV heads
-                    q = builder.bitcast(builder.gep(sp, [builder.lshr(at, ir.Constant(i64, 5))]), i8.as_pointer())
+                    q = builder.bitcast(builder.gep(sp, [builder.lshr(off, ir.Constant(i64, 5))]), i8.as_pointer())
                     builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
             memo = {}                                   # a q8_0 block's scale, splat once per row and block
@@ -126,88 +126,80 @@ def build():
             builder.branch(end)
         builder.position_at_end(end)
 
-    def ok(a, sc):
-        return (isinstance(a, types.Array) and a.dtype in (types.float32, types.uint16, types.int8)
-                and isinstance(sc, types.Array) and sc.dtype == types.float32)
+    def tile(emit):
+        """A tile intrinsic (rows, scales, i0, i1, x, i2, i3 | y, i4, D): rows the cache's storage (ok()),
+        the other arrays float32; emit(builder, D, chunk, hint, per_line, arrays, ints, ahead, fma)
+        writes its body for head dim D, with `arrays` the data pointers of the array arguments after the
+        scales and `ints` the integers as int64 (ints[1] the rows' stride)."""
+        @intrinsic
+        def fn(typingctx, rows, scales, a2, a3, a4, a5, a6, a7, a8, dim):
+            if not (isinstance(rows, types.Array) and rows.dtype in (types.float32, types.uint16, types.int8)
+                    and isinstance(scales, types.Array) and scales.dtype == types.float32):
+                return None
+            sig = types.void(rows, scales, a2, a3, a4, a5, a6, a7, a8, dim)
+            make, per_line = rows_of(rows.dtype)
+
+            def codegen(context, builder, sg, args):
+                rp, sp = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1))
+                arrays = [ptr(context, builder, t, v) for t, v in zip(sg.args[2:9], args[2:9]) if isinstance(t, types.Array)]
+                ints = [context.cast(builder, v, t, types.int64) for t, v in zip(sg.args[2:9], args[2:9])
+                        if not isinstance(t, types.Array)]
+                ahead = builder.mul(ints[1], ir.Constant(i64, AHEAD))
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
+                per_dim(context, builder, args[9], sg.args[9],
+                        lambda D: emit(builder, D, *make(builder, rp, sp), per_line, arrays, ints, ahead, fma))
+                return context.get_dummy_value()
+            return sig, codegen
+        return fn
 
     def scores_for(H):
+        """scores(k, ks, koff, kst, q, qoff, s, soff, sst, D) for H heads x 16/H keys per sub-tile."""
         KT = L // H                                             # keys per sub-tile
 
-        @intrinsic
-        def scores(typingctx, k, ks, koff, kst, q, qoff, s, soff, sst, dim):
-            if not ok(k, ks):
-                return None
-            sig = types.void(k, ks, koff, kst, q, qoff, s, soff, sst, dim)
-            make, per_line = rows_of(k.dtype)
-
-            def codegen(context, builder, sg, args):
-                kp, sp, qp, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 6))
-                ko, kstride, qo, so, sstride = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 7, 8))
-                ahead = builder.mul(kstride, ir.Constant(i64, AHEAD))
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-
-                def body(D):
-                    chunk, hint = make(builder, kp, sp)
-                    for sub in range(H):
-                        rows = [builder.add(ko, builder.mul(kstride, ir.Constant(i64, sub * KT + t))) for t in range(KT)]
-                        acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]          # chain h KT + t
-                        for c in range(D // L):
-                            qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
-                            for t in range(KT):
-                                if c % per_line == 0:
-                                    hint(at(builder, rows[t], c * L), ahead, c == 0)
-                                kv = chunk(rows[t], c)
-                                for h in range(H):
-                                    acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
-                        r = fold(builder, acc)
-                        r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))     # lane h KT + t
+        def emit(builder, D, chunk, hint, per_line, arrays, ints, ahead, fma):
+            (qp, op), (ko, kstride, qo, so, sstride) = arrays, ints
+            for sub in range(H):
+                rows = [builder.add(ko, builder.mul(kstride, ir.Constant(i64, sub * KT + t))) for t in range(KT)]
+                acc = [ir.Constant(fv, [0.0] * L) for _ in range(L)]          # chain h KT + t
+                for c in range(D // L):
+                    qv = [vload(builder, qp, at(builder, qo, h * D + c * L)) for h in range(H)]
+                    for t in range(KT):
+                        if c % per_line == 0:
+                            hint(at(builder, rows[t], c * L), ahead, c == 0)
+                        kv = chunk(rows[t], c)
                         for h in range(H):
-                            part = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, KT), list(range(h * KT, h * KT + KT))))
-                            dst = builder.gep(op, [builder.add(so, builder.add(builder.mul(sstride, ir.Constant(i64, h)),
-                                                                               ir.Constant(i64, sub * KT)))])
-                            builder.store(part, builder.bitcast(dst, ir.VectorType(f32, KT).as_pointer()), align=4)
-                per_dim(context, builder, args[9], sg.args[9], body)
-                return context.get_dummy_value()
-            return sig, codegen
-        return scores
+                            acc[h * KT + t] = builder.call(fma, [kv, qv[h], acc[h * KT + t]])
+                r = fold(builder, acc)
+                r = builder.shuffle_vector(r, r, ir.Constant(mask_t, inverse))     # lane h KT + t
+                for h in range(H):
+                    part = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, KT), list(range(h * KT, h * KT + KT))))
+                    dst = builder.gep(op, [builder.add(so, builder.add(builder.mul(sstride, ir.Constant(i64, h)),
+                                                                       ir.Constant(i64, sub * KT)))])
+                    builder.store(part, builder.bitcast(dst, ir.VectorType(f32, KT).as_pointer()), align=4)
+        return tile(emit)
 
     def wsum_for(H):
-        @intrinsic
-        def wsum(typingctx, v, vs, voff, vst, e, eoff, est, o, ooff, dim):
-            if not ok(v, vs):
-                return None
-            sig = types.void(v, vs, voff, vst, e, eoff, est, o, ooff, dim)
-            make, per_line = rows_of(v.dtype)
-
-            def codegen(context, builder, sg, args):
-                vp, sp, ep, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 7))
-                vo, vstride, eo, estride, oo = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (2, 3, 5, 6, 8))
-                ahead = builder.mul(vstride, ir.Constant(i64, AHEAD))
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{L}f32")
-
-                def body(D):
-                    chunk, hint = make(builder, vp, sp)
-                    CT = min(L // H, D // L)                        # output chunks per head per pass
-                    rows = [builder.add(vo, builder.mul(vstride, ir.Constant(i64, t))) for t in range(L)]
-                    ehead = [builder.add(eo, builder.mul(estride, ir.Constant(i64, h))) for h in range(H)]
-                    for p in range(D // L // CT):
-                        offs = [[at(builder, oo, h * D + (p * CT + c) * L) for c in range(CT)] for h in range(H)]
-                        acc = [[vload(builder, op, offs[h][c]) for c in range(CT)] for h in range(H)]
-                        for t in range(L):
-                            w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
-                            for c in range(CT):
-                                if (p * CT + c) % per_line == 0:
-                                    hint(at(builder, rows[t], (p * CT + c) * L), ahead, p * CT + c == 0)
-                                vv = chunk(rows[t], p * CT + c)
-                                for h in range(H):
-                                    acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
+        """wsum(v, vs, voff, vst, e, eoff, est, o, ooff, D) for H heads x 16/H output chunks per pass."""
+        def emit(builder, D, chunk, hint, per_line, arrays, ints, ahead, fma):
+            (ep, op), (vo, vstride, eo, estride, oo) = arrays, ints
+            CT = min(L // H, D // L)                            # output chunks per head per pass
+            rows = [builder.add(vo, builder.mul(vstride, ir.Constant(i64, t))) for t in range(L)]
+            ehead = [builder.add(eo, builder.mul(estride, ir.Constant(i64, h))) for h in range(H)]
+            for p in range(D // L // CT):
+                offs = [[at(builder, oo, h * D + (p * CT + c) * L) for c in range(CT)] for h in range(H)]
+                acc = [[vload(builder, op, offs[h][c]) for c in range(CT)] for h in range(H)]
+                for t in range(L):
+                    w = [splat(builder, builder.load(builder.gep(ep, [at(builder, ehead[h], t)]))) for h in range(H)]
+                    for c in range(CT):
+                        if (p * CT + c) % per_line == 0:
+                            hint(at(builder, rows[t], (p * CT + c) * L), ahead, p * CT + c == 0)
+                        vv = chunk(rows[t], p * CT + c)
                         for h in range(H):
-                            for c in range(CT):
-                                builder.store(acc[h][c], builder.bitcast(builder.gep(op, [offs[h][c]]), fv.as_pointer()), align=4)
-                per_dim(context, builder, args[9], sg.args[9], body)
-                return context.get_dummy_value()
-            return sig, codegen
-        return wsum
+                            acc[h][c] = builder.call(fma, [w[h], vv, acc[h][c]])
+                for h in range(H):
+                    for c in range(CT):
+                        builder.store(acc[h][c], builder.bitcast(builder.gep(op, [offs[h][c]]), fv.as_pointer()), align=4)
+        return tile(emit)
 
     _BUILT.update({H: (scores_for(H), wsum_for(H)) for H in HEADS})
     return _BUILT

@@ -29,12 +29,13 @@ times the block scale for q8_0) and feed every value loaded to several multiply-
 to 4 query heads of a group x 4 keys (16 FMA chains folded by one tree of adds), the weighted sum
 keeps 4 heads x 4 chunks of the output in registers over the 16 values; each read of the cache asks
 for the rows 32 positions ahead into L2 (without it the same kernel took twice as long). Other head
-dims, and keys past the last whole 16, take `kv_rows.widen16` (16 values per step) or a scalar loop. Scores are
-kept head-major so the softmax's max and exp passes read them in order. Per layer at 16k keys,
-Llama-3-8B shapes, 2 threads, Zen 4 (`python -m spark_lab.benchmarks.attention`): f16 4.3 -> 2.6-2.8 ms
-(the tiles alone, in L1, run at ~3 G FMA/s per core; the rest is the memory: 64 MB at ~25 GB/s),
-q8_0 3.9 -> 2.5-2.9 (each row's block scales loaded once per block and asked for ahead with the
-row: a shift and a dependent load per 16 values had held it at 3.9), f32 6.0 -> 4.3. NaN scores give NaN outputs (numba's "numpy" error model),
+dims, and keys past the last whole 16, take `kv_rows.widen16` (16 values per step) or a scalar
+loop. Scores are kept head-major so the softmax's max and exp passes read them in order. Per layer
+at 16k keys, Llama-3-8B shapes, 2 threads, Zen 4 (`python -m spark_lab.benchmarks.attention`): f16
+4.3 -> 2.6-2.8 ms (the tiles alone, in L1, run at ~3 G FMA/s per core; the rest is the memory:
+64 MB at ~25 GB/s), q8_0 3.9 -> 2.5-2.9 (each row's block scales loaded once per block and asked for
+ahead with the row: a shift and a dependent load per 16 values had held it at 3.9), f32 6.0 -> 4.3.
+NaN scores give NaN outputs (numba's "numpy" error model),
 never a ZeroDivisionError. numba's cache entries are keyed on this file and the
 modules it imports (kv_rows.py, attn_blocks.py, expf.py: `numba_cache.source_stamp`).
 """

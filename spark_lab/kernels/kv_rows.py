@@ -12,7 +12,8 @@ from __future__ import annotations
 
 LANES = 16
 PREFETCH_VALUES = 2048   # a read hint this many values ahead, into L2: the cache streams through once per step
-                         # (f16 at 16k, 2 threads, Zen 4: 1024 values into L1 5.4 ms/layer, 2048 into L2 3.9)
+                         # (f16 at 16k, 2 threads, Zen 4, when every row went through here: 1024 values into L1
+                         # 5.4 ms/layer, 2048 into L2 3.9; now the tiles of attn_blocks take whole 16-key blocks)
 _INTRINSIC = None
 
 
