@@ -24,6 +24,7 @@ at any indent), so such a change recompiles.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -52,16 +53,24 @@ def local_imports(path: Path) -> list[Path]:
 
 
 def source_stamp(path) -> bytes:
-    """sha256 over the contents of path and of the same-package modules it imports, recursively."""
+    """sha256 over the contents of path and of the same-package modules it imports, recursively.
+    Each file is read once per process and (size, mtime): qmatvec/kernels.py alone defines ~20 kernels."""
     seen, todo, h = set(), [Path(path).resolve()], hashlib.sha256()
     while todo:
         p = todo.pop(0)
         if p in seen:
             continue
         seen.add(p)
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-        todo += local_imports(p)
+        st = p.stat()
+        body, imports = _read(p, st.st_size, st.st_mtime_ns)
+        h.update(p.name.encode() + b"\0" + body)
+        todo += imports
     return h.digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _read(p: Path, size: int, mtime_ns: int) -> tuple[bytes, list[Path]]:
+    return p.read_bytes(), local_imports(p)
 
 
 def patch(caching) -> bool:

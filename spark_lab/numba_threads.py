@@ -18,6 +18,7 @@ import os
 import sys
 
 LIBS = ("libtbb.so.12", "libtbb.12.dylib")   # Linux, macOS (pip's wheels put it in <prefix>/lib)
+_PRELOADED: str | None = None                 # what preload() loaded
 
 
 def preload() -> str | None:
@@ -33,5 +34,14 @@ def preload() -> str | None:
                     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 except OSError:
                     return None
+                global _PRELOADED
+                _PRELOADED = path
                 return path
     return None
+
+
+def concurrent_launches() -> bool:
+    """True when numba's parallel kernels may be launched from two threads at once: TBB was
+    preloaded, or the user picked a layer that allows it (numba's own workqueue aborts the process)."""
+    chosen = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    return chosen in ("tbb", "omp", "safe", "threadsafe") if chosen else _PRELOADED is not None

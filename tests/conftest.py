@@ -10,6 +10,8 @@ from spark_lab import device, memory
 
 
 def _forget():
+    from spark_lab.llm.model import join_ready_ahead
+    join_ready_ahead()        # an earlier test's repack-ahead thread would place weights in the next allocator
     device.reset_device_cache()
     memory._ALLOCATOR = None  # the next get_allocator() builds a fresh one on the current device
 

@@ -109,11 +109,11 @@ class LLM:
         self.name = name or self.path.stem
         self.file = GGUFFile(self.path)
         self.config = config_from_gguf(self.file)
-        self.tokenizer = Tokenizer.from_gguf(self.path)
         self.n_ctx = int(n_ctx or min(self.config.n_ctx_train, DEFAULT_CTX))
         if self.n_ctx < 8:
             raise ValueError(f"context must be at least 8 tokens, got {self.n_ctx}")
-        self.model = Transformer(self.file, self.config)
+        self.model = Transformer(self.file, self.config)   # first: its repack-ahead thread overlaps the tokenizer's load
+        self.tokenizer = Tokenizer.from_gguf(self.path)
         c = self.config
         self.cache = KVCache(c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim, kv_dtype, cache_type_k, cache_type_v)
         self._cached: list[int] = []       # the tokens whose K/V sit in the cache, in order
