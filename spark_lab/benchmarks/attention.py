@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels.decode_attention import attention_into
-from ..llm.cache import quantize_q8_rows
+from ..llm.cache import KVCache
 
 LLAMA3_8B = dict(heads=32, kv_heads=8, head_dim=128)
 REPEATS = 7
@@ -34,21 +34,19 @@ class Row:
     cpu_ms: float      # best CPU time of a call, all threads (less sensitive to a loaded machine)
 
 
-def _storage(x, t):
-    """x f32 [T, Hkv, D] -> (array, scales or None) as the KV cache stores type t."""
-    if t == "f32":
-        return x, None
-    if t == "f16":
-        return x.astype(np.float16).view(np.uint16), None
-    return quantize_q8_rows(x)
+def _storage(k, v, t):
+    """k, v f32 [T, Hkv, D] -> (k, k scales or None, v, v scales or None) as the KV cache stores type t."""
+    c = KVCache(1, k.shape[0], k.shape[1], k.shape[2], type_k=t, type_v=t)
+    c.write(0, 0, k, v)
+    return tuple(None if a is None else a[0] for a in (c.k, c.k_scale, c.v, c.v_scale))
 
 
 def measure(kv_type: str, ctx: int = 16384, seed: int = 0, kernel=attention_into) -> Row:
     s = LLAMA3_8B
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((s["heads"], s["head_dim"]), dtype=np.float32)
-    k, ks = _storage(rng.standard_normal((ctx, s["kv_heads"], s["head_dim"]), dtype=np.float32), kv_type)
-    v, vs = _storage(rng.standard_normal((ctx, s["kv_heads"], s["head_dim"]), dtype=np.float32), kv_type)
+    shape = (ctx, s["kv_heads"], s["head_dim"])
+    k, ks, v, vs = _storage(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32), kv_type)
     out = np.empty((s["heads"], s["head_dim"]), np.float32)
     scale = 1.0 / np.sqrt(s["head_dim"])
     if not kernel(q, k, v, scale, 0, ctx, out, ks, vs):          # warm-up / compile

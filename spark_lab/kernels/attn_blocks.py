@@ -28,6 +28,7 @@ LANES = 16
 DIMS = (64, 128, 256)     # head dims with tiles (others take the kernel's plain loops)
 HEADS = (4, 2, 1)         # query heads per tile; a group of G takes 4s, then a 2, then a 1
 AHEAD = 32                # read hint distance in key positions (16-64 measured alike, 8 slower, none 2x slower)
+AHEAD_BYTES = 4096        # q8_tile's read hint distance in the key tiles
 _BUILT: dict = {}
 
 
@@ -202,7 +203,87 @@ def build():
         return tile(emit)
 
     _BUILT.update({H: (scores_for(H), wsum_for(H)) for H in HEADS})
+    _BUILT["q8_tile"] = q8_tile_intrinsics(ptr, vload)
     return _BUILT
+
+
+def q8_tile_intrinsics(ptr, vload):
+    """{H: q8_tile} for H query heads at once (4, 2, 1):
+
+        q8_tile(kt, ks, koff, ksoff, qi, qoff, D, qc, qd, hb, nb, o, ooff, ost)
+        # o.flat[ooff + h ost + t] += (sum_j (k_tj + 128) qi.flat[qoff + h D + j] - qc.flat[hb + h nb])
+        #                            * ks.flat[ksoff + t] * qd.flat[hb + h nb]          h < H, t < 16, j < 32
+
+    one 32-value block of the 16 keys of a q8_0 key tile (llm/cache.py) against H query heads
+    quantized to int8, lanes = keys. kt.flat[koff:] holds the block as 8 dword rows of 16 keys (4
+    codes + 128 each): each 64-byte row is loaded once and feeds H VPDPBUSD (u8 keys x s8 query, 64
+    products into 16 int32 lanes) with that head's 4 codes splat; qc = 128 * the block's query code
+    sum takes the key bias off. Per 16 keys x 32 values x head: 8 instructions where the float tile
+    takes 32 multiply-adds and the conversions of the keys. The integer sums are exact; only the
+    scaling rounds (llama.cpp also quantizes the query to q8_0 for a q8_0 key cache). Without
+    AVX512-VNNI the products are widened to 16 bits and summed (portable)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+    from .qmatvec.simd import vnni
+
+    L = LANES
+    i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    iv, fv = ir.VectorType(i32, L), ir.VectorType(ir.FloatType(), L)
+    b64, w64 = ir.VectorType(i8, 4 * L), ir.VectorType(i16, 4 * L)
+    VNNI = vnni()
+
+    def dot4(builder, c, a, w):
+        if VNNI:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [c, a, w])
+        p = builder.mul(builder.zext(builder.bitcast(a, b64), w64), builder.sext(builder.bitcast(w, b64), w64))
+        for j in range(4):
+            sel = builder.shuffle_vector(p, p, ir.Constant(iv, list(range(j, 4 * L, 4))))
+            c = builder.add(c, builder.sext(sel, iv))
+        return c
+
+    def splat(builder, x, vt):
+        v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(iv, [0] * L))
+
+    def make(H):
+        @intrinsic
+        def q8_tile(typingctx, kt, ks, koff, ksoff, qi, qoff, D, qc, qd, hb, nb, o, ooff, ost):
+            if not (isinstance(kt, types.Array) and kt.dtype == types.uint8 and isinstance(qi, types.Array)
+                    and qi.dtype == types.int8):
+                return None
+            sig = types.void(kt, ks, koff, ksoff, qi, qoff, D, qc, qd, hb, nb, o, ooff, ost)
+
+            def codegen(context, builder, sg, args):
+                kp, sp, qp, cp, dp, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 7, 8, 11))
+                ko, so, qo, Dv, hbv, nbv, oo, ostv = (context.cast(builder, args[i], sg.args[i], types.int64)
+                                                     for i in (2, 3, 5, 6, 9, 10, 12, 13))
+                pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                                                    "llvm.prefetch.p0")
+                acc = [ir.Constant(iv, [0] * L) for _ in range(H)]
+                for w in range(8):
+                    kq = builder.gep(kp, [builder.add(ko, ir.Constant(i64, 64 * w))])
+                    if AHEAD_BYTES:
+                        builder.call(pf, [builder.gep(kq, [ir.Constant(i64, AHEAD_BYTES)]), ir.Constant(i32, 0),
+                                          ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                    kw = builder.load(builder.bitcast(kq, iv.as_pointer()), align=1)
+                    for h in range(H):
+                        qa = builder.add(qo, builder.add(builder.mul(Dv, ir.Constant(i64, h)), ir.Constant(i64, 4 * w)))
+                        qw = builder.load(builder.bitcast(builder.gep(qp, [qa]), i32.as_pointer()), align=1)
+                        acc[h] = dot4(builder, acc[h], kw, splat(builder, qw, iv))
+                dk = vload(builder, sp, so)
+                for h in range(H):
+                    hi = builder.add(hbv, builder.mul(nbv, ir.Constant(i64, h)))
+                    qcv = builder.trunc(builder.load(builder.gep(cp, [hi])), i32)
+                    scale = builder.fmul(dk, splat(builder, builder.load(builder.gep(dp, [hi])), fv))
+                    a = builder.sitofp(builder.sub(acc[h], splat(builder, qcv, iv)), fv)
+                    dst = builder.bitcast(builder.gep(op, [builder.add(oo, builder.mul(ostv, ir.Constant(i64, h)))]), fv.as_pointer())
+                    builder.store(builder.fadd(builder.load(dst, align=4), builder.fmul(a, scale)), dst, align=4)
+                return context.get_dummy_value()
+            return sig, codegen
+        return q8_tile
+    return {H: make(H) for H in HEADS}
 
 
 def _fold_order(L: int = LANES):

@@ -9,6 +9,16 @@ Layout [layer, position, kv head, head dim] for each of K and V. Storage by type
     q8_0   int8 codes [.., head_dim] + one float32 scale per 32 values [.., head_dim / 32]
            (llama.cpp's q8_0 block: scale = max|x| / 127, code = round(x / scale))
 
+q8_0 keys are stored in tiles of TILE = 16 positions instead, so that the decode kernel's scores are
+integer dot products with 16 keys in the lanes of a register (attn_blocks.q8_tile, VPDPBUSD):
+
+    k        uint8 [layer, ceil(n_ctx / 16), kv head, head_dim * 16]: per (tile, head) the codes + 128
+             as [head_dim / 4, 16, 4] (4 consecutive values of one key per dword, 16 keys per 64 bytes)
+    k_scale  float32 [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
+
+The same numbers as the row layout (write, view and rows convert); 16k keys x 8 heads x 128 at
+Llama-3-8B shapes, 2 threads: scores + softmax + weighted sum 2.9 -> 1.9-2.1 ms per layer.
+
 Memory is taken as the cache fills: on the CPU the arrays live in an anonymous mapping without
 transparent huge pages, so a position's pages are touched (zeroed by the kernel) only when a
 token is written there; a 4096-token context costs nothing until it is used (NumPy's own
@@ -25,6 +35,7 @@ from ..memory import get_allocator
 
 CACHE_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
+TILE = 16          # q8_0 keys are stored in tiles of this many positions (module docstring)
 
 
 def _lazy_empty(shape, dtype, what: str):
@@ -71,7 +82,7 @@ class KVCache:
             raise ValueError("the GPU path keeps its KV cache in f32 (--cache-type-k/v f16 and q8_0 are CPU options)")
         shape = (_slots, n_layer, n_ctx, n_head_kv, head_dim) if _slots else (n_layer, n_ctx, n_head_kv, head_dim)
         many = f"{_slots} x " if _slots else ""
-        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens")
+        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens", tiled=True)
         self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens")
         self.n_past = 0  # positions [0, n_past) hold valid entries
 
@@ -95,13 +106,25 @@ class KVCache:
         return out
 
     @staticmethod
-    def _alloc(t: str, shape, what: str):
+    def _alloc(t: str, shape, what: str, tiled: bool = False):
         if t == "f32":
             return _lazy_empty(shape, np.float32, what), None
         if t == "f16":
             return _lazy_empty(shape, np.uint16, what + " (f16)"), None
+        if tiled:                                   # q8_0 keys: tiles of TILE positions (module docstring)
+            *lead, n_ctx, H, D = shape
+            n = -(-n_ctx // TILE)
+            return (_lazy_empty((*lead, n, H, D * TILE), np.uint8, what + " (q8_0 tiles)"),
+                    _lazy_empty((*lead, n, H, D // Q8_BLOCK * TILE), np.float32, what + " (q8_0 scales)"))
         return (_lazy_empty(shape, np.int8, what + " (q8_0)"),
                 _lazy_empty((*shape[:-1], shape[-1] // Q8_BLOCK), np.float32, what + " (q8_0 scales)"))
+
+    def _tiles(self, arr, scale, layer):
+        """The q8_0 key tiles of a layer as [tile, head, D/4, TILE, 4] bytes and [tile, head, D/32, TILE] scales."""
+        D = self.head_dim
+        a, sc = arr[layer], scale[layer]
+        return (a.reshape(a.shape[0], a.shape[1], D // 4, TILE, 4),
+                sc.reshape(sc.shape[0], sc.shape[1], D // Q8_BLOCK, TILE))
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +132,13 @@ class KVCache:
 
     def _put(self, t, arr, scale, layer, pos, x):
         T = x.shape[0]
-        if t == "f32":
+        if arr.dtype == np.uint8:                                           # q8_0 key tiles
+            q, d = quantize_q8_rows(np.asarray(x, np.float32))             # [T, H, D], [T, H, D/32]
+            p = np.arange(pos, pos + T)
+            a, sc = self._tiles(arr, scale, layer)
+            a[p // TILE, :, :, p % TILE, :] = (q.view(np.uint8) ^ np.uint8(128)).reshape(T, q.shape[1], -1, 4)
+            sc[p // TILE, :, :, p % TILE] = d
+        elif t == "f32":
             arr[layer, pos:pos + T] = x
         elif t == "f16":
             arr[layer, pos:pos + T] = np.asarray(x, np.float32).astype(np.float16).view(np.uint16)
@@ -118,6 +147,13 @@ class KVCache:
             arr[layer, pos:pos + T], scale[layer, pos:pos + T] = q, d
 
     def _get(self, t, arr, scale, layer, lo, hi):
+        if arr.dtype == np.uint8:                                           # q8_0 key tiles
+            p = np.arange(lo, hi)
+            a, sc = self._tiles(arr, scale, layer)
+            q = (a[p // TILE, :, :, p % TILE, :] ^ np.uint8(128)).view(np.int8)   # [n, H, D/4, 4]
+            d = sc[p // TILE, :, :, p % TILE]                                # [n, H, D/32]
+            q = q.reshape(hi - lo, self.n_head_kv, -1, Q8_BLOCK).astype(np.float32)
+            return (q * d[..., None]).reshape(hi - lo, self.n_head_kv, self.head_dim)
         if t == "f32":
             return arr[layer, lo:hi]
         if t == "f16":

@@ -5,8 +5,29 @@ keeps every key turns that fast path off."""
 import numpy as np
 
 from spark_lab.kernels.attention import attention
+from spark_lab.llm.cache import KVCache, quantize_q8_rows
 
 
 def numpy_attention(q, k, v, **kw):
     """q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, Dv] by the NumPy body (kw: causal, q_offset, ...)."""
     return attention(q, k, v, mask=np.ones((1, 1, k.shape[0]), bool), **kw)
+
+
+def kernel_query(q, scale: float, type_k: str):
+    """The query the kernel scores with: q * scale, for q8_0 key tiles quantized to q8_0 per 32 values
+    (as llama.cpp does for a q8_0 key cache) and widened back. Give numpy_attention scale=1 with it."""
+    qs = np.asarray(q, np.float32) * np.float32(scale)
+    if type_k != "q8_0":
+        return qs
+    c, d = quantize_q8_rows(qs)
+    return (c.reshape(*c.shape[:-1], -1, 32).astype(np.float32) * d[..., None]).reshape(qs.shape)
+
+
+def cache_storage(k, v, type_k: str, type_v: str):
+    """k, v f32 [Tk, Hkv, D] stored as a one-layer KVCache stores them -> (k, k scales, v, v scales,
+    k widened, v widened): q8_0 keys as tiles (llm/cache.py), the widened values as the cache reads them."""
+    c = KVCache(1, k.shape[0], k.shape[1], k.shape[2], type_k=type_k, type_v=type_v)
+    c.write(0, 0, k, v)
+    kw, vw = c.rows(0, 0, k.shape[0])
+    return (c.k[0], None if c.k_scale is None else c.k_scale[0], c.v[0], None if c.v_scale is None else c.v_scale[0],
+            np.array(kw), np.array(vw))

@@ -5,6 +5,7 @@ import pytest
 
 from spark_lab.kernels.decode_attention import attention_into, attention_rows
 from spark_lab.llm.cache import KVCache
+from tests.kernels.numpy_attention import kernel_query
 
 pytest.importorskip("numba")
 
@@ -29,7 +30,8 @@ def test_rows_equal_single_row_kernel(kv):
                        None if c.k_scale is None else c.k_scale[1], None if c.v_scale is None else c.v_scale[1])
         assert np.array_equal(out[r], one), r
     k, v = caches[slots[1]].view(1, 701)                 # and the numbers are attention's
-    s = np.einsum("hd,thd->ht", q[1] * 0.125, np.repeat(k, Hq // Hkv, axis=1))     # query head h reads KV head h // 3
+    qw = kernel_query(q[1], 0.125, kv)                   # q8_0 keys: the query quantized as llama.cpp does
+    s = np.einsum("hd,thd->ht", qw, np.repeat(k, Hq // Hkv, axis=1))     # query head h reads KV head h // 3
     w = np.exp(s - s.max(1, keepdims=True))
     ref = np.einsum("ht,thd->hd", w / w.sum(1, keepdims=True), np.repeat(v, Hq // Hkv, axis=1))
     np.testing.assert_allclose(out[1], ref, rtol=2e-5, atol=2e-6)
@@ -40,5 +42,6 @@ def test_pooled_caches_are_views_of_one_pool():
     caches[1].write(0, 5, np.ones((1, 1, 32), np.float32), np.full((1, 1, 32), 2, np.float32))
     k, v = caches[1].view(0, 6)
     assert k[5].max() == 1 and v[5].min() == 2
-    assert caches[0].pool[0][1, 0, 5].any() and not caches[0].pool[0][0].any()
+    assert caches[0].pool[2][1, 0, 5].any() and not caches[0].pool[2][0].any()      # V [slot, layer, position, ...]
+    assert caches[0].pool[0][1, 0].any() and not caches[0].pool[0][0].any()         # q8_0 K tiles [slot, layer, tile, ...]
     assert caches[1].nbytes == caches[0].nbytes == KVCache(2, 16, 1, 32, type_k="q8_0", type_v="f16").nbytes

@@ -4,7 +4,7 @@ import pytest
 
 from spark_lab.kernels.decode_attention import attention_into
 from spark_lab.llm.cache import quantize_q8_rows
-from tests.kernels.numpy_attention import numpy_attention
+from tests.kernels.numpy_attention import cache_storage, kernel_query, numpy_attention
 
 numba = pytest.importorskip("numba")
 
@@ -49,12 +49,17 @@ def test_long_context_paths_match_numpy_on_widened_values(tk, tv, Tk, lo):
     q = rng.standard_normal((Hq, D), dtype=np.float32)
     kf = rng.standard_normal((Tk, Hkv, D), dtype=np.float32)
     vf = rng.standard_normal((Tk, Hkv, D), dtype=np.float32)
-    k, ks, kw = (kf, None, kf) if tk == "f32" else _store(kf, tk)
-    v, vs, vw = _store(vf, tv)
+    k, ks, v, vs, kw, vw = cache_storage(kf, vf, tk, tv)                       # q8_0 keys: tiles
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), lo, Tk, out, ks, vs)
-    want = numpy_attention(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
+    qw = kernel_query(q, 1 / np.sqrt(D), tk)
+    want = numpy_attention(qw[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1.0)[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+    if tk == "q8_0":                                                          # the same keys as rows (int8 [Tk, Hkv, D])
+        k, ks, _ = _store(kf, "q8_0")
+        assert attention_into(q, k, v, 1 / np.sqrt(D), lo, Tk, out, ks, vs)
+        want = numpy_attention(q[None], kw[lo:], vw[lo:], causal=True, q_offset=Tk - lo - 1, scale=1 / np.sqrt(D))[0]
+        np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("D", [64, 256, 96])                                 # 96: no unrolled 16-key pair
@@ -77,8 +82,8 @@ def test_result_does_not_depend_on_thread_count():
     from spark_lab.device import num_threads, set_threads
     rng = np.random.default_rng(3)
     q = rng.standard_normal((8, 128), dtype=np.float32)
-    k, ks = quantize_q8_rows(rng.standard_normal((1500, 2, 128), dtype=np.float32))
-    v = rng.standard_normal((1500, 2, 128), dtype=np.float32).astype(np.float16).view(np.uint16)
+    k, ks, v, _, _, _ = cache_storage(rng.standard_normal((1500, 2, 128), dtype=np.float32),
+                                      rng.standard_normal((1500, 2, 128), dtype=np.float32), "q8_0", "f16")
     n = num_threads()
     outs = []
     try:
@@ -100,9 +105,9 @@ def test_tiles_cover_every_query_group_size(Hq, Hkv, D, tk, tv):
     rng = np.random.default_rng(Hq * D)
     Tk = 16 * 20 + 5                                                          # two blocks of 256 keys, a 5-key tail
     q = rng.standard_normal((Hq, D), dtype=np.float32)
-    k, ks, kw = _store(rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tk)
-    v, vs, vw = _store(rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tv)
+    k, ks, v, vs, kw, vw = cache_storage(rng.standard_normal((Tk, Hkv, D), dtype=np.float32),
+                                         rng.standard_normal((Tk, Hkv, D), dtype=np.float32), tk, tv)
     out = np.full((Hq, D), np.nan, np.float32)
     assert attention_into(q, k, v, 1 / np.sqrt(D), 0, Tk, out, ks, vs)
-    want = numpy_attention(q[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1 / np.sqrt(D))[0]
+    want = numpy_attention(kernel_query(q, 1 / np.sqrt(D), tk)[None], kw, vw, causal=True, q_offset=Tk - 1, scale=1.0)[0]
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)

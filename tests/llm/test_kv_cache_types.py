@@ -5,7 +5,7 @@ import pytest
 from spark_lab.kernels.decode_attention import attention_into
 from spark_lab.llm.cache import KVCache
 from spark_lab.llm.engine import LLM
-from tests.kernels.numpy_attention import numpy_attention
+from tests.kernels.numpy_attention import kernel_query, numpy_attention
 from tests.llm.tiny import write_tiny_gguf
 
 
@@ -31,6 +31,23 @@ def test_stored_values_round_as_their_type():
     assert KVCache(2, 64, 2, 64, type_k="q8_0", type_v="f16").nbytes == 2 * 64 * 2 * (64 + 8) + 2 * 64 * 2 * 64 * 2
 
 
+def test_q8_0_key_tiles_hold_the_row_layouts_numbers():
+    # keys live in tiles of 16 positions (llm/cache.py): any span, a context that is not a multiple of 16,
+    # a slot of a pool; rows() reads back what the row layout (quantize_q8_rows) stores
+    from spark_lab.llm.cache import quantize_q8_rows
+    k, v = _kv(3, T=50)
+    for c in (KVCache(2, 53, 2, 64, type_k="q8_0", type_v="q8_0"),
+              KVCache.pooled(3, 2, 53, 2, 64, type_k="q8_0", type_v="f16")[1]):
+        c.write(1, 0, k[:7], v[:7])
+        c.write(1, 7, k[7:], v[7:])                   # a write that starts inside a tile
+        assert c.k.shape[-3:] == (4, 2, 64 * 16) and c.k.dtype == np.uint8
+        q, d = quantize_q8_rows(k)
+        want = (q.reshape(50, 2, 2, 32).astype(np.float32) * d[..., None]).reshape(50, 2, 64)
+        assert np.array_equal(c.rows(1, 0, 50)[0], want)
+        assert np.array_equal(c.rows(1, 13, 35)[0], want[13:35])
+        assert not c.rows(0, 0, 50)[0].any()          # the other layer untouched
+
+
 def test_decode_kernel_reads_each_type_as_its_widened_values():
     k, v = _kv(1)
     q = np.random.default_rng(2).standard_normal((8, 64), dtype=np.float32)
@@ -38,11 +55,12 @@ def test_decode_kernel_reads_each_type_as_its_widened_values():
         c = KVCache(1, 64, 2, 64, type_k=tk, type_v=tv)
         c.write(0, 0, k, v)
         kw, vw = c.rows(0, 0, 40)
-        want = numpy_attention(q[None], kw, vw, causal=True, q_offset=39, window=None, scale=0.125)[0]
+        qw = kernel_query(q, 0.125, tk)                # q8_0 keys: the query quantized as llama.cpp does
+        want = numpy_attention(qw[None], kw, vw, causal=True, q_offset=39, window=None, scale=1.0)[0]
         out = np.empty((8, 64), np.float32)
         assert attention_into(q, c.k[0], c.v[0], 0.125, 5, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
-        want5 = numpy_attention(q[None], kw[5:], vw[5:], causal=True, q_offset=34, window=None, scale=0.125)[0]
+        want5 = numpy_attention(qw[None], kw[5:], vw[5:], causal=True, q_offset=34, window=None, scale=1.0)[0]
         assert np.allclose(out, want5, rtol=1e-5, atol=1e-6)
         assert attention_into(q, c.k[0], c.v[0], 0.125, 0, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
