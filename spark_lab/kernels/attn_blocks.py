@@ -283,7 +283,21 @@ def q8_tile_intrinsics(ptr, vload):
                 return context.get_dummy_value()
             return sig, codegen
         return q8_tile
-    return {H: make(H) for H in HEADS}
+    @intrinsic
+    def max16(typingctx, a, aoff, m, moff):
+        """m.flat[moff:moff+16] = max(m.flat[moff:...], a.flat[aoff:aoff+16]) lane by lane (a NaN wins):
+        the running maximum of a tile's 16 scores, so the softmax needs no pass over them for it."""
+        sig = types.void(a, aoff, m, moff)
+
+        def codegen(context, builder, sg, args):
+            ap, mp = ptr(context, builder, sg.args[0], args[0]), ptr(context, builder, sg.args[2], args[2])
+            ao, mo = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (1, 3))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv, fv]), f"llvm.maximum.v{L}f32")
+            dst = builder.bitcast(builder.gep(mp, [mo]), fv.as_pointer())
+            builder.store(builder.call(fn, [builder.load(dst, align=4), vload(builder, ap, ao)]), dst, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return {H: make(H) for H in HEADS} | {"max16": max16}
 
 
 def _fold_order(L: int = LANES):
