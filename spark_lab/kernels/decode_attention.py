@@ -63,6 +63,7 @@ prange = range     # numba.prange once compiled
 load_row = None    # _load_row compiled (dtype-dispatched), set by _compile()
 widen_row = None   # _widen_row compiled (dtype-dispatched, kv_rows.widen16), set by _compile()
 score_group = None  # _score_group compiled, set by _compile()
+row_of = None       # _row_of compiled, set by _compile()
 wsum_group = None   # _wsum_group compiled, set by _compile()
 score_keys = quantize_query = None   # _score_keys / _quantize_query dispatched on the K storage, set by _compile()
 q8_tile4 = q8_tile2 = q8_tile1 = max16 = None   # attn_blocks' q8_0 key-tile blocks by query heads, set by _compile()
@@ -121,6 +122,14 @@ def _wsum_group(v, vs, voff, vst, e, h0, G, col, o):
             h += 1
 
 
+def _row_of(a, sc, tab, j, g, row, vec):
+    """row [D] f32 = a[j, g, :] widened: 16 values a step where the head dim allows (vec), else one by one."""
+    if vec:
+        widen_row(a, sc, j, g, row)
+    else:
+        load_row(a, sc, tab, j, g, row)
+
+
 def _score_keys(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
     """s[h, 0:nk] = scores of query heads h (qs [Hq, D], scaled) against keys b0..b0+nk-1 of one
     layer's cache k (dispatched on its storage: `_scores_rows`, or `_scores_tiles` for q8_0 key tiles)."""
@@ -137,10 +146,7 @@ def _scores_rows(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, block
             score_group(k, ks, ((b0 + 16 * jb) * Hkv + g) * D, kst, qs, g * G, G, s, 16 * jb)
     for j in range(16 * nb16, nk):
         for g in range(Hkv):
-            if vec_k:
-                widen_row(k, ks, b0 + j, g, krow)
-            else:
-                load_row(k, ks, tab, b0 + j, g, krow)
+            row_of(k, ks, tab, b0 + j, g, krow, vec_k)
             for hh in range(G):
                 h = g * G + hh
                 acc = np.float32(0.0)
@@ -300,10 +306,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
                     wsum_group(v, vs, ((b0 + 16 * jb) * Hkv + g) * Dv, kst, e, g * G, G, 16 * jb, o)
             for j in range(16 * nb16, nk):           # the rest, one key at a time
                 for g in range(Hkv):
-                    if vec_v:
-                        widen_row(v, vs, b0 + j, g, vrow)
-                    else:
-                        load_row(v, vs, tab, b0 + j, g, vrow)
+                    row_of(v, vs, tab, b0 + j, g, vrow, vec_v)
                     for hh in range(G):
                         h = g * G + hh
                         w = e[h, j]
@@ -330,7 +333,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
 
 def _compile():
     """Compile (or load from numba's cache) the kernel; False without numba."""
-    global _KERNEL, prange, load_row, widen_row, score_group, wsum_group
+    global _KERNEL, prange, load_row, widen_row, row_of, score_group, wsum_group
     try:
         import numba
         from numba import types
@@ -384,6 +387,7 @@ def _compile():
         overload(_score_keys, inline="always")(scores_ov)
         overload(_quantize_query, inline="always")(query_ov)
         score_keys, quantize_query = _score_keys, _quantize_query
+    row_of = numba.njit(inline="always", nogil=True)(_row_of)
     score_group = numba.njit(inline="always", nogil=True)(_score_group)
     wsum_group = numba.njit(inline="always", nogil=True)(_wsum_group)
     prange = numba.prange
