@@ -136,7 +136,7 @@ class Transformer:
         self._ready_lock = threading.Lock()
         if self._ahead_pays():
             t = threading.Thread(target=self._ready_ahead, name="spark_lab repack ahead", daemon=True)
-            _AHEAD.append(t)
+            _AHEAD[:] = [a for a in _AHEAD if a.is_alive()] + [t]   # a server loading model after model keeps none
             t.start()
 
     def _experts(self, p: str) -> Experts:
