@@ -40,15 +40,16 @@ def _ours(cache) -> bool:
     return code is not None and os.path.abspath(code.co_filename).startswith(PACKAGE)
 
 
-_LOCAL_IMPORT = re.compile(r"^[ \t]*from \.(\w*) import ([\w, ()]+)", re.M)
+_LOCAL_IMPORT = re.compile(r"^[ \t]*from \.([\w.]*) import ([\w, ()]+)", re.M)
 
 
 def local_imports(path: Path) -> list[Path]:
-    """The modules of path's own package that path imports (files that exist), in source order."""
+    """The modules of path's own package (and its subpackages: `from .sub.mod import`) that path
+    imports (files that exist), in source order."""
     out = []
     for mod, names in _LOCAL_IMPORT.findall(path.read_text(encoding="utf-8")):
         cands = [mod] if mod else [n.strip() for n in names.strip("()").split(",")]
-        out += [p for p in (path.with_name(c + ".py") for c in cands if c) if p.is_file()]
+        out += [p for p in (path.parent.joinpath(*c.split(".")).with_suffix(".py") for c in cands if c) if p.is_file()]
     return out
 
 

@@ -204,6 +204,7 @@ def build():
 
     _BUILT.update({H: (scores_for(H), wsum_for(H)) for H in HEADS})
     _BUILT["q8_tile"] = q8_tile_intrinsics(ptr, vload)
+    _BUILT["max16"] = max16_intrinsic(ptr, vload)
     return _BUILT
 
 
@@ -225,23 +226,12 @@ def q8_tile_intrinsics(ptr, vload):
     from llvmlite import ir
     from numba.core import cgutils, types
     from numba.extending import intrinsic
-    from .qmatvec.simd import vnni
+    from .qmatvec.simd import dot4, vnni
 
     L = LANES
-    i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     iv, fv = ir.VectorType(i32, L), ir.VectorType(ir.FloatType(), L)
-    b64, w64 = ir.VectorType(i8, 4 * L), ir.VectorType(i16, 4 * L)
     VNNI = vnni()
-
-    def dot4(builder, c, a, w):
-        if VNNI:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            return builder.call(fn, [c, a, w])
-        p = builder.mul(builder.zext(builder.bitcast(a, b64), w64), builder.sext(builder.bitcast(w, b64), w64))
-        for j in range(4):
-            sel = builder.shuffle_vector(p, p, ir.Constant(iv, list(range(j, 4 * L, 4))))
-            c = builder.add(c, builder.sext(sel, iv))
-        return c
 
     def splat(builder, x, vt):
         v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
@@ -271,7 +261,7 @@ def q8_tile_intrinsics(ptr, vload):
                     for h in range(H):
                         qa = builder.add(qo, builder.add(builder.mul(Dv, ir.Constant(i64, h)), ir.Constant(i64, 4 * w)))
                         qw = builder.load(builder.bitcast(builder.gep(qp, [qa]), i32.as_pointer()), align=1)
-                        acc[h] = dot4(builder, acc[h], kw, splat(builder, qw, iv))
+                        acc[h] = dot4(builder, acc[h], kw, splat(builder, qw, iv), VNNI)
                 dk = vload(builder, sp, so)
                 for h in range(H):
                     hi = builder.add(hbv, builder.mul(nbv, ir.Constant(i64, h)))
@@ -283,6 +273,16 @@ def q8_tile_intrinsics(ptr, vload):
                 return context.get_dummy_value()
             return sig, codegen
         return q8_tile
+    return {H: make(H) for H in HEADS}
+
+
+def max16_intrinsic(ptr, vload):
+    """max16(a, aoff, m, moff) (below)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+    fv = ir.VectorType(ir.FloatType(), LANES)
+
     @intrinsic
     def max16(typingctx, a, aoff, m, moff):
         """m.flat[moff:moff+16] = max(m.flat[moff:...], a.flat[aoff:aoff+16]) lane by lane (a NaN wins):
@@ -292,12 +292,12 @@ def q8_tile_intrinsics(ptr, vload):
         def codegen(context, builder, sg, args):
             ap, mp = ptr(context, builder, sg.args[0], args[0]), ptr(context, builder, sg.args[2], args[2])
             ao, mo = (context.cast(builder, args[i], sg.args[i], types.int64) for i in (1, 3))
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv, fv]), f"llvm.maximum.v{L}f32")
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv, fv]), f"llvm.maximum.v{LANES}f32")
             dst = builder.bitcast(builder.gep(mp, [mo]), fv.as_pointer())
             builder.store(builder.call(fn, [builder.load(dst, align=4), vload(builder, ap, ao)]), dst, align=4)
             return context.get_dummy_value()
         return sig, codegen
-    return {H: make(H) for H in HEADS} | {"max16": max16}
+    return max16
 
 
 def _fold_order(L: int = LANES):

@@ -376,8 +376,10 @@ def _compile():
     for H in attn_blocks.HEADS:
         globals()[f"scores{H}"], globals()[f"wsum{H}"] = attn_blocks.build()[H]
     global score_keys, quantize_query
+    global max16
     for H, f in attn_blocks.build()["q8_tile"].items():
-        globals()[f"q8_tile{H}" if H != "max16" else "max16"] = f
+        globals()[f"q8_tile{H}"] = f
+    max16 = attn_blocks.build()["max16"]
     if score_keys is None:
         def scores_ov(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
             return _scores_tiles if k.dtype == types.uint8 else _scores_rows

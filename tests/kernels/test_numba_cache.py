@@ -84,7 +84,15 @@ def test_source_stamp_follows_the_package_modules_a_kernel_imports(tmp_path):
     s1 = numba_cache.source_stamp(pkg / "kern.py")
     assert s1 != s0
     (pkg / "simd.py").write_text("LANES = 8\n")
-    assert numba_cache.source_stamp(pkg / "kern.py") not in (s0, s1)
+    s2 = numba_cache.source_stamp(pkg / "kern.py")
+    assert s2 not in (s0, s1)
+    (pkg / "sub").mkdir()                                       # a subpackage's module: `from .sub.deep import`
+    (pkg / "sub" / "deep.py").write_text("W = 1\n")
+    (pkg / "blocks.py").write_text("from .simd import LANES  # edited\nfrom .sub.deep import W\n")
+    assert [p.name for p in numba_cache.local_imports(pkg / "blocks.py")] == ["simd.py", "deep.py"]
+    s3 = numba_cache.source_stamp(pkg / "kern.py")
+    (pkg / "sub" / "deep.py").write_text("W = 22\n")
+    assert numba_cache.source_stamp(pkg / "kern.py") not in (s0, s1, s2, s3)
 
 
 def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
@@ -94,6 +102,7 @@ def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
     root = Path(spark_lab.__file__).parent / "kernels"
     assert {p.name for p in numba_cache.local_imports(root / "qmatvec" / "kernels.py")} >= {"simd.py", "q8.py"}
     assert {p.name for p in numba_cache.local_imports(root / "decode_attention.py")} >= {"kv_rows.py", "attn_blocks.py"}
+    assert root / "qmatvec" / "simd.py" in numba_cache.local_imports(root / "attn_blocks.py")   # its dot4 (q8_0 key tiles)
     import numba.core.caching as caching
     from spark_lab.kernels import qmatvec as qm
     if qm._jit() is None:

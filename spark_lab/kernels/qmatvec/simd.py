@@ -57,6 +57,24 @@ def byte_table() -> bool:
     return _cpu_has("avx512bw")
 
 
+def dot4(builder, c, a, w, with_vnni: bool):
+    """LLVM IR: c + the per-lane sum of the 4 byte products u8 (a) x s8 (w), all <16 x i32>: one
+    VPDPBUSD with_vnni, else widening multiplies that LLVM lowers for the CPU at hand (the int8
+    mat-vecs here and the q8_0 key tiles of attn_blocks)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+    iv = ir.VectorType(ir.IntType(32), LANES)
+    if with_vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [c, a, w])
+    b64, w64 = ir.VectorType(ir.IntType(8), 4 * LANES), ir.VectorType(ir.IntType(16), 4 * LANES)
+    p = builder.mul(builder.zext(builder.bitcast(a, b64), w64), builder.sext(builder.bitcast(w, b64), w64))   # no overflow
+    for j in range(4):
+        sel = builder.shuffle_vector(p, p, ir.Constant(iv, list(range(j, 4 * LANES, 4))))
+        c = builder.add(c, builder.sext(sel, iv))
+    return c
+
+
 def intrinsics():
     """Build the numba intrinsics (needs numba and llvmlite; called once by `_jit`)."""
     from llvmlite import ir
@@ -142,18 +160,6 @@ def intrinsics():
         n = lo.type.count
         return k.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
 
-    def dot4(k, c, a, w):
-        """c + per-lane sum of the 4 byte products u8 (a) x s8 (w); all <16 x i32> (VNNI or portable)."""
-        b = k.b
-        if VNNI:
-            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(iv, [iv] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            return b.call(fn, [c, a, w])
-        p = b.mul(b.zext(b.bitcast(a, b64), w64), b.sext(b.bitcast(w, b64), w64))          # <64 x i16>, no overflow
-        for j in range(4):
-            sel = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, L), list(range(j, 4 * L, 4))))
-            c = b.add(c, b.sext(sel, iv))
-        return c
-
     class Sums:
         """n integer sums of dword products at once (one per token, or per half-block): add(j, a, w)
         adds to sum j the 4 products u8 (a) x s8 (w) of each lane's dword; total(j) -> <16 x i32>.
@@ -183,7 +189,7 @@ def intrinsics():
         def add(self, j, a, w):
             k, b = self.k, self.k.b
             if VNNI or not AVX2:
-                self._chain(j, lambda c: dot4(k, c, a, w))
+                self._chain(j, lambda c: dot4(k.b, c, a, w, VNNI))
                 return
             pairs = []
             for ah, wh in zip(halves(k, b.bitcast(a, b64)), halves(k, b.bitcast(w, b64))):
