@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -139,7 +140,15 @@ def page(lab, tmp_path_factory):
 
 
 def _kernel_states(base, token):
-    return [k.get("execution_state") for k in _get_json(f"{base}/api/kernels?token={token}")]
+    # jupyter_server answers 500 to a kernel listing that lands while a kernel is being created (its
+    # model has no last_activity yet: TraitError in list_kernels): ask again, a few seconds at most
+    for attempt in range(20):
+        try:
+            return [k.get("execution_state") for k in _get_json(f"{base}/api/kernels?token={token}")]
+        except urllib.error.HTTPError as e:
+            if e.code != 500 or attempt == 19:
+                raise
+            time.sleep(0.25)
 
 
 def _shut_down_kernels(base, token):
