@@ -44,6 +44,9 @@ at 16k keys, Llama-3-8B shapes, 2 threads, Zen 4 (`python -m spark_lab.benchmark
 4.3 -> 2.6-2.8 ms (the tiles alone, in L1, run at ~3 G FMA/s per core; the rest is the memory:
 64 MB at ~25 GB/s), q8_0 3.9 -> 2.5-2.9 (each row's block scales loaded once per block and asked for
 ahead with the row: a shift and a dependent load per 16 values had held it at 3.9), f32 6.0 -> 4.3.
+gpt-oss's attention sinks (a logit per query head that joins the softmax's max and denominator and
+takes no value) enter where the chunks are combined, so every cache type and the pooled rows take
+them (a scalar kernel over widened f16 rows had cost gpt-oss-20b 11 ms a token at 140 keys, 1.8 now).
 NaN scores give NaN outputs (numba's "numpy" error model),
 never a ZeroDivisionError. numba's cache entries are keyed on this file and the
 modules it imports (kv_rows.py, attn_blocks.py, expf.py: `numba_cache.source_stamp`).
@@ -231,11 +234,12 @@ def _no_query(k, qs, qi, qd, qc):
     pass
 
 
-def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
+def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
     # Q [n, Hq, D]: n query rows; K/V [S, L, Tk, Hkv, D]: S caches of L layers (storage above),
     # KS/VS their q8_0 scales [S, L, Tk, Hkv, D/32] (or a 1-element stand-in); row r reads cache
     # slots[r], `layer`, keys lo[r]..hi[r]-1 -> out [n, Hq, Dv]. Tasks are (row, key chunk) pairs
     # on the threads; a row's numbers depend on its own keys only (never on n or the other rows).
+    # sinks [Hq] (gpt-oss) or empty: one more logit per head in each softmax's denominator only.
     n_rows, Hq, D = Q.shape
     Hkv, Dv = K.shape[3], V.shape[4]
     G = Hq // Hkv
@@ -319,10 +323,14 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, out):
             for c in range(1, nc):
                 M = max(M, cm[r, c, h])
             tot = np.float32(0.0)
+            sink = sinks.shape[0] > 0                # the sink joins the max and the denominator
+            if sink:
+                M = max(M, sinks[h])
+                tot = np.float32(np.exp(sinks[h] - M))
             for d in range(Dv):
                 out[r, h, d] = 0.0
             for c in range(nc):
-                f = np.float32(np.exp(cm[r, c, h] - M)) if nc > 1 else np.float32(1.0)
+                f = np.float32(np.exp(cm[r, c, h] - M)) if nc > 1 or sink else np.float32(1.0)
                 tot += f * cl[r, c, h]
                 for d in range(Dv):
                     out[r, h, d] += f * co[r, c, h, d]
@@ -416,18 +424,23 @@ def _widen_ov(widen16, a, sc, j, g, row):
 
 
 _ONE_SLOT = np.zeros(1, np.int64)
+_NO_SINKS = np.zeros(0, np.float32)
+
+
+def _sinks(sinks):
+    return _NO_SINKS if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
 
 
 def _scales(sc):
     return _NO_SCALE if sc is None else np.ascontiguousarray(sc)[None, None]
 
 
-def _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale):
+def _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale, sinks=None):
     """One query row over one layer's k/v [Tk, Hkv, D]: the rows kernel with n = 1 (the same
     machine code as a batched row, hence the same numbers)."""
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)         # rows are read 16 values at a flat offset
     kern(np.ascontiguousarray(q)[None], k[None, None], _scales(k_scale), v[None, None], _scales(v_scale), _F16,
-         0, _ONE_SLOT, np.float32(scale), np.array([lo], np.int64), np.array([hi], np.int64), out[None])
+         0, _ONE_SLOT, np.float32(scale), np.array([lo], np.int64), np.array([hi], np.int64), _sinks(sinks), out[None])
 
 
 def attention_one(q, k, v, scale: float, lo: int, hi: int, k_scale=None, v_scale=None):
@@ -440,18 +453,19 @@ def attention_one(q, k, v, scale: float, lo: int, hi: int, k_scale=None, v_scale
     return out
 
 
-def attention_into(q, k, v, scale: float, lo: int, hi: int, out, k_scale=None, v_scale=None) -> bool:
+def attention_into(q, k, v, scale: float, lo: int, hi: int, out, k_scale=None, v_scale=None, sinks=None) -> bool:
     """q [Hq, D], k/v [Tk, Hkv, D] (keys lo..hi-1 visible; f32, f16 bits as uint16, or int8
-    with k_scale/v_scale [Tk, Hkv, D/32]) -> out [Hq, Dv], in place.
+    with k_scale/v_scale [Tk, Hkv, D/32]) -> out [Hq, Dv], in place. sinks [Hq]: gpt-oss's
+    attention sinks (a logit per head in the softmax's denominator, `sink_attention`).
     False (out untouched) when numba is unavailable."""
     kern = _KERNEL if _KERNEL is not None else _compile()
     if kern is False or hi <= lo:
         return False
-    _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale)
+    _run_one(kern, q, k, v, scale, lo, hi, out, k_scale, v_scale, sinks)
     return True
 
 
-def attention_rows(q, pool, layer: int, slots, lo, hi, scale: float, out) -> bool:
+def attention_rows(q, pool, layer: int, slots, lo, hi, scale: float, out, sinks=None) -> bool:
     """n decoding sequences at once, each over its own cache in a pool: q [n, Hq, D]; pool the
     (k, k_scale, v, v_scale) arrays of `KVCache.pooled` ([S, L, Tk, Hkv, D], scales or None);
     row r attends to keys lo[r]..hi[r]-1 of cache slots[r] at `layer` -> out [n, Hq, Dv], in place.
@@ -462,11 +476,11 @@ def attention_rows(q, pool, layer: int, slots, lo, hi, scale: float, out) -> boo
         return False
     k, ks, v, vs = pool
     kern(q, k, _NO_SCALE if ks is None else ks, v, _NO_SCALE if vs is None else vs, _F16, int(layer),
-         np.asarray(slots, np.int64), np.float32(scale), np.asarray(lo, np.int64), np.asarray(hi, np.int64), out)
+         np.asarray(slots, np.int64), np.float32(scale), np.asarray(lo, np.int64), np.asarray(hi, np.int64), _sinks(sinks), out)
     return True
 
 
-def attention_prompt(q, cache, layer: int, pos: int, scale: float, window: int | None = None):
+def attention_prompt(q, cache, layer: int, pos: int, scale: float, window: int | None = None, sinks=None):
     """A prompt chunk's queries q [T, Hq, D] at positions pos..pos+T-1 over `cache` (a KVCache whose
     positions [0, pos+T) are written) -> [T, Hq, Dv], each row by the decode kernel over the keys
     it sees (a sliding window: the last `window`); None when numba is unavailable.
@@ -486,5 +500,5 @@ def attention_prompt(q, cache, layer: int, pos: int, scale: float, window: int |
     hi = np.arange(pos + 1, pos + T + 1, dtype=np.int64)
     lo = np.maximum(0, hi - int(window)) if window else np.zeros(T, np.int64)
     out = np.empty((T, Hq, cache.head_dim), np.float32)
-    attention_rows(np.ascontiguousarray(q, dtype=np.float32), pool, layer, np.full(T, slot, np.int64), lo, hi, scale, out)
+    attention_rows(np.ascontiguousarray(q, dtype=np.float32), pool, layer, np.full(T, slot, np.int64), lo, hi, scale, out, sinks)
     return out

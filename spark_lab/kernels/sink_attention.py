@@ -4,7 +4,8 @@
 
 The sink takes no value: it only lets a head attend to "nothing". Same conventions as
 `attention()` (query i at absolute position q_offset + i, keys at 0..Tk-1, GQA, sliding
-`window`); one NumPy/CuPy body in query chunks, and a numba kernel for one decode query.
+`window`); one NumPy/CuPy body in query chunks (the reference); one decode query on the CPU
+goes through `decode_attention`'s kernel, which takes the sinks too.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import numpy as np
 from ..device import array_module
 
 _MAX_SCORES = 1 << 24          # score elements per chunk (64 MB of float32)
-_KERNEL = None                 # numba decode kernel; False when numba is missing
 
 
 def attention_sinks(q, k, v, sinks, q_offset=0, window=None, scale=None):
@@ -59,48 +59,9 @@ def attention_sinks(q, k, v, sinks, q_offset=0, window=None, scale=None):
     return out
 
 
-def _attend_sinks(q, k, v, sinks, scale, lo, hi, out):
-    # q [Hq, D], k/v [Tk, Hkv, D], sinks [Hq], out [Hq, Dv]; keys lo..hi-1 are visible
-    Hq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[2]
-    G = Hq // Hkv
-    n = hi - lo
-    s = np.empty(n, np.float32)
-    for h in range(Hq):
-        g = h // G
-        m = np.float32(sinks[h])
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += q[h, d] * k[lo + j, g, d]
-            acc *= scale
-            s[j] = acc
-            m = max(m, acc)
-        tot = np.float32(np.exp(np.float32(sinks[h]) - m))
-        for j in range(n):
-            e = np.float32(np.exp(s[j] - m))
-            s[j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for d in range(Dv):
-            out[h, d] = 0.0
-        for j in range(n):
-            w = s[j] * inv
-            for d in range(Dv):
-                out[h, d] += w * v[lo + j, g, d]
-
-
 def attention_sinks_into(q, k, v, sinks, scale: float, lo: int, hi: int, out) -> bool:
-    """q [Hq, D], k/v [Tk, Hkv, D] (keys lo..hi-1 visible), sinks [Hq] -> out [Hq, Dv] in place.
-    False (out untouched) when numba is unavailable."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            import numba
-            _KERNEL = numba.njit(cache=True, nogil=True, error_model="numpy")(_attend_sinks)
-        except ImportError:
-            _KERNEL = False
-    if _KERNEL is False or hi <= lo:
-        return False
-    _KERNEL(q, k, v, np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), lo, hi, out)
-    return True
+    """q [Hq, D], k/v [Tk, Hkv, D] (keys lo..hi-1 visible), sinks [Hq] -> out [Hq, Dv] in place:
+    the decode kernel (`decode_attention`) with the sinks in its softmax. False (out untouched)
+    when numba is unavailable."""
+    from .decode_attention import attention_into
+    return attention_into(q, k, v, scale, lo, hi, out, sinks=sinks)

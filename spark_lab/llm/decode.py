@@ -20,7 +20,6 @@ import numpy as np
 
 from .. import kernels as K
 from ..kernels.decode_attention import attention_into, attention_rows
-from ..kernels.sink_attention import attention_sinks_into
 from ..quants import QuantTensor
 from .moe import moe_ffn
 
@@ -262,26 +261,19 @@ class Decoder:
 
     def _attend_each(self, i, L, sliding, q, k, v, att, positions, caches) -> None:
         """Write each row's K/V into its cache and attend, row by row (step; step_batch over caches
-        outside one pool, or with attention sinks). An f16/q8_0 cache with sinks: the visible rows widened."""
+        outside one pool)."""
         c, H, Hkv, hd = self.c, self.c.n_head, self.c.n_head_kv, self.c.head_dim
         for r, (pos, cache) in enumerate(zip(positions, caches)):
             q3, k3, att3 = q[r].reshape(H, hd), k[r].reshape(Hkv, hd), att[r].reshape(H, hd)
             v3 = v[r].reshape(Hkv, hd)
-            f32 = getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32"
-            if f32:
+            if getattr(cache, "type_k", "f32") == "f32" and getattr(cache, "type_v", "f32") == "f32":
                 cache.k[i, pos], cache.v[i, pos] = k3, v3
             else:
                 cache.write(i, pos, k3[None], v3[None])
             lo = max(0, pos - int(c.sliding_window) + 1) if sliding else 0
-            if L.sinks is not None and f32:
-                attention_sinks_into(q3, cache.k[i], cache.v[i], L.sinks, c.attn_scale, lo, pos + 1, att3)
-            elif L.sinks is not None:
-                kw, vw = cache.rows(i, lo, pos + 1)
-                attention_sinks_into(q3, kw, vw, L.sinks, c.attn_scale, 0, pos + 1 - lo, att3)
-            else:
-                attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
-                               None if cache.k_scale is None else cache.k_scale[i],
-                               None if cache.v_scale is None else cache.v_scale[i])
+            attention_into(q3, cache.k[i], cache.v[i], c.attn_scale, lo, pos + 1, att3,
+                           None if cache.k_scale is None else cache.k_scale[i],
+                           None if cache.v_scale is None else cache.v_scale[i], L.sinks)
 
     def step_batch(self, tokens, positions, caches) -> np.ndarray:
         """n sequences one token each (token i at positions[i] in caches[i]) -> logits [n, vocab].
@@ -329,7 +321,7 @@ class Decoder:
             cos, sin = self._table(theta, n_ctx)
             g["rope_batch"](q.reshape(n, H, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
             g["rope_batch"](k.reshape(n, Hkv, hd), cos, sin, pos_arr, c.rope_dim, c.rope_neox)
-            if pool is not None and L.sinks is None:             # every row in one kernel call
+            if pool is not None:                                 # every row in one kernel call
                 if f32_pool:
                     pool[0][slots, i, pos_arr] = k.reshape(n, Hkv, hd)
                     pool[2][slots, i, pos_arr] = v.reshape(n, Hkv, hd)
@@ -338,7 +330,7 @@ class Decoder:
                         cache.write(i, pos, k[r].reshape(1, Hkv, hd), v[r].reshape(1, Hkv, hd))
                 lo = np.maximum(0, pos_arr - int(c.sliding_window) + 1) if sliding else zeros
                 attention_rows(q.reshape(n, H, hd), pool, i, slots, lo, pos_arr + 1, c.attn_scale,
-                               att.reshape(n, H, hd))
+                               att.reshape(n, H, hd), L.sinks)
             else:
                 self._attend_each(i, L, sliding, q, k, v, att, positions, caches)
             mv["o"](att, o)

@@ -391,11 +391,11 @@ class Transformer:
                           table=tables[theta], freq_factors=self.rope_freqs, yarn=c.rope_yarn)
                 qs, ks = K.rope(q[r0:r0 + T], positions, **rk), K.rope(k[r0:r0 + T], positions, **rk)
                 cache.write(i, pos, ks, v[r0:r0 + T])
-                kc, vc = (None, None) if rows_kernel and L.sinks is None else cache.view(i, pos + T)   # [pos+T, Hkv, hd]
-                if L.sinks is not None:
+                kc, vc = (None, None) if rows_kernel else cache.view(i, pos + T)   # [pos+T, Hkv, hd]
+                if rows_kernel:                                     # numba is there: never None
+                    outs.append(attention_prompt(qs, cache, i, pos, c.attn_scale, window, L.sinks))   # [T, H, hd], rows as decoded alone
+                elif L.sinks is not None:
                     outs.append(attention_sinks(qs, kc, vc, L.sinks, q_offset=pos, window=window, scale=c.attn_scale))
-                elif rows_kernel:                                   # numba is there: never None
-                    outs.append(attention_prompt(qs, cache, i, pos, c.attn_scale, window))   # [T, H, hd], rows as decoded alone
                 else:
                     outs.append(K.attention(qs, kc, vc, causal=True, q_offset=pos, window=window,
                                             scale=c.attn_scale))    # [T, H, hd]
