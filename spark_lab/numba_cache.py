@@ -40,16 +40,18 @@ def _ours(cache) -> bool:
     return code is not None and os.path.abspath(code.co_filename).startswith(PACKAGE)
 
 
-_LOCAL_IMPORT = re.compile(r"^[ \t]*from \.([\w.]*) import ([\w, ()]+)", re.M)
+_LOCAL_IMPORT = re.compile(r"^[ \t]*from (\.+)([\w.]*) import ([\w, ()]+)", re.M)
 
 
 def local_imports(path: Path) -> list[Path]:
-    """The modules of path's own package (and its subpackages: `from .sub.mod import`) that path
-    imports (files that exist), in source order."""
+    """The modules of path's own package (and its subpackages: `from .sub.mod import`, and a parent
+    package's: `from ..kernels.expf import`) that path imports (files that exist), in source order."""
     out = []
-    for mod, names in _LOCAL_IMPORT.findall(path.read_text(encoding="utf-8")):
-        cands = [mod] if mod else [n.strip() for n in names.strip("()").split(",")]
-        out += [p for p in (path.parent.joinpath(*c.split(".")).with_suffix(".py") for c in cands if c) if p.is_file()]
+    for dots, mod, names in _LOCAL_IMPORT.findall(path.read_text(encoding="utf-8")):
+        base = path.parents[len(dots) - 1]
+        names = [n.split(" as ")[0].strip() for n in names.strip("()").split(",")]
+        cands = [mod] + [f"{mod}.{n}" for n in names] if mod else names     # a module, or a package's modules
+        out += [p for p in (base.joinpath(*c.split(".")).with_suffix(".py") for c in cands if c) if p.is_file()]
     return out
 
 

@@ -266,8 +266,7 @@ class Transformer:
         """CPU with numba: repack the layer's quantized weights now (raw pages dropped as it goes),
         q|k|v and gate|up each as one stack, so a decode step makes one product of each."""
         from ..kernels import qmatvec
-        if L.bq is None:
-            qmatvec.prepare_stack([L.wq, L.wk, L.wv], what=f"blk.{i} q|k|v")
+        qmatvec.prepare_stack([L.wq, L.wk, L.wv], what=f"blk.{i} q|k|v")
         if L.moe is None:                   # experts are repacked on first use: an unused one never is
             qmatvec.prepare_stack([L.w_gate, L.w_up], what=f"blk.{i} gate|up")
         for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):

@@ -92,7 +92,14 @@ def test_source_stamp_follows_the_package_modules_a_kernel_imports(tmp_path):
     assert [p.name for p in numba_cache.local_imports(pkg / "blocks.py")] == ["simd.py", "deep.py"]
     s3 = numba_cache.source_stamp(pkg / "kern.py")
     (pkg / "sub" / "deep.py").write_text("W = 22\n")
-    assert numba_cache.source_stamp(pkg / "kern.py") not in (s0, s1, s2, s3)
+    s4 = numba_cache.source_stamp(pkg / "kern.py")
+    assert s4 not in (s0, s1, s2, s3)
+    (pkg / "sub" / "up.py").write_text("from ..other import X\nfrom .. import simd\n")   # a parent package's modules
+    assert [p.name for p in numba_cache.local_imports(pkg / "sub" / "up.py")] == ["other.py", "simd.py"]
+    (pkg / "sub" / "deep.py").write_text("from ..other import X\n")
+    s5 = numba_cache.source_stamp(pkg / "kern.py")
+    (pkg / "other.py").write_text("X = 3\n")
+    assert numba_cache.source_stamp(pkg / "kern.py") not in (s4, s5)
 
 
 def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
@@ -103,6 +110,7 @@ def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
     assert {p.name for p in numba_cache.local_imports(root / "qmatvec" / "kernels.py")} >= {"simd.py", "q8.py"}
     assert {p.name for p in numba_cache.local_imports(root / "decode_attention.py")} >= {"kv_rows.py", "attn_blocks.py"}
     assert root / "qmatvec" / "simd.py" in numba_cache.local_imports(root / "attn_blocks.py")   # its dot4 (q8_0 key tiles)
+    assert root / "expf.py" in numba_cache.local_imports(root.parent / "llm" / "decode.py")   # SwiGLU's exp
     import numba.core.caching as caching
     from spark_lab.kernels import qmatvec as qm
     if qm._jit() is None:
