@@ -3,7 +3,9 @@
 One kernel serves a lone sequence (`attention_into`: one row) and a batch of decoding sequences
 whose caches are slots of one pool (`attention_rows`: n rows, each over its own slot, one call per
 layer instead of n). Its parallel tasks are (row, key chunk) pairs, so a row's numbers are the same
-whether it runs alone or among others (the batch engine's invariance rests on it).
+whether it runs alone or among others (the batch engine's invariance rests on it). A row of fewer
+than 512 keys is one chunk; its tasks then split the KV heads, so a short chat's decode step uses
+both threads too (8B shapes, 140 keys: 70 -> ~40 us a layer).
 
 `attention()`'s NumPy body is the reference; for a single query its dozen small array
 operations (transposes, a mask, softmax passes) cost more than the arithmetic, so decode takes
@@ -133,22 +135,23 @@ def _row_of(a, sc, tab, j, g, row, vec):
         load_row(a, sc, tab, j, g, row)
 
 
-def _score_keys(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
-    """s[h, 0:nk] = scores of query heads h (qs [Hq, D], scaled) against keys b0..b0+nk-1 of one
-    layer's cache k (dispatched on its storage: `_scores_rows`, or `_scores_tiles` for q8_0 key tiles)."""
+def _score_keys(k, ks, tab, b0, nk, Hkv, g0, g1, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
+    """s[h, 0:nk] = scores of the query heads h of KV heads g0..g1-1 (qs [Hq, D], scaled) against keys
+    b0..b0+nk-1 of one layer's cache k (dispatched on its storage: `_scores_rows`, or `_scores_tiles`
+    for q8_0 key tiles)."""
 
 
-def _scores_rows(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
+def _scores_rows(k, ks, tab, b0, nk, Hkv, g0, g1, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
     """Rows [Tk, Hkv, D] (f32, f16, q8_0 values): 16 keys at a time through the tiles where the head
     dim has them, the rest a row of all KV heads at a time."""
     D = qs.shape[1]
     kst = Hkv * D                                    # a position's stride in the cache, in values
     nb16 = nk // 16 if blocked else 0
     for jb in range(nb16):
-        for g in range(Hkv):
+        for g in range(g0, g1):
             score_group(k, ks, ((b0 + 16 * jb) * Hkv + g) * D, kst, qs, g * G, G, s, 16 * jb)
     for j in range(16 * nb16, nk):
-        for g in range(Hkv):
+        for g in range(g0, g1):
             row_of(k, ks, tab, b0 + j, g, krow, vec_k)
             for hh in range(G):
                 h = g * G + hh
@@ -156,14 +159,14 @@ def _scores_rows(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, block
                 for d in range(D):
                     acc += qs[h, d] * krow[d]
                 s[h, j] = acc
-    for h in range(qs.shape[0]):                     # the block's max per head (m16's first lane)
+    for h in range(g0 * G, g1 * G):                  # the block's max per head (m16's first lane)
         mh = m16[h, 0]
         for j in range(nk):
             mh = max(mh, s[h, j])
         m16[h, 0] = mh
 
 
-def _scores_tiles(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
+def _scores_tiles(k, ks, tab, b0, nk, Hkv, g0, g1, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
     """q8_0 key tiles [Tk/16, Hkv, 16 D] bytes, scales [Tk/16, Hkv, D/32 * 16] (llm/cache.py): every
     16-position tile the keys touch, a KV head's query group at a time (attn_blocks.q8_tile: 4, 2, 1
     heads; the query quantized in qi, qd, qc); a tile that sticks out of b0..b0+nk-1 is computed in
@@ -172,7 +175,7 @@ def _scores_tiles(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, bloc
     nb = D // 32
     for t in range(b0 // 16, (b0 + nk - 1) // 16 + 1):
         whole = 16 * t >= b0 and 16 * t + 16 <= b0 + nk
-        for g in range(Hkv):
+        for g in range(g0, g1):
             kb, sb = (t * Hkv + g) * 16 * D, (t * Hkv + g) * 16 * nb
             o, r0, c0 = (s, g * G, 16 * t - b0) if whole else (tmp, 0, 0)
             ost = o.shape[1]
@@ -239,6 +242,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
     # KS/VS their q8_0 scales [S, L, Tk, Hkv, D/32] (or a 1-element stand-in); row r reads cache
     # slots[r], `layer`, keys lo[r]..hi[r]-1 -> out [n, Hq, Dv]. Tasks are (row, key chunk) pairs
     # on the threads; a row's numbers depend on its own keys only (never on n or the other rows).
+    # Under 512 keys a row is one chunk, and its tasks split the KV heads instead (same numbers).
     # sinks [Hq] (gpt-oss) or empty: one more logit per head in each softmax's denominator only.
     n_rows, Hq, D = Q.shape
     Hkv, Dv = K.shape[3], V.shape[4]
@@ -251,13 +255,16 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         r, c = task // NCHUNK, task % NCHUNK
         n = hi[r] - lo[r]
         nc = min(NCHUNK, max(1, n // 256))           # key chunks, one per thread: memory read in order
-        if c >= nc:
+        g0, g1 = (0, Hkv) if nc > 1 else (c * Hkv // NCHUNK, (c + 1) * Hkv // NCHUNK)   # else heads
+        if g0 == g1:
             continue
+        h0, h1 = g0 * G, g1 * G
+        cc = c if nc > 1 else 0
         sl = slots[r]
         k, v = K[sl, layer], V[sl, layer]
         ks = KS[min(sl, KS.shape[0] - 1), min(layer, KS.shape[1] - 1)]
         vs = VS[min(sl, VS.shape[0] - 1), min(layer, VS.shape[1] - 1)]
-        j0, j1 = lo[r] + c * n // nc, lo[r] + (c + 1) * n // nc
+        j0, j1 = lo[r] + cc * n // nc, lo[r] + (cc + 1) * n // nc
         m_ = j1 - j0
         s = np.empty((Hq, BLOCK), np.float32)        # a block's scores, head-major: the softmax reads them in order
         e = np.empty((Hq, BLOCK), np.float32)
@@ -278,16 +285,16 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         # 16 keys at a time where the head dim has tiles (attn_blocks): rows read straight from the cache
         blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
         kst = Hkv * D                                # a position's stride in the cache, in values
-        run_m, run_l, o = cm[r, c], cl[r, c], co[r, c]   # the running max, sum of exps, weighted values
-        run_m[:] = -np.inf
-        run_l[:] = 0.0
-        o[...] = 0.0
+        run_m, run_l, o = cm[r, cc], cl[r, cc], co[r, cc]   # the running max, sum of exps, weighted values
+        run_m[h0:h1] = -np.inf
+        run_l[h0:h1] = 0.0
+        o[h0:h1] = 0.0
         for b0 in range(j0, j1, BLOCK):              # online softmax over blocks of keys
             nk = min(BLOCK, j1 - b0)
             nb16 = nk // 16 if blocked else 0
             m16[...] = -np.inf
-            score_keys(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16)
-            for h in range(Hq):
+            score_keys(k, ks, tab, b0, nk, Hkv, g0, g1, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16)
+            for h in range(h0, h1):
                 mh = run_m[h]
                 for x in range(16):
                     mh = max(mh, m16[h, x])
@@ -306,10 +313,10 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
                     tot += x
                 run_l[h] += tot
             for jb in range(nb16):                   # weighted values, 16 keys at a time
-                for g in range(Hkv):
+                for g in range(g0, g1):
                     wsum_group(v, vs, ((b0 + 16 * jb) * Hkv + g) * Dv, kst, e, g * G, G, 16 * jb, o)
             for j in range(16 * nb16, nk):           # the rest, one key at a time
-                for g in range(Hkv):
+                for g in range(g0, g1):
                     row_of(v, vs, tab, b0 + j, g, vrow, vec_v)
                     for hh in range(G):
                         h = g * G + hh
@@ -389,7 +396,7 @@ def _compile():
         globals()[f"q8_tile{H}"] = f
     max16 = attn_blocks.build()["max16"]
     if score_keys is None:
-        def scores_ov(k, ks, tab, b0, nk, Hkv, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
+        def scores_ov(k, ks, tab, b0, nk, Hkv, g0, g1, G, qs, qi, qd, qc, s, krow, tmp, blocked, vec_k, m16):
             return _scores_tiles if k.dtype == types.uint8 else _scores_rows
 
         def query_ov(k, qs, qi, qd, qc):

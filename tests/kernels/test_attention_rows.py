@@ -45,3 +45,24 @@ def test_pooled_caches_are_views_of_one_pool():
     assert caches[0].pool[2][1, 0, 5].any() and not caches[0].pool[2][0].any()      # V [slot, layer, position, ...]
     assert caches[0].pool[0][1, 0].any() and not caches[0].pool[0][0].any()         # q8_0 K tiles [slot, layer, tile, ...]
     assert caches[1].nbytes == caches[0].nbytes == KVCache(2, 16, 1, 32, type_k="q8_0", type_v="f16").nbytes
+
+
+@pytest.mark.parametrize("Hkv", [1, 3])
+def test_short_rows_split_by_kv_heads_match_numpy(Hkv):
+    """Under 512 keys a row's tasks split its KV heads (one KV head: one task idles); every head's
+    numbers are attention's, and the same as the row among others."""
+    Hq, D, T = 2 * Hkv, 64, 300
+    caches = KVCache.pooled(2, 1, T, Hkv, D)
+    for i, c in enumerate(caches):
+        c.fill_random(T, seed=10 + i)
+    q = np.random.default_rng(3).standard_normal((2, Hq, D), dtype=np.float32)
+    out = np.full((2, Hq, D), np.nan, np.float32)
+    assert attention_rows(q, caches[0].pool, 0, np.array([1, 0]), np.array([0, 50]), np.array([300, 200]), 0.125, out)
+    k, v = caches[1].view(0, 300)
+    s = np.einsum("hd,thd->ht", q[0] * np.float32(0.125), np.repeat(k, 2, axis=1))
+    w = np.exp(s - s.max(1, keepdims=True))
+    ref = np.einsum("ht,thd->hd", w / w.sum(1, keepdims=True), np.repeat(v, 2, axis=1))
+    np.testing.assert_allclose(out[0], ref, rtol=2e-5, atol=2e-6)
+    one = np.empty((Hq, D), np.float32)
+    attention_into(q[1], caches[0].k[0], caches[0].v[0], 0.125, 50, 200, one)
+    assert np.array_equal(out[1], one)
