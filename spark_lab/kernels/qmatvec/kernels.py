@@ -59,7 +59,7 @@ def _k_nib(qs, d, m, x, out):
 
 def _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv):
     """dv, mv [G] = d * sc, -dmin * mn of sub-block b of group g: the float products of
-    `quants.dequantize`, formed here from the bytes (the repacked copy keeps 0.59 bytes per weight
+    `quants.dequantize`, formed here from the bytes (the repacked copy keeps 0.58 bytes per weight
     instead of 0.75 with two float32 per 32 values)."""
     s = b // 8
     for l0 in range(0, dv.shape[0], LANES):
@@ -67,7 +67,7 @@ def _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv):
 
 
 def _k_q4_k(qs, sc, mn, dd, dmn, x, out):
-    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn f32 [ng, nb/8, G]; x quantized here."""
+    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn u16 (f16 bits) [ng, nb/8, G]; x quantized here."""
     ng, nb, _, G, _ = qs.shape
     xq, dx, xqs = quantize_x(x)
     for g in prange(ng):
@@ -156,7 +156,7 @@ def _half_sums(xq):
 
 
 def _k_q6_k(qs, qh, sc, dd, x, out):
-    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd f32 [ng, nb/8, G];
+    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd u16 (f16 bits) [ng, nb/8, G];
     x quantized here (int8 per 32 values, as for Q4_K: llama.cpp's Q8_K activations do the same)."""
     ng, nb, _, G, _ = qs.shape
     xq, dx, xqs = quantize_x(x)
@@ -333,7 +333,7 @@ def _t_nib(qs, d, m, sub8, g0, g1, tile):
 
 
 def _t_q4_k(qs, sc, mn, dd, dmn, g0, g1, tile):
-    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn f32 [ng, nb/8, G]: d * q + m."""
+    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn u16 (f16 bits) [ng, nb/8, G]: d * q + m."""
     _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):
@@ -377,7 +377,7 @@ def _t_q8_0(qs, d, g0, g1, tile):
 
 
 def _t_q6_k(qs, qh, sc, dd, g0, g1, tile):
-    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd f32 [ng, nb/8, G]."""
+    """qs u8 [ng, nb, 4, G, 4], qh u8 [ng, nb, 2, G, 4] dwords; sc i8 [ng, nb, 2, G]; dd u16 (f16 bits) [ng, nb/8, G]."""
     _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):

@@ -32,11 +32,6 @@ class Packed:
         return sum(int(a.nbytes) for a in self.arrays)
 
 
-def _f16(b):
-    """uint8 [..., 2] -> float32 [...]."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
-
-
 def _h16(b):
     """uint8 [..., 2] -> uint16 [...]: float16 bits, kept as they are (numba has no float16 arrays)."""
     return np.ascontiguousarray(b).view(np.uint16)[..., 0]
@@ -123,23 +118,22 @@ def _w16(u, e):
     return np.uint32(u[e]) | (np.uint32(u[e + 1]) << np.uint32(16))
 
 
-def _pack_q4_k(raw, f16, qs, sc, mn, dd, dmn):
+def _pack_q4_k(raw, qs, sc, mn, dd, dmn):
     """raw u32 [n, ns*36] rows of Q4_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (word w of a
     32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), sc, mn u8 [ng, ns*8, G]
-    (the 6-bit scales and mins), dd, dmn f32 [ng, ns, G] (d and -dmin of each super-block: the
-    kernels form d*sc and -dmin*mn, the float products `quants.dequantize` makes). f16: f32 [65536],
-    every float16 bit pattern widened as NumPy does."""
+    (the 6-bit scales and mins), dd, dmn u16 [ng, ns, G] (float16 bits of d and -dmin of each
+    super-block: the kernels widen them and form d*sc and -dmin*mn, the float products
+    `quants.dequantize` makes)."""
     n, ns = raw.shape[0], raw.shape[1] // 36
     ng, G = qs.shape[0], qs.shape[3]
-    mu = dmn.view(np.uint32)                         # -x as a sign flip: LLVM may fold a float negation
-    zero = np.zeros(raw.shape[1], np.uint32)         # into the product, which keeps a NaN's sign
+    zero = np.zeros(raw.shape[1], np.uint32)
     for g in prange(ng):
         for s in range(ns):
             o, b8 = 36 * s, 8 * s
             for l in range(G):
                 b = raw[g * G + l] if g * G + l < n else zero
-                dd[g, s, l], dmn[g, s, l] = f16[b[o] & 0xFFFF], f16[b[o] >> 16]
-                mu[g, s, l] ^= np.uint32(0x80000000)
+                dd[g, s, l] = np.uint16(b[o] & 0xFFFF)
+                dmn[g, s, l] = np.uint16((b[o] >> 16) ^ 0x8000)   # -x as a sign flip (a NaN keeps its sign)
                 for k in range(4):                   # 6-bit scales and mins (quants._k_scale_min)
                     a, bb, c = (b[o + 1] >> 8 * k) & 255, (b[o + 2] >> 8 * k) & 255, (b[o + 3] >> 8 * k) & 255
                     sc[g, b8 + k, l] = a & 63
@@ -153,13 +147,13 @@ def _pack_q4_k(raw, f16, qs, sc, mn, dd, dmn):
                         qs[g, b8 + 2 * p + 1, w, l] = ((x >> 4) & _LO) | (y & _HI)
 
 
-def _pack_q6_k(raw, f16, qs, qh, sc, dd):
+def _pack_q6_k(raw, qs, qh, sc, dd):
     """raw u16 [n, ns*105] rows of Q6_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (low nibbles
     paired as in Q4_K: byte j of a sub-block = code j & 15 | (code j+16 & 15) << 4), qh u32
     [ng, ns*8, 2, G] (byte j < 8: the 2-bit highs of values j, j+16, j+8, j+24 in bits 0, 2, 4, 6,
     so word t % 2 shifted by 4 (t // 2) lines them up with nibble word t), sc i8 [ng, ns*8, 2, G]
-    (the int8 scale of each 16 values), dd f32 [ng, ns, G] (d: the kernels form d * sc, the float
-    product `quants.dequantize` makes)."""
+    (the int8 scale of each 16 values), dd u16 [ng, ns, G] (float16 bits of d: the kernels widen it
+    and form d * sc, the float product `quants.dequantize` makes)."""
     n, ns = raw.shape[0], raw.shape[1] // 105
     ng, G = qs.shape[0], qs.shape[3]
     zero = np.zeros(raw.shape[1], np.uint16)
@@ -168,7 +162,7 @@ def _pack_q6_k(raw, f16, qs, qh, sc, dd):
             o, b8 = 105 * s, 8 * s
             for l in range(G):
                 u = raw[g * G + l] if g * G + l < n else zero
-                dd[g, s, l] = f16[u[o + 104]]
+                dd[g, s, l] = u[o + 104]
                 for k in range(8):
                     v = u[o + 96 + k]
                     sc[g, b8 + k, 0, l] = np.int8(v & 255)
@@ -188,11 +182,10 @@ def _pack_q6_k(raw, f16, qs, qh, sc, dd):
 
 
 _SHUFFLE = None   # {"q4_k", "q6_k": numba-compiled kernel}, False without numba
-_F16 = None       # f32 [65536]: every float16 bit pattern as float32
 
 
 def _shuffles():
-    global _SHUFFLE, _F16, _w16, prange
+    global _SHUFFLE, _w16, prange
     if _SHUFFLE is None:
         try:
             import numba
@@ -203,7 +196,6 @@ def _shuffles():
         _w16 = numba.njit(cache=True, nogil=True, inline="always")(getattr(_w16, "py_func", _w16))
         jit = numba.njit(cache=True, nogil=True, parallel=True)
         _SHUFFLE = {"q4_k": jit(_pack_q4_k), "q6_k": jit(_pack_q6_k)}
-        _F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     return _SHUFFLE
 
 
@@ -212,9 +204,9 @@ def _k_shapes(q, rows: int, ns: int, G: int):
     ng, nb = rows // G, ns * 8
     if q == QT.Q4_K:
         return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.uint8), ((ng, nb, G), np.uint8),
-                ((ng, ns, G), np.float32), ((ng, ns, G), np.float32)]
+                ((ng, ns, G), np.uint16), ((ng, ns, G), np.uint16)]
     return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, 2, G, 4), np.uint8), ((ng, nb, 2, G), np.int8),
-            ((ng, ns, G), np.float32)]
+            ((ng, ns, G), np.uint16)]
 
 
 def _pack_k(q, raw, out) -> None:
@@ -226,10 +218,10 @@ def _pack_k(q, raw, out) -> None:
     raw = raw.view(np.uint32 if word == 4 else np.uint16)
     if q == QT.Q4_K:
         qs, sc, mn, dd, dmn = out
-        k["q4_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), sc, mn, dd, dmn)
+        k["q4_k"](raw, qs.view(np.uint32).reshape(qs.shape[:4]), sc, mn, dd, dmn)
     else:
         qs, qh, sc, dd = out
-        k["q6_k"](raw, _F16, qs.view(np.uint32).reshape(qs.shape[:4]), qh.view(np.uint32).reshape(qh.shape[:4]), sc, dd)
+        k["q6_k"](raw, qs.view(np.uint32).reshape(qs.shape[:4]), qh.view(np.uint32).reshape(qh.shape[:4]), sc, dd)
 
 
 def _repack_k(q, blocks, G):
@@ -254,8 +246,8 @@ def _repack(q, blocks, G, fast: bool = True):
         rows, ns, _ = blocks.shape
         b = blocks.reshape(rows * ns, 144)
         sc, mn = _k_scale_min(b[:, 4:16], np)                              # [rows*ns, 8] each
-        d = _f16(b[:, 0:2]).reshape(rows, ns)
-        dmn = (_f16(b[:, 2:4]).view(np.uint32) ^ np.uint32(0x80000000)).view(np.float32).reshape(rows, ns)
+        d = _h16(b[:, 0:2]).reshape(rows, ns)
+        dmn = (_h16(b[:, 2:4]) ^ np.uint16(0x8000)).reshape(rows, ns)
         qs = b[:, 16:].reshape(-1, 4, 1, 32)
         codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(rows, ns * 8, 32)
         return "q4_k", (_words(_pair_nibbles(codes), G), _lanes(sc.reshape(rows, ns * 8), G),
@@ -272,7 +264,7 @@ def _repack(q, blocks, G, fast: bool = True):
     hi = codes >> 4                                                        # [rows, nb, 32] in 0..3
     qh = (hi[..., 0:8] | (hi[..., 16:24] << 2) | (hi[..., 8:16] << 4) | (hi[..., 24:32] << 6)).astype(np.uint8)
     sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(rows, ns * 8, 2)
-    d = _f16(b[:, 208:210]).reshape(rows, ns)
+    d = _h16(b[:, 208:210]).reshape(rows, ns)
     return "q6_k", (_words(_pair_nibbles(codes & 15), G), _words(qh, G), _lanes(sc, G), _lanes(d, G))
 
 
