@@ -46,11 +46,16 @@ def run_concurrently(be, ps, **kw):
     return out
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0"), ("llama", "F32")])
-def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
+@pytest.mark.parametrize("arch,qtype,kv", [("llama", "Q8_0", "f32"), ("llama", "Q4_1", "f32"), ("qwen2", "Q8_0", "f32"),
+                                           ("llama", "F32", "f32"), ("gpt-oss", "fixture", "f16")])
+def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype, kv):
+    """gpt-oss (tests/fixtures/spark: MXFP4 experts, q|k|v biases, attention sinks, a sliding window)
+    with an f16 cache: the pooled rows take the sinks in the one attention call."""
     import gguf
+    from pathlib import Path
     from spark_lab.llm.cache import KVCache
-    p = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, d=64, ff=128, qtype=getattr(gguf.GGMLQuantizationType, qtype))
+    p = (Path(__file__).parents[1] / "fixtures" / "spark" / "gpt-oss.gguf" if qtype == "fixture" else
+         write_tiny_gguf(tmp_path / "m.gguf", arch=arch, d=64, ff=128, qtype=getattr(gguf.GGMLQuantizationType, qtype)))
     llm = LLM(p, n_ctx=64)
     m, c = llm.model, llm.config
     dec = m._decoder()
@@ -58,8 +63,9 @@ def test_step_batch_rows_equal_single_steps(tmp_path, arch, qtype):
         pytest.skip("the fused CPU decoder's batch step; on a device (strict) the batch runs the xp path, "
                     "tested by the streams tests below")
     ps = prompts(9, seed=1)    # 9 rows: 8 through the int8 GEMM (n >= TOKENS), 1 left over
-    pooled = KVCache.pooled(len(ps), c.n_layer, 64, c.n_head_kv, c.head_dim)      # the batch engine's slots
-    caches = [x for i in range(len(ps)) for x in (pooled[i], KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim))]
+    kw = dict(type_k=kv, type_v=kv)
+    pooled = KVCache.pooled(len(ps), c.n_layer, 64, c.n_head_kv, c.head_dim, **kw)      # the batch engine's slots
+    caches = [x for i in range(len(ps)) for x in (pooled[i], KVCache(c.n_layer, 64, c.n_head_kv, c.head_dim, **kw))]
     for i, p in enumerate(ps):
         for cache in caches[2 * i:2 * i + 2]:
             m.forward(np.array(p), 0, cache)
