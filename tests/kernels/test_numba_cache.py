@@ -117,3 +117,79 @@ def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
         pytest.skip("numba kernels unavailable")
     cache = caching.FunctionCache(qm.kernels.SOURCES["nib"])
     assert cache._cache_file._source_stamp == numba_cache.source_stamp(root / "qmatvec" / "kernels.py")
+
+
+# a fresh process: load a cached spark_lab kernel (its bitcode left unparsed), run it, then compile a
+# new function that calls it, which links the loaded library into the new one (the bitcode parsed then)
+_LINK_CHILD = r"""
+import json
+import numpy as np
+import numba
+from spark_lab import numba_cache
+from spark_lab.llm import decode
+rms = decode._glue()["rms_row"]
+x = np.linspace(-2, 3, 64, dtype=np.float32); w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
+out = np.empty(64, np.float32)
+rms(x, w, np.float32(1e-6), out)
+lib = rms.overloads[rms.signatures[0]].library
+lazy = getattr(lib, "_spark_lab_bitcode", None) is not None
+@numba.njit
+def outer(x, w, out):
+    rms(x, w, np.float32(1e-6), out)
+    return out * np.float32(2.0)
+twice = outer(x, w, np.empty(64, np.float32))
+print(json.dumps({"lazy_module": numba_cache._LAZY, "bitcode_unparsed": lazy, "y": out.tolist(), "twice": twice.tolist()}))
+"""
+
+
+def test_cached_kernels_parse_their_bitcode_only_to_link():
+    import os
+    import numpy as np
+    runs = []
+    for extra in ({}, {}, {"SPARK_LAB_NUMBA_REFRESH": "1"}):    # the first may compile into the cache
+        r = subprocess.run([sys.executable, "-c", _LINK_CHILD], capture_output=True, text=True,
+                           env=dict(os.environ, **extra), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    fast, slow = runs[1], runs[2]
+    assert fast["lazy_module"] and fast["bitcode_unparsed"]      # loaded without parsing its bitcode
+    assert not slow["bitcode_unparsed"]                          # numba's own load
+    assert fast["y"] == slow["y"] and fast["twice"] == slow["twice"] == (2 * np.array(fast["y"], np.float32)).tolist()
+
+
+def test_elf_symbols_are_the_defined_functions_of_the_bitcode():
+    """What the short load reads from the object's symbol table covers every function the module
+    exports, and names none that it only declares."""
+    import numpy as np
+    from llvmlite import binding as ll
+    from spark_lab.llm import decode
+    rms = decode._glue()["rms_row"]
+    x = np.ones(8, np.float32)
+    rms(x, x, np.float32(1e-6), np.empty(8, np.float32))
+    lib = rms.overloads[rms.signatures[0]].library
+    obj = lib._compiled_object if getattr(lib, "_spark_lab_bitcode", None) is not None else None
+    _, kind, data = lib.serialize_using_object_code() if obj is None else (None, "object", (obj, lib._spark_lab_bitcode))
+    obj, bitcode = data
+    names = numba_cache.elf_symbols(obj)
+    funcs = list(ll.parse_bitcode(bitcode).functions)
+    exported = {f.name for f in funcs if not f.is_declaration and f.linkage in (ll.Linkage.external, ll.Linkage.linkonce_odr)}
+    declared = {f.name for f in funcs if f.is_declaration}
+    assert exported and exported <= names and not names & declared
+    assert numba_cache.elf_symbols(b"not an object") is None
+
+
+def test_only_spark_lab_dispatchers_skip_the_extension_scan():
+    import numba.core.dispatcher as dispatcher
+    import numba.core.entrypoints as entrypoints
+    hook = dispatcher._DispatcherBase._compilation_chain_init_hook
+    assert getattr(hook, "_spark_lab", False)                       # installed by spark_lab's import hook
+    calls = []
+    orig, entrypoints.init_all = entrypoints.init_all, lambda: calls.append(1)
+    try:
+        from spark_lab.llm import decode
+        hook(decode._glue()["rms_row"])                               # ours: no scan
+        assert calls == []
+        hook(numba.njit(lambda x: x))                                 # anyone else's: numba's own hook
+        assert calls == [1]
+    finally:
+        entrypoints.init_all = orig
