@@ -200,6 +200,23 @@ def test_cache_hit_is_used_and_identical(tmp_path, monkeypatch):
     assert second.eot_ids == first.eot_ids and second.chat_template == first.chat_template
     ids = first.encode(text, parse_special=True)
     assert second.decode(ids) == first.decode(ids) == text
+    tok_json = next(f for f in files if not f.name.endswith(".meta.json"))
+    merges = json.loads(tok_json.read_text(encoding="utf-8"))["model"]["merges"]
+    assert all(isinstance(m, str) for m in merges) and merges[0] == "Ġ t"   # the faster "a b" form
+    long = " ".join(["tokenizers", "merge", "pairs:", "Ġhello", "world"] * 50)
+    assert first.encode(long) == second.encode(long)
+
+
+def test_merges_with_a_space_stay_pairs(tmp_path):
+    path = tmp_path / "t.json"
+    doc = {"model": {"type": "BPE", "merges": [["a", "b"], ["c d", "e"]]}}
+    path.write_text(json.dumps(doc))
+    T._merges_as_strings(path)
+    assert json.loads(path.read_text())["model"]["merges"] == [["a", "b"], ["c d", "e"]]
+    doc["model"]["merges"] = [["a", "b"], ["ab", "c"]]
+    path.write_text(json.dumps(doc))
+    T._merges_as_strings(path)
+    assert json.loads(path.read_text())["model"]["merges"] == ["a b", "ab c"]
 
 
 # ------------------------------------------------------------------ tiny GGUFs (no model needed)
