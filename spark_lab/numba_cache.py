@@ -14,7 +14,7 @@ without each one calling it. The same hook keeps numba's import from importing c
 coverage measurement is running (`_without_coverage`), spark_lab's dispatchers skip numba's scan of
 installed packages for extensions (`patch_dispatcher`), and a spark_lab kernel loaded from the cache
 leaves the LLVM bitcode stored beside its machine code unparsed until something links it
-(`_lazy_linking`). SmolLM2's cold first token loads three kernels: 152 -> 84 ms, then ~67.
+(`_lazy_linking`). SmolLM2's cold first token loads three kernels: 152 -> 56-90 ms.
 SPARK_LAB_NUMBA_REFRESH=1 keeps numba's own behaviour for all of these.
 
 The same patch widens what a cached kernel's validity depends on. numba keys a cache entry on a

@@ -5,7 +5,7 @@ whose caches are slots of one pool (`attention_rows`: n rows, each over its own 
 layer instead of n). Its parallel tasks are (row, key chunk) pairs, so a row's numbers are the same
 whether it runs alone or among others (the batch engine's invariance rests on it). A row of fewer
 than 512 keys is one chunk; its tasks then split the KV heads, so a short chat's decode step uses
-both threads too (8B shapes, 140 keys: 70 -> ~40 us a layer).
+both threads too (8B shapes, 140 keys: 70 -> 52 us a layer).
 
 `attention()`'s NumPy body is the reference; for a single query its dozen small array
 operations (transposes, a mask, softmax passes) cost more than the arithmetic, so decode takes
@@ -265,7 +265,6 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         ks = KS[min(sl, KS.shape[0] - 1), min(layer, KS.shape[1] - 1)]
         vs = VS[min(sl, VS.shape[0] - 1), min(layer, VS.shape[1] - 1)]
         j0, j1 = lo[r] + cc * n // nc, lo[r] + (cc + 1) * n // nc
-        m_ = j1 - j0
         s = np.empty((Hq, BLOCK), np.float32)        # a block's scores, head-major: the softmax reads them in order
         e = np.empty((Hq, BLOCK), np.float32)
         bits = np.empty((Hq, BLOCK), np.int32)       # 2^n factors of the exponentials

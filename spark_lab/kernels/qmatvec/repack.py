@@ -72,15 +72,6 @@ def _empty(shape, dtype) -> np.ndarray:
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if n < POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
         return np.empty(shape, dtype)
-    import os
-    if os.environ.get("SPARK_LAB_THP") == "1":
-        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        m.madvise(mmap.MADV_HUGEPAGE)
-        try:
-            m.madvise(23)
-        except OSError:
-            pass
-        return np.frombuffer(m, dtype).reshape(shape)
     m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     return np.frombuffer(m, dtype).reshape(shape)
 
