@@ -29,6 +29,8 @@ DIMS = (64, 128, 256)     # head dims with tiles (others take the kernel's plain
 HEADS = (4, 2, 1)         # query heads per tile; a group of G takes 4s, then a 2, then a 1
 AHEAD = 32                # read hint distance in key positions (16-64 measured alike, 8 slower, none 2x slower)
 AHEAD_BYTES = 4096        # q8_tile's read hint distance in the key tiles
+AHEAD_V = 512             # q8_vsum's read hint: the next value block's bytes (the next call's; the last
+                          # block's next are the next KV head's first)
 _BUILT: dict = {}
 
 
@@ -205,6 +207,8 @@ def build():
     _BUILT.update({H: (scores_for(H), wsum_for(H)) for H in HEADS})
     _BUILT["q8_tile"] = q8_tile_intrinsics(ptr, vload)
     _BUILT["max16"] = max16_intrinsic(ptr, vload)
+    _BUILT["q8_vsum"] = q8_vsum_intrinsics(ptr)
+    _BUILT["q8_weights"] = q8_weights_intrinsic(ptr)
     return _BUILT
 
 
@@ -274,6 +278,141 @@ def q8_tile_intrinsics(ptr, vload):
             return sig, codegen
         return q8_tile
     return {H: make(H) for H in HEADS}
+
+
+def q8_vsum_intrinsics(ptr):
+    """{H: q8_vsum} for H query heads at once (4, 2, 1):
+
+        q8_vsum(vt, voff, vst, nt, b, w, woff, wst, wpart, r)
+        # r.flat[(2 h + part) 32 + d] = sum_{i < nt, t < 16} w.flat[woff + h wst + part wpart + 16 i + t]
+        #                                * (int8) vt.flat[voff + i vst + 512 b + 128 (t / 4) + 4 d + t % 4]
+        #                                                          h < H, part < 2 (high, low byte), d < 32
+
+    value block b (32 dims) of nt q8_0 value tiles (llm/cache.py: a tile at voff + i vst holds, per
+    block, 4 quads of 4 keys as [32 dims, 4 keys] bytes) against H heads' softmax weights as 16-bit
+    integers split into bytes (w: high and low parts, a byte per position, positions 16 i + t).
+    Lanes = value dims: each 64-byte load of a quad (16 dims x 4 keys) feeds 2 H VPDPBUSD (u8 weights
+    splat x s8 codes). Per 16 keys x 32 values x head: 16 instructions where the float tile takes 32
+    multiply-adds and the conversions of the values. The sums are exact int32 (at most 272 positions x
+    255 x 127 a part); the caller scales them. Without AVX512-VNNI the products are widened (portable)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+    from .qmatvec.simd import dot4, vnni
+
+    L = LANES
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    iv = ir.VectorType(i32, L)
+    VNNI = vnni()
+
+    def splat(builder, x):
+        v = builder.insert_element(ir.Constant(iv, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(iv, [0] * L))
+
+    def make(H):
+        @intrinsic
+        def q8_vsum(typingctx, vt, voff, vst, nt, b, w, woff, wst, wpart, r):
+            if not (isinstance(vt, types.Array) and vt.dtype == types.uint8 and isinstance(w, types.Array)
+                    and w.dtype == types.uint8 and isinstance(r, types.Array) and r.dtype == types.int32):
+                return None
+            sig = types.void(vt, voff, vst, nt, b, w, woff, wst, wpart, r)
+
+            def codegen(context, builder, sg, args):
+                vp, wp, rp = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 5, 9))
+                vo, vs, ntv, bv, wo, wsv, wpv = (context.cast(builder, args[i], sg.args[i], types.int64)
+                                                 for i in (1, 2, 3, 4, 6, 7, 8))
+                pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                                                    "llvm.prefetch.p0")
+                cells = [cgutils.alloca_once_value(builder, ir.Constant(iv, [0] * L)) for _ in range(4 * H)]
+                ahead = ir.Constant(i64, AHEAD_V)
+                with cgutils.for_range(builder, ntv) as loop:
+                    i = loop.index
+                    base = builder.add(builder.add(vo, builder.mul(i, vs)), builder.mul(bv, ir.Constant(i64, 512)))
+                    wbase = builder.add(wo, builder.mul(i, ir.Constant(i64, 16)))
+                    acc = [builder.load(c) for c in cells]
+                    for k in range(4):
+                        vv = []
+                        for c in range(2):
+                            q = builder.gep(vp, [builder.add(base, ir.Constant(i64, 128 * k + 64 * c))])
+                            builder.call(pf, [builder.gep(q, [ahead]), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                            vv.append(builder.load(builder.bitcast(q, iv.as_pointer()), align=1))
+                        for h in range(H):
+                            for part in range(2):
+                                at = builder.add(builder.add(wbase, builder.mul(wsv, ir.Constant(i64, h))),
+                                                 builder.add(builder.mul(wpv, ir.Constant(i64, part)), ir.Constant(i64, 4 * k)))
+                                wd = builder.load(builder.bitcast(builder.gep(wp, [at]), i32.as_pointer()), align=1)
+                                ws = splat(builder, wd)
+                                for c in range(2):
+                                    x = (2 * h + part) * 2 + c
+                                    acc[x] = dot4(builder, acc[x], ws, vv[c], VNNI)
+                    for c, a in zip(cells, acc):
+                        builder.store(a, c)
+                for x, c in enumerate(cells):
+                    dst = builder.gep(rp, [ir.Constant(i64, 16 * x)])
+                    builder.store(builder.load(c), builder.bitcast(dst, iv.as_pointer()), align=4)
+                return context.get_dummy_value()
+            return sig, codegen
+        return q8_vsum
+    return {H: make(H) for H in HEADS}
+
+
+def q8_weights_intrinsic(ptr):
+    """q8_weights(e, eoff, vs, soff, sst, nt, wq, woff, wpart, m, moff) (below)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    L = LANES
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    iv, fv, bv = ir.VectorType(i32, L), ir.VectorType(f32, L), ir.VectorType(i8, L)
+
+    @intrinsic
+    def q8_weights(typingctx, e, eoff, vs, soff, sst, nt, wq, woff, wpart, m, moff):
+        """A head's softmax weights for one 32-value block of q8_0 value tiles as 16-bit integers:
+        w_p = e.flat[eoff + p] * vs.flat[soff + (p / 16) sst + p % 16] (the value's q8_0 scale) for the
+        16 nt positions p; M = max w (m.flat[moff] = M); wq.flat[woff + p] = the high byte and
+        wq.flat[woff + wpart + p] the low byte of round(w_p 65535 / M). A position whose w is not a
+        number (e = 0 off the keys times a stale scale) gets 0; M ignores it."""
+        if not (isinstance(wq, types.Array) and wq.dtype == types.uint8):
+            return None
+        sig = types.void(e, eoff, vs, soff, sst, nt, wq, woff, wpart, m, moff)
+
+        def codegen(context, builder, sg, args):
+            ep, sp, wp, mp = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 2, 6, 9))
+            eo, so, sstv, ntv, wo, wpv, mo = (context.cast(builder, args[i], sg.args[i], types.int64)
+                                              for i in (1, 3, 4, 5, 7, 8, 10))
+            mod = builder.module
+            maxnum = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, fv]), f"llvm.maxnum.v{L}f32")
+            rmax = cgutils.get_or_insert_function(mod, ir.FunctionType(f32, [fv]), f"llvm.vector.reduce.fmax.v{L}f32")
+            minnum = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, fv]), f"llvm.minnum.v{L}f32")
+            rint = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv]), f"llvm.rint.v{L}f32")
+
+            def weights(i):
+                ev = builder.load(builder.bitcast(builder.gep(ep, [builder.add(eo, builder.mul(i, ir.Constant(i64, L)))]),
+                                                  fv.as_pointer()), align=4)
+                sv = builder.load(builder.bitcast(builder.gep(sp, [builder.add(so, builder.mul(i, sstv))]), fv.as_pointer()), align=4)
+                return builder.fmul(ev, sv)
+            cell = cgutils.alloca_once_value(builder, ir.Constant(fv, [0.0] * L))
+            with cgutils.for_range(builder, ntv) as loop:
+                builder.store(builder.call(maxnum, [builder.load(cell), weights(loop.index)]), cell)
+            M = builder.call(rmax, [builder.load(cell)])
+            builder.store(M, builder.gep(mp, [mo]))
+            pos = builder.fcmp_ordered(">", M, ir.Constant(f32, 0.0))
+            c = builder.select(pos, builder.fdiv(ir.Constant(f32, 65535.0), M), ir.Constant(f32, 0.0))
+            cv = builder.shuffle_vector(builder.insert_element(ir.Constant(fv, ir.Undefined), c, ir.Constant(i32, 0)),
+                                        ir.Constant(fv, ir.Undefined), ir.Constant(iv, [0] * L))
+            with cgutils.for_range(builder, ntv) as loop:
+                y = builder.fmul(weights(loop.index), cv)              # 0..65535 (NaN -> 0, past the top -> 65535)
+                y = builder.call(minnum, [builder.call(maxnum, [y, ir.Constant(fv, [0.0] * L)]), ir.Constant(fv, [65535.0] * L)])
+                q = builder.fptosi(builder.call(rint, [y]), iv)
+                at = builder.add(wo, builder.mul(loop.index, ir.Constant(i64, L)))
+                hi = builder.trunc(builder.lshr(q, ir.Constant(iv, [8] * L)), bv)
+                builder.store(hi, builder.bitcast(builder.gep(wp, [at]), bv.as_pointer()), align=1)
+                lo = builder.trunc(q, bv)
+                builder.store(lo, builder.bitcast(builder.gep(wp, [builder.add(at, wpv)]), bv.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return q8_weights
 
 
 def max16_intrinsic(ptr, vload):

@@ -16,8 +16,18 @@ integer dot products with 16 keys in the lanes of a register (attn_blocks.q8_til
              as [head_dim / 4, 16, 4] (4 consecutive values of one key per dword, 16 keys per 64 bytes)
     k_scale  float32 [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
 
-The same numbers as the row layout (write, view and rows convert); 16k keys x 8 heads x 128 at
-Llama-3-8B shapes, 2 threads: scores + softmax + weighted sum 2.9 -> 1.55-1.9 ms per layer.
+q8_0 values are tiled too, so that the weighted sum of values is an integer dot product with the
+softmax weights as 16-bit integers (attn_blocks.q8_vsum, VPDPBUSD: 4 keys' codes per dword, a
+value dim per lane):
+
+    v        uint8 [layer, ceil(n_ctx / 16), kv head, head_dim * 16]: per (tile, head) the int8 codes'
+             bits as [head_dim / 32, 4, 32, 4] (block b of 32 dims, 4 keys a quad, a dim, 4 keys)
+    v_scale  float32 [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
+
+The same numbers as the row layout (write, view and rows convert). 16k keys x 8 heads x 128 at
+Llama-3-8B shapes, 2 threads, per layer: 2.9 -> 1.55-1.9 ms with the key tiles; the value tiles then
+1.72 -> 1.51 ms (32 layers in turn, so that the cache comes from memory, alternating with value rows
+in one process; 1.24-1.30 ms for one layer over and over), 3.3 -> 2.5 ms of CPU time.
 
 Memory is taken as the cache fills: on the CPU the arrays live in an anonymous mapping without
 transparent huge pages, so a position's pages are touched (zeroed by the kernel) only when a
@@ -83,7 +93,7 @@ class KVCache:
         shape = (_slots, n_layer, n_ctx, n_head_kv, head_dim) if _slots else (n_layer, n_ctx, n_head_kv, head_dim)
         many = f"{_slots} x " if _slots else ""
         self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens", tiled=True)
-        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens")
+        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens", tiled=True)
         self.n_past = 0  # positions [0, n_past) hold valid entries
 
     @classmethod
@@ -111,7 +121,7 @@ class KVCache:
             return _lazy_empty(shape, np.float32, what), None
         if t == "f16":
             return _lazy_empty(shape, np.uint16, what + " (f16)"), None
-        if tiled:                                   # q8_0 keys: tiles of TILE positions (module docstring)
+        if tiled:                                   # q8_0: tiles of TILE positions (module docstring)
             *lead, n_ctx, H, D = shape
             n = -(-n_ctx // TILE)
             return (_lazy_empty((*lead, n, H, D * TILE), np.uint8, what + " (q8_0 tiles)"),
@@ -119,24 +129,28 @@ class KVCache:
         return (_lazy_empty(shape, np.int8, what + " (q8_0)"),
                 _lazy_empty((*shape[:-1], shape[-1] // Q8_BLOCK), np.float32, what + " (q8_0 scales)"))
 
-    def _tiles(self, arr, scale, layer):
-        """The q8_0 key tiles of a layer as [tile, head, D/4, TILE, 4] bytes and [tile, head, D/32, TILE] scales."""
+    def _tiles(self, arr, scale, layer, values: bool):
+        """A layer's q8_0 tiles as bytes indexed [tile, head, D/4, TILE, 4] (keys) or
+        [tile, head, D/32, TILE/4, 32, 4] (values), and scales [tile, head, D/32, TILE]."""
         D = self.head_dim
         a, sc = arr[layer], scale[layer]
-        return (a.reshape(a.shape[0], a.shape[1], D // 4, TILE, 4),
-                sc.reshape(sc.shape[0], sc.shape[1], D // Q8_BLOCK, TILE))
+        shape = (D // Q8_BLOCK, TILE // 4, Q8_BLOCK, 4) if values else (D // 4, TILE, 4)
+        return a.reshape(a.shape[0], a.shape[1], *shape), sc.reshape(sc.shape[0], sc.shape[1], D // Q8_BLOCK, TILE)
 
     @property
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None))
 
-    def _put(self, t, arr, scale, layer, pos, x):
+    def _put(self, t, arr, scale, layer, pos, x, values=False):
         T = x.shape[0]
-        if arr.dtype == np.uint8:                                           # q8_0 key tiles
+        if arr.dtype == np.uint8:                                           # q8_0 tiles
             q, d = quantize_q8_rows(np.asarray(x, np.float32))             # [T, H, D], [T, H, D/32]
             p = np.arange(pos, pos + T)
-            a, sc = self._tiles(arr, scale, layer)
-            a[p // TILE, :, :, p % TILE, :] = (q.view(np.uint8) ^ np.uint8(128)).reshape(T, q.shape[1], -1, 4)
+            a, sc = self._tiles(arr, scale, layer, values)
+            if values:                                                      # the codes' bits
+                a[p // TILE, :, :, p % TILE // 4, :, p % 4] = q.view(np.uint8).reshape(T, q.shape[1], -1, Q8_BLOCK)
+            else:                                                           # codes + 128
+                a[p // TILE, :, :, p % TILE, :] = (q.view(np.uint8) ^ np.uint8(128)).reshape(T, q.shape[1], -1, 4)
             sc[p // TILE, :, :, p % TILE] = d
         elif t == "f32":
             arr[layer, pos:pos + T] = x
@@ -146,11 +160,14 @@ class KVCache:
             q, d = quantize_q8_rows(np.asarray(x, np.float32))
             arr[layer, pos:pos + T], scale[layer, pos:pos + T] = q, d
 
-    def _get(self, t, arr, scale, layer, lo, hi):
-        if arr.dtype == np.uint8:                                           # q8_0 key tiles
+    def _get(self, t, arr, scale, layer, lo, hi, values=False):
+        if arr.dtype == np.uint8:                                           # q8_0 tiles
             p = np.arange(lo, hi)
-            a, sc = self._tiles(arr, scale, layer)
-            q = (a[p // TILE, :, :, p % TILE, :] ^ np.uint8(128)).view(np.int8)   # [n, H, D/4, 4]
+            a, sc = self._tiles(arr, scale, layer, values)
+            if values:
+                q = a[p // TILE, :, :, p % TILE // 4, :, p % 4].view(np.int8)   # [n, H, D/32, 32]
+            else:
+                q = (a[p // TILE, :, :, p % TILE, :] ^ np.uint8(128)).view(np.int8)   # [n, H, D/4, 4]
             d = sc[p // TILE, :, :, p % TILE]                                # [n, H, D/32]
             q = q.reshape(hi - lo, self.n_head_kv, -1, Q8_BLOCK).astype(np.float32)
             return (q * d[..., None]).reshape(hi - lo, self.n_head_kv, self.head_dim)
@@ -164,18 +181,18 @@ class KVCache:
     def write(self, layer: int, pos: int, k, v) -> None:
         """k, v [T, Hkv, hd] for positions pos..pos+T-1."""
         self._put(self.type_k, self.k, self.k_scale, layer, pos, k)
-        self._put(self.type_v, self.v, self.v_scale, layer, pos, v)
+        self._put(self.type_v, self.v, self.v_scale, layer, pos, v, values=True)
 
     def view(self, layer: int, n: int):
         """Keys and values of positions [0, n) as float32 [n, Hkv, hd] (f32: zero-copy views;
         f16/q8_0: widened copies)."""
         return (self._get(self.type_k, self.k, self.k_scale, layer, 0, n),
-                self._get(self.type_v, self.v, self.v_scale, layer, 0, n))
+                self._get(self.type_v, self.v, self.v_scale, layer, 0, n, values=True))
 
     def rows(self, layer: int, lo: int, hi: int):
         """Keys and values of positions [lo, hi) as float32 [hi - lo, Hkv, hd]."""
         return (self._get(self.type_k, self.k, self.k_scale, layer, lo, hi),
-                self._get(self.type_v, self.v, self.v_scale, layer, lo, hi))
+                self._get(self.type_v, self.v, self.v_scale, layer, lo, hi, values=True))
 
     def fill_random(self, n: int, seed: int = 0) -> None:
         """Positions [0, n) of every layer set to random keys/values (standard normal): a deep

@@ -5,7 +5,7 @@ import pytest
 from spark_lab.kernels.decode_attention import attention_into
 from spark_lab.llm.cache import KVCache
 from spark_lab.llm.engine import LLM
-from tests.kernels.numpy_attention import kernel_query, numpy_attention
+from tests.kernels.numpy_attention import kernel_query, numpy_attention, tolerance
 from tests.llm.tiny import write_tiny_gguf
 
 
@@ -31,8 +31,8 @@ def test_stored_values_round_as_their_type():
     assert KVCache(2, 64, 2, 64, type_k="q8_0", type_v="f16").nbytes == 2 * 64 * 2 * (64 + 8) + 2 * 64 * 2 * 64 * 2
 
 
-def test_q8_0_key_tiles_hold_the_row_layouts_numbers():
-    # keys live in tiles of 16 positions (llm/cache.py): any span, a context that is not a multiple of 16,
+def test_q8_0_tiles_hold_the_row_layouts_numbers():
+    # keys and values live in tiles of 16 positions (llm/cache.py): any span, a context that is not a multiple of 16,
     # a slot of a pool; rows() reads back what the row layout (quantize_q8_rows) stores
     from spark_lab.llm.cache import quantize_q8_rows
     k, v = _kv(3, T=50)
@@ -46,6 +46,14 @@ def test_q8_0_key_tiles_hold_the_row_layouts_numbers():
         assert np.array_equal(c.rows(1, 0, 50)[0], want)
         assert np.array_equal(c.rows(1, 13, 35)[0], want[13:35])
         assert not c.rows(0, 0, 50)[0].any()          # the other layer untouched
+        if c.type_v == "q8_0":                        # values: tiles too, 4 keys of a value dim per dword
+            assert c.v.shape[-3:] == (4, 2, 64 * 16) and c.v.dtype == np.uint8
+            q, d = quantize_q8_rows(v)
+            want = (q.reshape(50, 2, 2, 32).astype(np.float32) * d[..., None]).reshape(50, 2, 64)
+            assert np.array_equal(c.rows(1, 0, 50)[1], want)
+            assert np.array_equal(c.rows(1, 13, 35)[1], want[13:35])
+            tile = c.v[1, 1, 1].view(np.int8).reshape(2, 4, 32, 4)   # tile 1 (positions 16..31), head 1
+            assert tile[1, 2, 5, 3] == q[16 + 4 * 2 + 3, 1, 32 + 5]  # block 1, quad 2, dim 5, key 3
 
 
 def test_decode_kernel_reads_each_type_as_its_widened_values():
@@ -61,10 +69,10 @@ def test_decode_kernel_reads_each_type_as_its_widened_values():
         assert attention_into(q, c.k[0], c.v[0], 0.125, 5, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
         want5 = numpy_attention(qw[None], kw[5:], vw[5:], causal=True, q_offset=34, window=None, scale=1.0)[0]
-        assert np.allclose(out, want5, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, want5, **tolerance(tv, vw, rtol=1e-5, atol=1e-6))
         assert attention_into(q, c.k[0], c.v[0], 0.125, 0, 40, out,
                               None if c.k_scale is None else c.k_scale[0], None if c.v_scale is None else c.v_scale[0])
-        assert np.allclose(out, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, want, **tolerance(tv, vw, rtol=1e-5, atol=1e-6))
 
 
 @pytest.mark.parametrize("t, tol", [("f16", 1e-3), ("q8_0", 5e-2)])
