@@ -86,9 +86,12 @@ def local_imports(path: Path) -> list[Path]:
 
 
 def source_stamp(path) -> bytes:
-    """sha256 over the contents of path and of the same-package modules it imports, recursively.
-    Each file is read once per process and (size, mtime): qmatvec/kernels.py alone defines ~20 kernels."""
+    """sha256 over the contents of path and of the same-package modules it imports, recursively, and
+    SPARK_LAB_VNNI (it picks the int8 code the kernels compile to; numba's own key holds the CPU's
+    features, not that override: one run with it set had left the portable code in the cache for the
+    next). Each file is read once per process and (size, mtime): qmatvec/kernels.py alone defines ~20 kernels."""
     seen, todo, h = set(), [Path(path).resolve()], hashlib.sha256()
+    h.update(b"SPARK_LAB_VNNI=" + os.environ.get("SPARK_LAB_VNNI", "1").encode() + b"\0")
     while todo:
         p = todo.pop(0)
         if p in seen:

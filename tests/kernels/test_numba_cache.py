@@ -102,6 +102,18 @@ def test_source_stamp_follows_the_package_modules_a_kernel_imports(tmp_path):
     assert numba_cache.source_stamp(pkg / "kern.py") not in (s4, s5)
 
 
+def test_source_stamp_holds_the_int8_code_override(tmp_path, monkeypatch):
+    """SPARK_LAB_VNNI=0 compiles the portable int8 code: a cache entry made with it is not one for a
+    run without it (numba's own key holds the CPU's features, which the override does not change)."""
+    (tmp_path / "kern.py").write_text("X = 1\n")
+    monkeypatch.delenv("SPARK_LAB_VNNI", raising=False)
+    s0 = numba_cache.source_stamp(tmp_path / "kern.py")
+    monkeypatch.setenv("SPARK_LAB_VNNI", "0")
+    assert numba_cache.source_stamp(tmp_path / "kern.py") != s0
+    monkeypatch.setenv("SPARK_LAB_VNNI", "1")
+    assert numba_cache.source_stamp(tmp_path / "kern.py") == s0
+
+
 def test_spark_lab_kernels_are_keyed_on_their_intrinsics():
     """qmatvec's kernels.py stamp covers simd.py and q8.py; decode attention's covers kv_rows and attn_blocks."""
     from pathlib import Path
