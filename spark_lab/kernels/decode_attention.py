@@ -274,12 +274,12 @@ def _wsum_rows(v, vs, tab, b0, nk, Hkv, g0, g1, G, e, o, vrow, blocked, vec_v, w
 
 
 def _wsum_tiles(v, vs, tab, b0, nk, Hkv, g0, g1, G, e, o, vrow, blocked, vec_v, wq, sb, rr):
-    """q8_0 value tiles [Tk/16, Hkv, 16 Dv] (llm/cache.py), scales [Tk/16, Hkv, Dv/32 * 16]: per KV
-    head and 32-value block b, each head's weights w = e * scale (a value's q8_0 scale) become 16-bit
-    integers, w * 65535 / (S_b max e) rounded (S_b the block's largest scale among these keys), so
-    that sum_t w_t code_t is an exact integer dot product (attn_blocks.q8_vsum), scaled back by
-    S_b max e / 65535. Each weight is off by at most half a step, 2^-17 of the block's largest (the
-    q8_0 codes themselves are off by up to 2^-8 of theirs)."""
+    """q8_0 value tiles [Tk/16, Hkv, 16 Dv] (llm/cache.py), scales [Tk/16, Hkv, Dv/32 * 16]: per query
+    head and 32-value block b, the weights w = e * scale (each key's q8_0 scale for the block) become
+    16-bit integers round(w * 65535 / M), M the largest w (attn_blocks.q8_weights), so that
+    sum_t w_t code_t is an exact integer dot product (attn_blocks.q8_vsum), scaled back by M / 65535.
+    Each weight is off by at most half a step, 2^-17 of M (the q8_0 codes themselves are off by up to
+    2^-8 of their block's largest)."""
     Dv = o.shape[1]
     nb = Dv // 32
     npw = wq.shape[3]                                 # wq [G, nb, 2, positions]: high and low bytes
@@ -343,13 +343,13 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         vs = VS[min(sl, VS.shape[0] - 1), min(layer, VS.shape[1] - 1)]
         j0, j1 = lo[r] + cc * n // nc, lo[r] + (cc + 1) * n // nc
         s = np.empty((Hq, BLOCK), np.float32)        # a block's scores, head-major: the softmax reads them in order
-        e = np.zeros((Hq, BLOCK + 32), np.float32)   # their exponentials (from eo on: value tiles start at a tile)
+        e = np.empty((Hq, BLOCK + 32), np.float32)   # their exponentials (from eo on: value tiles start at a tile)
         bits = np.empty((Hq, BLOCK + 32), np.int32)  # 2^n factors of the exponentials
         two = bits.view(np.float32)
         krow = np.empty(D, np.float32)
         vrow = np.empty(Dv, np.float32)
         nbv = max(1, Dv // 32)                       # q8_0 value tiles: weights as 16-bit integers (_wsum_tiles)
-        wq = np.empty((G, nbv, 2, BLOCK + 32), np.uint8)
+        wq = np.empty((G, nbv, 2, BLOCK + 32) if tiled_v else (1, 1, 1, 1), np.uint8)
         sb = np.empty(G * nbv, np.float32)          # the largest weight of each (head, value block)
         rr = np.empty((4, 2, 32), np.int32)
         qs = np.empty((Hq, D), np.float32)           # q * scale: the score needs no multiply per key
