@@ -350,7 +350,7 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         vrow = np.empty(Dv, np.float32)
         nbv = max(1, Dv // 32)                       # q8_0 value tiles: weights as 16-bit integers (_wsum_tiles)
         wq = np.empty((G, nbv, 2, BLOCK + 32) if tiled_v else (1, 1, 1, 1), np.uint8)
-        sb = np.empty(G * nbv, np.float32)          # the largest weight of each (head, value block)
+        sb = np.empty(G * nbv, np.float32)           # the largest weight of each (head, value block)
         rr = np.empty((4, 2, 32), np.int32)
         qs = np.empty((Hq, D), np.float32)           # q * scale: the score needs no multiply per key
         for h in range(Hq):
@@ -364,7 +364,6 @@ def _attend(Q, K, KS, V, VS, tab, layer, slots, scale, lo, hi, sinks, out):
         quantize_query(k, qs, qi, qd, qc)
         # 16 keys at a time where the head dim has tiles (attn_blocks): rows read straight from the cache
         blocked = vec_k and vec_v and D == Dv and (D == 64 or D == 128 or D == 256)
-        kst = Hkv * D                                # a position's stride in the cache, in values
         run_m, run_l, o = cm[r, cc], cl[r, cc], co[r, cc]   # the running max, sum of exps, weighted values
         run_m[h0:h1] = -np.inf
         run_l[h0:h1] = 0.0
