@@ -34,6 +34,24 @@ AHEAD_V = 512             # q8_vsum's read hint: the next value block's bytes (t
 _BUILT: dict = {}
 
 
+def _splat(builder, x, vt):
+    """LLVM IR: the scalar x in every lane of a vector of type vt."""
+    from llvmlite import ir
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
+
+
+def _hint_l2(builder, p):
+    """LLVM IR: ask for the line at pointer p into L2 (PREFETCHT1: a read, locality 2)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(pf, [builder.bitcast(p, i8.as_pointer()), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+
+
 def _masks(n: int):
     """Shuffle masks (first, second) that fold two of n vectors into one: with n vectors left,
     each row's partial sums fill n lanes; each block of n lanes keeps its rows' halves from both
@@ -72,8 +90,7 @@ def build():
         return builder.load(builder.bitcast(builder.gep(p, [off]), fv.as_pointer()), align=4)
 
     def splat(builder, s):
-        v = builder.insert_element(ir.Constant(fv, ir.Undefined), s, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(mask_t, [0] * L))
+        return _splat(builder, s, fv)
 
     def fold(builder, vs):
         """16 vectors -> one whose lanes hold each vector's sum (lane order: `order`)."""
@@ -87,16 +104,11 @@ def build():
     def rows_of(dt):
         """(chunk(row, c) -> <16 x float>: values 16c.. of the row at element offset row; hint) for storage dt."""
         def make(builder, p, sp):
-            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
-                                                "llvm.prefetch.p0")
-
             def hint(off, ahead, row_start=False):
                 off = builder.add(off, ahead)
-                q = builder.bitcast(builder.gep(p, [off]), i8.as_pointer())
-                builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                _hint_l2(builder, builder.gep(p, [off]))
                 if dt == types.int8 and row_start:       # the row's block scales: 128 B per position at 8 KV heads
-                    q = builder.bitcast(builder.gep(sp, [builder.lshr(off, ir.Constant(i64, 5))]), i8.as_pointer())
-                    builder.call(pf, [q, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                    _hint_l2(builder, builder.gep(sp, [builder.lshr(off, ir.Constant(i64, 5))]))
 
             memo = {}                                   # a q8_0 block's scale, splat once per row and block
 
@@ -228,18 +240,14 @@ def q8_tile_intrinsics(ptr, vload):
     scaling rounds (llama.cpp also quantizes the query to q8_0 for a q8_0 key cache). Without
     AVX512-VNNI the products are widened to 16 bits and summed (portable)."""
     from llvmlite import ir
-    from numba.core import cgutils, types
+    from numba.core import types
     from numba.extending import intrinsic
     from .qmatvec.simd import dot4, vnni
 
     L = LANES
-    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
     iv, fv = ir.VectorType(i32, L), ir.VectorType(ir.FloatType(), L)
     VNNI = vnni()
-
-    def splat(builder, x, vt):
-        v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(iv, [0] * L))
 
     def make(H):
         @intrinsic
@@ -253,25 +261,22 @@ def q8_tile_intrinsics(ptr, vload):
                 kp, sp, qp, cp, dp, op = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 1, 4, 7, 8, 11))
                 ko, so, qo, Dv, hbv, nbv, oo, ostv = (context.cast(builder, args[i], sg.args[i], types.int64)
                                                      for i in (2, 3, 5, 6, 9, 10, 12, 13))
-                pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
-                                                    "llvm.prefetch.p0")
                 acc = [ir.Constant(iv, [0] * L) for _ in range(H)]
                 for w in range(8):
                     kq = builder.gep(kp, [builder.add(ko, ir.Constant(i64, 64 * w))])
                     if AHEAD_BYTES:
-                        builder.call(pf, [builder.gep(kq, [ir.Constant(i64, AHEAD_BYTES)]), ir.Constant(i32, 0),
-                                          ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                        _hint_l2(builder, builder.gep(kq, [ir.Constant(i64, AHEAD_BYTES)]))
                     kw = builder.load(builder.bitcast(kq, iv.as_pointer()), align=1)
                     for h in range(H):
                         qa = builder.add(qo, builder.add(builder.mul(Dv, ir.Constant(i64, h)), ir.Constant(i64, 4 * w)))
                         qw = builder.load(builder.bitcast(builder.gep(qp, [qa]), i32.as_pointer()), align=1)
-                        acc[h] = dot4(builder, acc[h], kw, splat(builder, qw, iv), VNNI)
+                        acc[h] = dot4(builder, acc[h], kw, _splat(builder, qw, iv), VNNI)
                 dk = vload(builder, sp, so)
                 for h in range(H):
                     hi = builder.add(hbv, builder.mul(nbv, ir.Constant(i64, h)))
                     qcv = builder.trunc(builder.load(builder.gep(cp, [hi])), i32)
-                    scale = builder.fmul(dk, splat(builder, builder.load(builder.gep(dp, [hi])), fv))
-                    a = builder.sitofp(builder.sub(acc[h], splat(builder, qcv, iv)), fv)
+                    scale = builder.fmul(dk, _splat(builder, builder.load(builder.gep(dp, [hi])), fv))
+                    a = builder.sitofp(builder.sub(acc[h], _splat(builder, qcv, iv)), fv)
                     dst = builder.bitcast(builder.gep(op, [builder.add(oo, builder.mul(ostv, ir.Constant(i64, h)))]), fv.as_pointer())
                     builder.store(builder.fadd(builder.load(dst, align=4), builder.fmul(a, scale)), dst, align=4)
                 return context.get_dummy_value()
@@ -301,13 +306,9 @@ def q8_vsum_intrinsics(ptr):
     from .qmatvec.simd import dot4, vnni
 
     L = LANES
-    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
     iv = ir.VectorType(i32, L)
     VNNI = vnni()
-
-    def splat(builder, x):
-        v = builder.insert_element(ir.Constant(iv, ir.Undefined), x, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(iv, [0] * L))
 
     def make(H):
         @intrinsic
@@ -321,8 +322,6 @@ def q8_vsum_intrinsics(ptr):
                 vp, wp, rp = (ptr(context, builder, sg.args[i], args[i]) for i in (0, 5, 9))
                 vo, vs, ntv, bv, wo, wsv, wpv = (context.cast(builder, args[i], sg.args[i], types.int64)
                                                  for i in (1, 2, 3, 4, 6, 7, 8))
-                pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
-                                                    "llvm.prefetch.p0")
                 cells = [cgutils.alloca_once_value(builder, ir.Constant(iv, [0] * L)) for _ in range(4 * H)]
                 ahead = ir.Constant(i64, AHEAD_V)
                 with cgutils.for_range(builder, ntv) as loop:
@@ -334,14 +333,14 @@ def q8_vsum_intrinsics(ptr):
                         vv = []
                         for c in range(2):
                             q = builder.gep(vp, [builder.add(base, ir.Constant(i64, 128 * k + 64 * c))])
-                            builder.call(pf, [builder.gep(q, [ahead]), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                            _hint_l2(builder, builder.gep(q, [ahead]))
                             vv.append(builder.load(builder.bitcast(q, iv.as_pointer()), align=1))
                         for h in range(H):
                             for part in range(2):
                                 at = builder.add(builder.add(wbase, builder.mul(wsv, ir.Constant(i64, h))),
                                                  builder.add(builder.mul(wpv, ir.Constant(i64, part)), ir.Constant(i64, 4 * k)))
                                 wd = builder.load(builder.bitcast(builder.gep(wp, [at]), i32.as_pointer()), align=1)
-                                ws = splat(builder, wd)
+                                ws = _splat(builder, wd, iv)
                                 for c in range(2):
                                     x = (2 * h + part) * 2 + c
                                     acc[x] = dot4(builder, acc[x], ws, vv[c], VNNI)
@@ -399,8 +398,7 @@ def q8_weights_intrinsic(ptr):
             builder.store(M, builder.gep(mp, [mo]))
             pos = builder.fcmp_ordered(">", M, ir.Constant(f32, 0.0))
             c = builder.select(pos, builder.fdiv(ir.Constant(f32, 65535.0), M), ir.Constant(f32, 0.0))
-            cv = builder.shuffle_vector(builder.insert_element(ir.Constant(fv, ir.Undefined), c, ir.Constant(i32, 0)),
-                                        ir.Constant(fv, ir.Undefined), ir.Constant(iv, [0] * L))
+            cv = _splat(builder, c, fv)
             with cgutils.for_range(builder, ntv) as loop:
                 y = builder.fmul(weights(loop.index), cv)              # 0..65535 (NaN -> 0, past the top -> 65535)
                 y = builder.call(minnum, [builder.call(maxnum, [y, ir.Constant(fv, [0.0] * L)]), ir.Constant(fv, [65535.0] * L)])

@@ -286,7 +286,6 @@ def _wsum_tiles(v, vs, tab, b0, nk, Hkv, g0, g1, G, e, o, vrow, blocked, vec_v, 
     t0 = b0 // 16
     eo = b0 - 16 * t0                                 # the block's first key in its tile
     nt = (eo + nk - 1) // 16 + 1                      # tiles the keys touch
-    npos = 16 * nt
     row = Hkv * nb * 16                               # a tile's scales, all KV heads
     for g in range(g0, g1):
         for hh in range(G):                           # each head's weights as 16-bit integers, per block b
