@@ -35,9 +35,10 @@ fastmath=False and every row's sum is taken in a fixed order.
 
     nibble types (Q4_0, Q4_1): qs u8 [ng, nb, 16, G], d, m [ng, nb, G]
         value = d * q + m per 32-value block (Q4_0: m = -8 d)
-    Q4_K: qs as the nibble types (one block per 32-value sub-block), sc, mn u8 [ng, nb, G] (the 6-bit
-        scales and mins), dd, dmn u16 [ng, nb/8, G] (float16 bits of d, -dmin per super-block); the kernels form
-        d = dd * sc, m = dmn * mn per sub-block in registers (simd.vdot8_q4_k) and run the nibble dot
+    Q4_K: qs as the nibble types (one block per 32-value sub-block), scm u8 [ng, nb/8, 12, G] (GGML's 12
+        bytes of packed 6-bit scales and mins per super-block), dd, dmn u16 [ng, nb/8, G] (float16 bits of
+        d, -dmin per super-block); the kernels unpack sc, mn and form d = dd * sc, m = dmn * mn per
+        sub-block in registers (simd.q4_k_scales16, vdot8_q4_k) and run the nibble dot
     Q5_0: qs u8 [ng, nb, 16, G], qh u8 [ng, nb, 4, G] (bit j = high bit of value j), d [ng, nb, G]
     Q8_0: qs i8 [ng, nb, 32, G], d [ng, nb, G]
     Q6_K: qs u8 [ng, nb, 4, G, 4] low nibbles (the Q4_K dwords), qh u8 [ng, nb, 2, G, 4] 2-bit highs
@@ -48,10 +49,12 @@ fastmath=False and every row's sum is taken in a fixed order.
 Byte j of a 32-value block holds value j in its low nibble and value j + 16 in its high one
 (the Q4_0/Q4_1 order; Q4_K and Q6_K are reordered to it). Scales that GGML stores as
 float16 stay float16 (as uint16 bits: numba has no float16 arrays; the kernel widens them),
-so Q4_1, Q5_0, Q8_0, MXFP4 and Q6_K repack to exactly their raw size, Q4_0 to 1.11x, Q4_K to 1.03x
-(its 6-bit scales and mins as a byte each: decode streams these arrays, and with float32 products
-per sub-block, 1.33x, an 8B model's decode was bound by the extra bytes; float32 d and dmin per
-super-block had still made it 1.06x).
+so Q4_1, Q4_K, Q5_0, Q8_0, MXFP4 and Q6_K repack to exactly their raw size, Q4_0 to 1.11x. Decode
+streams these arrays, so bytes are speed: Q4_K with float32 products per sub-block (1.33x) had
+bound an 8B model's decode, float32 d and dmin per super-block still made it 1.06x, its scales and
+mins a byte each 1.03x; kept packed as GGML stores them (unpacked in registers: three byte loads,
+a few masks and shifts per 16 rows and sub-block), a 14336 x 4096 mat-vec reads 2.7% fewer bytes
+and ran 1.01-1.03x as many per second (2 threads, alternating with the byte layout in one process).
 See `Packed.nbytes`.
 
 Int8 activations (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, MXFP4; llama.cpp's Q8 idea). A decode step is a race

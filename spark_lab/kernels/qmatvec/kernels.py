@@ -57,17 +57,18 @@ def _k_nib(qs, d, m, x, out):
             _store(out, i, g * G, acc)
 
 
-def _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv):
+def _q4_k_scales(scm, dd, dmn, g, b, dv, mv):
     """dv, mv [G] = d * sc, -dmin * mn of sub-block b of group g: the float products of
-    `quants.dequantize`, formed here from the bytes (the repacked copy keeps 0.58 bytes per weight
-    instead of 0.75 with two float32 per 32 values)."""
+    `quants.dequantize`, formed here from the packed 6-bit bytes (the repacked copy keeps GGML's
+    0.5625 bytes per weight instead of 0.75 with two float32 per 32 values)."""
     s = b // 8
     for l0 in range(0, dv.shape[0], LANES):
-        q4_k_scales(sc[g, b], mn[g, b], dd[g, s], dmn[g, s], l0, dv, mv)
+        q4_k_scales(scm[g, s], b % 8, dv.shape[0], dd[g, s], dmn[g, s], l0, dv, mv)
 
 
-def _k_q4_k(qs, sc, mn, dd, dmn, x, out):
-    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn u16 (f16 bits) [ng, nb/8, G]; x quantized here."""
+def _k_q4_k(qs, scm, dd, dmn, x, out):
+    """qs u8 [ng, nb, 4, G, 4] dwords; scm u8 [ng, nb/8, 12, G] packed 6-bit scales and mins; dd, dmn u16
+    (f16 bits) [ng, nb/8, G]; x quantized here."""
     ng, nb, _, G, _ = qs.shape
     xq, dx, xqs = quantize_x(x)
     for g in prange(ng):
@@ -76,7 +77,7 @@ def _k_q4_k(qs, sc, mn, dd, dmn, x, out):
         for b in range(nb):
             for i in range(x.shape[0]):
                 for l0 in range(0, G, LANES):
-                    vdot8_q4_k(qs[g, b], G, l0, sc[g, b], mn[g, b], dd[g, b // 8], dmn[g, b // 8], xq[i], b * 32,
+                    vdot8_q4_k(qs[g, b], G, l0, scm[g, b // 8], b % 8, dd[g, b // 8], dmn[g, b // 8], xq[i], b * 32,
                                xqs[i, b], dx[i, b], acc[i])
         for i in range(x.shape[0]):
             _store(out, i, g * G, acc[i])
@@ -204,8 +205,8 @@ def _m_nib(qs, d, m, x, out):
             _store(out, i, g * G, acc[0])
 
 
-def _m_q4_k(qs, sc, mn, dd, dmn, x, out):
-    """_m_nib for the Q4_K layout (sc, mn bytes; dd, dmn per super-block) -> out [n, rows]."""
+def _m_q4_k(qs, scm, dd, dmn, x, out):
+    """_m_nib for the Q4_K layout (scm packed 6-bit bytes, dd, dmn per super-block) -> out [n, rows]."""
     ng, nb, _, G, _ = qs.shape
     n, cols = x.shape
     xq, dx, xqs = x_buffers(x)
@@ -217,7 +218,7 @@ def _m_q4_k(qs, sc, mn, dd, dmn, x, out):
         dv = np.empty((nb, G), np.float32)       # the group's scale products, formed once for all its tokens
         mv = np.empty((nb, G), np.float32)
         for b in range(nb):
-            _q4_k_scales(sc, mn, dd, dmn, g, b, dv[b], mv[b])
+            _q4_k_scales(scm, dd, dmn, g, b, dv[b], mv[b])
         for i0 in range(0, full, TOKENS):
             acc[:] = 0.0
             for b in range(nb):
@@ -332,8 +333,8 @@ def _t_nib(qs, d, m, sub8, g0, g1, tile):
                     deq_nib(qs[g, b], G, l0, d[g, b], m[g, b], tile, b * 32, c0 + l0, nc)
 
 
-def _t_q4_k(qs, sc, mn, dd, dmn, g0, g1, tile):
-    """qs u8 [ng, nb, 4, G, 4] dwords; sc, mn u8 [ng, nb, G]; dd, dmn u16 (f16 bits) [ng, nb/8, G]: d * q + m."""
+def _t_q4_k(qs, scm, dd, dmn, g0, g1, tile):
+    """qs u8 [ng, nb, 4, G, 4] dwords; scm u8 [ng, nb/8, 12, G]; dd, dmn u16 (f16 bits) [ng, nb/8, G]: d * q + m."""
     _, nb, _, G, _ = qs.shape
     nc = tile.shape[1]
     for g in prange(g0, g1):
@@ -341,7 +342,7 @@ def _t_q4_k(qs, sc, mn, dd, dmn, g0, g1, tile):
         dv = np.empty(G, np.float32)
         mv = np.empty(G, np.float32)
         for b in range(nb):
-            _q4_k_scales(sc, mn, dd, dmn, g, b, dv, mv)
+            _q4_k_scales(scm, dd, dmn, g, b, dv, mv)
             for l0 in range(0, G, LANES):
                 deq_nib(qs[g, b], G, l0, dv, mv, tile, b * 32, c0 + l0, nc)
 

@@ -11,7 +11,7 @@ import numpy as np
 from ...ggml_types import GGMLQuantizationType as QT
 
 from ...device import array_module
-from ...quants import BLOCK_SIZES, QuantTensor, _k_scale_min, release_raw
+from ...quants import BLOCK_SIZES, QuantTensor, release_raw
 from .repack_cache import CacheEntry
 
 FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.Q6_K, QT.MXFP4)
@@ -109,12 +109,13 @@ def _w16(u, e):
     return np.uint32(u[e]) | (np.uint32(u[e + 1]) << np.uint32(16))
 
 
-def _pack_q4_k(raw, qs, sc, mn, dd, dmn):
+def _pack_q4_k(raw, qs, scm, dd, dmn):
     """raw u32 [n, ns*36] rows of Q4_K blocks (n <= ng*G) -> qs u32 [ng, ns*8, 4, G] (word w of a
-    32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), sc, mn u8 [ng, ns*8, G]
-    (the 6-bit scales and mins), dd, dmn u16 [ng, ns, G] (float16 bits of d and -dmin of each
-    super-block: the kernels widen them and form d*sc and -dmin*mn, the float products
-    `quants.dequantize` makes)."""
+    32-value sub-block: bytes 4w..4w+3, byte j = code j | code j+16 << 4), scm u8 [ng, ns, 12, G]
+    (the 12 bytes of packed 6-bit scales and mins of each super-block, as GGML stores them: the
+    kernels unpack them in registers, simd.q4_k_scales16), dd, dmn u16 [ng, ns, G] (float16 bits of
+    d and -dmin of each super-block: the kernels widen them and form d*sc and -dmin*mn, the float
+    products `quants.dequantize` makes)."""
     n, ns = raw.shape[0], raw.shape[1] // 36
     ng, G = qs.shape[0], qs.shape[3]
     zero = np.zeros(raw.shape[1], np.uint32)
@@ -125,12 +126,9 @@ def _pack_q4_k(raw, qs, sc, mn, dd, dmn):
                 b = raw[g * G + l] if g * G + l < n else zero
                 dd[g, s, l] = np.uint16(b[o] & 0xFFFF)
                 dmn[g, s, l] = np.uint16((b[o] >> 16) ^ 0x8000)   # -x as a sign flip (a NaN keeps its sign)
-                for k in range(4):                   # 6-bit scales and mins (quants._k_scale_min)
-                    a, bb, c = (b[o + 1] >> 8 * k) & 255, (b[o + 2] >> 8 * k) & 255, (b[o + 3] >> 8 * k) & 255
-                    sc[g, b8 + k, l] = a & 63
-                    mn[g, b8 + k, l] = bb & 63
-                    sc[g, b8 + 4 + k, l] = (c & 15) | ((a >> 2) & 48)
-                    mn[g, b8 + 4 + k, l] = (c >> 4) | ((bb >> 2) & 48)
+                for w in range(3):                   # the packed 6-bit scales and mins, as they are
+                    for k in range(4):
+                        scm[g, s, 4 * w + k, l] = (b[o + 1 + w] >> 8 * k) & 255
                 for p in range(4):                   # 32 code bytes: sub-block 2p in the low nibbles, 2p+1 high
                     for w in range(4):
                         x, y = b[o + 4 + 8 * p + w], b[o + 8 + 8 * p + w]
@@ -194,8 +192,8 @@ def _k_shapes(q, rows: int, ns: int, G: int):
     """The repacked arrays' (shape, dtype) for `rows` rows of ns super-blocks (rows a multiple of G)."""
     ng, nb = rows // G, ns * 8
     if q == QT.Q4_K:
-        return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, G), np.uint8), ((ng, nb, G), np.uint8),
-                ((ng, ns, G), np.uint16), ((ng, ns, G), np.uint16)]
+        return [((ng, nb, 4, G, 4), np.uint8), ((ng, ns, 12, G), np.uint8), ((ng, ns, G), np.uint16),
+                ((ng, ns, G), np.uint16)]
     return [((ng, nb, 4, G, 4), np.uint8), ((ng, nb, 2, G, 4), np.uint8), ((ng, nb, 2, G), np.int8),
             ((ng, ns, G), np.uint16)]
 
@@ -208,8 +206,8 @@ def _pack_k(q, raw, out) -> None:
         raw = np.array(raw)
     raw = raw.view(np.uint32 if word == 4 else np.uint16)
     if q == QT.Q4_K:
-        qs, sc, mn, dd, dmn = out
-        k["q4_k"](raw, qs.view(np.uint32).reshape(qs.shape[:4]), sc, mn, dd, dmn)
+        qs, scm, dd, dmn = out
+        k["q4_k"](raw, qs.view(np.uint32).reshape(qs.shape[:4]), scm, dd, dmn)
     else:
         qs, qh, sc, dd = out
         k["q6_k"](raw, qs.view(np.uint32).reshape(qs.shape[:4]), qh.view(np.uint32).reshape(qh.shape[:4]), sc, dd)
@@ -233,16 +231,15 @@ def _repack(q, blocks, G, fast: bool = True):
         return "nib", (_words(blocks[..., 2 if q == QT.Q4_0 else 4:], G), _lanes(d, G), _lanes(m, G))
     if q == QT.MXFP4:                                                      # the E8M0 byte stays a byte
         return "mxfp4", (_words(blocks[..., 1:], G), _lanes(np.ascontiguousarray(blocks[..., 0]), G))
-    if q == QT.Q4_K:                                                      # scales stay bytes (_pack_q4_k)
+    if q == QT.Q4_K:                                                      # scales stay packed (_pack_q4_k)
         rows, ns, _ = blocks.shape
         b = blocks.reshape(rows * ns, 144)
-        sc, mn = _k_scale_min(b[:, 4:16], np)                              # [rows*ns, 8] each
         d = _h16(b[:, 0:2]).reshape(rows, ns)
         dmn = (_h16(b[:, 2:4]) ^ np.uint16(0x8000)).reshape(rows, ns)
         qs = b[:, 16:].reshape(-1, 4, 1, 32)
         codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(rows, ns * 8, 32)
-        return "q4_k", (_words(_pair_nibbles(codes), G), _lanes(sc.reshape(rows, ns * 8), G),
-                        _lanes(mn.reshape(rows, ns * 8), G), _lanes(d, G), _lanes(dmn, G))
+        return "q4_k", (_words(_pair_nibbles(codes), G), _lanes(b[:, 4:16].reshape(rows, ns, 12), G),
+                        _lanes(d, G), _lanes(dmn, G))
     if q == QT.Q5_0:
         return "q5_0", (_lanes(blocks[..., 6:], G), _lanes(blocks[..., 2:6], G), _lanes(_h16(blocks[..., 0:2]), G))
     if q == QT.Q8_0:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-LAYOUT = 4                     # repack.py's array layouts; a change makes every old entry a miss
+LAYOUT = 5                     # repack.py's array layouts; a change makes every old entry a miss
 MIN_FILE_BYTES = 1 << 30       # GGUFs this big or bigger keep their repacked copy on disk
 MIN_FREE_BYTES = 2 << 30       # leave this much disk free
 ALIGN = 4096                   # each array starts on a page

@@ -267,13 +267,23 @@ def intrinsics():
         inner = b.call(k.fma, [m_, k.splat(b.sitofp(xqs_, ir.FloatType())), b.fmul(d_, s)])
         k.update(acc, acc_off, b.fmul(k.splat(dx_), inner))
 
-    def q4_k_scales16(k, sc, mn, dd, dmn, l0_):
-        """<16 x float> d * sc and dmin-products * mn of lanes l0..l0+15 (arguments sc, mn: u8 [G]
-        of a sub-block; dd, dmn: f32 [G] of its super-block): the float32 products of
-        `quants.dequantize`, one vector multiply each."""
+    def q4_k_scales16(k, scm, j_, G_, dd, dmn, l0_):
+        """<16 x float> d * sc and dmin-products * mn of sub-block j (0..7) of a super-block, lanes
+        l0..l0+15 (argument scm: u8 [12, G], the super-block's packed 6-bit scales and mins, byte r
+        of each row in row r; dd, dmn: f16 bits [G]): the float32 products of `quants.dequantize`.
+        GGML's packing: for j < 4, sc = B[j] & 63, mn = B[j+4] & 63; else sc = B[j+4] & 15 | B[j-4] >> 6 << 4
+        and mn = B[j+4] >> 4 | B[j] >> 6 << 4. Three byte rows are loaded (B[j+4], B[j & 3], B[j]) and
+        both forms selected on j."""
         b = k.b
-        return (b.fmul(k.floats16(dd, l0_), b.uitofp(k.bytes16(k.ptr[sc], l0_), fv)),
-                b.fmul(k.floats16(dmn, l0_), b.uitofp(k.bytes16(k.ptr[mn], l0_), fv)))
+        row = lambda r: k.bytes16(k.ptr[scm], b.add(b.mul(r, G_), l0_))   # noqa: E731
+        c_ = lambda v: ir.Constant(j_.type, v)                             # noqa: E731
+        P, A, C = row(b.add(j_, c_(4))), row(b.and_(j_, c_(3))), row(j_)
+        low = b.icmp_signed("<", j_, c_(4))
+        hi2 = lambda x: b.shl(b.lshr(x, const(6)), const(4))               # noqa: E731
+        sc = b.select(low, b.and_(A, const(63)), b.or_(b.and_(P, const(15)), hi2(A)))
+        mn = b.select(low, b.and_(P, const(63)), b.or_(b.lshr(P, const(4)), hi2(C)))
+        return (b.fmul(k.floats16(dd, l0_), b.uitofp(sc, fv)),
+                b.fmul(k.floats16(dmn, l0_), b.uitofp(mn, fv)))
 
     # args: q [words, G, 4] bytes, G, l0, (extra arrays...), xq int8 [cols], xoff, ..., acc [G]
     @intrinsic
@@ -289,28 +299,30 @@ def intrinsics():
         return sig, codegen
 
     @intrinsic
-    def vdot8_q4_k(typingctx, q, G, l0, sc, mn, dd, dmn, xq, xoff, xqs, dx, acc):
-        """vdot8_nib with Q4_K's scales formed from their bytes in registers (d * sc, dmin-products * mn
-        of 16 lanes): a decode step reads the 6-bit scales once and writes no scratch."""
-        sig = types.void(q, G, l0, sc, mn, dd, dmn, xq, xoff, xqs, dx, acc)
+    def vdot8_q4_k(typingctx, q, G, l0, scm, j, dd, dmn, xq, xoff, xqs, dx, acc):
+        """vdot8_nib with Q4_K's scales formed from their packed bytes in registers (d * sc,
+        dmin-products * mn of 16 lanes, sub-block j of the super-block whose scm, dd, dmn are given):
+        a decode step reads the 6-bit scales once and writes no scratch."""
+        sig = types.void(q, G, l0, scm, j, dd, dmn, xq, xoff, xqs, dx, acc)
 
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
             l0_ = args[2]
-            d_, m_ = q4_k_scales16(k, 3, 4, 5, 6, l0_)
+            d_, m_ = q4_k_scales16(k, 3, args[4], args[1], 5, 6, l0_)
             nib_dot(k, args[1], l0_, 7, args[8], args[9], args[10], d_, m_, 11, l0_)
             return context.get_dummy_value()
         return sig, codegen
 
     @intrinsic
-    def q4_k_scales(typingctx, sc, mn, dd, dmn, l0, dv, mv):
-        """dv[l0:+16], mv[l0:+16] = d * sc, dmin-products * mn (the scratch of the GEMM and tiles)."""
-        sig = types.void(sc, mn, dd, dmn, l0, dv, mv)
+    def q4_k_scales(typingctx, scm, j, G, dd, dmn, l0, dv, mv):
+        """dv[l0:+16], mv[l0:+16] = d * sc, dmin-products * mn of sub-block j (the scratch of the GEMM
+        and tiles)."""
+        sig = types.void(scm, j, G, dd, dmn, l0, dv, mv)
 
         def codegen(context, builder, sg, args):
             k = Block(context, builder, sg, args)
-            l0_ = args[4]
-            for i, v in zip((5, 6), q4_k_scales16(k, 0, 1, 2, 3, l0_)):
+            l0_ = args[5]
+            for i, v in zip((6, 7), q4_k_scales16(k, 0, args[1], args[2], 3, 4, l0_)):
                 builder.store(v, builder.bitcast(k.at(k.ptr[i], l0_), fv.as_pointer()), align=1)
             return context.get_dummy_value()
         return sig, codegen
