@@ -52,6 +52,18 @@ def _hint_l2(builder, p):
     builder.call(pf, [builder.bitcast(p, i8.as_pointer()), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
 
+def _scales16(builder, p, off, dtype):
+    """LLVM IR: <16 x float> of the q8_0 tile scales at element offset off of pointer p: float32, or
+    uint16 float16 bits (the cache's tiles, llama.cpp's q8_0 scale) widened (VCVTPH2PS)."""
+    from llvmlite import ir
+    from numba.core import types
+    f32 = ir.FloatType()
+    if dtype == types.uint16:
+        h = builder.load(builder.bitcast(builder.gep(p, [off]), ir.VectorType(ir.IntType(16), LANES).as_pointer()), align=2)
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), ir.VectorType(f32, LANES))
+    return builder.load(builder.bitcast(builder.gep(p, [off]), ir.VectorType(f32, LANES).as_pointer()), align=4)
+
+
 def _masks(n: int):
     """Shuffle masks (first, second) that fold two of n vectors into one: with n vectors left,
     each row's partial sums fill n lanes; each block of n lanes keeps its rows' halves from both
@@ -271,7 +283,7 @@ def q8_tile_intrinsics(ptr, vload):
                         qa = builder.add(qo, builder.add(builder.mul(Dv, ir.Constant(i64, h)), ir.Constant(i64, 4 * w)))
                         qw = builder.load(builder.bitcast(builder.gep(qp, [qa]), i32.as_pointer()), align=1)
                         acc[h] = dot4(builder, acc[h], kw, _splat(builder, qw, iv), VNNI)
-                dk = vload(builder, sp, so)
+                dk = _scales16(builder, sp, so, sg.args[1].dtype)
                 for h in range(H):
                     hi = builder.add(hbv, builder.mul(nbv, ir.Constant(i64, h)))
                     qcv = builder.trunc(builder.load(builder.gep(cp, [hi])), i32)
@@ -389,7 +401,7 @@ def q8_weights_intrinsic(ptr):
             def weights(i):
                 ev = builder.load(builder.bitcast(builder.gep(ep, [builder.add(eo, builder.mul(i, ir.Constant(i64, L)))]),
                                                   fv.as_pointer()), align=4)
-                sv = builder.load(builder.bitcast(builder.gep(sp, [builder.add(so, builder.mul(i, sstv))]), fv.as_pointer()), align=4)
+                sv = _scales16(builder, sp, builder.add(so, builder.mul(i, sstv)), sg.args[2].dtype)
                 return builder.fmul(ev, sv)
             cell = cgutils.alloca_once_value(builder, ir.Constant(fv, [0.0] * L))
             with cgutils.for_range(builder, ntv) as loop:

@@ -24,7 +24,8 @@ on timing or thread count. Rows are widened on the fly from the cache's storage 
     f32    float32 [Tk, Hkv, D]
     f16    uint16 float16 bits [Tk, Hkv, D]
     q8_0   int8 [Tk, Hkv, D] with float32 scales [Tk, Hkv, D/32]
-    q8_0 key tiles   uint8 [Tk/16, Hkv, 16 D] with float32 scales [Tk/16, Hkv, D/32 * 16] (llm/cache.py:
+    q8_0 key tiles   uint8 [Tk/16, Hkv, 16 D] with scales [Tk/16, Hkv, D/32 * 16] (float16 bits as the cache
+           keeps them, or float32; attn_blocks widens 16 at a time) (llm/cache.py:
            how the cache stores q8_0 keys): the scores are integer dot products, 16 keys per register
            (`_scores_tiles`, attn_blocks.q8_tile), with the query quantized to q8_0 per 32 values as
            llama.cpp does for a q8_0 key cache (`_quantize_tiles`); the scaled sum is then exact to
@@ -33,7 +34,7 @@ on timing or thread count. Rows are widened on the fly from the cache's storage 
            (0.4 ns a score). 16k keys at Llama-3-8B shapes, q8_0 K and V, alternating with the row
            kernel: 2.9 -> 1.55-1.9 ms per layer (scores ~0.25 of it, the softmax ~0.2, the weighted sum of
            q8_0 rows ~1.1).
-    q8_0 value tiles  uint8 [Tk/16, Hkv, 16 Dv] (the codes' bits) with float32 scales [Tk/16, Hkv, Dv/32 * 16]
+    q8_0 value tiles  uint8 [Tk/16, Hkv, 16 Dv] (the codes' bits) with scales [Tk/16, Hkv, Dv/32 * 16] (as the keys')
            (llm/cache.py): the weighted sum is integer dot products too (`_wsum_tiles`: the weights
            e * scale as 16-bit integers per head, 32-value block and block of keys, attn_blocks.q8_weights,
            summed against 4 keys' codes per dword, attn_blocks.q8_vsum); within 1e-4 of the largest

@@ -6,15 +6,16 @@ Layout [layer, position, kv head, head dim] for each of K and V. Storage by type
 
     f32    float32 values
     f16    float16 bits as uint16 (numba reads uint16; the decode kernel widens them)
-    q8_0   int8 codes [.., head_dim] + one float32 scale per 32 values [.., head_dim / 32]
-           (llama.cpp's q8_0 block: scale = max|x| / 127, code = round(x / scale))
+    q8_0   int8 codes + one scale per 32 values (llama.cpp's q8_0 block: scale = max|x| / 127, code =
+           round(x / scale), the scale kept as float16 bits: 34 bytes per 32 values, as llama.cpp's),
+           stored in tiles (below)
 
 q8_0 keys are stored in tiles of TILE = 16 positions instead, so that the decode kernel's scores are
 integer dot products with 16 keys in the lanes of a register (attn_blocks.q8_tile, VPDPBUSD):
 
     k        uint8 [layer, ceil(n_ctx / 16), kv head, head_dim * 16]: per (tile, head) the codes + 128
              as [head_dim / 4, 16, 4] (4 consecutive values of one key per dword, 16 keys per 64 bytes)
-    k_scale  float32 [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
+    k_scale  uint16 float16 bits [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
 
 q8_0 values are tiled too, so that the weighted sum of values is an integer dot product with the
 softmax weights as 16-bit integers (attn_blocks.q8_vsum, VPDPBUSD: 4 keys' codes per dword, a
@@ -22,7 +23,7 @@ value dim per lane):
 
     v        uint8 [layer, ceil(n_ctx / 16), kv head, head_dim * 16]: per (tile, head) the int8 codes'
              bits as [head_dim / 32, 4, 32, 4] (block b of 32 dims, 4 keys a quad, a dim, 4 keys)
-    v_scale  float32 [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
+    v_scale  uint16 float16 bits [layer, ceil(n_ctx / 16), kv head, head_dim / 32 * 16]: [head_dim / 32, 16]
 
 The same numbers as the row layout (write, view and rows convert). 16k keys x 8 heads x 128 at
 Llama-3-8B shapes, 2 threads, per layer: 2.9 -> 1.55-1.9 ms with the key tiles; the value tiles then
@@ -62,14 +63,17 @@ def _lazy_empty(shape, dtype, what: str):
     return alloc.place(a, tag="kv_cache", what=what)
 
 
-def quantize_q8_rows(x):
-    """x f32 [..., D] (D a multiple of 32) -> (codes i8 [..., D], scales f32 [..., D/32])."""
+def quantize_q8_rows(x, f16: bool = True):
+    """x f32 [..., D] (D a multiple of 32) -> (codes i8 [..., D], scales f32 [..., D/32]), as llama.cpp's
+    quantize_row_q8_0: codes from the float32 scale max|x| / 127, the scale then rounded to float16
+    (the value it stores; returned as float32, which holds it exactly). f16=False keeps the float32
+    scale (the decode kernel's query for q8_0 key tiles)."""
     xb = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, Q8_BLOCK)
     amax = np.abs(xb).max(axis=-1)
     d = (amax / 127.0).astype(np.float32)
     inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0).astype(np.float32)
     q = np.rint(xb * inv[..., None]).astype(np.int8)
-    return q.reshape(x.shape), d
+    return q.reshape(x.shape), (d.astype(np.float16).astype(np.float32) if f16 else d)
 
 
 class KVCache:
@@ -125,7 +129,7 @@ class KVCache:
             *lead, n_ctx, H, D = shape
             n = -(-n_ctx // TILE)
             return (_lazy_empty((*lead, n, H, D * TILE), np.uint8, what + " (q8_0 tiles)"),
-                    _lazy_empty((*lead, n, H, D // Q8_BLOCK * TILE), np.float32, what + " (q8_0 scales)"))
+                    _lazy_empty((*lead, n, H, D // Q8_BLOCK * TILE), np.uint16, what + " (q8_0 scales, f16)"))
         return (_lazy_empty(shape, np.int8, what + " (q8_0)"),
                 _lazy_empty((*shape[:-1], shape[-1] // Q8_BLOCK), np.float32, what + " (q8_0 scales)"))
 
@@ -151,7 +155,7 @@ class KVCache:
                 a[p // TILE, :, :, p % TILE // 4, :, p % 4] = q.view(np.uint8).reshape(T, q.shape[1], -1, Q8_BLOCK)
             else:                                                           # codes + 128
                 a[p // TILE, :, :, p % TILE, :] = (q.view(np.uint8) ^ np.uint8(128)).reshape(T, q.shape[1], -1, 4)
-            sc[p // TILE, :, :, p % TILE] = d
+            sc[p // TILE, :, :, p % TILE] = d.astype(np.float16).view(np.uint16)
         elif t == "f32":
             arr[layer, pos:pos + T] = x
         elif t == "f16":
@@ -168,7 +172,7 @@ class KVCache:
                 q = a[p // TILE, :, :, p % TILE // 4, :, p % 4].view(np.int8)   # [n, H, D/32, 32]
             else:
                 q = (a[p // TILE, :, :, p % TILE, :] ^ np.uint8(128)).view(np.int8)   # [n, H, D/4, 4]
-            d = sc[p // TILE, :, :, p % TILE]                                # [n, H, D/32]
+            d = sc[p // TILE, :, :, p % TILE].view(np.float16).astype(np.float32)   # [n, H, D/32]
             q = q.reshape(hi - lo, self.n_head_kv, -1, Q8_BLOCK).astype(np.float32)
             return (q * d[..., None]).reshape(hi - lo, self.n_head_kv, self.head_dim)
         if t == "f32":

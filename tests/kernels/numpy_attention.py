@@ -19,7 +19,7 @@ def kernel_query(q, scale: float, type_k: str):
     qs = np.asarray(q, np.float32) * np.float32(scale)
     if type_k != "q8_0":
         return qs
-    c, d = quantize_q8_rows(qs)
+    c, d = quantize_q8_rows(qs, f16=False)                                # the kernel keeps its float32 scale
     return (c.reshape(*c.shape[:-1], -1, 32).astype(np.float32) * d[..., None]).reshape(qs.shape)
 
 

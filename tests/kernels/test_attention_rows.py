@@ -41,7 +41,7 @@ def test_pooled_caches_are_views_of_one_pool():
     caches = KVCache.pooled(3, 2, 16, 1, 32, type_k="q8_0", type_v="f16")
     caches[1].write(0, 5, np.ones((1, 1, 32), np.float32), np.full((1, 1, 32), 2, np.float32))
     k, v = caches[1].view(0, 6)
-    assert k[5].max() == 1 and v[5].min() == 2
+    assert k[5].max() == 127 * np.float32(np.float16(1 / 127)) and v[5].min() == 2   # q8_0: code 127 x the f16 scale
     assert caches[0].pool[2][1, 0, 5].any() and not caches[0].pool[2][0].any()      # V [slot, layer, position, ...]
     assert caches[0].pool[0][1, 0].any() and not caches[0].pool[0][0].any()         # q8_0 K tiles [slot, layer, tile, ...]
     assert caches[1].nbytes == caches[0].nbytes == KVCache(2, 16, 1, 32, type_k="q8_0", type_v="f16").nbytes
