@@ -52,9 +52,9 @@ def _hint_l2(builder, p):
     builder.call(pf, [builder.bitcast(p, i8.as_pointer()), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
 
-def _scales16(builder, p, off, dtype):
-    """LLVM IR: <16 x float> of the q8_0 tile scales at element offset off of pointer p: float32, or
-    uint16 float16 bits (the cache's tiles, llama.cpp's q8_0 scale) widened (VCVTPH2PS)."""
+def _floats16(builder, p, off, dtype):
+    """LLVM IR: <16 x float> of the 16 values at element offset off of pointer p: float32, or uint16
+    float16 bits widened (VCVTPH2PS): f16 cache rows, and the q8_0 tiles' scales (llama.cpp's q8_0 scale)."""
     from llvmlite import ir
     from numba.core import types
     f32 = ir.FloatType()
@@ -125,12 +125,9 @@ def build():
             memo = {}                                   # a q8_0 block's scale, splat once per row and block
 
             def chunk(row, c):                          # chunk c of the row at element offset row
+                if dt == types.float32 or dt == types.uint16:
+                    return _floats16(builder, p, at(builder, row, c * L), dt)
                 q = builder.gep(p, [at(builder, row, c * L)])
-                if dt == types.float32:
-                    return builder.load(builder.bitcast(q, fv.as_pointer()), align=4)
-                if dt == types.uint16:
-                    h = builder.load(builder.bitcast(q, ir.VectorType(ir.IntType(16), L).as_pointer()), align=2)
-                    return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), L)), fv)
                 key = (id(row), c // 2)
                 if key not in memo:
                     srow = builder.lshr(row, ir.Constant(i64, 5))                   # row is a multiple of 32
@@ -283,7 +280,7 @@ def q8_tile_intrinsics(ptr, vload):
                         qa = builder.add(qo, builder.add(builder.mul(Dv, ir.Constant(i64, h)), ir.Constant(i64, 4 * w)))
                         qw = builder.load(builder.bitcast(builder.gep(qp, [qa]), i32.as_pointer()), align=1)
                         acc[h] = dot4(builder, acc[h], kw, _splat(builder, qw, iv), VNNI)
-                dk = _scales16(builder, sp, so, sg.args[1].dtype)
+                dk = _floats16(builder, sp, so, sg.args[1].dtype)
                 for h in range(H):
                     hi = builder.add(hbv, builder.mul(nbv, ir.Constant(i64, h)))
                     qcv = builder.trunc(builder.load(builder.gep(cp, [hi])), i32)
@@ -401,7 +398,7 @@ def q8_weights_intrinsic(ptr):
             def weights(i):
                 ev = builder.load(builder.bitcast(builder.gep(ep, [builder.add(eo, builder.mul(i, ir.Constant(i64, L)))]),
                                                   fv.as_pointer()), align=4)
-                sv = _scales16(builder, sp, builder.add(so, builder.mul(i, sstv)), sg.args[2].dtype)
+                sv = _floats16(builder, sp, builder.add(so, builder.mul(i, sstv)), sg.args[2].dtype)
                 return builder.fmul(ev, sv)
             cell = cgutils.alloca_once_value(builder, ir.Constant(fv, [0.0] * L))
             with cgutils.for_range(builder, ntv) as loop:

@@ -96,8 +96,8 @@ class KVCache:
             raise ValueError("the GPU path keeps its KV cache in f32 (--cache-type-k/v f16 and q8_0 are CPU options)")
         shape = (_slots, n_layer, n_ctx, n_head_kv, head_dim) if _slots else (n_layer, n_ctx, n_head_kv, head_dim)
         many = f"{_slots} x " if _slots else ""
-        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens", tiled=True)
-        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens", tiled=True)
+        self.k, self.k_scale = self._alloc(self.type_k, shape, f"K cache for {many}{n_ctx} tokens")
+        self.v, self.v_scale = self._alloc(self.type_v, shape, f"V cache for {many}{n_ctx} tokens")
         self.n_past = 0  # positions [0, n_past) hold valid entries
 
     @classmethod
@@ -120,18 +120,15 @@ class KVCache:
         return out
 
     @staticmethod
-    def _alloc(t: str, shape, what: str, tiled: bool = False):
+    def _alloc(t: str, shape, what: str):
         if t == "f32":
             return _lazy_empty(shape, np.float32, what), None
         if t == "f16":
             return _lazy_empty(shape, np.uint16, what + " (f16)"), None
-        if tiled:                                   # q8_0: tiles of TILE positions (module docstring)
-            *lead, n_ctx, H, D = shape
-            n = -(-n_ctx // TILE)
-            return (_lazy_empty((*lead, n, H, D * TILE), np.uint8, what + " (q8_0 tiles)"),
-                    _lazy_empty((*lead, n, H, D // Q8_BLOCK * TILE), np.uint16, what + " (q8_0 scales, f16)"))
-        return (_lazy_empty(shape, np.int8, what + " (q8_0)"),
-                _lazy_empty((*shape[:-1], shape[-1] // Q8_BLOCK), np.float32, what + " (q8_0 scales)"))
+        *lead, n_ctx, H, D = shape                  # q8_0: tiles of TILE positions (module docstring)
+        n = -(-n_ctx // TILE)
+        return (_lazy_empty((*lead, n, H, D * TILE), np.uint8, what + " (q8_0 tiles)"),
+                _lazy_empty((*lead, n, H, D // Q8_BLOCK * TILE), np.uint16, what + " (q8_0 scales, f16)"))
 
     def _tiles(self, arr, scale, layer, values: bool):
         """A layer's q8_0 tiles as bytes indexed [tile, head, D/4, TILE, 4] (keys) or
@@ -160,9 +157,6 @@ class KVCache:
             arr[layer, pos:pos + T] = x
         elif t == "f16":
             arr[layer, pos:pos + T] = np.asarray(x, np.float32).astype(np.float16).view(np.uint16)
-        else:
-            q, d = quantize_q8_rows(np.asarray(x, np.float32))
-            arr[layer, pos:pos + T], scale[layer, pos:pos + T] = q, d
 
     def _get(self, t, arr, scale, layer, lo, hi, values=False):
         if arr.dtype == np.uint8:                                           # q8_0 tiles
@@ -177,10 +171,7 @@ class KVCache:
             return (q * d[..., None]).reshape(hi - lo, self.n_head_kv, self.head_dim)
         if t == "f32":
             return arr[layer, lo:hi]
-        if t == "f16":
-            return arr[layer, lo:hi].view(np.float16).astype(np.float32)
-        q = arr[layer, lo:hi].astype(np.float32)
-        return (q.reshape(*q.shape[:-1], -1, Q8_BLOCK) * scale[layer, lo:hi][..., None]).reshape(q.shape)
+        return arr[layer, lo:hi].view(np.float16).astype(np.float32)   # f16
 
     def write(self, layer: int, pos: int, k, v) -> None:
         """k, v [T, Hkv, hd] for positions pos..pos+T-1."""
